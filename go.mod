@@ -1,0 +1,3 @@
+module github.com/sealcast/sealcast
+
+go 1.26

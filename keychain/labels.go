@@ -1,0 +1,24 @@
+package keychain
+
+// Derivation labels, spelled exactly as in docs/PROTOCOL.md section 2.1. Each derivation has
+// its own label so that no two ever share an input.
+const (
+	LabelUnitData     = "sealcast/v1 unit-data"
+	LabelChainStep    = "sealcast/v1 chain-step"
+	LabelWrap         = "sealcast/v1 wrap"
+	LabelAck          = "sealcast/v1 ack"
+	LabelReceipt      = "sealcast/v1 receipt"
+	LabelPayload      = "sealcast/v1 payload"
+	LabelManifest     = "sealcast/v1 manifest"
+	LabelBrokerAuth   = "sealcast/v1 broker-auth"
+	LabelMQTTPassword = "sealcast/v1 mqtt-password"
+	LabelStateSeal    = "sealcast/v1 state-seal"
+)
+
+// Message magics (PROTOCOL.md sections 5-8).
+const (
+	magicManifest = "SCM1"
+	magicKey      = "SCK1"
+	magicAck      = "SCA1"
+	magicReceipt  = "SCR1"
+)

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The project's test command (README.md names it; .ci/run calls it).
+#
+# Checks formatting, runs go vet, then runs every test with the race detector against real
+# parts: a throwaway redis-server on a free loopback port (unless REDIS_URL is already set)
+# and, for the tests that need them, mosquitto and mosquitto_sub from PATH.
+# Set SEALCAST_REQUIRE_TOOLS=1 (CI does) to make a missing redis-server or mosquitto a
+# failure instead of a skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+tmp="$(mktemp -d)"
+redis_pid=""
+cleanup() {
+	if [ -n "$redis_pid" ]; then kill "$redis_pid" 2>/dev/null || true; wait "$redis_pid" 2>/dev/null || true; fi
+	rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+# free_port prints a TCP port on 127.0.0.1 that nothing listens on.
+free_port() {
+	local p
+	for _ in $(seq 1 100); do
+		p=$((20000 + RANDOM % 40000))
+		if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return 0; fi
+	done
+	echo "no free port found" >&2; return 1
+}
+
+if [ -z "${REDIS_URL:-}" ]; then
+	if command -v redis-server >/dev/null; then
+		port="$(free_port)"
+		redis-server --bind 127.0.0.1 --port "$port" --save '' --appendonly no \
+			--dir "$tmp" --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
+		redis_pid=$!
+		for _ in $(seq 1 50); do
+			if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then break; fi
+			sleep 0.1
+		done
+		export REDIS_URL="redis://127.0.0.1:$port/0"
+		echo "test.sh: redis-server on $REDIS_URL"
+	elif [ "${SEALCAST_REQUIRE_TOOLS:-}" = 1 ]; then
+		echo "test.sh: redis-server not found (apt-get install -y redis-server)" >&2; exit 1
+	else
+		echo "test.sh: redis-server not found; Redis tests will be skipped" >&2
+	fi
+fi
+
+unformatted="$(gofmt -l .)"
+if [ -n "$unformatted" ]; then echo "gofmt needed on:" >&2; echo "$unformatted" >&2; exit 1; fi
+
+go vet ./...
+go test -race -count=1 -timeout 30m ./... "$@"
