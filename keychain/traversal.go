@@ -79,17 +79,27 @@ func (t *Traversal) Advance() error {
 		t.pos--
 		return nil
 	}
-	t.step(t.pos)
+	if err := t.step(t.pos); err != nil {
+		return err
+	}
 	t.pos--
 	return nil
 }
 
+var errCorruptTraversal = fmt.Errorf("%w: chain traversal state is inconsistent", ErrMalformed)
+
 // step does the work of output round r: shift the pebbles that round r uses up, then let
 // the travelling pebbles take their share of hash steps (Schoenmakers, Algorithm 3).
-func (t *Traversal) step(r uint32) {
+//
+// The bounds checks cannot fail for a state this package produced; they turn a corrupt
+// decoded state into an error instead of a panic.
+func (t *Traversal) step(r uint32) error {
 	c := r
 	i := 0
 	for c&1 == 0 {
+		if i+1 >= t.k {
+			return errCorruptTraversal
+		}
 		t.z[i] = t.z[i+1]
 		i++
 		c >>= 1
@@ -97,6 +107,9 @@ func (t *Traversal) step(r uint32) {
 	i++
 	c >>= 1
 	if c&1 == 1 {
+		if i >= t.k || len(t.q) >= t.k {
+			return errCorruptTraversal
+		}
 		t.q = append(t.q, uint8(i))
 		t.g = append(t.g, 0)
 	}
@@ -108,10 +121,16 @@ func (t *Traversal) step(r uint32) {
 			c >>= 1
 		}
 		u--
+		if u < 0 {
+			return errCorruptTraversal
+		}
 		q, g := int(t.q[u]), t.g[u]
 		for s := 0; s < w/2; s++ {
 			y := t.z[q]
 			if g == 0 {
+				if q == 0 {
+					return errCorruptTraversal
+				}
 				q--
 				g = 1 << q
 			}
@@ -130,6 +149,7 @@ func (t *Traversal) step(r uint32) {
 			c >>= 1
 		}
 	}
+	return nil
 }
 
 const traversalVersion = 1
@@ -169,7 +189,7 @@ func (t *Traversal) UnmarshalBinary(b []byte) error {
 	p := b[7:]
 	for j := 0; j < nq; j++ {
 		nt.q[j], nt.g[j] = p[0], binary.BigEndian.Uint32(p[1:])
-		if int(nt.q[j]) >= k {
+		if nt.q[j] == 0 || int(nt.q[j]) >= k || nt.g[j] > 1<<nt.q[j] {
 			return bad("pebble level out of range")
 		}
 		p = p[5:]

@@ -50,4 +50,13 @@ unformatted="$(gofmt -l .)"
 if [ -n "$unformatted" ]; then echo "gofmt needed on:" >&2; echo "$unformatted" >&2; exit 1; fi
 
 go vet ./...
+
+# A second, independent implementation (JavaScript, written from docs/PROTOCOL.md alone)
+# checks the protocol's test vectors.
+if command -v node >/dev/null; then
+	node --test scripts/interop/check-vectors.mjs
+elif [ "${SEALCAST_REQUIRE_TOOLS:-}" = 1 ]; then
+	echo "test.sh: node not found (apt-get install -y nodejs)" >&2; exit 1
+fi
+
 go test -race -count=1 -timeout 30m ./... "$@"

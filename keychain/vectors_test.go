@@ -1,0 +1,330 @@
+package keychain
+
+import (
+	"bytes"
+	"crypto/ed25519"
+	"encoding/hex"
+	"encoding/json"
+	"flag"
+	"os"
+	"testing"
+	"time"
+)
+
+var update = flag.Bool("update", false, "rewrite testdata/vectors.json from the implementation")
+
+const vectorsPath = "testdata/vectors.json"
+
+// Vectors is the schema of testdata/vectors.json (PROTOCOL.md 11). Every byte string is
+// lowercase hex. Inputs are fixed so that a second implementation can recompute every
+// output from this file and PROTOCOL.md alone.
+type Vectors struct {
+	Comment  string `json:"comment"`
+	Root     string `json:"root_secret"`
+	Serial   string `json:"serial"`
+	UnitData []struct {
+		Epoch    uint32 `json:"epoch"`
+		UnitData string `json:"unit_data"`
+	} `json:"unit_data"`
+	Chain []struct {
+		N   uint32 `json:"n"`
+		Key string `json:"key"`
+	} `json:"chain_epoch0"`
+	Subkeys struct {
+		Epoch      uint32 `json:"epoch"`
+		N          uint32 `json:"n"`
+		WrapKey    string `json:"wrap_key"`
+		AckKey     string `json:"ack_key"`
+		ReceiptKey string `json:"receipt_key"`
+	} `json:"subkeys"`
+	Broker struct {
+		AuthKey  string `json:"broker_auth_key"`
+		Password string `json:"password"`
+	} `json:"broker"`
+	Release struct {
+		SigningSeed  string   `json:"signing_key_seed"`
+		PublicKey    string   `json:"release_public_key"`
+		ReleaseID    string   `json:"release_id"`
+		ContentKey   string   `json:"content_key"`
+		PayloadKey   string   `json:"payload_key"`
+		Version      uint64   `json:"version"`
+		Created      int64    `json:"created"`
+		ChunkSize    uint32   `json:"chunk_size"`
+		Image        string   `json:"image"`
+		Chunks       []string `json:"chunks"`
+		ImageSHA256  string   `json:"image_sha256"`
+		CipherSHA256 string   `json:"cipher_sha256"`
+		Manifest     string   `json:"manifest"`
+		Digest       string   `json:"manifest_digest"`
+		EmptyImage   string   `json:"empty_image_chunk"`
+	} `json:"release"`
+	KeyMessage struct {
+		Epoch   uint32 `json:"epoch"`
+		Seq     uint32 `json:"seq"`
+		Nonce   string `json:"nonce"`
+		Secret  string `json:"secret"`
+		Message string `json:"message"`
+	} `json:"key_message_release"`
+	Rekey struct {
+		Epoch     uint32 `json:"epoch"`
+		Seq       uint32 `json:"seq"`
+		RekeyID   string `json:"rekey_id"`
+		NewLength uint32 `json:"new_length"`
+		Nonce     string `json:"nonce"`
+		Secret    string `json:"secret"`
+		Message   string `json:"message"`
+	} `json:"key_message_rekey"`
+	Ack             ackVector     `json:"ack_installed"`
+	Report          ackVector     `json:"report_failed"`
+	AckRekeyed      ackVector     `json:"ack_rekeyed"`
+	ReceiptAccepted receiptVector `json:"receipt_accepted"`
+	ReceiptRecorded receiptVector `json:"receipt_recorded"`
+}
+
+type ackVector struct {
+	Kind      byte   `json:"kind"`
+	Epoch     uint32 `json:"epoch"`
+	Seq       uint32 `json:"seq"`
+	ID        string `json:"id"`
+	Version   uint64 `json:"version"`
+	DeviceSeq uint32 `json:"device_seq"`
+	Code      uint16 `json:"code"`
+	MACKey    string `json:"mac_key"`
+	Message   string `json:"message"`
+}
+
+type receiptVector struct {
+	Kind    byte   `json:"kind"`
+	Epoch   uint32 `json:"epoch"`
+	Seq     uint32 `json:"seq"`
+	ID      string `json:"id"`
+	Status  byte   `json:"status"`
+	MACKey  string `json:"mac_key"`
+	Message string `json:"message"`
+}
+
+func ackVectorOf(t *testing.T, a Ack, k ChainKey, serial string) ackVector {
+	t.Helper()
+	b, err := a.Seal(k, serial)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ak := k.AckKey()
+	return ackVector{byte(a.Kind), a.Epoch, a.Seq, a.ID.String(), a.Version, a.DeviceSeq, a.Code, hex.EncodeToString(ak[:]), hex.EncodeToString(b)}
+}
+
+func receiptVectorOf(t *testing.T, r Receipt, k ChainKey, serial string) receiptVector {
+	t.Helper()
+	b, err := r.Seal(k, serial)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rk := k.ReceiptKey()
+	return receiptVector{byte(r.Kind), r.Epoch, r.Seq, r.ID.String(), byte(r.Status), hex.EncodeToString(rk[:]), hex.EncodeToString(b)}
+}
+
+func mustHex(t *testing.T, s string) []byte {
+	t.Helper()
+	b, err := hex.DecodeString(s)
+	if err != nil {
+		t.Fatalf("bad hex %q: %v", s, err)
+	}
+	return b
+}
+
+func seqBytes(n int, start byte) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = start + byte(i)
+	}
+	return b
+}
+
+// makeVectors computes every vector from the fixed inputs.
+func makeVectors(t *testing.T) *Vectors {
+	t.Helper()
+	h := hex.EncodeToString
+	v := &Vectors{Comment: "Sealcast protocol v1 test vectors; see docs/PROTOCOL.md section 11. Regenerate: go test ./keychain -run TestVectors -update"}
+	var root RootSecret
+	copy(root[:], seqBytes(32, 0x00))
+	v.Root = h(root[:])
+	v.Serial = "sensor-0001"
+
+	for _, e := range []uint32{0, 1, 7} {
+		u, err := DeriveUnitData(root, v.Serial, e)
+		if err != nil {
+			t.Fatal(err)
+		}
+		v.UnitData = append(v.UnitData, struct {
+			Epoch    uint32 `json:"epoch"`
+			UnitData string `json:"unit_data"`
+		}{e, h(u[:])})
+	}
+	u0, _ := DeriveUnitData(root, v.Serial, 0)
+	for _, n := range []uint32{0, 1, 2, 3, 16, 1000, 1023, 1024} {
+		k := Key(u0, n)
+		v.Chain = append(v.Chain, struct {
+			N   uint32 `json:"n"`
+			Key string `json:"key"`
+		}{n, h(k[:])})
+	}
+	const n = 1024
+	k := Key(u0, n)
+	wk, ak, rk := k.WrapKey(), k.AckKey(), k.ReceiptKey()
+	v.Subkeys.N, v.Subkeys.WrapKey, v.Subkeys.AckKey, v.Subkeys.ReceiptKey = n, h(wk[:]), h(ak[:]), h(rk[:])
+
+	a := root.BrokerAuth()
+	v.Broker.AuthKey = h(a[:])
+	v.Broker.Password, _ = a.DevicePassword(v.Serial)
+
+	r := &v.Release
+	seed := seqBytes(32, 0x40)
+	priv := ed25519.NewKeyFromSeed(seed)
+	r.SigningSeed, r.PublicKey = h(seed), h(priv.Public().(ed25519.PublicKey))
+	var id ReleaseID
+	copy(id[:], seqBytes(16, 0x80))
+	var ck ContentKey
+	copy(ck[:], seqBytes(32, 0xa0))
+	pk := ck.PayloadKey(id)
+	r.ReleaseID, r.ContentKey, r.PayloadKey = h(id[:]), h(ck[:]), h(pk[:])
+	r.Version, r.Created, r.ChunkSize = 7, 1764000000, 1024
+	image := make([]byte, 2500) // 3 chunks: 1024, 1024, 452
+	for i := range image {
+		image[i] = byte(i % 251)
+	}
+	r.Image = h(image)
+	sum, err := EncryptChunks(bytes.NewReader(image), pk, r.ChunkSize, func(_ uint32, c []byte) error {
+		r.Chunks = append(r.Chunks, h(c))
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.ImageSHA256, r.CipherSHA256 = h(sum.ImageSHA256[:]), h(sum.CipherSHA256[:])
+	m := NewManifest(id, r.Version, time.Unix(r.Created, 0), sum)
+	mb, err := m.Sign(priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	digest := ManifestDigest(mb)
+	r.Manifest, r.Digest = h(mb), h(digest[:])
+	r.EmptyImage = h(NewChunkCipher(pk).Seal(nil, 0, true, nil))
+
+	var nonce [12]byte
+	copy(nonce[:], seqBytes(12, 0xc0))
+	km := KeyMessage{Kind: KindRelease, Epoch: 0, Seq: n, ID: id, ManifestDigest: digest}
+	kb, err := sealKeyMessage(km, k, v.Serial, ck, nonce)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.KeyMessage.Epoch, v.KeyMessage.Seq, v.KeyMessage.Nonce, v.KeyMessage.Secret, v.KeyMessage.Message = 0, n, h(nonce[:]), h(ck[:]), h(kb)
+
+	var rid ReleaseID
+	copy(rid[:], seqBytes(16, 0xd0))
+	var nonce2 [12]byte
+	copy(nonce2[:], seqBytes(12, 0xe0))
+	u1, _ := DeriveUnitData(root, v.Serial, 1)
+	rkm := KeyMessage{Kind: KindRekey, Epoch: 0, Seq: 1, ID: rid, NewLength: 1024}
+	rb, err := sealKeyMessage(rkm, Key(u0, 1), v.Serial, u1, nonce2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.Rekey.Epoch, v.Rekey.Seq, v.Rekey.RekeyID, v.Rekey.NewLength, v.Rekey.Nonce, v.Rekey.Secret, v.Rekey.Message = 0, 1, h(rid[:]), 1024, h(nonce2[:]), h(u1[:]), h(rb)
+
+	ack := Ack{Kind: AckInstalled, Epoch: 0, Seq: n, ID: id, Version: 7, DeviceSeq: n - 1}
+	v.Ack = ackVectorOf(t, ack, k, v.Serial)
+	rep := Ack{Kind: AckFailed, Epoch: 0, Seq: n, ID: id, Version: 7, DeviceSeq: n, Code: 5}
+	v.Report = ackVectorOf(t, rep, k, v.Serial)
+	v.AckRekeyed = ackVectorOf(t, Ack{Kind: AckRekeyed, Epoch: 0, Seq: 1, ID: rid, DeviceSeq: 1024}, Key(u0, 1), v.Serial)
+	v.ReceiptAccepted = receiptVectorOf(t, ReceiptFor(ack, ReceiptAccepted), k, v.Serial)
+	v.ReceiptRecorded = receiptVectorOf(t, ReceiptFor(rep, ReceiptRecorded), k, v.Serial)
+	return v
+}
+
+// TestVectors checks that the implementation reproduces every vector in the file, and that
+// the parsers accept the file's messages and recover its inputs.
+func TestVectors(t *testing.T) {
+	got := makeVectors(t)
+	enc, _ := json.MarshalIndent(got, "", "  ")
+	enc = append(enc, '\n')
+	if *update {
+		if err := os.WriteFile(vectorsPath, enc, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	file, err := os.ReadFile(vectorsPath)
+	if err != nil {
+		t.Fatalf("%v (generate with: go test ./keychain -run TestVectors -update)", err)
+	}
+	if !bytes.Equal(file, enc) {
+		t.Fatalf("%s differs from what the implementation computes; if the protocol changed on purpose, regenerate it with -update and update PROTOCOL.md", vectorsPath)
+	}
+
+	// Now use the file only, through the device-side API.
+	var v Vectors
+	if err := json.Unmarshal(file, &v); err != nil {
+		t.Fatal(err)
+	}
+	var u0 UnitData
+	copy(u0[:], mustHex(t, v.UnitData[0].UnitData))
+	k := Key(u0, v.KeyMessage.Seq)
+	km, err := ParseKeyMessage(mustHex(t, v.KeyMessage.Message))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ck, err := km.Open(k, v.Serial)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if hex.EncodeToString(ck[:]) != v.Release.ContentKey {
+		t.Fatal("unwrapped content key differs from the vector")
+	}
+	m, err := ParseManifest(mustHex(t, v.Release.Manifest), ed25519.PublicKey(mustHex(t, v.Release.PublicKey)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ManifestDigest(mustHex(t, v.Release.Manifest)) != km.ManifestDigest {
+		t.Fatal("manifest digest in the key message differs")
+	}
+	d := NewImageDecryptor(ContentKey(ck).PayloadKey(m.Release), m)
+	var image []byte
+	for i, c := range v.Release.Chunks {
+		if image, err = d.Open(image, uint32(i), mustHex(t, c)); err != nil {
+			t.Fatalf("chunk %d: %v", i, err)
+		}
+	}
+	if err := d.Finish(); err != nil || hex.EncodeToString(image) != v.Release.Image {
+		t.Fatalf("decrypted image differs (%v)", err)
+	}
+	rk, err := ParseKeyMessage(mustHex(t, v.Rekey.Message))
+	if err != nil {
+		t.Fatal(err)
+	}
+	u1, err := rk.Open(Key(u0, rk.Seq), v.Serial)
+	if err != nil || hex.EncodeToString(u1[:]) != v.UnitData[1].UnitData {
+		t.Fatalf("re-key did not yield U_1 (%v)", err)
+	}
+	for _, av := range []ackVector{v.Ack, v.Report, v.AckRekeyed} {
+		b := mustHex(t, av.Message)
+		a, err := ParseAck(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if byte(a.Kind) != av.Kind || a.Seq != av.Seq || a.ID.String() != av.ID || a.Version != av.Version || a.DeviceSeq != av.DeviceSeq || a.Code != av.Code {
+			t.Fatalf("ack fields %+v differ from %+v", a, av)
+		}
+		if err := VerifyAck(b, Key(u0, a.Seq), v.Serial); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, rv := range []receiptVector{v.ReceiptAccepted, v.ReceiptRecorded} {
+		b := mustHex(t, rv.Message)
+		r, err := ParseReceipt(b)
+		if err != nil || byte(r.Status) != rv.Status || r.Seq != rv.Seq {
+			t.Fatalf("receipt %+v: %v", r, err)
+		}
+		if err := VerifyReceipt(b, k, v.Serial); err != nil {
+			t.Fatal(err)
+		}
+	}
+}

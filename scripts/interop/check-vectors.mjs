@@ -1,0 +1,342 @@
+// Independent second implementation of the Sealcast v1 protocol (docs/PROTOCOL.md), written
+// from the document alone, checked against keychain/testdata/vectors.json (section 11).
+// Run from the repository root:  node --test scripts/interop/check-vectors.mjs
+// Node 20, standard library only.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+
+const V = JSON.parse(fs.readFileSync(new URL('../../keychain/testdata/vectors.json', import.meta.url), 'utf8'));
+
+// ---- 2. Notation -------------------------------------------------------------------------
+const hex = (b) => Buffer.from(b).toString('hex');
+const unhex = (s) => Buffer.from(s, 'hex');
+const cat = (...parts) => Buffer.concat(parts.map((p) => Buffer.from(p)));
+const ascii = (s) => Buffer.from(s, 'ascii');
+const be16 = (x) => { const b = Buffer.alloc(2); b.writeUInt16BE(x); return b; };
+const be32 = (x) => { const b = Buffer.alloc(4); b.writeUInt32BE(x); return b; };
+const be64 = (x) => { const b = Buffer.alloc(8); b.writeBigUInt64BE(BigInt(x)); return b; };
+const be88 = (x) => cat(Buffer.alloc(3), be64(x)); // 11 bytes; indices fit in 64 bits
+const sha256 = (...m) => crypto.createHash('sha256').update(cat(...m)).digest();
+const hmac = (k, ...m) => crypto.createHmac('sha256', k).update(cat(...m)).digest();
+
+function gcmSeal(key, nonce, pt, ad) { // ciphertext || 16-byte tag
+  const c = crypto.createCipheriv('aes-256-gcm', key, nonce, { authTagLength: 16 });
+  c.setAAD(ad);
+  return cat(c.update(pt), c.final(), c.getAuthTag());
+}
+function gcmOpen(key, nonce, sealed, ad) { // throws on any authentication failure
+  if (sealed.length < 16) throw new Error('sealed too short');
+  const d = crypto.createDecipheriv('aes-256-gcm', key, nonce, { authTagLength: 16 });
+  d.setAAD(ad);
+  d.setAuthTag(sealed.subarray(sealed.length - 16));
+  return cat(d.update(sealed.subarray(0, sealed.length - 16)), d.final());
+}
+
+// 2.1 Labels
+const L = {
+  unitData: ascii('sealcast/v1 unit-data'), chainStep: ascii('sealcast/v1 chain-step'),
+  wrap: ascii('sealcast/v1 wrap'), ack: ascii('sealcast/v1 ack'), receipt: ascii('sealcast/v1 receipt'),
+  payload: ascii('sealcast/v1 payload'), manifest: ascii('sealcast/v1 manifest'),
+  brokerAuth: ascii('sealcast/v1 broker-auth'), mqttPassword: ascii('sealcast/v1 mqtt-password'),
+};
+
+// [SC-2.1] serial syntax
+const serialOK = (s) => /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/.test(s);
+
+// ---- 3. Key derivation ---------------------------------------------------------------------
+const unitData = (R, e, S) => hmac(R, L.unitData, [0], be32(e), ascii(S));           // 3.2
+function chainKey(U, n) {                                                            // 3.3
+  let k = Buffer.from(U);
+  for (let i = 0; i < n; i++) k = sha256(L.chainStep, k);
+  return k;
+}
+const subkeys = (K) => ({ wk: hmac(K, L.wrap), ak: hmac(K, L.ack), rk: hmac(K, L.receipt) }); // 3.4
+const brokerAuthKey = (R) => hmac(R, L.brokerAuth);                                  // 3.5
+const mqttPassword = (A, S) => hmac(A, L.mqttPassword, [0], ascii(S)).toString('base64url'); // no padding
+
+// ---- 4. Image encryption (STREAM) -------------------------------------------------------
+const payloadKey = (CK, rid) => hmac(CK, L.payload, rid);
+const chunkNonce = (i, last) => cat(be88(i), [last ? 1 : 0]);
+const chunkCount = (size, cs) => Math.max(1, Math.ceil(size / cs));
+
+function encryptImage(PK, image, cs) {
+  const n = chunkCount(image.length, cs), out = [];
+  for (let i = 0; i < n; i++) {
+    out.push(gcmSeal(PK, chunkNonce(i, i === n - 1), image.subarray(i * cs, (i + 1) * cs), Buffer.alloc(0)));
+  }
+  return out;
+}
+
+// [SC-4.2] decryptor: chunk_count comes from the (signed) manifest, never from the chunks.
+function decryptImage(PK, chunks, cs, count) {
+  const parts = [];
+  for (let i = 0; i < count; i++) {
+    const c = chunks[i], last = i === count - 1;
+    if (!c || c.length > cs + 16) throw new Error(`chunk ${i}: bad length`);
+    const p = gcmOpen(PK, chunkNonce(i, last), c, Buffer.alloc(0));
+    if (!last && p.length !== cs) throw new Error(`chunk ${i}: short non-last chunk`);
+    if (last && count > 1 && p.length === 0) throw new Error(`chunk ${i}: empty last chunk`);
+    parts.push(p);
+  }
+  if (chunks.length !== count) throw new Error('extra chunks');
+  return cat(...parts);
+}
+
+// ---- 5. Manifest --------------------------------------------------------------------------
+function manifestBody(m) { // bytes[0:116]
+  const b = cat(ascii('SCM1'), m.releaseId, be64(m.version), be64(m.created), be64(m.imageSize),
+    be32(m.chunkSize), be32(m.chunkCount), m.imageSha256, m.cipherSha256);
+  assert.equal(b.length, 116);
+  return b;
+}
+function parseManifest(b) {
+  if (b.length !== 180 || b.subarray(0, 4).toString('ascii') !== 'SCM1') throw new Error('bad manifest');
+  return {
+    releaseId: b.subarray(4, 20), version: b.readBigUInt64BE(20), created: b.readBigUInt64BE(28),
+    imageSize: b.readBigUInt64BE(36), chunkSize: b.readUInt32BE(44), chunkCount: b.readUInt32BE(48),
+    imageSha256: b.subarray(52, 84), cipherSha256: b.subarray(84, 116), signature: b.subarray(116, 180),
+  };
+}
+// Ed25519 keys from raw bytes via fixed DER prefixes (RFC 8410).
+const SPKI_PREFIX = unhex('302a300506032b6570032100');
+const PKCS8_PREFIX = unhex('302e020100300506032b657004220420');
+const edPublic = (raw) => crypto.createPublicKey({ key: cat(SPKI_PREFIX, raw), format: 'der', type: 'spki' });
+const edPrivate = (seed) => crypto.createPrivateKey({ key: cat(PKCS8_PREFIX, seed), format: 'der', type: 'pkcs8' });
+const edRawPublic = (key) => crypto.createPublicKey(key).export({ format: 'der', type: 'spki' }).subarray(12);
+const signManifest = (seed, body) => crypto.sign(null, cat(L.manifest, body), edPrivate(seed));
+const verifyManifest = (pub, b) => crypto.verify(null, cat(L.manifest, b.subarray(0, 116)), edPublic(pub), b.subarray(116));
+
+// ---- 6. Key message -----------------------------------------------------------------------
+const KIND_RELEASE = 1, KIND_REKEY = 2;
+const keyHeader = (kind, e, n, id) => cat(ascii('SCK1'), [kind], be32(e), be32(n), id); // 29 bytes
+
+// 6.1 + 6.2 / 6.3: bytes before the nonce are the associated data, followed by the serial.
+function buildKeyMessage({ kind, epoch, seq, id, manifestDigest, newLength, nonce, secret }, U, S) {
+  const pre = kind === KIND_RELEASE
+    ? cat(keyHeader(kind, epoch, seq, id), manifestDigest)
+    : cat(keyHeader(kind, epoch, seq, id), be32(newLength));
+  const { wk } = subkeys(chainKey(U, seq));
+  return cat(pre, nonce, gcmSeal(wk, nonce, secret, cat(pre, ascii(S))));
+}
+// Device side [SC-6.1]: check framing, then open `sealed` before trusting any other field.
+function openKeyMessage(msg, U, S) {
+  if (msg.length === 0) return null; // cleared retained topic: ignore
+  if (msg.subarray(0, 4).toString('ascii') !== 'SCK1') throw new Error('bad_message');
+  const kind = msg[4];
+  const nonceOff = { [KIND_RELEASE]: 61, [KIND_REKEY]: 33 }[kind];
+  const size = { [KIND_RELEASE]: 121, [KIND_REKEY]: 93 }[kind];
+  if (!nonceOff || msg.length !== size) throw new Error('bad_message');
+  const epoch = msg.readUInt32BE(5), seq = msg.readUInt32BE(9), id = msg.subarray(13, 29);
+  const { wk } = subkeys(chainKey(U, seq));
+  const secret = gcmOpen(wk, msg.subarray(nonceOff, nonceOff + 12), msg.subarray(nonceOff + 12),
+    cat(msg.subarray(0, nonceOff), ascii(S)));
+  const out = { kind, epoch, seq, id, nonce: msg.subarray(nonceOff, nonceOff + 12), secret };
+  if (kind === KIND_RELEASE) out.manifestDigest = msg.subarray(29, 61);
+  else out.newLength = msg.readUInt32BE(29);
+  return out;
+}
+
+// ---- 7. Ack and report / 8. Receipt ---------------------------------------------------------
+function buildAck({ kind, epoch, seq, id, version, deviceSeq, code }, U, S) {
+  const body = cat(ascii('SCA1'), [kind], be32(epoch), be32(seq), id, be64(version), be32(deviceSeq), be16(code));
+  return cat(body, hmac(subkeys(chainKey(U, seq)).ak, body, ascii(S)));
+}
+function parseAck(b, U, S) { // server side: MAC key from K_seq of the message's epoch (U = U_epoch)
+  if (b.length !== 75 || b.subarray(0, 4).toString('ascii') !== 'SCA1') throw new Error('bad ack');
+  const f = { kind: b[4], epoch: b.readUInt32BE(5), seq: b.readUInt32BE(9), id: b.subarray(13, 29),
+    version: b.readBigUInt64BE(29), deviceSeq: b.readUInt32BE(37), code: b.readUInt16BE(41) };
+  const mac = hmac(subkeys(chainKey(U, f.seq)).ak, b.subarray(0, 43), ascii(S));
+  if (!crypto.timingSafeEqual(mac, b.subarray(43))) throw new Error('bad ack mac');
+  return f;
+}
+function buildReceipt({ kind, epoch, seq, id, status }, U, S) {
+  const body = cat(ascii('SCR1'), [kind], be32(epoch), be32(seq), id, [status]);
+  return cat(body, hmac(subkeys(chainKey(U, seq)).rk, body, ascii(S)));
+}
+function parseReceipt(b, U, S) { // device side
+  if (b.length !== 62 || b.subarray(0, 4).toString('ascii') !== 'SCR1') throw new Error('bad receipt');
+  const f = { kind: b[4], epoch: b.readUInt32BE(5), seq: b.readUInt32BE(9), id: b.subarray(13, 29), status: b[29] };
+  const mac = hmac(subkeys(chainKey(U, f.seq)).rk, b.subarray(0, 30), ascii(S));
+  if (!crypto.timingSafeEqual(mac, b.subarray(30))) throw new Error('bad receipt mac');
+  return f;
+}
+
+// ---- Vector inputs ---------------------------------------------------------------------------
+const R = unhex(V.root_secret), S = V.serial;
+const U0 = unitData(R, 0, S);
+const rel = V.release;
+const rid = unhex(rel.release_id), CK = unhex(rel.content_key), image = unhex(rel.image);
+const chunks = rel.chunks.map(unhex), manifest = unhex(rel.manifest);
+const AUTH = /unable to authenticate/; // node's AES-GCM tag-mismatch error
+const flip = (b, i, bit = 1) => { const c = Buffer.from(b); c[i] ^= bit; return c; };
+
+// ---- Tests ------------------------------------------------------------------------------------
+test('2: serial syntax [SC-2.1]', () => {
+  assert.ok(serialOK(S));
+  for (const bad of ['', '-x', 'a b', 'a/b', 'a'.repeat(65), 'é']) assert.ok(!serialOK(bad), bad);
+});
+
+test('3.2: unit data per epoch', () => {
+  for (const { epoch, unit_data } of V.unit_data) assert.equal(hex(unitData(R, epoch, S)), unit_data, `epoch ${epoch}`);
+});
+
+test('3.3: chain keys of epoch 0', () => {
+  for (const { n, key } of V.chain_epoch0) assert.equal(hex(chainKey(U0, n)), key, `n=${n}`);
+});
+
+test('3.4: subkeys', () => {
+  assert.equal(V.subkeys.epoch, 0);
+  const k = subkeys(chainKey(U0, V.subkeys.n));
+  assert.equal(hex(k.wk), V.subkeys.wrap_key);
+  assert.equal(hex(k.ak), V.subkeys.ack_key);
+  assert.equal(hex(k.rk), V.subkeys.receipt_key);
+});
+
+test('3.5: broker auth key and MQTT password', () => {
+  const A = brokerAuthKey(R);
+  assert.equal(hex(A), V.broker.broker_auth_key);
+  const pw = mqttPassword(A, S);
+  assert.equal(pw.length, 43);
+  assert.equal(pw, V.broker.password);
+});
+
+test('4: payload key, chunk encryption and hashes', () => {
+  const PK = payloadKey(CK, rid);
+  assert.equal(hex(PK), rel.payload_key);
+  const mine = encryptImage(PK, image, rel.chunk_size);
+  assert.equal(mine.length, chunkCount(image.length, rel.chunk_size));
+  assert.deepEqual(mine.map(hex), rel.chunks);
+  assert.equal(hex(sha256(image)), rel.image_sha256);
+  assert.equal(hex(sha256(...chunks)), rel.cipher_sha256);
+  // [SC-4.2] decrypts back to the image
+  assert.deepEqual(decryptImage(PK, chunks, rel.chunk_size, chunks.length), image);
+  // An empty image is one empty chunk of 16 bytes (tag only).
+  const empty = encryptImage(PK, Buffer.alloc(0), rel.chunk_size);
+  assert.equal(empty.length, 1);
+  assert.equal(empty[0].length, 16);
+  assert.equal(hex(empty[0]), rel.empty_image_chunk);
+});
+
+test('5: manifest body, signature, public key and digest', () => {
+  const fields = {
+    releaseId: rid, version: rel.version, created: rel.created, imageSize: image.length,
+    chunkSize: rel.chunk_size, chunkCount: chunkCount(image.length, rel.chunk_size),
+    imageSha256: unhex(rel.image_sha256), cipherSha256: unhex(rel.cipher_sha256),
+  };
+  const body = manifestBody(fields);
+  assert.equal(manifest.length, 180);
+  assert.equal(hex(manifest.subarray(0, 116)), hex(body));
+  // parse round-trip
+  const p = parseManifest(manifest);
+  assert.equal(p.version, BigInt(rel.version));
+  assert.equal(p.created, BigInt(rel.created));
+  assert.equal(p.chunkCount, chunks.length);
+  // public key from seed, signature verify, deterministic re-sign
+  const seed = unhex(rel.signing_key_seed);
+  const pub = edRawPublic(edPrivate(seed));
+  assert.equal(hex(pub), rel.release_public_key);
+  assert.ok(verifyManifest(unhex(rel.release_public_key), manifest));
+  assert.equal(hex(signManifest(seed, body)), hex(manifest.subarray(116)));
+  assert.ok(!verifyManifest(pub, flip(manifest, 20 + 7))); // tampered version
+  assert.equal(hex(sha256(manifest)), rel.manifest_digest);
+});
+
+test('6.1/6.2: release key message', () => {
+  const km = V.key_message_release;
+  const fields = { kind: KIND_RELEASE, epoch: km.epoch, seq: km.seq, id: rid,
+    manifestDigest: unhex(rel.manifest_digest), nonce: unhex(km.nonce), secret: CK };
+  const U = unitData(R, km.epoch, S);
+  const mine = buildKeyMessage(fields, U, S);
+  assert.equal(mine.length, 121);
+  assert.equal(hex(mine), km.message);
+  const o = openKeyMessage(unhex(km.message), U, S);
+  assert.equal(o.kind, KIND_RELEASE);
+  assert.equal(o.epoch, km.epoch);
+  assert.equal(o.seq, km.seq);
+  assert.equal(hex(o.id), rel.release_id);
+  assert.equal(hex(o.manifestDigest), rel.manifest_digest);
+  assert.equal(hex(o.secret), rel.content_key);
+  assert.equal(hex(payloadKey(o.secret, o.id)), rel.payload_key);
+});
+
+test('6.3: re-key message yields unit data of epoch 1', () => {
+  const km = V.key_message_rekey;
+  const U = unitData(R, km.epoch, S), U1 = unitData(R, km.epoch + 1, S);
+  const fields = { kind: KIND_REKEY, epoch: km.epoch, seq: km.seq, id: unhex(km.rekey_id),
+    newLength: km.new_length, nonce: unhex(km.nonce), secret: U1 };
+  const mine = buildKeyMessage(fields, U, S);
+  assert.equal(mine.length, 93);
+  assert.equal(hex(mine), km.message);
+  const o = openKeyMessage(unhex(km.message), U, S);
+  assert.equal(o.kind, KIND_REKEY);
+  assert.equal(o.seq, 1);
+  assert.equal(o.newLength, km.new_length);
+  assert.equal(hex(o.secret), V.unit_data.find((x) => x.epoch === km.epoch + 1).unit_data);
+});
+
+// Each ack vector lists its expected fields and MAC key next to its bytes (11).
+function checkAckVector(v, U) {
+  const b = unhex(v.message);
+  const ack = parseAck(b, U, S);
+  assert.deepEqual({ ...ack, id: hex(ack.id) }, { kind: v.kind, epoch: v.epoch, seq: v.seq, id: v.id,
+    version: BigInt(v.version), deviceSeq: v.device_seq, code: v.code });
+  assert.equal(hex(subkeys(chainKey(U, v.seq)).ak), v.mac_key);
+  assert.equal(hex(buildAck(ack, U, S)), v.message);
+  return ack;
+}
+
+test('7: acks (installed, rekeyed) and report (failed): fields, MAC key, rebuild', () => {
+  const km = V.key_message_release;
+  const U = unitData(R, km.epoch, S);
+  const ack = checkAckVector(V.ack_installed, U);
+  assert.deepEqual([ack.kind, ack.seq, hex(ack.id), ack.deviceSeq], [1, km.seq, rel.release_id, km.seq - 1]);
+  const rep = checkAckVector(V.report_failed, U);
+  assert.equal(rep.kind, 3);
+  assert.equal(rep.deviceSeq, km.seq); // unchanged
+  assert.ok(rep.code >= 1 && rep.code <= 10, `code ${rep.code} is a 15.1 report code`);
+  const rk = checkAckVector(V.ack_rekeyed, U);
+  // 10.1 step 5: a re-key ack answers the re-key message and carries the new length.
+  assert.deepEqual([rk.kind, rk.seq, hex(rk.id), rk.deviceSeq],
+    [2, V.key_message_rekey.seq, V.key_message_rekey.rekey_id, V.key_message_rekey.new_length]);
+});
+
+test('8: receipts (accepted, recorded): fields, MAC key, rebuild', () => {
+  const U = unitData(R, V.key_message_release.epoch, S);
+  for (const [v, answers, status] of [[V.receipt_accepted, V.ack_installed, 0], [V.receipt_recorded, V.report_failed, 1]]) {
+    const rc = parseReceipt(unhex(v.message), U, S);
+    // 10.1 step 7: kind, epoch, seq and id echo the ack
+    assert.deepEqual([rc.kind, rc.epoch, rc.seq, hex(rc.id), rc.status], [answers.kind, answers.epoch, answers.seq, answers.id, status]);
+    assert.deepEqual([v.kind, v.epoch, v.seq, v.id, v.status], [rc.kind, rc.epoch, rc.seq, hex(rc.id), rc.status]);
+    assert.equal(hex(subkeys(chainKey(U, v.seq)).rk), v.mac_key);
+    assert.equal(hex(buildReceipt(rc, U, S)), v.message);
+  }
+});
+
+test('negative: tampering fails authentication', () => {
+  const PK = payloadKey(CK, rid), cs = rel.chunk_size, n = chunks.length;
+  const U = unitData(R, 0, S);
+  // 4: a flipped bit in any chunk
+  for (let i = 0; i < n; i++) {
+    const bad = chunks.map((c, j) => (j === i ? flip(c, 5) : c));
+    assert.throws(() => decryptImage(PK, bad, cs, n), AUTH, `chunk ${i}`);
+  }
+  // 4: swapped chunk order, truncation, wrong last flag
+  assert.throws(() => decryptImage(PK, [chunks[1], chunks[0], chunks[2]], cs, n), AUTH);
+  assert.throws(() => decryptImage(PK, chunks.slice(0, 2), cs, 2), AUTH); // truncated: chunk 1 opened as last
+  assert.throws(() => gcmOpen(PK, chunkNonce(n - 1, false), chunks[n - 1], Buffer.alloc(0)), AUTH);
+  assert.throws(() => gcmOpen(PK, chunkNonce(0, true), chunks[0], Buffer.alloc(0)), AUTH);
+  // 6: a flipped bit anywhere in the key message (header, digest, nonce or sealed)
+  const km = unhex(V.key_message_release.message);
+  for (const off of [5, 12, 20, 40, 65, 80, 120]) assert.throws(() => openKeyMessage(flip(km, off), U, S), AUTH, `offset ${off}`);
+  assert.throws(() => openKeyMessage(km, U, 'sensor-0002'), AUTH); // bound to the serial
+  assert.throws(() => openKeyMessage(km.subarray(0, 120), U, S), /bad_message/);
+  assert.equal(openKeyMessage(Buffer.alloc(0), U, S), null);
+  // 7/8: flipped MAC bit, flipped field bit, other serial
+  assert.throws(() => parseAck(flip(unhex(V.ack_installed.message), 60), U, S), /bad ack mac/);
+  assert.throws(() => parseAck(flip(unhex(V.ack_installed.message), 40), U, S), /bad ack mac/);
+  assert.throws(() => parseAck(unhex(V.ack_installed.message), U, 'sensor-0002'), /bad ack mac/);
+  assert.throws(() => parseReceipt(flip(unhex(V.receipt_accepted.message), 29), U, S), /bad receipt mac/);
+  assert.throws(() => parseReceipt(flip(unhex(V.receipt_accepted.message), 61), U, S), /bad receipt mac/);
+});
