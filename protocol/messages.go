@@ -1,0 +1,213 @@
+package protocol
+
+import (
+	"encoding/json"
+	"time"
+
+	"github.com/sealcast/sealcast/keychain"
+)
+
+// Request is an admin command (PROTOCOL.md 12).
+type Request struct {
+	ID   string          `json:"id"`
+	Cmd  string          `json:"cmd"`
+	Args json.RawMessage `json:"args,omitempty"`
+}
+
+// Reply answers a Request on ReplyTopic(ID).
+type Reply struct {
+	ID     string          `json:"id"`
+	OK     bool            `json:"ok"`
+	Result json.RawMessage `json:"result,omitempty"`
+	Error  *Error          `json:"error,omitempty"`
+}
+
+// Admin commands (PROTOCOL.md 12.1).
+const (
+	CmdProvision     = "device.provision"
+	CmdDeprovision   = "device.deprovision"
+	CmdDeviceGet     = "device.get"
+	CmdUploadBegin   = "upload.begin"
+	CmdUploadFinish  = "upload.finish"
+	CmdReleaseCreate = "release.create"
+	CmdReleasePause  = "release.pause"
+	CmdReleaseResume = "release.resume"
+	CmdReleaseCancel = "release.cancel"
+	CmdReleaseGet    = "release.get"
+	CmdReleaseList   = "release.list"
+)
+
+// ProvisionArgs are the arguments of device.provision: Serials, or Count devices named
+// Prefix followed by a zero-padded number.
+type ProvisionArgs struct {
+	Serials     []string `json:"serials,omitempty"`
+	Count       int      `json:"count,omitempty"`
+	Prefix      string   `json:"prefix,omitempty"`
+	ChainLength uint32   `json:"chain_length,omitempty"`
+}
+
+// ProvisionResult is the result of device.provision.
+type ProvisionResult struct {
+	Devices []DeviceFile `json:"devices"`
+}
+
+// SerialArgs names one device.
+type SerialArgs struct {
+	Serial string `json:"serial"`
+}
+
+// UploadBeginArgs are the arguments of upload.begin.
+type UploadBeginArgs struct {
+	Size   uint64 `json:"size"`
+	SHA256 string `json:"sha256"`
+}
+
+// UploadBeginResult tells the operator where to publish the parts.
+type UploadBeginResult struct {
+	Upload   string `json:"upload"`
+	PartSize int    `json:"part_size"`
+	Topic    string `json:"topic"`
+}
+
+// UploadArgs names one upload.
+type UploadArgs struct {
+	Upload string `json:"upload"`
+}
+
+// UploadFinishResult is the result of upload.finish.
+type UploadFinishResult struct {
+	Size   uint64 `json:"size"`
+	SHA256 string `json:"sha256"`
+}
+
+// ReleaseCreateArgs are the arguments of release.create.
+type ReleaseCreateArgs struct {
+	Upload    string   `json:"upload"`
+	Version   uint64   `json:"version"`
+	Devices   []string `json:"devices,omitempty"`
+	All       bool     `json:"all,omitempty"`
+	ChunkSize uint32   `json:"chunk_size,omitempty"`
+	Label     string   `json:"label,omitempty"`
+}
+
+// ReleaseCreateResult is the result of release.create.
+type ReleaseCreateResult struct {
+	Release keychain.ReleaseID `json:"release"`
+	Targets int                `json:"targets"`
+}
+
+// ReleaseArgs names one release.
+type ReleaseArgs struct {
+	Release keychain.ReleaseID `json:"release"`
+}
+
+// ReleaseListResult is the result of release.list.
+type ReleaseListResult struct {
+	Releases []ReleaseStatus `json:"releases"`
+}
+
+// Release states (PROTOCOL.md 12.2).
+const (
+	ReleasePublishing = "publishing"
+	ReleaseActive     = "active"
+	ReleasePaused     = "paused"
+	ReleaseCompleted  = "completed"
+	ReleaseCancelled  = "cancelled"
+)
+
+// FleetStatus is retained on FleetStatusTopic (PROTOCOL.md 13.1).
+type FleetStatus struct {
+	Devices  int            `json:"devices"`
+	Online   int            `json:"online"`
+	Releases map[string]int `json:"releases"`
+	Updated  time.Time      `json:"updated"`
+}
+
+// ReleaseStatus is retained on ReleaseStatusTopic (PROTOCOL.md 13.2).
+type ReleaseStatus struct {
+	Release    keychain.ReleaseID `json:"release"`
+	Version    uint64             `json:"version"`
+	Label      string             `json:"label,omitempty"`
+	State      string             `json:"state"`
+	Targets    int                `json:"targets"`
+	Wrapped    int                `json:"wrapped"`
+	Installed  int                `json:"installed"`
+	Failed     int                `json:"failed"`
+	Pending    int                `json:"pending"`
+	ChunkSize  uint32             `json:"chunk_size"`
+	ChunkCount uint32             `json:"chunk_count"`
+	ImageSize  uint64             `json:"image_size"`
+	Created    time.Time          `json:"created"`
+	Updated    time.Time          `json:"updated"`
+}
+
+// Device states as the server sees them (PROTOCOL.md 13.4).
+const (
+	DevicePending   = "pending"
+	DeviceWrapped   = "wrapped"
+	DeviceInstalled = "installed"
+	DeviceFailed    = "failed"
+	DeviceRekeying  = "rekeying"
+	DeviceIdle      = "idle"
+)
+
+// DeviceStatus is retained on DeviceStatusTopic (PROTOCOL.md 13.4).
+type DeviceStatus struct {
+	Serial     string              `json:"serial"`
+	State      string              `json:"state"`
+	Version    uint64              `json:"version"`
+	Epoch      uint32              `json:"epoch"`
+	Seq        uint32              `json:"seq"`
+	Release    *keychain.ReleaseID `json:"release,omitempty"`
+	LastResult string              `json:"last_result,omitempty"`
+	LastSeen   *time.Time          `json:"last_seen,omitempty"`
+	Updated    time.Time           `json:"updated"`
+}
+
+// Device agent states (PROTOCOL.md 13.3).
+const (
+	AgentIdle        = "idle"
+	AgentDownloading = "downloading"
+	AgentInstalling  = "installing"
+	AgentInstalled   = "installed"
+	AgentFailed      = "failed"
+)
+
+// DeviceState is what a device retains on its StateTopic (PROTOCOL.md 13.3).
+type DeviceState struct {
+	Serial     string              `json:"serial"`
+	State      string              `json:"state"`
+	Version    uint64              `json:"version"`
+	Epoch      uint32              `json:"epoch"`
+	Seq        uint32              `json:"seq"`
+	Release    *keychain.ReleaseID `json:"release,omitempty"`
+	ChunksDone uint32              `json:"chunks_done,omitempty"`
+	ChunkCount uint32              `json:"chunk_count,omitempty"`
+	Error      *DeviceError        `json:"error,omitempty"`
+	Updated    time.Time           `json:"updated"`
+}
+
+// DeviceError is the error part of a DeviceState.
+type DeviceError struct {
+	Code    Code   `json:"code"`
+	Message string `json:"message"`
+}
+
+// DeviceFile is what provisioning gives a device (PROTOCOL.md 14).
+type DeviceFile struct {
+	Serial           string       `json:"serial"`
+	UnitData         HexBytes     `json:"unit_data"`
+	Epoch            uint32       `json:"epoch"`
+	Seq              uint32       `json:"seq"`
+	ChainLength      uint32       `json:"chain_length"`
+	Version          uint64       `json:"version"`
+	ReleasePublicKey HexBytes     `json:"release_public_key"`
+	Broker           BrokerConfig `json:"broker"`
+}
+
+// BrokerConfig is how a device reaches its broker.
+type BrokerConfig struct {
+	URL      string `json:"url"`
+	Username string `json:"username"`
+	Password string `json:"password"`
+}

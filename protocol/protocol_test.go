@@ -1,0 +1,115 @@
+package protocol
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"testing"
+
+	"github.com/sealcast/sealcast/keychain"
+)
+
+func TestTopics(t *testing.T) {
+	id, _ := keychain.NewReleaseID()
+	want := map[string]string{
+		ManifestTopic(id):         "sealcast/releases/" + id.String() + "/manifest",
+		ChunkTopic(id, 0):         "sealcast/releases/" + id.String() + "/chunks/0",
+		ChunkTopic(id, 17):        "sealcast/releases/" + id.String() + "/chunks/17",
+		KeyTopic("d-1"):           "sealcast/devices/d-1/key",
+		ReceiptTopic("d-1"):       "sealcast/devices/d-1/receipt",
+		AckTopic("d-1"):           "sealcast/devices/d-1/ack",
+		StateTopic("d-1"):         "sealcast/devices/d-1/state",
+		PresenceTopic("d-1"):      "sealcast/devices/d-1/presence",
+		ReleaseStatusTopic(id):    "sealcast/status/releases/" + id.String(),
+		DeviceStatusTopic("d-1"):  "sealcast/status/devices/d-1",
+		ReplyTopic("r.1"):         "sealcast/admin/replies/r.1",
+		UploadTopic("u-1", 3):     "sealcast/admin/uploads/u-1/3",
+		FleetStatusTopic:          "sealcast/status/fleet",
+		AdminRequests:             "sealcast/admin/requests",
+		AckFilter:                 "sealcast/devices/+/ack",
+		ReleaseFilter(id):         "sealcast/releases/" + id.String() + "/#",
+		UploadFilter + "|":        "sealcast/admin/uploads/+/+|",
+		StatusFilter + "|":        "sealcast/status/#|",
+		fmt.Sprint(MaxPacketSize): "1052672",
+	}
+	for got, w := range want {
+		if got != w {
+			t.Errorf("got %q, want %q", got, w)
+		}
+	}
+}
+
+func TestDeviceOf(t *testing.T) {
+	if s, leaf, ok := DeviceOf("sealcast/devices/d-1/ack"); !ok || s != "d-1" || leaf != "ack" {
+		t.Errorf("DeviceOf = %q %q %v", s, leaf, ok)
+	}
+	for _, bad := range []string{"sealcast/devices/d-1", "sealcast/devices/d-1/ack/x", "sealcast/devices/-x/ack", "other/devices/d/ack", "sealcast/devices//ack"} {
+		if _, _, ok := DeviceOf(bad); ok {
+			t.Errorf("DeviceOf(%q) ok", bad)
+		}
+	}
+	if u, p, ok := UploadOf("sealcast/admin/uploads/u-1/12"); !ok || u != "u-1" || p != 12 {
+		t.Errorf("UploadOf = %q %d %v", u, p, ok)
+	}
+	for _, bad := range []string{"sealcast/admin/uploads/u-1/012", "sealcast/admin/uploads/u-1/-1", "sealcast/admin/uploads/u-1/x", "sealcast/admin/uploads/u/1/2", "sealcast/admin/uploads/u-1/4294967296"} {
+		if _, _, ok := UploadOf(bad); ok {
+			t.Errorf("UploadOf(%q) ok", bad)
+		}
+	}
+}
+
+func TestValidID(t *testing.T) {
+	for _, s := range []string{"a", "req-1", "A.b_c-9"} {
+		if !ValidID(s) {
+			t.Errorf("ValidID(%q) = false", s)
+		}
+	}
+	for _, s := range []string{"", "a/b", "a+", "#", "a b", string(make([]byte, 65))} {
+		if ValidID(s) {
+			t.Errorf("ValidID(%q) = true", s)
+		}
+	}
+}
+
+func TestCodes(t *testing.T) {
+	for c := CodeOK; c <= CodeUnsupported; c++ {
+		b, _ := json.Marshal(c)
+		var back Code
+		if err := json.Unmarshal(b, &back); err != nil || back != c {
+			t.Errorf("code %d: %s -> %d %v", c, b, back, err)
+		}
+	}
+	if CodeChunkCorrupt.String() != "chunk_corrupt" || Code(99).String() != "code_99" {
+		t.Error("code names")
+	}
+	var c Code
+	if err := json.Unmarshal([]byte(`"nonsense"`), &c); err == nil {
+		t.Error("unknown code name accepted")
+	}
+}
+
+func TestErrors(t *testing.T) {
+	err := fmt.Errorf("creating release: %w", Errorf(ErrVersionNotNewer, "version %d", 3))
+	if CodeOf(err) != ErrVersionNotNewer || !errors.Is(err, &Error{Code: ErrVersionNotNewer}) {
+		t.Errorf("CodeOf = %v", CodeOf(err))
+	}
+	if CodeOf(errors.New("boom")) != ErrInternal {
+		t.Error("plain error is not internal")
+	}
+	b, _ := json.Marshal(Reply{ID: "r", Error: Errorf(ErrNotFound, "no device %q", "x")})
+	if string(b) != `{"id":"r","ok":false,"error":{"code":"not_found","message":"no device \"x\""}}` {
+		t.Errorf("reply JSON %s", b)
+	}
+}
+
+func TestDeviceFileJSON(t *testing.T) {
+	f := DeviceFile{Serial: "d", UnitData: HexBytes{0xab, 0x01}, Seq: 16, ChainLength: 16, ReleasePublicKey: HexBytes{1}}
+	b, _ := json.Marshal(f)
+	var back DeviceFile
+	if err := json.Unmarshal(b, &back); err != nil || string(back.UnitData) != string(f.UnitData) {
+		t.Fatalf("%s: %v", b, err)
+	}
+	if err := json.Unmarshal([]byte(`{"unit_data":"zz"}`), &back); err == nil {
+		t.Error("bad hex accepted")
+	}
+}
