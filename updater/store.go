@@ -1,0 +1,159 @@
+package updater
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/sealcast/sealcast/keychain"
+)
+
+// Store is the durable state of the updater: devices with their sequence counters, and
+// releases with their per-device results. It never holds a key in the clear: chain state
+// and content keys arrive sealed.
+//
+// Implementations live in subpackages (redisstore, boltstore) and all pass the contract
+// suite in storetest. Every method is safe for concurrent use, including from several
+// updater processes sharing one store. Batch methods exist so that a release to 100,000
+// devices costs a few hundred round trips, not hundreds of thousands.
+type Store interface {
+	// CreateDevices stores the devices that do not exist yet and returns the serials of
+	// those that already existed, which are left unchanged.
+	CreateDevices(ctx context.Context, devs []*Device) (existing []string, err error)
+	// Devices returns the devices in the order of serials, with nil for unknown serials.
+	Devices(ctx context.Context, serials []string) ([]*Device, error)
+	// Serials returns every provisioned serial, sorted.
+	Serials(ctx context.Context) ([]string, error)
+	// DeleteDevice removes a device; it reports whether it existed.
+	DeleteDevice(ctx context.Context, serial string) (bool, error)
+
+	// Assign records, for each device still at the assignment's position (epoch and seq),
+	// that ID has been wrapped there: ID is appended to Assigned if absent and State is
+	// set. ok[i] is false where the device moved or is gone. [SC-10.2]
+	Assign(ctx context.Context, as []Assignment) (ok []bool, err error)
+	// Advance applies each advance atomically if, and only if, the device is still at
+	// From (compare-and-set on epoch and seq); ok[i] says whether it was applied. This is
+	// the one operation that moves a counter. [SC-10.2]
+	Advance(ctx context.Context, as []Advance) (ok []bool, err error)
+	// Note records what was last heard of devices (state, result, last seen). It does not
+	// touch counters and may be lost in a crash.
+	Note(ctx context.Context, notes []Note) error
+
+	// PutRelease creates or replaces a release's metadata (not its results).
+	PutRelease(ctx context.Context, r *Release) error
+	// Release returns a release with its counts, or an error wrapping ErrNotFound.
+	Release(ctx context.Context, id keychain.ReleaseID) (*Release, error)
+	// Releases returns every release with its counts, oldest first.
+	Releases(ctx context.Context) ([]*Release, error)
+	// AddTargets adds serials to a release's targets.
+	AddTargets(ctx context.Context, id keychain.ReleaseID, serials []string) error
+	// Targets returns a release's targets, sorted.
+	Targets(ctx context.Context, id keychain.ReleaseID) ([]string, error)
+	// RecordResults stores each device's result for a release and keeps the release's
+	// counts in step, atomically per result. ResultInstalled is final: a later failure
+	// for the same device does not replace it.
+	RecordResults(ctx context.Context, id keychain.ReleaseID, rs []Result) error
+	// Results returns the recorded result of each serial (ResultNone where none).
+	Results(ctx context.Context, id keychain.ReleaseID, serials []string) ([]string, error)
+
+	Close() error
+}
+
+// ErrNotFound is wrapped by store errors for a missing release.
+var ErrNotFound = errors.New("not found")
+
+// Device is the server's record of one device ([SC-10.2]).
+type Device struct {
+	Serial      string
+	Epoch       uint32
+	Seq         uint32 // the counter C: the chain index of the next key
+	ChainLength uint32
+	Version     uint64 // installed version, as last confirmed
+	// Chain is the sealed traversal state whose current key is K_Seq of Epoch
+	// (keychain.SealTraversal).
+	Chain []byte
+	// Assigned lists the ids (releases, or a re-key) wrapped at (Epoch, Seq), oldest first.
+	Assigned []keychain.ReleaseID
+	// LastAck and LastReceipt are the last accepted ack and its receipt, kept to answer
+	// a repeated ack.
+	LastAck     []byte
+	LastReceipt []byte
+
+	State       string // protocol.Device* state
+	LastResult  string // "ok" or a report code name
+	LastSeen    time.Time
+	Provisioned time.Time
+}
+
+// Position is a point on a device's chain.
+type Position struct {
+	Epoch uint32
+	Seq   uint32
+}
+
+// Pos returns the device's current position.
+func (d *Device) Pos() Position { return Position{d.Epoch, d.Seq} }
+
+// Assignment says that ID was wrapped for Serial at From.
+type Assignment struct {
+	Serial string
+	From   Position
+	ID     keychain.ReleaseID
+	State  string
+}
+
+// Advance moves Serial from From to To after a confirmed ack.
+type Advance struct {
+	Serial      string
+	From        Position
+	To          Position
+	ChainLength uint32
+	Chain       []byte // sealed traversal state for To
+	Version     uint64
+	LastAck     []byte
+	LastReceipt []byte
+	State       string
+	LastResult  string
+	At          time.Time
+}
+
+// Note is non-critical news about a device.
+type Note struct {
+	Serial     string
+	State      string // empty: unchanged
+	LastResult string // empty: unchanged
+	At         time.Time
+}
+
+// Per-device results of a release.
+const (
+	ResultNone      = ""
+	ResultInstalled = "installed"
+	ResultFailed    = "failed" // followed by ":" and the report code name
+)
+
+// Result is one device's outcome for a release.
+type Result struct {
+	Serial string
+	Result string // ResultInstalled, or ResultFailed+":"+code
+}
+
+// Release is a release's metadata and counts.
+type Release struct {
+	ID       keychain.ReleaseID
+	Version  uint64
+	Label    string
+	State    string // protocol.Release* state
+	All      bool   // targets every device provisioned at creation
+	Created  time.Time
+	Manifest []byte // the signed manifest
+	// ContentKey is the content key sealed under the root secret (SealContentKey).
+	ContentKey []byte
+	ImageSize  uint64
+	ChunkSize  uint32
+	ChunkCount uint32
+
+	// Counts maintained by RecordResults; read-only for PutRelease.
+	Installed int
+	Failed    int
+}
