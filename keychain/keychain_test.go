@@ -432,3 +432,28 @@ func TestAckAndReceipt(t *testing.T) {
 		t.Error("receipt answers another ack")
 	}
 }
+
+func TestSealSecret(t *testing.T) {
+	key := RootSecret{5}.StateSealKey()
+	s := [Size]byte{1, 2, 3}
+	b, err := SealSecret(key, "release x", s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(b, s[:3]) {
+		t.Error("secret visible in sealed form")
+	}
+	got, err := OpenSecret(key, "release x", b)
+	if err != nil || got != s {
+		t.Fatalf("OpenSecret: %v", err)
+	}
+	if _, err := OpenSecret(key, "release y", b); !errors.Is(err, ErrAuth) {
+		t.Error("opened under another context")
+	}
+	if _, err := OpenSecret(RootSecret{6}.StateSealKey(), "release x", b); !errors.Is(err, ErrAuth) {
+		t.Error("opened under another key")
+	}
+	if _, err := OpenSecret(key, "release x", b[:10]); !errors.Is(err, ErrMalformed) {
+		t.Error("short input accepted")
+	}
+}

@@ -132,3 +132,10 @@ func ValidID(s string) bool {
 	}
 	return true
 }
+
+// Message is one QoS 1 publish.
+type Message struct {
+	Topic   string
+	Payload []byte
+	Retain  bool
+}

@@ -1,0 +1,272 @@
+package updater
+
+import (
+	"bytes"
+	"context"
+	"time"
+
+	"github.com/sealcast/sealcast/keychain"
+	"github.com/sealcast/sealcast/protocol"
+)
+
+// ackBatch is the most acks one worker handles per store round trip.
+const ackBatch = 256
+
+// ackWorker drains the ack queue in batches until ctx is done.
+func (u *Updater) ackWorker(ctx context.Context) {
+	batch := make([]inbound, 0, ackBatch)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case in := <-u.acks:
+			batch = append(batch[:0], in)
+		}
+	fill:
+		for len(batch) < ackBatch {
+			select {
+			case in := <-u.acks:
+				batch = append(batch, in)
+			default:
+				break fill
+			}
+		}
+		u.processAcks(ctx, batch)
+	}
+}
+
+// verdict is what one ack does.
+type verdict struct {
+	in      inbound
+	ack     keychain.Ack
+	dev     *Device
+	key     keychain.ChainKey // K_seq of the ack
+	advance *Advance          // set for an ack that moves the counter
+	receipt []byte
+}
+
+// processAcks applies [SC-10.2] to a batch: read the devices, verify, compare-and-set the
+// counters of the valid acks in one store call, then publish receipts and what comes next.
+func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
+	serials := make([]string, len(batch))
+	for i, in := range batch {
+		serials[i] = in.serial
+	}
+	devs, err := u.o.Store.Devices(ctx, serials)
+	if err != nil {
+		// The store is down: the acks are not lost, the devices re-send them.
+		u.log.Error().Err(err).Int("acks", len(batch)).Msg("reading devices for acks; devices will re-send")
+		return
+	}
+	var (
+		vs    []*verdict
+		adv   []Advance
+		msgs  []protocol.Message
+		notes []Note
+	)
+	now := u.o.Now()
+	for i, in := range batch {
+		v := u.judge(in, devs[i], now)
+		if v == nil {
+			continue
+		}
+		switch {
+		case v.advance != nil:
+			vs = append(vs, v)
+			adv = append(adv, *v.advance)
+		case v.ack.Kind == keychain.AckFailed:
+			u.recordReport(ctx, v)
+			msgs = append(msgs, protocol.Message{Topic: protocol.ReceiptTopic(in.serial), Payload: v.receipt, Retain: true})
+			notes = append(notes, Note{Serial: in.serial, State: protocol.DeviceFailed, LastResult: protocol.Code(v.ack.Code).String(), At: now})
+		default: // a duplicate: answer again
+			msgs = append(msgs, protocol.Message{Topic: protocol.ReceiptTopic(in.serial), Payload: v.receipt, Retain: true})
+		}
+	}
+	if len(adv) > 0 {
+		ok, err := u.o.Store.Advance(ctx, adv)
+		if err != nil {
+			u.log.Error().Err(err).Int("acks", len(adv)).Msg("advancing counters; devices will re-send")
+			return
+		}
+		var results = map[keychain.ReleaseID][]Result{}
+		var moved []*Device
+		for i, v := range vs {
+			if !ok[i] {
+				// Another worker or updater moved this device first: this was a
+				// duplicate. Its receipt is the one already published.
+				u.stats.dup.Add(1)
+				continue
+			}
+			u.stats.accepted.Add(1)
+			msgs = append(msgs, protocol.Message{Topic: protocol.ReceiptTopic(v.in.serial), Payload: v.receipt, Retain: true})
+			if v.ack.Kind == keychain.AckInstalled {
+				results[v.ack.ID] = append(results[v.ack.ID], Result{Serial: v.in.serial, Result: ResultInstalled})
+			}
+			d := *v.dev
+			a := v.advance
+			d.Epoch, d.Seq, d.ChainLength, d.Chain, d.Version, d.Assigned = a.To.Epoch, a.To.Seq, a.ChainLength, a.Chain, a.Version, nil
+			moved = append(moved, &d)
+		}
+		for id, rs := range results {
+			if err := u.o.Store.RecordResults(ctx, id, rs); err != nil {
+				u.log.Error().Err(err).Str("release", id.String()).Msg("recording results")
+			}
+			u.markDirty(id)
+		}
+		if err := u.o.Bus.Publish(ctx, msgs...); err != nil {
+			u.log.Error().Err(err).Msg("publishing receipts; devices will re-send their acks")
+		}
+		msgs = nil
+		for _, d := range moved {
+			if err := u.nextFor(ctx, d); err != nil {
+				u.log.Error().Err(err).Str("serial", d.Serial).Msg("publishing the next key")
+			}
+			u.publishDeviceStatus(ctx, d, protocol.DeviceInstalled, "ok", now)
+		}
+	}
+	if len(msgs) > 0 {
+		if err := u.o.Bus.Publish(ctx, msgs...); err != nil {
+			u.log.Error().Err(err).Msg("publishing receipts; devices will re-send their acks")
+		}
+	}
+	if len(notes) > 0 {
+		if err := u.o.Store.Note(ctx, notes); err != nil {
+			u.log.Warn().Err(err).Msg("noting device reports")
+		}
+	}
+}
+
+// judge decides what an ack does, without side effects. It returns nil for an ack that
+// is rejected (and counts why).
+func (u *Updater) judge(in inbound, d *Device, now time.Time) *verdict {
+	a, err := keychain.ParseAck(in.payload)
+	if err != nil {
+		u.reject(in.serial, "malformed", err)
+		return nil
+	}
+	if d == nil {
+		u.reject(in.serial, "unknown_device", nil)
+		return nil
+	}
+	v := &verdict{in: in, ack: a, dev: d}
+	// A repeat of the last accepted ack: answer with the same receipt ([SC-10.2] 3).
+	if d.LastAck != nil && bytes.Equal(in.payload, d.LastAck) {
+		u.stats.dup.Add(1)
+		v.receipt = d.LastReceipt
+		return v
+	}
+	if a.Epoch != d.Epoch || a.Seq != d.Seq {
+		// Replays of older acks, acks from a previous epoch, or invented positions.
+		u.reject(in.serial, "stale", nil)
+		return nil
+	}
+	tr, err := keychain.OpenTraversal(u.o.Root, d.Serial, d.Epoch, d.Chain)
+	if err != nil || tr.Pos() != d.Seq {
+		u.log.Error().Err(err).Str("serial", d.Serial).Msg("device chain state unreadable")
+		u.reject(in.serial, "internal", nil)
+		return nil
+	}
+	v.key = tr.Current()
+	if keychain.VerifyAck(in.payload, v.key, d.Serial) != nil {
+		u.reject(in.serial, "forged", nil)
+		return nil
+	}
+	if a.Kind == keychain.AckFailed {
+		rc, _ := keychain.ReceiptFor(a, keychain.ReceiptRecorded).Seal(v.key, d.Serial)
+		v.receipt = rc
+		return v
+	}
+	if !assigned(d, a.ID) {
+		u.reject(in.serial, "unassigned", nil)
+		return nil
+	}
+	rc, _ := keychain.ReceiptFor(a, keychain.ReceiptAccepted).Seal(v.key, d.Serial)
+	v.receipt = rc
+	adv := &Advance{
+		Serial: d.Serial, From: d.Pos(), ChainLength: d.ChainLength, Version: d.Version,
+		LastAck: in.payload, LastReceipt: rc, At: now, LastResult: "ok",
+	}
+	switch a.Kind {
+	case keychain.AckInstalled:
+		if a.ID == u.rekeyID(d.Serial, d.Epoch) || d.Seq < 2 {
+			u.reject(in.serial, "unassigned", nil)
+			return nil
+		}
+		if err := tr.Advance(); err != nil {
+			u.reject(in.serial, "internal", err)
+			return nil
+		}
+		adv.To = Position{d.Epoch, d.Seq - 1}
+		adv.Version = max(d.Version, a.Version)
+		adv.State = protocol.DeviceInstalled
+	case keychain.AckRekeyed:
+		if a.ID != u.rekeyID(d.Serial, d.Epoch) || d.Seq != 1 || !keychain.ValidChainLength(a.DeviceSeq) {
+			u.reject(in.serial, "unassigned", nil)
+			return nil
+		}
+		next, err := keychain.DeriveUnitData(u.o.Root, d.Serial, d.Epoch+1)
+		if err == nil {
+			tr, err = keychain.NewTraversal(next, a.DeviceSeq)
+		}
+		if err != nil {
+			u.reject(in.serial, "internal", err)
+			return nil
+		}
+		adv.To = Position{d.Epoch + 1, a.DeviceSeq}
+		adv.ChainLength = a.DeviceSeq
+		adv.State = protocol.DeviceIdle
+	}
+	sealed, err := keychain.SealTraversal(u.o.Root, d.Serial, adv.To.Epoch, tr)
+	if err != nil {
+		u.reject(in.serial, "internal", err)
+		return nil
+	}
+	adv.Chain = sealed
+	v.advance = adv
+	return v
+}
+
+func assigned(d *Device, id keychain.ReleaseID) bool {
+	for _, x := range d.Assigned {
+		if x == id {
+			return true
+		}
+	}
+	return false
+}
+
+func (u *Updater) reject(serial, reason string, err error) {
+	u.stats.reject(reason)
+	ev := u.log.Warn()
+	if err != nil {
+		ev = ev.Err(err)
+	}
+	ev.Str("serial", serial).Str("reason", reason).Msg("ack rejected; nothing changed")
+}
+
+// recordReport stores a device's failure report against its release ([SC-10.2] 4).
+func (u *Updater) recordReport(ctx context.Context, v *verdict) {
+	u.stats.reports.Add(1)
+	code := protocol.Code(v.ack.Code)
+	u.log.Info().Str("serial", v.in.serial).Str("code", code.String()).Str("release", v.ack.ID.String()).Msg("device reported a failure")
+	if u.isRelease(v.ack.ID) {
+		if err := u.o.Store.RecordResults(ctx, v.ack.ID, []Result{{Serial: v.in.serial, Result: ResultFailed + ":" + code.String()}}); err != nil {
+			u.log.Error().Err(err).Msg("recording failure")
+		}
+		u.markDirty(v.ack.ID)
+	}
+	u.publishDeviceStatus(ctx, v.dev, protocol.DeviceFailed, code.String(), u.o.Now())
+}
+
+func (u *Updater) isRelease(id keychain.ReleaseID) bool {
+	u.mu.Lock()
+	_, ok := u.runs[id]
+	u.mu.Unlock()
+	return ok
+}
+
+func (u *Updater) markDirty(id keychain.ReleaseID) {
+	u.mu.Lock()
+	u.dirty[id] = true
+	u.mu.Unlock()
+}

@@ -1,0 +1,147 @@
+package updater
+
+import (
+	"context"
+	"encoding/json"
+	"time"
+
+	"github.com/sealcast/sealcast/keychain"
+	"github.com/sealcast/sealcast/protocol"
+)
+
+// statusInterval is how often changed release and fleet statuses are re-published: often
+// enough for a person watching, rarely enough to cost nothing during a large fan-out.
+const statusInterval = 250 * time.Millisecond
+
+func deviceStatus(d *Device, state, result string, now time.Time) protocol.DeviceStatus {
+	s := protocol.DeviceStatus{Serial: d.Serial, State: state, Version: d.Version, Epoch: d.Epoch, Seq: d.Seq, LastResult: result, Updated: now}
+	if n := len(d.Assigned); n > 0 {
+		id := d.Assigned[n-1]
+		s.Release = &id
+	}
+	if !d.LastSeen.IsZero() {
+		t := d.LastSeen
+		s.LastSeen = &t
+	}
+	return s
+}
+
+// publishDeviceStatus retains the server's view of a device ([SC-9.1], PROTOCOL.md 13.4).
+func (u *Updater) publishDeviceStatus(ctx context.Context, d *Device, state, result string, now time.Time) {
+	st := deviceStatus(d, state, result, now)
+	st.LastSeen = &now
+	b, _ := json.Marshal(st)
+	if err := u.o.Bus.Publish(ctx, protocol.Message{Topic: protocol.DeviceStatusTopic(d.Serial), Payload: b, Retain: true}); err != nil && ctx.Err() == nil {
+		u.log.Warn().Err(err).Str("serial", d.Serial).Msg("publishing device status")
+	}
+}
+
+func (u *Updater) releaseStatus(ctx context.Context, rel *Release) protocol.ReleaseStatus {
+	// Counts come from the store so that every updater sharing it publishes the same.
+	if fresh, err := u.o.Store.Release(ctx, rel.ID); err == nil {
+		rel = fresh
+	}
+	u.mu.Lock()
+	r := u.runs[rel.ID]
+	u.mu.Unlock()
+	st := protocol.ReleaseStatus{
+		Release: rel.ID, Version: rel.Version, Label: rel.Label, State: rel.State,
+		Installed: rel.Installed, Failed: rel.Failed, ChunkSize: rel.ChunkSize, ChunkCount: rel.ChunkCount,
+		ImageSize: rel.ImageSize, Created: rel.Created, Updated: u.o.Now(),
+	}
+	if r != nil {
+		st.Targets = len(r.targets)
+		st.Wrapped = int(r.wrapped.Load())
+	} else if ts, err := u.o.Store.Targets(ctx, rel.ID); err == nil {
+		st.Targets = len(ts)
+	}
+	st.Pending = max(0, st.Targets-st.Installed-st.Failed)
+	return st
+}
+
+// statusLoop publishes the statuses that changed, and completes releases whose targets
+// have all installed.
+func (u *Updater) statusLoop(ctx context.Context) {
+	t := time.NewTicker(statusInterval)
+	defer t.Stop()
+	lastFleet := time.Time{}
+	for {
+		select {
+		case <-ctx.Done():
+			// One last round with a fresh context so the final numbers are out.
+			fctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			u.flushStatus(fctx, true)
+			cancel()
+			return
+		case <-t.C:
+			force := time.Since(lastFleet) > 5*time.Second
+			u.flushStatus(ctx, force)
+			if force {
+				lastFleet = time.Now()
+			}
+		}
+	}
+}
+
+func (u *Updater) flushStatus(ctx context.Context, fleet bool) {
+	u.mu.Lock()
+	ids := make([]keychain.ReleaseID, 0, len(u.dirty))
+	for id := range u.dirty {
+		ids = append(ids, id)
+	}
+	u.dirty = map[keychain.ReleaseID]bool{}
+	fleet = fleet || u.fleetDir
+	u.fleetDir = false
+	u.mu.Unlock()
+	var msgs []protocol.Message
+	for _, id := range ids {
+		rel, err := u.o.Store.Release(ctx, id)
+		if err != nil {
+			continue
+		}
+		st := u.releaseStatus(ctx, rel)
+		if st.State == protocol.ReleaseActive && st.Targets > 0 && st.Installed >= st.Targets {
+			rel.State = protocol.ReleaseCompleted
+			if err := u.o.Store.PutRelease(ctx, rel); err == nil {
+				st.State = protocol.ReleaseCompleted
+				u.mu.Lock()
+				delete(u.runs, id)
+				u.mu.Unlock()
+				u.log.Info().Str("release", id.String()).Int("installed", st.Installed).Msg("release completed")
+				fleet = true
+			}
+		}
+		b, _ := json.Marshal(st)
+		msgs = append(msgs, protocol.Message{Topic: protocol.ReleaseStatusTopic(id), Payload: b, Retain: true})
+	}
+	if fleet {
+		if fs, err := u.fleetStatus(ctx); err == nil {
+			b, _ := json.Marshal(fs)
+			msgs = append(msgs, protocol.Message{Topic: protocol.FleetStatusTopic, Payload: b, Retain: true})
+		}
+	}
+	if len(msgs) > 0 {
+		if err := u.o.Bus.Publish(ctx, msgs...); err != nil && ctx.Err() == nil {
+			u.log.Warn().Err(err).Msg("publishing status")
+		}
+	}
+}
+
+func (u *Updater) fleetStatus(ctx context.Context) (protocol.FleetStatus, error) {
+	serials, err := u.o.Store.Serials(ctx)
+	if err != nil {
+		return protocol.FleetStatus{}, err
+	}
+	rels, err := u.o.Store.Releases(ctx)
+	if err != nil {
+		return protocol.FleetStatus{}, err
+	}
+	fs := protocol.FleetStatus{Devices: len(serials), Releases: map[string]int{}, Updated: u.o.Now()}
+	for _, r := range rels {
+		fs.Releases[r.State]++
+	}
+	u.mu.Lock()
+	fs.Online = len(u.online)
+	u.mu.Unlock()
+	return fs, nil
+}
