@@ -54,11 +54,24 @@ func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		// The username is what the client sent; the password is never logged.
 		ev.Warn().Str("username", string(pk.Connect.Username)).Str("reason", reason).
 			Uint8("code", code.Code).Msg("connection refused")
-		_ = h.b.srv.SendConnack(cl, code, false, nil)
+		_ = h.b.srv.SendConnack(cl, connackCode(cl, code), false, nil)
 		return errRefused
 	}
 	h.b.idents.Store(cl, id)
 	return nil
+}
+
+// connackCode returns the CONNACK code for a refusal. mochi maps v5 codes to MQTT 3.1.1
+// ones itself, but maps "bad username or password" to 3.1.1's "not authorized" and leaves
+// "not authorized" as 0x87, which 3.1.1 does not define; codes below 0x80 pass unmapped.
+func connackCode(cl *mqtt.Client, code packets.Code) packets.Code {
+	if cl.Properties.ProtocolVersion >= 5 {
+		return code
+	}
+	if code == packets.ErrBadUsernameOrPassword {
+		return packets.ErrMalformedUsernameOrPassword // 0x04, "bad user name or password"
+	}
+	return packets.Err3NotAuthorized // 0x05
 }
 
 // OnConnectAuthenticate admits exactly the clients OnConnect authenticated.
