@@ -84,7 +84,7 @@ func TestTLSAndMutualTLS(t *testing.T) {
 	roots.AddCert(serverCA.cert)
 
 	connect := func(clientID string, cr brokertest.Credentials, certs []tls.Certificate) error {
-		o := paho.NewClientOptions().AddBroker("ssl://"+addr).SetClientID(clientID).
+		o := paho.NewClientOptions().AddBroker("ssl://" + addr).SetClientID(clientID).
 			SetUsername(cr.Username).SetPassword(cr.Password).SetProtocolVersion(4).
 			SetAutoReconnect(false).SetConnectTimeout(5 * time.Second).
 			SetTLSConfig(&tls.Config{RootCAs: roots, Certificates: certs})
@@ -124,7 +124,7 @@ func TestTLSAndMutualTLS(t *testing.T) {
 	// The certificate identifies the device for the access rules too.
 	c, k := clientCA.issue(t, "dev-e", false)
 	pair, _ := tls.X509KeyPair(c, k)
-	o := paho.NewClientOptions().AddBroker("ssl://"+addr).SetClientID("dev-e").SetProtocolVersion(4).
+	o := paho.NewClientOptions().AddBroker("ssl://" + addr).SetClientID("dev-e").SetProtocolVersion(4).
 		SetAutoReconnect(false).SetTLSConfig(&tls.Config{RootCAs: roots, Certificates: []tls.Certificate{pair}})
 	dc := paho.NewClient(o)
 	if tok := dc.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
