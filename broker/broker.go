@@ -1,0 +1,467 @@
+package broker
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/rs/zerolog"
+
+	"github.com/sealcast/sealcast/keychain"
+)
+
+// Defaults for Options and Limits. docs/BROKER.md explains each choice.
+const (
+	DefaultTCPAddr = ":1883"
+	DefaultTLSAddr = ":8883"
+
+	// DefaultMaxPacketSize is 1 MiB + 4 KiB: the largest Sealcast message is a chunk of
+	// 1 MiB + 16 bytes or an upload part of 1 MiB (PROTOCOL.md 9).
+	DefaultMaxPacketSize = 1<<20 + 4<<10
+	// DefaultClientWritesPending bounds each client's outbound queue. mochi allocates the
+	// queue up front (8 bytes a slot), so its default of 8192 costs 64 KiB per idle client.
+	DefaultClientWritesPending = 256
+	// DefaultMaxInflight bounds each session's unacknowledged QoS 1/2 deliveries. mochi drops
+	// deliveries past it silently (counted in Stats.DroppedInflight); the updater's
+	// subscription to every device's ack topic is what can reach it.
+	DefaultMaxInflight = 8192
+	// DefaultDeviceMaxInflight bounds the deliveries queued for one device: a device needs
+	// its key, receipt, manifest and at most 64 chunks (PROTOCOL.md 9.2, [SC-9.4]).
+	DefaultDeviceMaxInflight = 256
+	// DefaultConnectTimeout is how long a new connection may take to finish TLS and send
+	// CONNECT.
+	DefaultConnectTimeout = 10 * time.Second
+	// DefaultSysInterval is how often $SYS statistics are published.
+	DefaultSysInterval = 10 * time.Second
+)
+
+// ErrBadOptions wraps every error New returns for unusable Options.
+var ErrBadOptions = errors.New("broker: bad options")
+
+// Options configure a Broker. The zero value of every field but AuthKey is usable.
+type Options struct {
+	// TCPAddr is the plain MQTT listener address; "" means DefaultTCPAddr, "-" disables it.
+	TCPAddr string
+	// TLSAddr is the MQTT-over-TLS listener address; "" means DefaultTLSAddr. The TLS
+	// listener runs only if TLSCertPEM and TLSKeyPEM are set.
+	TLSAddr    string
+	TLSCertPEM []byte
+	TLSKeyPEM  []byte
+	// ClientCAPEM, if set, makes the TLS listener ask for client certificates and verify
+	// them against these CAs. A device presenting a verified certificate authenticates as
+	// the serial in its subject CN, without a password.
+	ClientCAPEM []byte
+	// WSAddr is the MQTT-over-WebSocket listener address; "" disables it.
+	WSAddr string
+	// HealthAddr is the HTTP address serving GET /healthz; "" disables it.
+	HealthAddr string
+
+	// DataDir holds the session store (pebble, synced writes). "" keeps everything in
+	// memory: retained messages and sessions are lost on restart.
+	DataDir string
+
+	// AuthKey is A (PROTOCOL.md 3.5), from keychain.RootSecret.BrokerAuth. Required.
+	AuthKey keychain.BrokerAuthKey
+	// Accounts are the admin, monitor and updater users, e.g. from LoadAccounts. More can
+	// be added in memory with (*Broker).AddAccount.
+	Accounts []Account
+
+	// Logger receives the broker's and mochi's logs. The zero Logger discards them.
+	Logger zerolog.Logger
+
+	Limits Limits
+}
+
+// Limits are per-connection and per-session limits; zero fields take the defaults above.
+type Limits struct {
+	MaxPacketSize       uint32        // DefaultMaxPacketSize
+	ClientWritesPending int32         // DefaultClientWritesPending
+	MaxInflight         uint16        // DefaultMaxInflight
+	DeviceMaxInflight   int           // DefaultDeviceMaxInflight
+	MaxClients          int64         // 0: no limit
+	ConnectTimeout      time.Duration // DefaultConnectTimeout
+	SysInterval         time.Duration // DefaultSysInterval
+}
+
+func (l *Limits) setDefaults() {
+	if l.MaxPacketSize == 0 {
+		l.MaxPacketSize = DefaultMaxPacketSize
+	}
+	if l.ClientWritesPending == 0 {
+		l.ClientWritesPending = DefaultClientWritesPending
+	}
+	if l.MaxInflight == 0 {
+		l.MaxInflight = DefaultMaxInflight
+	}
+	if l.DeviceMaxInflight == 0 {
+		l.DeviceMaxInflight = DefaultDeviceMaxInflight
+	}
+	if l.ConnectTimeout == 0 {
+		l.ConnectTimeout = DefaultConnectTimeout
+	}
+	if l.SysInterval == 0 {
+		l.SysInterval = DefaultSysInterval
+	}
+}
+
+// Broker is the embedded MQTT broker: mochi-mqtt with Sealcast's authentication, access
+// rules and persistence. Its methods are safe for concurrent use.
+type Broker struct {
+	srv     *mqtt.Server
+	log     zerolog.Logger
+	authKey keychain.BrokerAuthKey
+	limits  Limits
+	store   *store // nil without DataDir
+
+	mu       sync.RWMutex
+	accounts map[string]Account
+	revoked  map[string]struct{}
+
+	idents sync.Map // *mqtt.Client -> identity, for connected clients
+	guard  pidGuard
+
+	listeners []*connListener
+	addrs     map[string]net.Addr
+	health    *http.Server
+	healthLn  net.Listener
+	ws        *wsListener
+	wg        sync.WaitGroup // the health server goroutine
+
+	started   atomic.Bool
+	closeOnce sync.Once
+	closeErr  error
+
+	authFailures, aclDenials, deviceDrops, queueDrops atomic.Int64
+}
+
+// Listener ids, also used as keys of Addr.
+const (
+	ListenerTCP    = "tcp"
+	ListenerTLS    = "tls"
+	ListenerWS     = "ws"
+	ListenerHealth = "health"
+)
+
+// New builds a broker and binds its listeners, so that Addr works before Start; nothing
+// is accepted until Start. New opens the store in Options.DataDir if set.
+func New(opts Options) (*Broker, error) {
+	if opts.AuthKey == (keychain.BrokerAuthKey{}) {
+		return nil, fmt.Errorf("%w: AuthKey is zero; set it to keychain.RootSecret.BrokerAuth()", ErrBadOptions)
+	}
+	opts.Limits.setDefaults()
+	b := &Broker{
+		log:      opts.Logger.With().Str("component", "broker").Logger(),
+		authKey:  opts.AuthKey,
+		limits:   opts.Limits,
+		accounts: make(map[string]Account),
+		revoked:  make(map[string]struct{}),
+		addrs:    make(map[string]net.Addr),
+	}
+	for _, a := range opts.Accounts {
+		if err := b.AddAccount(a); err != nil {
+			return nil, err
+		}
+	}
+
+	caps := mqtt.NewDefaultServerCapabilities() // a partial literal would make mochi refuse clients
+	// 0 disables mochi's forced expiry: retained images and keys must live until replaced,
+	// and queued deliveries until acknowledged. Clients' own v5 expiry still applies.
+	caps.MaximumMessageExpiryInterval = 0
+	caps.MaximumPacketSize = opts.Limits.MaxPacketSize
+	caps.MaximumClientWritesPending = opts.Limits.ClientWritesPending
+	caps.MaximumInflight = opts.Limits.MaxInflight
+	if opts.Limits.MaxClients > 0 {
+		caps.MaximumClients = opts.Limits.MaxClients
+	}
+	sysInterval := int64(opts.Limits.SysInterval / time.Second)
+	if sysInterval < 1 {
+		sysInterval = 1
+	}
+	mochiLog := opts.Logger.With().Str("component", "mochi").Logger()
+	b.srv = mqtt.New(&mqtt.Options{
+		Capabilities:           caps,
+		Logger:                 slog.New(zerolog.NewSlogHandler(mochiLog)),
+		SysTopicResendInterval: sysInterval,
+	})
+	b.guard.b = b
+
+	ok := false
+	defer func() {
+		if !ok {
+			b.closeListeners()
+			if b.store != nil {
+				_ = b.store.Stop()
+			}
+		}
+	}()
+
+	if err := b.srv.AddHook(&hook{b: b}, nil); err != nil {
+		return nil, fmt.Errorf("broker: adding auth hook: %w", err)
+	}
+	if opts.DataDir != "" {
+		if err := os.MkdirAll(opts.DataDir, 0o700); err != nil {
+			return nil, fmt.Errorf("broker: creating data directory: %w", err)
+		}
+		st, cfg := newStore(filepath.Join(opts.DataDir, "mqtt"), b.log)
+		if err := b.srv.AddHook(st, &cfg); err != nil {
+			return nil, fmt.Errorf("broker: opening session store in %s (is another broker using it?): %w", opts.DataDir, err)
+		}
+		b.store = st
+	}
+
+	if err := b.listen(opts); err != nil {
+		return nil, err
+	}
+	ok = true
+	return b, nil
+}
+
+func (b *Broker) listen(opts Options) error {
+	addTCP := func(id, addr string, tlsConf *tls.Config) error {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return fmt.Errorf("broker: %s listener on %s: %w", id, addr, err)
+		}
+		if tlsConf != nil {
+			ln = tls.NewListener(ln, tlsConf)
+		}
+		cl := newConnListener(ln, b.limits.ConnectTimeout)
+		b.listeners = append(b.listeners, cl)
+		b.addrs[id] = ln.Addr()
+		return b.srv.AddListener(listeners.NewNet(id, cl))
+	}
+	if opts.TCPAddr != "-" {
+		addr := opts.TCPAddr
+		if addr == "" {
+			addr = DefaultTCPAddr
+		}
+		if err := addTCP(ListenerTCP, addr, nil); err != nil {
+			return err
+		}
+	}
+	var tlsConf *tls.Config
+	if len(opts.TLSCertPEM) > 0 || len(opts.TLSKeyPEM) > 0 {
+		cert, err := tls.X509KeyPair(opts.TLSCertPEM, opts.TLSKeyPEM)
+		if err != nil {
+			return fmt.Errorf("%w: TLS certificate and key: %v", ErrBadOptions, err)
+		}
+		tlsConf = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+		if len(opts.ClientCAPEM) > 0 {
+			pool := x509.NewCertPool()
+			if !pool.AppendCertsFromPEM(opts.ClientCAPEM) {
+				return fmt.Errorf("%w: ClientCAPEM holds no PEM certificate", ErrBadOptions)
+			}
+			tlsConf.ClientCAs = pool
+			// Devices without a certificate may still use their password over TLS.
+			tlsConf.ClientAuth = tls.VerifyClientCertIfGiven
+		}
+		addr := opts.TLSAddr
+		if addr == "" {
+			addr = DefaultTLSAddr
+		}
+		if err := addTCP(ListenerTLS, addr, tlsConf); err != nil {
+			return err
+		}
+	} else if len(opts.ClientCAPEM) > 0 {
+		return fmt.Errorf("%w: ClientCAPEM needs a TLS listener; set TLSCertPEM and TLSKeyPEM", ErrBadOptions)
+	}
+	if opts.WSAddr != "" {
+		ln, err := net.Listen("tcp", opts.WSAddr)
+		if err != nil {
+			return fmt.Errorf("broker: websocket listener on %s: %w", opts.WSAddr, err)
+		}
+		b.addrs[ListenerWS] = ln.Addr()
+		b.ws = newWSListener(ListenerWS, ln, b.limits.ConnectTimeout)
+		if err := b.srv.AddListener(b.ws); err != nil {
+			return err
+		}
+	}
+	if opts.HealthAddr != "" {
+		ln, err := net.Listen("tcp", opts.HealthAddr)
+		if err != nil {
+			return fmt.Errorf("broker: health listener on %s: %w", opts.HealthAddr, err)
+		}
+		b.healthLn = ln
+		b.addrs[ListenerHealth] = ln.Addr()
+		mux := http.NewServeMux()
+		mux.HandleFunc("GET /healthz", b.serveHealth)
+		b.health = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	}
+	return nil
+}
+
+func (b *Broker) serveHealth(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	if !b.started.Load() {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		fmt.Fprintln(w, "starting")
+		return
+	}
+	fmt.Fprintln(w, "ok")
+}
+
+// Start loads the store and starts accepting connections. It returns at once.
+func (b *Broker) Start() error {
+	if err := b.srv.Serve(); err != nil {
+		return fmt.Errorf("broker: starting: %w", err)
+	}
+	if b.health != nil {
+		b.wg.Add(1)
+		go func() {
+			defer b.wg.Done()
+			if err := b.health.Serve(b.healthLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				b.log.Error().Err(err).Msg("health endpoint stopped")
+			}
+		}()
+	}
+	b.started.Store(true)
+	b.log.Info().Interface("addrs", b.addrStrings()).Msg("broker started")
+	return nil
+}
+
+// Close disconnects every client, stops the listeners, waits for the goroutines the
+// broker started, and closes the store. It is safe to call more than once.
+func (b *Broker) Close() error {
+	b.closeOnce.Do(func() {
+		if b.health != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			_ = b.health.Shutdown(ctx)
+			cancel()
+			if !b.started.Load() {
+				b.healthLn.Close()
+			}
+		}
+		// mochi closes listeners, disconnects clients and waits for their goroutines,
+		// then stops the hooks (closing the store).
+		b.closeErr = b.srv.Close()
+		if b.started.Load() {
+			for _, l := range b.listeners {
+				l.wait(time.Second)
+			}
+			if b.ws != nil {
+				b.ws.wait()
+			}
+		}
+		b.wg.Wait()
+		b.started.Store(false)
+		b.log.Info().Msg("broker stopped")
+	})
+	return b.closeErr
+}
+
+func (b *Broker) closeListeners() {
+	for _, l := range b.listeners {
+		_ = l.Close()
+	}
+	if b.ws != nil {
+		_ = b.ws.ln.Close()
+	}
+	if b.healthLn != nil {
+		_ = b.healthLn.Close()
+	}
+}
+
+// Addr returns the bound address of a listener (ListenerTCP, ListenerTLS, ListenerWS,
+// ListenerHealth), or nil if it is not enabled. With port 0 in Options, this is how to
+// learn the port.
+func (b *Broker) Addr(listener string) net.Addr { return b.addrs[listener] }
+
+func (b *Broker) addrStrings() map[string]string {
+	m := make(map[string]string, len(b.addrs))
+	for k, v := range b.addrs {
+		m[k] = v.String()
+	}
+	return m
+}
+
+// AddAccount adds or replaces an account in memory (not in the accounts file). The
+// embedded updater uses it with a random password at startup.
+func (b *Broker) AddAccount(a Account) error {
+	if err := a.validate(); err != nil {
+		return err
+	}
+	b.mu.Lock()
+	b.accounts[a.Username] = a
+	b.mu.Unlock()
+	return nil
+}
+
+func (b *Broker) account(username []byte) (Account, bool) {
+	b.mu.RLock()
+	a, ok := b.accounts[string(username)]
+	b.mu.RUnlock()
+	return a, ok
+}
+
+// Revoke refuses the device with this serial from now on and disconnects it if it is
+// connected (a deprovisioned device, PROTOCOL.md 12.1). The set lives in memory: the
+// updater calls Revoke for every deprovisioned serial at startup.
+func (b *Broker) Revoke(serial string) {
+	b.mu.Lock()
+	b.revoked[serial] = struct{}{}
+	b.mu.Unlock()
+	if cl, ok := b.srv.Clients.Get(serial); ok && !cl.Closed() {
+		if id := b.identityOf(cl); id.role == RoleDevice && id.serial == serial {
+			b.log.Info().Str("serial", serial).Msg("disconnecting revoked device")
+			_ = b.srv.DisconnectClient(cl, packets.ErrNotAuthorized)
+		}
+	}
+}
+
+// Unrevoke lets a revoked serial connect again.
+func (b *Broker) Unrevoke(serial string) {
+	b.mu.Lock()
+	delete(b.revoked, serial)
+	b.mu.Unlock()
+}
+
+func (b *Broker) isRevoked(serial string) bool {
+	b.mu.RLock()
+	_, ok := b.revoked[serial]
+	b.mu.RUnlock()
+	return ok
+}
+
+// Stats are counters since New; mochi's own figures are also on $SYS/broker/#.
+type Stats struct {
+	Connected    int64 // clients connected now
+	Sessions     int64 // sessions known, connected or not
+	AuthFailures int64 // CONNECTs refused
+	ACLDenials   int64 // subscriptions, publishes and deliveries refused by [SC-9.2]
+	// Dropped deliveries, by cause: a client's outbound queue was full
+	// (Limits.ClientWritesPending), a session's inflight store was full (Limits.MaxInflight)
+	// or packet ids ran out, a device's queue was full (Limits.DeviceMaxInflight).
+	DroppedQueueFull   int64
+	DroppedInflight    int64
+	DroppedDeviceQueue int64
+	// DeliveriesRestored counts outbound QoS 1 deliveries that a client's own PUBLISH
+	// with the same packet id would have erased (mochi issues #519/#545).
+	DeliveriesRestored int64
+}
+
+// Stats returns the broker's counters.
+func (b *Broker) Stats() Stats {
+	return Stats{
+		Connected:          atomic.LoadInt64(&b.srv.Info.ClientsConnected),
+		Sessions:           int64(b.srv.Clients.Len()),
+		AuthFailures:       b.authFailures.Load(),
+		ACLDenials:         b.aclDenials.Load(),
+		DroppedQueueFull:   b.queueDrops.Load(),
+		DroppedInflight:    atomic.LoadInt64(&b.srv.Info.InflightDropped),
+		DroppedDeviceQueue: b.deviceDrops.Load(),
+		DeliveriesRestored: b.guard.restored.Load(),
+	}
+}

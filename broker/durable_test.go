@@ -1,0 +1,134 @@
+package broker_test
+
+import (
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/sealcast/sealcast/broker"
+	"github.com/sealcast/sealcast/internal/brokertest"
+)
+
+// TestRestartKeepsRetainedAndQueued: a retained key and a QoS 1 delivery queued for an
+// offline device with a persistent session survive Close and New on the same DataDir; the
+// device reconnects (clean session false, no new SUBSCRIBE) and receives the queued
+// message, and its subscription still works.
+func TestRestartKeepsRetainedAndQueued(t *testing.T) {
+	env := brokertest.Start(t, brokertest.WithDataDir(t.TempDir()))
+	dev := env.Device(t, "dev-a")
+	const keyTopic = "sealcast/devices/dev-a/key"
+
+	got := newCollector()
+	withHandler := func(o *paho.ClientOptions) { o.SetDefaultPublishHandler(got.handle) }
+	c, err := pahoConnect(env, "dev-a", dev, false, withHandler)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code := subscribe(t, c, keyTopic, got); code != 1 {
+		t.Fatalf("SUBACK %#x", code)
+	}
+	c.Disconnect(100)
+
+	upd := pahoClient(t, env, "updater-1", env.Updater, true)
+	publish(t, upd, keyTopic, 1, true, "key-1")
+	publish(t, upd, "sealcast/releases/r1/manifest", 1, true, "manifest-1")
+	upd.Disconnect(100)
+
+	env.Restart(t)
+
+	c, err = pahoConnect(env, "dev-a", dev, false, withHandler)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Disconnect(100)
+	m, ok := got.next(t, 5*time.Second)
+	if !ok || string(m.Payload()) != "key-1" {
+		t.Fatalf("queued key not delivered after restart: %v", m)
+	}
+	// The subscription survived too.
+	upd = pahoClient(t, env, "updater-1", env.Updater, true)
+	publish(t, upd, keyTopic, 1, true, "key-2")
+	if m, ok := got.next(t, 5*time.Second); !ok || string(m.Payload()) != "key-2" {
+		t.Fatalf("persisted subscription did not deliver: %v", m)
+	}
+	// Retained messages survived.
+	adm := pahoClient(t, env, "admin-1", env.Admin, true)
+	ret := newCollector()
+	subscribe(t, adm, "sealcast/releases/#", ret)
+	if m, ok := ret.next(t, 5*time.Second); !ok || string(m.Payload()) != "manifest-1" || !m.Retained() {
+		t.Fatalf("retained manifest lost: %v", m)
+	}
+}
+
+// TestInMemoryForgets: without DataDir nothing survives a restart.
+func TestInMemoryForgets(t *testing.T) {
+	env := brokertest.Start(t)
+	upd := pahoClient(t, env, "updater-1", env.Updater, true)
+	publish(t, upd, "sealcast/releases/r1/manifest", 1, true, "manifest-1")
+	upd.Disconnect(100)
+	env.Restart(t)
+	adm := pahoClient(t, env, "admin-1", env.Admin, true)
+	ret := newCollector()
+	subscribe(t, adm, "sealcast/releases/#", ret)
+	if m, ok := ret.next(t, quiet); ok {
+		t.Fatalf("in-memory broker kept %q", m.Payload())
+	}
+}
+
+// TestPacketIDCollision shows mochi v2.7.9's defect (issues #519/#545) and the guard: a
+// device receives its key (QoS 1, packet id X) and, before acknowledging it, publishes
+// its own QoS 1 ack choosing the same packet id X from its own id space, then loses the
+// connection. mochi erases the key delivery from the session, so it is not re-sent on
+// reconnect; with the guard it is.
+func TestPacketIDCollision(t *testing.T) {
+	for _, guard := range []bool{false, true} {
+		name := map[bool]string{false: "mochi", true: "guarded"}[guard]
+		t.Run(name, func(t *testing.T) {
+			env := brokertest.Start(t, brokertest.WithDataDir(t.TempDir()))
+			broker.SetPIDGuard(env.Broker, guard)
+			dev := env.Device(t, "dev-a")
+			const keyTopic = "sealcast/devices/dev-a/key"
+
+			c, code := connectRaw(t, env.Addr, "dev-a", "dev-a", dev.Password, false)
+			if code != 0 {
+				t.Fatalf("CONNACK %#x", code)
+			}
+			c.send(subscribePacket(1, keyTopic, 1))
+			c.expect(9) // SUBACK
+			upd := pahoClient(t, env, "updater-1", env.Updater, true)
+			publish(t, upd, keyTopic, 1, false, "key-1")
+			_, id, payload := c.expect(3).publish()
+			if string(payload) != "key-1" {
+				t.Fatalf("got %q", payload)
+			}
+			// The device's own QoS 1 ack, with the packet id of the unacknowledged key.
+			c.send(publishPacket("sealcast/devices/dev-a/ack", []byte("ack"), 1, id, false))
+			if p := c.expect(4); p.body[0] != byte(id>>8) || p.body[1] != byte(id) {
+				t.Fatalf("PUBACK for another id: %x", p.body)
+			}
+			c.Close() // lost before the device acknowledged the key
+
+			// Restarting also checks the store holds what memory holds.
+			env.Restart(t)
+			c, code = connectRaw(t, env.Addr, "dev-a", "dev-a", dev.Password, false)
+			if code != 0 {
+				t.Fatalf("CONNACK %#x", code)
+			}
+			p, err := c.read(time.Second)
+			redelivered := err == nil && p.typ == 3
+			if redelivered {
+				_, _, payload := p.publish()
+				redelivered = string(payload) == "key-1"
+			}
+			switch {
+			case guard && !redelivered:
+				t.Fatal("the key delivery was lost despite the guard")
+			case !guard && redelivered:
+				t.Log("mochi kept the delivery: the upstream defect seems fixed; the guard may be removable")
+			case !guard:
+				t.Log("mochi lost the unacknowledged key delivery (issues #519/#545), as expected without the guard")
+			}
+		})
+	}
+}

@@ -1,0 +1,68 @@
+package broker
+
+import (
+	"errors"
+	"net"
+	"sync"
+	"time"
+)
+
+// connListener wraps a net.Listener for mochi's listeners.Net:
+//   - it gives every accepted connection a deadline for its CONNECT (mochi applies the
+//     keepalive deadline only after reading CONNECT, so without this a client that never
+//     sends one holds a socket and a goroutine forever);
+//   - it lets Close wait until mochi's accept loop has returned.
+type connListener struct {
+	net.Listener
+	connectTimeout time.Duration
+	once           sync.Once
+	done           chan struct{} // closed when Accept has returned an error after Close
+	closing        chan struct{}
+	closeOnce      sync.Once
+}
+
+func newConnListener(l net.Listener, connectTimeout time.Duration) *connListener {
+	return &connListener{Listener: l, connectTimeout: connectTimeout,
+		done: make(chan struct{}), closing: make(chan struct{})}
+}
+
+func (l *connListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			select {
+			case <-l.closing:
+				l.once.Do(func() { close(l.done) })
+				return nil, err
+			default:
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				// A transient error (e.g. EMFILE under load) must not stop the
+				// broker from accepting: mochi's loop returns on any error.
+				time.Sleep(50 * time.Millisecond)
+				continue
+			}
+			l.once.Do(func() { close(l.done) })
+			return nil, err
+		}
+		// The deadline covers the TLS handshake and the CONNECT packet; mochi replaces it
+		// with the keepalive deadline once CONNECT is read.
+		_ = c.SetDeadline(time.Now().Add(l.connectTimeout))
+		return c, nil
+	}
+}
+
+func (l *connListener) Close() error {
+	l.closeOnce.Do(func() { close(l.closing) })
+	return l.Listener.Close()
+}
+
+// wait waits until the accept loop has seen the listener closed, or d elapses (the loop
+// may never have been started if Start was not called).
+func (l *connListener) wait(d time.Duration) {
+	select {
+	case <-l.done:
+	case <-time.After(d):
+	}
+}

@@ -1,0 +1,133 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"github.com/mochi-mqtt/server/v2/listeners"
+)
+
+// wsListener serves MQTT over WebSocket (subprotocol "mqtt") on a listener the broker
+// bound itself. mochi's own Websocket listener binds in Serve, which hides the port when
+// the address is ":0".
+type wsListener struct {
+	id             string
+	ln             net.Listener
+	connectTimeout time.Duration
+	srv            *http.Server
+	upgrader       websocket.Upgrader
+	establish      listeners.EstablishFn
+	log            *slog.Logger
+	closeOnce      sync.Once
+	done           chan struct{}
+}
+
+func newWSListener(id string, ln net.Listener, connectTimeout time.Duration) *wsListener {
+	return &wsListener{
+		id: id, ln: ln, connectTimeout: connectTimeout, done: make(chan struct{}),
+		upgrader: websocket.Upgrader{
+			Subprotocols: []string{"mqtt"},
+			// Devices and tools are not browsers; a browser dashboard would be served by
+			// the same operator, so origins are not restricted.
+			CheckOrigin: func(*http.Request) bool { return true },
+		},
+	}
+}
+
+func (l *wsListener) ID() string       { return l.id }
+func (l *wsListener) Address() string  { return l.ln.Addr().String() }
+func (l *wsListener) Protocol() string { return "ws" }
+
+func (l *wsListener) Init(log *slog.Logger) error {
+	l.log = log
+	l.srv = &http.Server{
+		Handler:           http.HandlerFunc(l.handle),
+		ReadHeaderTimeout: l.connectTimeout,
+	}
+	return nil
+}
+
+func (l *wsListener) handle(w http.ResponseWriter, r *http.Request) {
+	c, err := l.upgrader.Upgrade(w, r, nil)
+	if err != nil {
+		return
+	}
+	defer c.Close()
+	conn := &wsConn{Conn: c.UnderlyingConn(), c: c}
+	_ = conn.SetDeadline(time.Now().Add(l.connectTimeout))
+	if err := l.establish(l.id, conn); err != nil {
+		l.log.Debug("websocket client ended", "error", err)
+	}
+}
+
+func (l *wsListener) Serve(establish listeners.EstablishFn) {
+	defer close(l.done)
+	l.establish = establish
+	if err := l.srv.Serve(l.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		l.log.Error("websocket listener stopped", "error", err)
+	}
+}
+
+func (l *wsListener) Close(closeClients listeners.CloseFn) {
+	l.closeOnce.Do(func() {
+		closeClients(l.id)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = l.srv.Shutdown(ctx)
+		_ = l.ln.Close() // Shutdown closes it only if Serve ran
+	})
+}
+
+func (l *wsListener) wait() {
+	select {
+	case <-l.done:
+	case <-time.After(time.Second):
+	}
+}
+
+// wsConn is a net.Conn over binary WebSocket messages; an MQTT packet may span messages.
+type wsConn struct {
+	net.Conn
+	c *websocket.Conn
+	r io.Reader // current message
+}
+
+var errWSText = errors.New("broker: websocket text message; MQTT needs binary messages")
+
+func (ws *wsConn) Read(p []byte) (int, error) {
+	for {
+		if ws.r == nil {
+			op, r, err := ws.c.NextReader()
+			if err != nil {
+				return 0, err
+			}
+			if op != websocket.BinaryMessage {
+				return 0, errWSText
+			}
+			ws.r = r
+		}
+		n, err := ws.r.Read(p)
+		if errors.Is(err, io.EOF) {
+			ws.r = nil
+			if n == 0 {
+				continue
+			}
+			err = nil
+		}
+		return n, err
+	}
+}
+
+func (ws *wsConn) Write(p []byte) (int, error) {
+	if err := ws.c.WriteMessage(websocket.BinaryMessage, p); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
