@@ -16,6 +16,15 @@ import (
 // stored copy), so it is never re-sent after a reconnect; a QoS 2 PUBLISH overwrites it.
 // A device acking (QoS 1) while its key message is in flight is exactly that case.
 //
+// SUBSCRIBE and UNSUBSCRIBE suffer the same confusion the other way round: mochi refuses
+// one whose packet id equals an unacknowledged outbound delivery ("packet identifier in
+// use", sent to an MQTT 3.1.1 client as SUBACK 0x80). A device opening its chunk window
+// (PROTOCOL.md 9.2) while chunks are in flight hits this about once in a thousand
+// subscriptions. For these the guard takes the delivery out of the inflight map before
+// mochi looks, and puts it back afterwards; if mochi meanwhile gave the id to a retained
+// message of the new subscription, the delivery is sent again under a fresh id (QoS 1
+// allows the duplicate).
+//
 // The guard remembers the outbound delivery when such a PUBLISH is read and puts it back
 // (in memory and in the store) once mochi has finished the inbound flow: right after a
 // QoS 1 PUBLISH, or after the PUBREL of a QoS 2 one. Both hooks run on the client's own
@@ -28,7 +37,12 @@ type pidGuard struct {
 }
 
 func (g *pidGuard) before(cl *mqtt.Client, pk packets.Packet) {
-	if pk.FixedHeader.Type != packets.Publish || pk.FixedHeader.Qos == 0 || g.off.Load() {
+	if g.off.Load() {
+		return
+	}
+	switch t := pk.FixedHeader.Type; {
+	case t == packets.Publish && pk.FixedHeader.Qos > 0, t == packets.Subscribe, t == packets.Unsubscribe:
+	default:
 		return
 	}
 	out, ok := cl.State.Inflight.Get(pk.PacketID)
@@ -37,6 +51,12 @@ func (g *pidGuard) before(cl *mqtt.Client, pk packets.Packet) {
 	}
 	v, _ := g.pending.LoadOrStore(cl, map[uint16]packets.Packet{})
 	v.(map[uint16]packets.Packet)[pk.PacketID] = out
+	if pk.FixedHeader.Type != packets.Publish {
+		// Hide it from mochi's "identifier in use" check; after puts it back.
+		if cl.State.Inflight.Delete(pk.PacketID) {
+			atomic.AddInt64(&g.b.srv.Info.Inflight, -1)
+		}
+	}
 }
 
 func (g *pidGuard) after(cl *mqtt.Client, pk packets.Packet) {
@@ -45,7 +65,7 @@ func (g *pidGuard) after(cl *mqtt.Client, pk packets.Packet) {
 		if pk.FixedHeader.Qos != 1 {
 			return // QoS 2: the PUBREC holds the id until PUBREL
 		}
-	case packets.Pubrel:
+	case packets.Pubrel, packets.Subscribe, packets.Unsubscribe:
 	case packets.Puback:
 		// The client acknowledged the outbound delivery itself while its QoS 2 flow
 		// held the id: nothing to restore.
@@ -66,8 +86,24 @@ func (g *pidGuard) after(cl *mqtt.Client, pk packets.Packet) {
 		return
 	}
 	delete(m, pk.PacketID)
-	if _, busy := cl.State.Inflight.Get(pk.PacketID); busy {
-		return // mochi did not erase it (e.g. the PUBLISH was refused)
+	if cur, busy := cl.State.Inflight.Get(pk.PacketID); busy {
+		if pk.FixedHeader.Type == packets.Publish || cur.TopicName == out.TopicName && cur.Created == out.Created {
+			return // mochi did not erase it (e.g. the PUBLISH was refused)
+		}
+		// The id went to a retained message of the new subscription: send the
+		// delivery again under a fresh id.
+		id, err := cl.NextPacketID()
+		if err != nil {
+			g.b.log.Warn().Str("client", cl.ID).Msg("no packet id left to restore a delivery; it is re-sent at the next reconnect")
+			return
+		}
+		out.PacketID = uint16(id)
+		out.FixedHeader.Dup = false
+		defer func() {
+			if err := cl.WritePacket(out); err != nil {
+				g.b.log.Debug().Err(err).Str("client", cl.ID).Msg("re-sending restored delivery")
+			}
+		}()
 	}
 	cl.State.Inflight.Set(out)
 	atomic.AddInt64(&g.b.srv.Info.Inflight, 1)

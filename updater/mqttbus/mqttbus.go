@@ -58,7 +58,9 @@ func Dial(ctx context.Context, o Options) (*Bus, error) {
 		SetUsername(o.Username).
 		SetPassword(o.Password).
 		SetCleanSession(true). // subscriptions are restored by OnConnect, not by the broker
-		SetOrderMatters(false).
+		// Ordered: an upload part is handled before the upload.finish sent after it.
+		// Every handler the updater registers returns at once, so order costs nothing.
+		SetOrderMatters(true).
 		SetAutoReconnect(true).
 		SetConnectRetry(true).
 		SetConnectRetryInterval(500 * time.Millisecond).
