@@ -170,10 +170,10 @@ type connection struct {
 	client mqtt.Client
 	lostCh chan struct{} // closed when paho reported the loss (its workers stopped)
 	mu     sync.Mutex
-	nc     net.Conn
+	nc     *brokenConn
 }
 
-func (c *connection) setConn(nc net.Conn) {
+func (c *connection) setConn(nc *brokenConn) {
 	c.mu.Lock()
 	c.nc = nc
 	c.mu.Unlock()
@@ -184,8 +184,40 @@ func (c *connection) closeNet() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.nc != nil {
-		c.nc.Close()
+		c.nc.breakLink()
 	}
+}
+
+// errLinkDropped is what reads and writes return after closeNet.
+var errLinkDropped = errors.New("device: network link dropped")
+
+// brokenConn lets the agent cut its own connection so that paho sees a network error.
+// paho treats "use of closed network connection" as its own clean shutdown and would
+// never report the loss, so a plain Close is not enough.
+type brokenConn struct {
+	net.Conn
+	broken atomic.Bool
+}
+
+func (b *brokenConn) breakLink() {
+	b.broken.Store(true)
+	b.Conn.Close()
+}
+
+func (b *brokenConn) Read(p []byte) (int, error) {
+	n, err := b.Conn.Read(p)
+	if err != nil && b.broken.Load() {
+		err = errLinkDropped
+	}
+	return n, err
+}
+
+func (b *brokenConn) Write(p []byte) (int, error) {
+	n, err := b.Conn.Write(p)
+	if err != nil && b.broken.Load() {
+		err = errLinkDropped
+	}
+	return n, err
 }
 
 // New checks opts and loads the vault.
@@ -456,10 +488,12 @@ func (a *Agent) connect(ctx context.Context) {
 		}).
 		SetCustomOpenConnectionFn(func(u *url.URL, _ mqtt.ClientOptions) (net.Conn, error) {
 			nc, err := a.dial(ctx, u)
-			if err == nil {
-				c.setConn(nc)
+			if err != nil {
+				return nil, err
 			}
-			return nc, err
+			bc := &brokenConn{Conn: nc}
+			c.setConn(bc)
+			return bc, nil
 		})
 	c.client = mqtt.NewClient(o)
 	tok := c.client.Connect()

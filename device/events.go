@@ -13,20 +13,20 @@ type EventKind int
 
 // Event kinds, in roughly the order of an update.
 const (
-	EventConnected    EventKind = iota + 1 // a connection is up (Attempt counts them)
-	EventDisconnected                      // the connection was lost (Err says why)
-	EventKeyMessage                        // a key message was received
-	EventManifestFetch                     // subscribed to the manifest
-	EventChunkFetch                        // subscribed to chunk Index (Try counts from 1)
-	EventChunkReceived                     // chunk Index arrived
-	EventChunkBad                          // chunk Index failed to open [SC-4.2]
-	EventChunkDone                         // chunk Index opened and was written to the install
-	EventCommitted                         // the installer committed the image
-	EventPersisted                         // the vault holds D = Seq, Version
-	EventAckSent                           // an ack (kind 1 or 2) was published
-	EventReportSent                        // a report (kind 3) with Code was published
-	EventConfirmed                         // a receipt confirmed the last ack
-	EventFailed                            // the update failed with Code (Err says why)
+	EventConnected     EventKind = iota + 1 // a connection is up (Attempt counts them)
+	EventDisconnected                       // the connection was lost (Err says why)
+	EventKeyMessage                         // a key message was received
+	EventManifestFetch                      // subscribed to the manifest
+	EventChunkFetch                         // subscribed to chunk Index (Try counts from 1)
+	EventChunkReceived                      // chunk Index arrived
+	EventChunkBad                           // chunk Index failed to open [SC-4.2]
+	EventChunkDone                          // chunk Index opened and was written to the install
+	EventCommitted                          // the installer committed the image
+	EventPersisted                          // the vault holds D = Seq, Version
+	EventAckSent                            // an ack (kind 1 or 2) was published
+	EventReportSent                         // a report (kind 3) with Code was published
+	EventConfirmed                          // a receipt confirmed the last ack
+	EventFailed                             // the update failed with Code (Err says why)
 )
 
 var eventNames = [...]string{"", "connected", "disconnected", "key_message", "manifest_fetch",

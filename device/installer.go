@@ -50,8 +50,8 @@ type Install interface {
 //
 // A SlotInstaller is safe for concurrent use, but installs one image at a time.
 type SlotInstaller struct {
-	dir string
-	mu  sync.Mutex
+	dir  string
+	mu   sync.Mutex
 	busy bool
 }
 
@@ -137,8 +137,8 @@ type verifyOnly struct {
 }
 
 func (v *verifyOnly) Write(p []byte) (int, error) { return len(p), nil }
-func (v *verifyOnly) Commit() error                { v.once.Do(v.s.done); return nil }
-func (v *verifyOnly) Abort() error                 { v.once.Do(v.s.done); return nil }
+func (v *verifyOnly) Commit() error               { v.once.Do(v.s.done); return nil }
+func (v *verifyOnly) Abort() error                { v.once.Do(v.s.done); return nil }
 
 type slotInstall struct {
 	s    *SlotInstaller

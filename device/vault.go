@@ -18,17 +18,17 @@ var ErrNoVault = errors.New("device: vault does not exist")
 
 // vaultFile is the JSON form of a State on disk.
 type vaultFile struct {
-	Serial            string                `json:"serial"`
-	UnitData          protocol.HexBytes     `json:"unit_data"`
-	Epoch             uint32                `json:"epoch"`
-	Seq               uint32                `json:"seq"`
-	ChainLength       uint32                `json:"chain_length"`
-	Version           uint64                `json:"version"`
-	ReleasePublicKey  protocol.HexBytes     `json:"release_public_key"`
-	Broker            protocol.BrokerConfig `json:"broker"`
-	LastAck           protocol.HexBytes     `json:"last_ack,omitempty"`
-	LastAckConfirmed  bool                  `json:"last_ack_confirmed,omitempty"`
-	LastAckKey        protocol.HexBytes     `json:"last_ack_key,omitempty"`
+	Serial           string                `json:"serial"`
+	UnitData         protocol.HexBytes     `json:"unit_data"`
+	Epoch            uint32                `json:"epoch"`
+	Seq              uint32                `json:"seq"`
+	ChainLength      uint32                `json:"chain_length"`
+	Version          uint64                `json:"version"`
+	ReleasePublicKey protocol.HexBytes     `json:"release_public_key"`
+	Broker           protocol.BrokerConfig `json:"broker"`
+	LastAck          protocol.HexBytes     `json:"last_ack,omitempty"`
+	LastAckConfirmed bool                  `json:"last_ack_confirmed,omitempty"`
+	LastAckKey       protocol.HexBytes     `json:"last_ack_key,omitempty"`
 }
 
 func encodeState(s State) ([]byte, error) {
