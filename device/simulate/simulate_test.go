@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rs/zerolog"
+
 	"github.com/sealcast/sealcast/device/internal/fleettest"
 	"github.com/sealcast/sealcast/device/internal/mqtttest"
 	"github.com/sealcast/sealcast/device/simulate"
@@ -60,6 +62,7 @@ func TestFleet(t *testing.T) {
 		ReconnectMin: 50 * time.Millisecond, ReconnectMax: time.Second,
 		DropFraction: 0.1, KillFraction: 0.05, AckDelay: 20 * time.Millisecond,
 		StartSpread: 200 * time.Millisecond,
+		Logger:      zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel),
 	})
 	if err != nil {
 		t.Fatal(err)
