@@ -58,16 +58,16 @@ type ErrorCode string
 
 // Admin error codes.
 const (
-	ErrBadRequest       ErrorCode = "bad_request"
-	ErrUnknownCommand   ErrorCode = "unknown_command"
-	ErrNotFound         ErrorCode = "not_found"
-	ErrConflict         ErrorCode = "conflict"
-	ErrVersionNotNewer  ErrorCode = "version_not_newer"
-	ErrTooLarge         ErrorCode = "too_large"
-	ErrBadUpload        ErrorCode = "bad_upload"
-	ErrUnavailable      ErrorCode = "unavailable"
-	ErrInternal         ErrorCode = "internal"
-	ErrTimeoutWaiting   ErrorCode = "timeout" // client side: no reply arrived
+	ErrBadRequest      ErrorCode = "bad_request"
+	ErrUnknownCommand  ErrorCode = "unknown_command"
+	ErrNotFound        ErrorCode = "not_found"
+	ErrConflict        ErrorCode = "conflict"
+	ErrVersionNotNewer ErrorCode = "version_not_newer"
+	ErrTooLarge        ErrorCode = "too_large"
+	ErrBadUpload       ErrorCode = "bad_upload"
+	ErrUnavailable     ErrorCode = "unavailable"
+	ErrInternal        ErrorCode = "internal"
+	ErrTimeoutWaiting  ErrorCode = "timeout" // client side: no reply arrived
 )
 
 // Error is an admin error: what an error reply carries, and what Go callers receive.

@@ -1,0 +1,577 @@
+package device_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/sealcast/sealcast/device"
+	"github.com/sealcast/sealcast/device/internal/fleettest"
+	"github.com/sealcast/sealcast/device/internal/mqtttest"
+	"github.com/sealcast/sealcast/keychain"
+	"github.com/sealcast/sealcast/protocol"
+)
+
+const testChunk = 1024
+
+type env struct {
+	t   *testing.T
+	srv *fleettest.Server
+	url string
+}
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	b := mqtttest.Start(t)
+	s, err := fleettest.New(b.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	return &env{t: t, srv: s, url: b.URL}
+}
+
+func image(n int, seed uint64) []byte {
+	r := rand.New(rand.NewPCG(seed, 1))
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(r.Uint32())
+	}
+	return b
+}
+
+// recorder collects events.
+type recorder struct {
+	mu     sync.Mutex
+	events []device.Event
+	hook   func(device.Event)
+}
+
+func (r *recorder) on(e device.Event) {
+	r.mu.Lock()
+	r.events = append(r.events, e)
+	h := r.hook
+	r.mu.Unlock()
+	if h != nil {
+		h(e)
+	}
+}
+
+func (r *recorder) count(k device.EventKind) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n := 0
+	for _, e := range r.events {
+		if e.Kind == k {
+			n++
+		}
+	}
+	return n
+}
+
+func (r *recorder) fetches() map[uint32]int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	m := map[uint32]int{}
+	for _, e := range r.events {
+		if e.Kind == device.EventChunkFetch {
+			m[e.Index]++
+		}
+	}
+	return m
+}
+
+func (r *recorder) wait(t *testing.T, k device.EventKind, n int) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for r.count(k) < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %d %v events (have %d)", n, k, r.count(k))
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func (e *env) opts(v device.Vault, inst device.Installer, rec *recorder) device.Options {
+	return device.Options{
+		Vault: v, Installer: inst, OnEvent: rec.on,
+		Logger:       zerolog.New(zerolog.NewTestWriter(e.t)).Level(zerolog.InfoLevel),
+		ChunkTimeout: 2 * time.Second, AckResend: 200 * time.Millisecond, AckResendMax: time.Second,
+		ReconnectMin: 20 * time.Millisecond, ReconnectMax: 200 * time.Millisecond,
+		ProgressInterval: 50 * time.Millisecond,
+	}
+}
+
+type runner struct {
+	a      *device.Agent
+	cancel context.CancelFunc
+	done   chan struct{}
+	err    error
+}
+
+// run starts an agent; the test's cleanup stops it.
+func run(t *testing.T, o device.Options) *runner {
+	t.Helper()
+	a, err := device.New(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &runner{a: a, cancel: cancel, done: make(chan struct{})}
+	go func() { r.err = a.Run(ctx); close(r.done) }()
+	t.Cleanup(func() { r.stop(t) })
+	return r
+}
+
+func (r *runner) stop(t *testing.T) error {
+	r.cancel()
+	return r.wait(t)
+}
+
+func (r *runner) wait(t *testing.T) error {
+	select {
+	case <-r.done:
+		return r.err
+	case <-time.After(20 * time.Second):
+		t.Fatal("Run did not return")
+		return nil
+	}
+}
+
+func waitVault(t *testing.T, v device.Vault, ok func(device.State) bool) device.State {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		s, err := v.Load()
+		if err == nil && ok(s) {
+			return s
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("vault never reached the expected state; last %+v (err %v)", s, err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func (e *env) provision(serial string, dir string) (*device.FileVault, *device.SlotInstaller) {
+	e.t.Helper()
+	f := e.srv.Provision(serial, 16)
+	v, err := device.CreateFileVault(filepath.Join(dir, "vault.json"), f)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	inst, err := device.NewSlotInstaller(filepath.Join(dir, "slots"))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return v, inst
+}
+
+func (e *env) release(img []byte, version uint64) *fleettest.Release {
+	e.t.Helper()
+	r := e.srv.NewRelease(img, version, testChunk)
+	if err := e.srv.PublishRelease(r); err != nil {
+		e.t.Fatal(err)
+	}
+	return r
+}
+
+func checkSlot(t *testing.T, inst *device.SlotInstaller, img []byte) {
+	t.Helper()
+	act, ok, err := inst.Active()
+	if err != nil || !ok {
+		t.Fatalf("no active slot: %v", err)
+	}
+	got, err := os.ReadFile(inst.SlotPath(act.Slot))
+	if err != nil || !bytes.Equal(got, img) {
+		t.Fatalf("active slot %s does not hold the image (%d bytes, %v)", act.Slot, len(got), err)
+	}
+}
+
+func TestEndToEnd(t *testing.T) {
+	e := newEnv(t)
+	dir := t.TempDir()
+	v, inst := e.provision("dev-1", dir)
+	rec := &recorder{}
+	run(t, e.opts(v, inst, rec))
+
+	img := image(10*testChunk+100, 1)
+	r := e.release(img, 1)
+	if err := e.srv.Wrap(r, "dev-1"); err != nil {
+		t.Fatal(err)
+	}
+	got, err := e.srv.WaitAck("dev-1", 20*time.Second, func(a keychain.Ack) bool { return a.Kind == keychain.AckInstalled })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Ack.Seq != 16 || got.Ack.DeviceSeq != 15 || got.Ack.Version != 1 || got.Ack.ID != r.ID {
+		t.Fatalf("ack %+v", got.Ack)
+	}
+	st := waitVault(t, v, func(s device.State) bool { return s.LastAckConfirmed })
+	if st.Seq != 15 || st.Version != 1 {
+		t.Fatalf("vault D=%d v=%d, want 15, 1", st.Seq, st.Version)
+	}
+	checkSlot(t, inst, img)
+	if d := e.srv.Dev("dev-1"); d.C != 15 {
+		t.Fatalf("server C = %d", d.C)
+	}
+
+	// A second release at n-1 (a different key).
+	img2 := image(3*testChunk, 2)
+	r2 := e.release(img2, 2)
+	if err := e.srv.Wrap(r2, "dev-1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.srv.WaitAck("dev-1", 20*time.Second, func(a keychain.Ack) bool { return a.ID == r2.ID && a.Kind == keychain.AckInstalled }); err != nil {
+		t.Fatal(err)
+	}
+	st = waitVault(t, v, func(s device.State) bool { return s.Seq == 14 && s.LastAckConfirmed })
+	if st.Version != 2 {
+		t.Fatalf("version %d", st.Version)
+	}
+	checkSlot(t, inst, img2)
+	if fi, err := os.Stat(v.Path()); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("vault mode %v %v", fi.Mode(), err)
+	}
+}
+
+func TestRekey(t *testing.T) {
+	e := newEnv(t)
+	v, inst := e.provision("dev-rk", t.TempDir())
+	rec := &recorder{}
+	run(t, e.opts(v, inst, rec))
+	id, err := e.srv.Rekey("dev-rk", 32)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.srv.WaitAck("dev-rk", 20*time.Second, func(a keychain.Ack) bool { return a.ID == id && a.Kind == keychain.AckRekeyed }); err != nil {
+		t.Fatal(err)
+	}
+	st := waitVault(t, v, func(s device.State) bool { return s.LastAckConfirmed })
+	want, _ := keychain.DeriveUnitData(e.srv.Root, "dev-rk", 1)
+	if st.Epoch != 1 || st.Seq != 32 || st.ChainLength != 32 || st.UnitData != want {
+		t.Fatalf("after re-key: epoch %d seq %d len %d", st.Epoch, st.Seq, st.ChainLength)
+	}
+	// A release in the new epoch.
+	img := image(2*testChunk, 3)
+	r := e.release(img, 1)
+	e.srv.Wrap(r, "dev-rk")
+	waitVault(t, v, func(s device.State) bool { return s.Seq == 31 && s.LastAckConfirmed })
+	checkSlot(t, inst, img)
+}
+
+func TestDropMidDownloadResumes(t *testing.T) {
+	e := newEnv(t)
+	v, inst := e.provision("dev-drop", t.TempDir())
+	rec := &recorder{}
+	o := e.opts(v, inst, rec)
+	o.Window = 1
+	const k = 4
+	var dropped sync.Once
+	o.Faults.DropAfterChunk = func(i uint32) bool {
+		hit := false
+		if i == k {
+			dropped.Do(func() { hit = true })
+		}
+		return hit
+	}
+	run(t, o)
+	img := image(12*testChunk, 4)
+	r := e.release(img, 1)
+	e.srv.Wrap(r, "dev-drop")
+	waitVault(t, v, func(s device.State) bool { return s.LastAckConfirmed })
+	checkSlot(t, inst, img)
+	if rec.count(device.EventConnected) < 2 {
+		t.Fatalf("connected %d times, want a reconnect", rec.count(device.EventConnected))
+	}
+	f := rec.fetches()
+	t.Logf("chunk fetches per index: %v", f)
+	for i := uint32(0); i < 12; i++ {
+		want := 1
+		if i == k+1 {
+			want = 2
+		}
+		if f[i] != want {
+			t.Errorf("chunk %d fetched %d times, want %d", i, f[i], want)
+		}
+	}
+}
+
+func TestWindowResume(t *testing.T) {
+	// With the default window, chunks already buffered are not fetched again.
+	e := newEnv(t)
+	v, inst := e.provision("dev-w4", t.TempDir())
+	rec := &recorder{}
+	o := e.opts(v, inst, rec)
+	var dropped sync.Once
+	o.Faults.DropAfterChunk = func(i uint32) bool {
+		hit := false
+		if i == 6 {
+			dropped.Do(func() { hit = true })
+		}
+		return hit
+	}
+	run(t, o)
+	img := image(20*testChunk, 5)
+	r := e.release(img, 1)
+	e.srv.Wrap(r, "dev-w4")
+	waitVault(t, v, func(s device.State) bool { return s.LastAckConfirmed })
+	checkSlot(t, inst, img)
+	f := rec.fetches()
+	t.Logf("chunk fetches per index: %v", f)
+	for i := uint32(0); i < 20; i++ {
+		if f[i] < 1 || f[i] > 2 || (f[i] == 2 && (i <= 6 || i > 6+4)) {
+			t.Errorf("chunk %d fetched %d times", i, f[i])
+		}
+	}
+}
+
+func TestPowerLossBeforePersist(t *testing.T) {
+	e := newEnv(t)
+	dir := t.TempDir()
+	v, inst := e.provision("dev-pl1", dir)
+	rec := &recorder{}
+	o := e.opts(v, inst, rec)
+	o.Faults.CrashAfterInstall = true
+	r0 := run(t, o)
+	img := image(5*testChunk, 6)
+	r := e.release(img, 1)
+	e.srv.Wrap(r, "dev-pl1")
+	if err := r0.wait(t); !errors.Is(err, device.ErrCrashed) {
+		t.Fatalf("Run = %v, want ErrCrashed", err)
+	}
+	if st, _ := v.Load(); st.Seq != 16 || st.LastAck != nil {
+		t.Fatalf("crash before persist changed the vault: D=%d", st.Seq)
+	}
+	if len(e.srv.Dev("dev-pl1").Acks) != 0 {
+		t.Fatal("an ack was sent before persisting")
+	}
+	// Reboot: the same vault and slots; the retained key message is redone.
+	rec2 := &recorder{}
+	run(t, e.opts(device.NewFileVault(v.Path()), inst, rec2))
+	st := waitVault(t, v, func(s device.State) bool { return s.LastAckConfirmed })
+	if st.Seq != 15 || st.Version != 1 {
+		t.Fatalf("D=%d v=%d", st.Seq, st.Version)
+	}
+	if rec2.count(device.EventCommitted) != 1 {
+		t.Fatalf("re-install not done")
+	}
+	checkSlot(t, inst, img)
+}
+
+func TestPowerLossBeforeAck(t *testing.T) {
+	e := newEnv(t)
+	v, inst := e.provision("dev-pl2", t.TempDir())
+	rec := &recorder{}
+	o := e.opts(v, inst, rec)
+	o.Faults.CrashAfterPersist = true
+	r0 := run(t, o)
+	img := image(5*testChunk, 7)
+	r := e.release(img, 1)
+	e.srv.Wrap(r, "dev-pl2")
+	if err := r0.wait(t); !errors.Is(err, device.ErrCrashed) {
+		t.Fatalf("Run = %v, want ErrCrashed", err)
+	}
+	st, _ := v.Load()
+	if st.Seq != 15 || st.LastAck == nil || st.LastAckConfirmed {
+		t.Fatalf("after persist: D=%d ack=%v confirmed=%v", st.Seq, st.LastAck != nil, st.LastAckConfirmed)
+	}
+	if len(e.srv.Dev("dev-pl2").Acks) != 0 {
+		t.Fatal("ack sent despite the crash")
+	}
+	rec2 := &recorder{}
+	run(t, e.opts(device.NewFileVault(v.Path()), inst, rec2))
+	waitVault(t, v, func(s device.State) bool { return s.LastAckConfirmed })
+	if rec2.count(device.EventCommitted) != 0 {
+		t.Fatal("the image was installed again; only the ack should be re-sent")
+	}
+	got, _ := e.srv.WaitAck("dev-pl2", time.Second, func(a keychain.Ack) bool { return a.Kind == keychain.AckInstalled })
+	if !bytes.Equal(got.Raw, st.LastAck) {
+		t.Fatal("the re-sent ack differs from the persisted last_ack")
+	}
+}
+
+func TestAckResentUntilReceipt(t *testing.T) {
+	e := newEnv(t)
+	v, inst := e.provision("dev-rs", t.TempDir())
+	rec := &recorder{}
+	o := e.opts(v, inst, rec)
+	o.Faults.AckDelay = 100 * time.Millisecond
+	e.srv.AnswerAcks.Store(false)
+	run(t, o)
+	r := e.release(image(2*testChunk, 8), 1)
+	e.srv.Wrap(r, "dev-rs")
+	rec.wait(t, device.EventAckSent, 3)
+	if st, _ := v.Load(); st.LastAckConfirmed {
+		t.Fatal("confirmed without a receipt")
+	}
+	e.srv.AnswerAcks.Store(true)
+	if err := e.srv.Resend("dev-rs"); err != nil {
+		t.Fatal(err)
+	}
+	waitVault(t, v, func(s device.State) bool { return s.LastAckConfirmed })
+	if d := e.srv.Dev("dev-rs"); d.C != 15 || d.Confirmations != 1 {
+		t.Fatalf("server C=%d confirmations=%d", d.C, d.Confirmations)
+	}
+}
+
+// failEnv runs one device and returns the report it sends.
+func failCase(t *testing.T, e *env, serial string, setup func(v device.Vault) []byte, o func(*device.Options), hook func(*recorder)) (keychain.Ack, *recorder, device.Vault) {
+	t.Helper()
+	v, inst := e.provision(serial, t.TempDir())
+	rec := &recorder{}
+	if hook != nil {
+		hook(rec)
+	}
+	opts := e.opts(v, inst, rec)
+	opts.ChunkTimeout = 500 * time.Millisecond
+	if o != nil {
+		o(&opts)
+	}
+	km := setup(v)
+	run(t, opts)
+	if err := e.srv.Publish(protocol.KeyTopic(serial), km, true); err != nil {
+		t.Fatal(err)
+	}
+	got, err := e.srv.WaitAck(serial, 20*time.Second, func(a keychain.Ack) bool { return a.Kind == keychain.AckFailed })
+	if err != nil {
+		t.Fatal(err)
+	}
+	// WaitAck only returns acks whose MAC verified under K_n.
+	if st, _ := v.Load(); st.Seq != 16 || st.LastAck != nil || got.Ack.DeviceSeq != 16 {
+		t.Fatalf("D changed: vault %d, report device_seq %d", st.Seq, got.Ack.DeviceSeq)
+	}
+	return got.Ack, rec, v
+}
+
+func TestFailures(t *testing.T) {
+	e := newEnv(t)
+	img := image(6*testChunk, 9)
+
+	t.Run("bad_manifest", func(t *testing.T) {
+		r := e.srv.NewRelease(img, 1, testChunk)
+		r.Manifest = bytes.Clone(r.Manifest)
+		r.Manifest[179] ^= 1 // break the signature; the key message binds this digest
+		r.Digest = keychain.ManifestDigest(r.Manifest)
+		e.srv.PublishRelease(r)
+		a, _, _ := failCase(t, e, "f-manifest", func(device.Vault) []byte { return e.srv.KeyMessage(r, "f-manifest") }, nil, nil)
+		if protocol.Code(a.Code) != protocol.CodeBadManifest {
+			t.Fatalf("code %v", protocol.Code(a.Code))
+		}
+	})
+	t.Run("rollback", func(t *testing.T) {
+		r := e.release(img, 3)
+		a, _, _ := failCase(t, e, "f-rollback", func(v device.Vault) []byte {
+			st, _ := v.Load()
+			st.Version = 5
+			v.Save(st)
+			return e.srv.KeyMessage(r, "f-rollback")
+		}, nil, nil)
+		if protocol.Code(a.Code) != protocol.CodeRollback || a.Version != 3 {
+			t.Fatalf("code %v version %d", protocol.Code(a.Code), a.Version)
+		}
+	})
+	t.Run("unwrap_failed", func(t *testing.T) {
+		r := e.release(img, 1)
+		a, _, _ := failCase(t, e, "f-unwrap", func(device.Vault) []byte {
+			km := bytes.Clone(e.srv.KeyMessage(r, "f-unwrap"))
+			km[100] ^= 1 // tamper with the sealed content key
+			return km
+		}, nil, nil)
+		if protocol.Code(a.Code) != protocol.CodeUnwrapFailed {
+			t.Fatalf("code %v", protocol.Code(a.Code))
+		}
+	})
+	t.Run("chunk_corrupt", func(t *testing.T) {
+		r := e.srv.NewRelease(img, 1, testChunk)
+		e.srv.PublishRelease(r)
+		bad := bytes.Clone(r.Chunks[2])
+		bad[10] ^= 1
+		e.srv.Publish(protocol.ChunkTopic(r.ID, 2), bad, true)
+		a, rec, _ := failCase(t, e, "f-chunk", func(device.Vault) []byte { return e.srv.KeyMessage(r, "f-chunk") }, nil, nil)
+		if protocol.Code(a.Code) != protocol.CodeChunkCorrupt {
+			t.Fatalf("code %v", protocol.Code(a.Code))
+		}
+		if n := rec.fetches()[2]; n != 3 {
+			t.Fatalf("corrupt chunk fetched %d times, want 3", n)
+		}
+	})
+	t.Run("timeout", func(t *testing.T) {
+		r := e.srv.NewRelease(img, 1, testChunk)
+		e.srv.PublishRelease(r)
+		e.srv.Publish(protocol.ChunkTopic(r.ID, 4), nil, true) // clear the retained chunk
+		a, _, _ := failCase(t, e, "f-timeout", func(device.Vault) []byte { return e.srv.KeyMessage(r, "f-timeout") }, nil, nil)
+		if protocol.Code(a.Code) != protocol.CodeTimeout {
+			t.Fatalf("code %v", protocol.Code(a.Code))
+		}
+	})
+}
+
+func TestStaleKey(t *testing.T) {
+	e := newEnv(t)
+	v, inst := e.provision("f-stale2", t.TempDir())
+	st, _ := v.Load()
+	st.Seq = 10 // the device already used 16..11
+	v.Save(st)
+	r := e.release(image(testChunk, 10), 1)
+	rec := &recorder{}
+	run(t, e.opts(v, inst, rec))
+	e.srv.Wrap(r, "f-stale2") // at C = 16
+	got, err := e.srv.WaitAck("f-stale2", 20*time.Second, func(a keychain.Ack) bool { return a.Kind == keychain.AckFailed })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if protocol.Code(got.Ack.Code) != protocol.CodeStaleKey || got.Ack.DeviceSeq != 10 || got.Ack.Seq != 16 {
+		t.Fatalf("report %+v", got.Ack)
+	}
+}
+
+func TestTamperedChunkRefetched(t *testing.T) {
+	e := newEnv(t)
+	v, inst := e.provision("dev-tamper", t.TempDir())
+	img := image(6*testChunk, 11)
+	r := e.srv.NewRelease(img, 1, testChunk)
+	e.srv.PublishRelease(r)
+	bad := bytes.Clone(r.Chunks[3])
+	bad[0] ^= 0xff
+	e.srv.Publish(protocol.ChunkTopic(r.ID, 3), bad, true)
+	rec := &recorder{}
+	var fixed sync.Once
+	rec.hook = func(ev device.Event) {
+		if ev.Kind == device.EventChunkBad && ev.Index == 3 {
+			// The operator repairs the retained chunk before the device fetches it again.
+			fixed.Do(func() { e.srv.Publish(protocol.ChunkTopic(r.ID, 3), r.Chunks[3], true) })
+		}
+	}
+	run(t, e.opts(v, inst, rec))
+	e.srv.Wrap(r, "dev-tamper")
+	waitVault(t, v, func(s device.State) bool { return s.LastAckConfirmed })
+	checkSlot(t, inst, img)
+	if f := rec.fetches(); f[3] != 2 || rec.count(device.EventChunkBad) != 1 {
+		t.Fatalf("chunk 3 fetched %d times, %d bad", f[3], rec.count(device.EventChunkBad))
+	}
+}
+
+func TestImageHashUsed(t *testing.T) {
+	// sanity: the sha of what the slot holds matches the manifest
+	e := newEnv(t)
+	v, inst := e.provision("dev-hash", t.TempDir())
+	img := image(testChunk, 12)
+	r := e.release(img, 1)
+	run(t, e.opts(v, inst, &recorder{}))
+	e.srv.Wrap(r, "dev-hash")
+	waitVault(t, v, func(s device.State) bool { return s.LastAckConfirmed })
+	act, _, _ := inst.Active()
+	if sum := sha256.Sum256(img); act.Release != r.ID || act.Version != 1 || act.ImageSize != uint64(len(img)) || act.ImageSHA256 == "" || sum != r.M.ImageSHA256 {
+		t.Fatalf("active %+v", act)
+	}
+}
