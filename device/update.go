@@ -42,11 +42,10 @@ func (a *Agent) onKey(p []byte) {
 	}
 	log := a.log.With().Stringer("kind", km.Kind).Uint32("epoch", km.Epoch).Uint32("seq", km.Seq).Stringer("id", km.ID).Logger()
 	a.emit(Event{Kind: EventKeyMessage, Release: km.ID})
-	// Step 1: the message our last ack answers.
+	// Step 1: the message our last ack answers. Re-sent even if confirmed: a server whose
+	// store lost its latest writes is back at this position and needs it again.
 	if l := a.lastAck; l != nil && l.Epoch == km.Epoch && l.Seq == km.Seq && l.ID == km.ID {
-		if !a.st.LastAckConfirmed {
-			a.sendAck()
-		}
+		a.sendAck()
 		return
 	}
 	if j := a.job; j != nil && j.km.Epoch == km.Epoch && j.km.Seq == km.Seq && j.km.ID == km.ID {
@@ -59,7 +58,8 @@ func (a *Agent) onKey(p []byte) {
 	if km.Epoch != a.st.Epoch || km.Seq > a.st.Seq || km.Seq < 1 {
 		log.Warn().Uint32("device_epoch", a.st.Epoch).Uint32("device_seq", a.st.Seq).Msg("stale key message")
 		if km.Epoch == a.st.Epoch {
-			a.fail(km.Epoch, km.Seq, km.ID, keychain.Key(a.st.UnitData, km.Seq), 0, protocol.CodeStaleKey,
+			// version = what is installed, so a server that moves down to D also knows it.
+			a.fail(km.Epoch, km.Seq, km.ID, keychain.Key(a.st.UnitData, km.Seq), a.st.Version, protocol.CodeStaleKey,
 				fmt.Sprintf("key message for index %d, but the device is at %d", km.Seq, a.st.Seq))
 		} else {
 			a.publishState()

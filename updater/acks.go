@@ -89,7 +89,7 @@ func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
 			return
 		}
 		var results = map[keychain.ReleaseID][]Result{}
-		var moved []*Device
+		var moved []*verdict
 		for i, v := range vs {
 			if !ok[i] {
 				// Another worker or updater moved this device first: this was a
@@ -97,7 +97,11 @@ func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
 				u.stats.dup.Add(1)
 				continue
 			}
-			u.stats.accepted.Add(1)
+			if v.ack.Kind == keychain.AckFailed {
+				u.stats.resyncs.Add(1)
+			} else {
+				u.stats.accepted.Add(1)
+			}
 			msgs = append(msgs, protocol.Message{Topic: protocol.ReceiptTopic(v.in.serial), Payload: v.receipt, Retain: true})
 			if v.ack.Kind == keychain.AckInstalled {
 				results[v.ack.ID] = append(results[v.ack.ID], Result{Serial: v.in.serial, Result: ResultInstalled})
@@ -105,7 +109,8 @@ func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
 			d := *v.dev
 			a := v.advance
 			d.Epoch, d.Seq, d.ChainLength, d.Chain, d.Version, d.Assigned = a.To.Epoch, a.To.Seq, a.ChainLength, a.Chain, a.Version, nil
-			moved = append(moved, &d)
+			v.dev = &d
+			moved = append(moved, v)
 		}
 		for id, rs := range results {
 			if err := u.o.Store.RecordResults(ctx, id, rs); err != nil {
@@ -117,11 +122,11 @@ func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
 			u.log.Error().Err(err).Msg("publishing receipts; devices will re-send their acks")
 		}
 		msgs = nil
-		for _, d := range moved {
-			if err := u.nextFor(ctx, d); err != nil {
-				u.log.Error().Err(err).Str("serial", d.Serial).Msg("publishing the next key")
+		for _, v := range moved {
+			if err := u.nextFor(ctx, v.dev); err != nil {
+				u.log.Error().Err(err).Str("serial", v.dev.Serial).Msg("publishing the next key")
 			}
-			u.publishDeviceStatus(ctx, d, protocol.DeviceInstalled, "ok", now)
+			u.publishDeviceStatus(ctx, v.dev, v.advance.State, v.advance.LastResult, now)
 		}
 	}
 	if len(msgs) > 0 {
@@ -174,6 +179,28 @@ func (u *Updater) judge(in inbound, d *Device, now time.Time) *verdict {
 	if a.Kind == keychain.AckFailed {
 		rc, _ := keychain.ReceiptFor(a, keychain.ReceiptRecorded).Seal(v.key, d.Serial)
 		v.receipt = rc
+		if protocol.Code(a.Code) == protocol.CodeStaleKey && a.DeviceSeq >= 1 && a.DeviceSeq < d.Seq {
+			// The device is ahead of us: our store lost writes, or the device's vault was
+			// restored. Its MAC proves it holds the chain; moving down reuses nothing.
+			// [SC-10.2] 4
+			for tr.Pos() > a.DeviceSeq {
+				if err := tr.Advance(); err != nil {
+					u.reject(in.serial, "internal", err)
+					return nil
+				}
+			}
+			sealed, err := keychain.SealTraversal(u.o.Root, d.Serial, d.Epoch, tr)
+			if err != nil {
+				u.reject(in.serial, "internal", err)
+				return nil
+			}
+			v.advance = &Advance{
+				Serial: d.Serial, From: d.Pos(), To: Position{d.Epoch, a.DeviceSeq}, ChainLength: d.ChainLength,
+				Chain: sealed, Version: max(d.Version, a.Version), LastAck: d.LastAck, LastReceipt: d.LastReceipt,
+				State: protocol.DeviceIdle, LastResult: protocol.CodeStaleKey.String(), At: now,
+			}
+			u.log.Warn().Str("serial", d.Serial).Uint32("from", d.Seq).Uint32("to", a.DeviceSeq).Msg("device is ahead of the store; moving its counter down to meet it")
+		}
 		return v
 	}
 	if !assigned(d, a.ID) {

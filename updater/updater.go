@@ -267,6 +267,8 @@ type Stats struct {
 	AcksAccepted    int64
 	AcksDuplicate   int64
 	ReportsRecorded int64
+	// Resyncs counts stale_key reports that moved a counter down to meet its device.
+	Resyncs int64
 	// AcksRejected counts acks that changed nothing, by reason: malformed, unknown_device,
 	// forged (bad MAC), stale (not at the device's position: replays, other releases),
 	// unassigned (an id never wrapped at that position).
@@ -276,7 +278,7 @@ type Stats struct {
 }
 
 type counters struct {
-	keys, rekeys, accepted, dup, reports, acksShed atomic.Int64
+	keys, rekeys, accepted, dup, reports, resyncs, acksShed atomic.Int64
 	rejected                                       sync.Map // reason -> *atomic.Int64
 }
 
@@ -290,7 +292,7 @@ func (u *Updater) Stats() Stats {
 	s := Stats{
 		KeysPublished: u.stats.keys.Load(), Rekeys: u.stats.rekeys.Load(),
 		AcksAccepted: u.stats.accepted.Load(), AcksDuplicate: u.stats.dup.Load(),
-		ReportsRecorded: u.stats.reports.Load(), AcksShed: u.stats.acksShed.Load(),
+		ReportsRecorded: u.stats.reports.Load(), AcksShed: u.stats.acksShed.Load(), Resyncs: u.stats.resyncs.Load(),
 		AcksRejected: map[string]int64{},
 	}
 	u.stats.rejected.Range(func(k, v any) bool {
