@@ -1,0 +1,633 @@
+// Package redisstore is an [updater.Store] in Redis (one node, Sentinel or Cluster), which
+// several updater processes can share.
+//
+// # Keys
+//
+// With the prefix P (Options.Prefix, default "sealcast"):
+//
+//	P:dev:{serial}              hash: one device (epoch, seq, chain_length, version, chain,
+//	                            assigned, last_ack, last_receipt, state, last_result,
+//	                            last_seen, provisioned)
+//	P:serials                   set: every provisioned serial
+//	P:rel:{rid}                 hash: a release's metadata and its counts installed, failed
+//	P:rel:{rid}:targets         set: the release's target serials
+//	P:rel:{rid}:results         hash: serial -> result
+//	P:releases                  set: every release id (hex)
+//
+// The braces are Redis Cluster hash tags: every key of a device is in one slot, and every
+// key of a release in one slot, so each Lua script touches a single slot. Numbers are
+// decimal strings; byte fields are stored raw; Assigned is the concatenation of the 16-byte
+// ids; times are RFC 3339 in UTC with nanoseconds.
+//
+// # Atomicity
+//
+// Assign, Advance, Note and each result of RecordResults are Lua scripts over one device
+// (or one release), so each is atomic and two updater processes cannot both apply an
+// Advance from the same position. [SC-10.2] Batch methods send their scripts in pipelines
+// of up to 1,000 commands (EVALSHA, falling back to EVAL if Redis has lost the script
+// cache); within a batch they run in order. A batch is not atomic as a whole: if a call
+// fails part way (a network error), an unknown prefix of the batch may have been applied,
+// and repeating it is safe because every script is a compare-and-set or idempotent.
+// CreateDevices and DeleteDevice touch a device's hash and the serials set, which may be
+// in different slots; they are ordered so that a retry repairs an interruption.
+//
+// # Durability
+//
+// Redis acknowledges a write when it is in memory. The counters need the append-only file:
+//
+//	appendonly yes
+//	appendfsync always     # or everysec; see below
+//
+// With appendfsync always, a reply to a pipeline is sent only after its writes are
+// fsynced (Redis fsyncs once per event-loop iteration, so a pipelined batch of Advances
+// costs one fsync, not one per device), and nothing Advance reported is lost in a crash.
+//
+// With appendfsync everysec, a crash of Redis (or its host) can lose up to about one second
+// of acknowledged writes. For counters this is a roll-back: a device whose Advance from
+// (e, n) to (e, n-1) was lost is at (e, n) again in the store, with its old assignment,
+// chain state and last ack. Safety holds: the device persisted D = n-1 before acking
+// [SC-10.1] step 5, so it is one step ahead of the server, which is the normal state
+// between an ack and its acceptance (PROTOCOL.md 10.4, "ack lost"); it will never again use
+// K_n, so no index serves two confirmed updates, and a re-wrap at (e, n) uses a fresh random
+// nonce (6.1). Liveness depends on whether the device had already received the receipt:
+//
+//   - Not yet confirmed (the receipt was published after the lost write reached memory,
+//     but the device had not stored it): the device re-sends last_ack on reconnect and on
+//     its timer (10.1 step 6). The ack is at (e, n) for an id in the restored assignment,
+//     its MAC verifies with K_n, so the server accepts it again (10.2 step 2) and Advance
+//     moves n -> n-1 once more. Converges.
+//   - Already confirmed (the retained receipt reached the device within the lost second):
+//     the device no longer re-sends. If the server re-publishes the key at (e, n) for the
+//     same id, 10.1 step 1 applies ("answers, confirmed: stop") and nothing happens; the
+//     server waits at (e, n) with a stale installed version. It converges only when a
+//     different id is wrapped at (e, n): the device reports stale_key with device_seq n-1
+//     (10.1 step 2) and the server moves C down (10.2 step 4, a MAY). A re-key lost this
+//     way leaves the server at epoch e while the device is at e+1, where the device only
+//     publishes its state (10.1 step 2) and nothing converges without an operator.
+//
+// So everysec is safe but not always live; use appendfsync always for the counters unless
+// the updater implements the stale_key move-down of 10.2 step 4 and re-keys are rare
+// enough to fix by hand. (Note, documented as losable, needs neither.)
+package redisstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/sealcast/sealcast/keychain"
+	"github.com/sealcast/sealcast/updater"
+)
+
+// Options configure New.
+type Options struct {
+	// Prefix starts every key; default "sealcast". Stores with different prefixes in one
+	// Redis are independent. It must not contain '{' or '}'.
+	Prefix string
+}
+
+// Store is an updater.Store in Redis. Its methods are safe for concurrent use, from one
+// or several processes.
+type Store struct {
+	rdb    redis.UniversalClient
+	prefix string
+	owned  bool
+}
+
+var _ updater.Store = (*Store)(nil)
+
+// batchSize is the number of commands per pipeline: large enough that a release to 100,000
+// devices costs about a hundred round trips per batch method, small enough that one
+// pipeline does not hold Redis for long.
+const batchSize = 1000
+
+// New returns a store using rdb, which may be a single-node, Sentinel or Cluster client
+// (see Open). The caller keeps ownership of rdb: Close does not close it. New panics if
+// the prefix contains a brace, which would break the hash tags.
+func New(rdb redis.UniversalClient, opts Options) *Store {
+	p := opts.Prefix
+	if p == "" {
+		p = "sealcast"
+	}
+	if strings.ContainsAny(p, "{}") {
+		panic(fmt.Sprintf("redisstore: prefix %q contains a brace, which would break Redis Cluster hash tags", p))
+	}
+	return &Store{rdb: rdb, prefix: p}
+}
+
+// Close closes the client if Open created it.
+func (s *Store) Close() error {
+	if s.owned {
+		return s.rdb.Close()
+	}
+	return nil
+}
+
+func (s *Store) devKey(serial string) string { return s.prefix + ":dev:{" + serial + "}" }
+func (s *Store) serialsKey() string          { return s.prefix + ":serials" }
+func (s *Store) releasesKey() string         { return s.prefix + ":releases" }
+func (s *Store) relKey(id keychain.ReleaseID) string {
+	return s.prefix + ":rel:{" + id.String() + "}"
+}
+func (s *Store) targetsKey(id keychain.ReleaseID) string { return s.relKey(id) + ":targets" }
+func (s *Store) resultsKey(id keychain.ReleaseID) string { return s.relKey(id) + ":results" }
+
+func u64(v uint64) string { return strconv.FormatUint(v, 10) }
+func u32(v uint32) string { return strconv.FormatUint(uint64(v), 10) }
+
+func timeText(t time.Time) string { return t.UTC().Format(time.RFC3339Nano) }
+
+func wrap(op string, err error) error { return fmt.Errorf("redisstore: %s: %w", op, err) }
+
+// call is one script invocation.
+type call struct {
+	keys []string
+	args []any
+}
+
+// runScript runs calls in order, batchSize per pipeline, and returns each call's integer
+// reply. It sends EVALSHA; calls that fail with NOSCRIPT (the script cache was flushed,
+// or this is a new node) are repeated with EVAL, which also caches the script.
+func (s *Store) runScript(ctx context.Context, sc *redis.Script, calls []call) ([]int64, error) {
+	out := make([]int64, len(calls))
+	for start := 0; start < len(calls); start += batchSize {
+		chunk := calls[start:min(start+batchSize, len(calls))]
+		cmds := make([]*redis.Cmd, len(chunk))
+		pipe := s.rdb.Pipeline()
+		for i, c := range chunk {
+			cmds[i] = sc.EvalSha(ctx, pipe, c.keys, c.args...)
+		}
+		_, _ = pipe.Exec(ctx) // errors are read per command below
+		var retry []int
+		for i, cmd := range cmds {
+			if err := cmd.Err(); redis.HasErrorPrefix(err, "NOSCRIPT") {
+				retry = append(retry, i)
+			}
+		}
+		if len(retry) > 0 {
+			// Only after a SCRIPT FLUSH racing this pipeline could a later call of the
+			// chunk have run before an earlier one retried here.
+			pipe := s.rdb.Pipeline()
+			for _, i := range retry {
+				cmds[i] = sc.Eval(ctx, pipe, chunk[i].keys, chunk[i].args...)
+			}
+			_, _ = pipe.Exec(ctx)
+		}
+		for i, cmd := range cmds {
+			v, err := cmd.Int64()
+			if err != nil {
+				return nil, err
+			}
+			out[start+i] = v
+		}
+	}
+	return out, nil
+}
+
+// CreateDevices implements updater.Store.
+func (s *Store) CreateDevices(ctx context.Context, devs []*updater.Device) ([]string, error) {
+	calls := make([]call, len(devs))
+	for i, d := range devs {
+		if d.Serial == "" {
+			return nil, wrap("create devices", errors.New("empty serial"))
+		}
+		assigned := make([]byte, 0, 16*len(d.Assigned))
+		for _, id := range d.Assigned {
+			assigned = append(assigned, id[:]...)
+		}
+		calls[i] = call{keys: []string{s.devKey(d.Serial)}, args: []any{
+			"epoch", u32(d.Epoch), "seq", u32(d.Seq), "chain_length", u32(d.ChainLength),
+			"version", u64(d.Version), "chain", d.Chain, "assigned", assigned,
+			"last_ack", d.LastAck, "last_receipt", d.LastReceipt, "state", d.State,
+			"last_result", d.LastResult, "last_seen", timeText(d.LastSeen),
+			"provisioned", timeText(d.Provisioned),
+		}}
+	}
+	created, err := s.runScript(ctx, createScript, calls)
+	if err != nil {
+		return nil, wrap("create devices", err)
+	}
+	var existing []string
+	for i, c := range created {
+		if c == 0 {
+			existing = append(existing, devs[i].Serial)
+		}
+	}
+	// Add every serial, existing ones included, so that a retry after a failure between
+	// the two steps repairs the set.
+	serials := make([]any, len(devs))
+	for i, d := range devs {
+		serials[i] = d.Serial
+	}
+	if err := s.addToSet(ctx, s.serialsKey(), serials); err != nil {
+		return nil, wrap("create devices: add to serials", err)
+	}
+	return existing, nil
+}
+
+// addToSet adds members to a set, batchSize per SADD, in one pipeline.
+func (s *Store) addToSet(ctx context.Context, key string, members []any) error {
+	if len(members) == 0 {
+		return nil
+	}
+	_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for start := 0; start < len(members); start += batchSize {
+			p.SAdd(ctx, key, members[start:min(start+batchSize, len(members))]...)
+		}
+		return nil
+	})
+	return err
+}
+
+// Devices implements updater.Store.
+func (s *Store) Devices(ctx context.Context, serials []string) ([]*updater.Device, error) {
+	out := make([]*updater.Device, len(serials))
+	for start := 0; start < len(serials); start += batchSize {
+		chunk := serials[start:min(start+batchSize, len(serials))]
+		cmds := make([]*redis.MapStringStringCmd, len(chunk))
+		_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for i, serial := range chunk {
+				cmds[i] = p.HGetAll(ctx, s.devKey(serial))
+			}
+			return nil
+		})
+		if err != nil {
+			return nil, wrap("devices", err)
+		}
+		for i, cmd := range cmds {
+			h := cmd.Val()
+			if len(h) == 0 {
+				continue
+			}
+			d, err := parseDevice(chunk[i], h)
+			if err != nil {
+				return nil, wrap("devices", err)
+			}
+			out[start+i] = d
+		}
+	}
+	return out, nil
+}
+
+// fields parses a hash's fields, remembering the first error.
+type fields struct {
+	h    map[string]string
+	what string
+	err  error
+}
+
+func (f *fields) fail(name string, err error) {
+	if f.err == nil {
+		f.err = fmt.Errorf("%s: field %s: %w (the key was written by something else, or is corrupt)", f.what, name, err)
+	}
+}
+
+func (f *fields) uint(name string, bits int) uint64 {
+	v, ok := f.h[name]
+	if !ok || v == "" {
+		return 0
+	}
+	n, err := strconv.ParseUint(v, 10, bits)
+	if err != nil {
+		f.fail(name, err)
+	}
+	return n
+}
+
+func (f *fields) int(name string) int {
+	v, ok := f.h[name]
+	if !ok || v == "" {
+		return 0
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil {
+		f.fail(name, err)
+	}
+	return n
+}
+
+func (f *fields) time(name string) time.Time {
+	v, ok := f.h[name]
+	if !ok || v == "" {
+		return time.Time{}
+	}
+	t, err := time.Parse(time.RFC3339Nano, v)
+	if err != nil {
+		f.fail(name, err)
+	}
+	return t.UTC()
+}
+
+func (f *fields) bytes(name string) []byte {
+	v, ok := f.h[name]
+	if !ok || v == "" {
+		return nil
+	}
+	return []byte(v)
+}
+
+func parseDevice(serial string, h map[string]string) (*updater.Device, error) {
+	f := &fields{h: h, what: "device " + strconv.Quote(serial)}
+	d := &updater.Device{
+		Serial:      serial,
+		Epoch:       uint32(f.uint("epoch", 32)),
+		Seq:         uint32(f.uint("seq", 32)),
+		ChainLength: uint32(f.uint("chain_length", 32)),
+		Version:     f.uint("version", 64),
+		Chain:       f.bytes("chain"),
+		LastAck:     f.bytes("last_ack"),
+		LastReceipt: f.bytes("last_receipt"),
+		State:       h["state"],
+		LastResult:  h["last_result"],
+		LastSeen:    f.time("last_seen"),
+		Provisioned: f.time("provisioned"),
+	}
+	a := h["assigned"]
+	if len(a)%16 != 0 {
+		f.fail("assigned", fmt.Errorf("%d bytes, not a multiple of 16", len(a)))
+	}
+	for i := 0; i+16 <= len(a); i += 16 {
+		var id keychain.ReleaseID
+		copy(id[:], a[i:])
+		d.Assigned = append(d.Assigned, id)
+	}
+	return d, f.err
+}
+
+// Serials implements updater.Store.
+func (s *Store) Serials(ctx context.Context) ([]string, error) {
+	ss, err := s.rdb.SMembers(ctx, s.serialsKey()).Result()
+	if err != nil {
+		return nil, wrap("serials", err)
+	}
+	slices.Sort(ss)
+	return ss, nil
+}
+
+// DeleteDevice implements updater.Store. The device goes first, then its serial, so that
+// an interrupted delete leaves at worst a serial without a device, which a retry removes.
+func (s *Store) DeleteDevice(ctx context.Context, serial string) (bool, error) {
+	n, err := s.rdb.Del(ctx, s.devKey(serial)).Result()
+	if err != nil {
+		return false, wrap("delete device", err)
+	}
+	if err := s.rdb.SRem(ctx, s.serialsKey(), serial).Err(); err != nil {
+		return false, wrap("delete device", err)
+	}
+	return n == 1, nil
+}
+
+func oks(vs []int64) []bool {
+	ok := make([]bool, len(vs))
+	for i, v := range vs {
+		ok[i] = v == 1
+	}
+	return ok
+}
+
+// Assign implements updater.Store. [SC-10.2]
+func (s *Store) Assign(ctx context.Context, as []updater.Assignment) ([]bool, error) {
+	calls := make([]call, len(as))
+	for i, a := range as {
+		calls[i] = call{keys: []string{s.devKey(a.Serial)}, args: []any{u32(a.From.Epoch), u32(a.From.Seq), a.ID[:], a.State}}
+	}
+	vs, err := s.runScript(ctx, assignScript, calls)
+	if err != nil {
+		return nil, wrap("assign", err)
+	}
+	return oks(vs), nil
+}
+
+// Advance implements updater.Store. [SC-10.2]
+func (s *Store) Advance(ctx context.Context, as []updater.Advance) ([]bool, error) {
+	calls := make([]call, len(as))
+	for i, a := range as {
+		calls[i] = call{keys: []string{s.devKey(a.Serial)}, args: []any{
+			u32(a.From.Epoch), u32(a.From.Seq), u32(a.To.Epoch), u32(a.To.Seq),
+			u32(a.ChainLength), u64(a.Version), a.Chain, a.LastAck, a.LastReceipt,
+			a.State, a.LastResult, timeText(a.At),
+		}}
+	}
+	vs, err := s.runScript(ctx, advanceScript, calls)
+	if err != nil {
+		return nil, wrap("advance", err)
+	}
+	return oks(vs), nil
+}
+
+// Note implements updater.Store. Unknown serials are skipped.
+func (s *Store) Note(ctx context.Context, notes []updater.Note) error {
+	calls := make([]call, len(notes))
+	for i, n := range notes {
+		calls[i] = call{keys: []string{s.devKey(n.Serial)}, args: []any{n.State, n.LastResult, timeText(n.At)}}
+	}
+	if _, err := s.runScript(ctx, noteScript, calls); err != nil {
+		return wrap("note", err)
+	}
+	return nil
+}
+
+// PutRelease implements updater.Store; it never writes the counts. The metadata goes
+// first, then the id into the set of releases, so a retry repairs an interruption.
+func (s *Store) PutRelease(ctx context.Context, r *updater.Release) error {
+	all := "0"
+	if r.All {
+		all = "1"
+	}
+	err := s.rdb.HSet(ctx, s.relKey(r.ID),
+		"version", u64(r.Version), "label", r.Label, "state", r.State, "all", all,
+		"created", timeText(r.Created), "manifest", r.Manifest, "content_key", r.ContentKey,
+		"image_size", u64(r.ImageSize), "chunk_size", u32(r.ChunkSize), "chunk_count", u32(r.ChunkCount),
+	).Err()
+	if err != nil {
+		return wrap("put release", err)
+	}
+	if err := s.rdb.SAdd(ctx, s.releasesKey(), r.ID.String()).Err(); err != nil {
+		return wrap("put release", err)
+	}
+	return nil
+}
+
+func parseRelease(id keychain.ReleaseID, h map[string]string) (*updater.Release, error) {
+	f := &fields{h: h, what: "release " + id.String()}
+	r := &updater.Release{
+		ID:         id,
+		Version:    f.uint("version", 64),
+		Label:      h["label"],
+		State:      h["state"],
+		All:        h["all"] == "1",
+		Created:    f.time("created"),
+		Manifest:   f.bytes("manifest"),
+		ContentKey: f.bytes("content_key"),
+		ImageSize:  f.uint("image_size", 64),
+		ChunkSize:  uint32(f.uint("chunk_size", 32)),
+		ChunkCount: uint32(f.uint("chunk_count", 32)),
+		Installed:  f.int("installed"),
+		Failed:     f.int("failed"),
+	}
+	return r, f.err
+}
+
+func notFound(op string, id keychain.ReleaseID) error {
+	return fmt.Errorf("redisstore: %s: release %v: %w", op, id, updater.ErrNotFound)
+}
+
+// Release implements updater.Store.
+func (s *Store) Release(ctx context.Context, id keychain.ReleaseID) (*updater.Release, error) {
+	h, err := s.rdb.HGetAll(ctx, s.relKey(id)).Result()
+	if err != nil {
+		return nil, wrap("release", err)
+	}
+	if len(h) == 0 {
+		return nil, notFound("release", id)
+	}
+	r, err := parseRelease(id, h)
+	if err != nil {
+		return nil, wrap("release", err)
+	}
+	return r, nil
+}
+
+// Releases implements updater.Store: oldest first, ties by id.
+func (s *Store) Releases(ctx context.Context) ([]*updater.Release, error) {
+	ids, err := s.rdb.SMembers(ctx, s.releasesKey()).Result()
+	if err != nil {
+		return nil, wrap("releases", err)
+	}
+	slices.Sort(ids)
+	cmds := make([]*redis.MapStringStringCmd, len(ids))
+	rids := make([]keychain.ReleaseID, len(ids))
+	_, err = s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, hex := range ids {
+			id, err := keychain.ParseReleaseID(hex)
+			if err != nil {
+				return fmt.Errorf("member %q of %s is not a release id: %w", hex, s.releasesKey(), err)
+			}
+			rids[i] = id
+			cmds[i] = p.HGetAll(ctx, s.relKey(id))
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, wrap("releases", err)
+	}
+	var out []*updater.Release
+	for i, cmd := range cmds {
+		if len(cmd.Val()) == 0 {
+			continue // an interrupted PutRelease never lists a release without metadata
+		}
+		r, err := parseRelease(rids[i], cmd.Val())
+		if err != nil {
+			return nil, wrap("releases", err)
+		}
+		out = append(out, r)
+	}
+	slices.SortStableFunc(out, func(a, b *updater.Release) int { return a.Created.Compare(b.Created) })
+	return out, nil
+}
+
+func (s *Store) releaseExists(ctx context.Context, op string, id keychain.ReleaseID) error {
+	n, err := s.rdb.Exists(ctx, s.relKey(id)).Result()
+	if err != nil {
+		return wrap(op, err)
+	}
+	if n == 0 {
+		return notFound(op, id)
+	}
+	return nil
+}
+
+// AddTargets implements updater.Store.
+func (s *Store) AddTargets(ctx context.Context, id keychain.ReleaseID, serials []string) error {
+	if err := s.releaseExists(ctx, "add targets", id); err != nil {
+		return err
+	}
+	members := make([]any, len(serials))
+	for i, serial := range serials {
+		members[i] = serial
+	}
+	if err := s.addToSet(ctx, s.targetsKey(id), members); err != nil {
+		return wrap("add targets", err)
+	}
+	return nil
+}
+
+// Targets implements updater.Store.
+func (s *Store) Targets(ctx context.Context, id keychain.ReleaseID) ([]string, error) {
+	var exists *redis.IntCmd
+	var members *redis.StringSliceCmd
+	_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		exists = p.Exists(ctx, s.relKey(id))
+		members = p.SMembers(ctx, s.targetsKey(id))
+		return nil
+	})
+	if err != nil {
+		return nil, wrap("targets", err)
+	}
+	if exists.Val() == 0 {
+		return nil, notFound("targets", id)
+	}
+	ts := members.Val()
+	slices.Sort(ts)
+	return ts, nil
+}
+
+// validResult reports whether r is ResultInstalled or ResultFailed+":"+code.
+func validResult(r string) bool {
+	return r == updater.ResultInstalled || (strings.HasPrefix(r, updater.ResultFailed+":") && len(r) > len(updater.ResultFailed)+1)
+}
+
+// RecordResults implements updater.Store: one script per result, each atomic in the
+// release's slot.
+func (s *Store) RecordResults(ctx context.Context, id keychain.ReleaseID, rs []updater.Result) error {
+	calls := make([]call, len(rs))
+	keys := []string{s.relKey(id), s.resultsKey(id)}
+	for i, r := range rs {
+		if !validResult(r.Result) {
+			return fmt.Errorf("redisstore: record results of release %v: device %q: result %q is neither %q nor %q followed by a code; nothing recorded", id, r.Serial, r.Result, updater.ResultInstalled, updater.ResultFailed+":")
+		}
+		calls[i] = call{keys: keys, args: []any{r.Serial, r.Result}}
+	}
+	vs, err := s.runScript(ctx, recordScript, calls)
+	if err != nil {
+		return wrap("record results", err)
+	}
+	if slices.Contains(vs, -1) { // the release is missing, so no script wrote anything
+		return notFound("record results", id)
+	}
+	return nil
+}
+
+// Results implements updater.Store.
+func (s *Store) Results(ctx context.Context, id keychain.ReleaseID, serials []string) ([]string, error) {
+	out := make([]string, len(serials))
+	var exists *redis.IntCmd
+	cmds := make([]*redis.SliceCmd, 0, len(serials)/batchSize+1)
+	_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		exists = p.Exists(ctx, s.relKey(id))
+		for start := 0; start < len(serials); start += batchSize {
+			cmds = append(cmds, p.HMGet(ctx, s.resultsKey(id), serials[start:min(start+batchSize, len(serials))]...))
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, wrap("results", err)
+	}
+	if exists.Val() == 0 {
+		return nil, notFound("results", id)
+	}
+	for c, cmd := range cmds {
+		for i, v := range cmd.Val() {
+			if v, ok := v.(string); ok {
+				out[c*batchSize+i] = v
+			}
+		}
+	}
+	return out, nil
+}
