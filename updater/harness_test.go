@@ -12,15 +12,18 @@ import (
 	"time"
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
+	"github.com/redis/go-redis/v9"
 	"github.com/rs/zerolog"
 
 	"github.com/sealcast/sealcast/internal/brokertest"
+	"github.com/sealcast/sealcast/internal/redistest"
 	"github.com/sealcast/sealcast/keychain"
 	"github.com/sealcast/sealcast/operator"
 	"github.com/sealcast/sealcast/protocol"
 	"github.com/sealcast/sealcast/updater"
 	"github.com/sealcast/sealcast/updater/boltstore"
 	"github.com/sealcast/sealcast/updater/mqttbus"
+	"github.com/sealcast/sealcast/updater/redisstore"
 )
 
 // env is a broker, a store, a running updater and an operator client, all real.
@@ -35,6 +38,18 @@ type env struct {
 }
 
 type storeOpener func(t *testing.T) updater.Store
+
+func redisOpener(t *testing.T) updater.Store {
+	return redisAt(t, redistest.URL(t))
+}
+
+func redisAt(t *testing.T, url string) updater.Store {
+	o, err := redis.ParseURL(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return redisstore.New(redis.NewClient(o), redisstore.Options{Prefix: redistest.Prefix(t)})
+}
 
 func boltOpener(t *testing.T) updater.Store {
 	s, err := boltstore.Open(filepath.Join(t.TempDir(), "sealcast.db"), boltstore.Options{})
@@ -274,4 +289,24 @@ func (d *testDevice) receipt(ack []byte, k keychain.ChainKey) keychain.Receipt {
 		}
 		return r
 	}
+}
+
+// ackUntilReceipt publishes ack every second until its receipt arrives, as a device does
+// (PROTOCOL.md 10.1 step 6).
+func (d *testDevice) ackUntilReceipt(ack []byte, k keychain.ChainKey) keychain.Receipt {
+	d.t.Helper()
+	a, _ := keychain.ParseAck(ack)
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		d.publishAck(ack)
+		select {
+		case b := <-d.rcpt:
+			if r, err := keychain.ParseReceipt(b); err == nil && r.Answers(a) && keychain.VerifyReceipt(b, k, d.file.Serial) == nil {
+				return r
+			}
+		case <-time.After(time.Second):
+		}
+	}
+	d.t.Fatalf("device %s: no receipt in 60 s", d.file.Serial)
+	return keychain.Receipt{}
 }

@@ -12,6 +12,7 @@ import (
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 
+	"github.com/sealcast/sealcast/internal/redistest"
 	"github.com/sealcast/sealcast/keychain"
 	"github.com/sealcast/sealcast/operator"
 	"github.com/sealcast/sealcast/protocol"
@@ -24,7 +25,7 @@ func randomImage(n int) []byte {
 	return b
 }
 
-var stores = map[string]storeOpener{"bolt": boltOpener}
+var stores = map[string]storeOpener{"bolt": boltOpener, "redis": redisOpener}
 
 // TestReleaseToFleet: a release to 50 devices over MQTT; every device installs the image
 // and ends at n-1; a second release uses key n-1, which differs from key n (claims 3-5).
@@ -259,4 +260,72 @@ func TestAdminErrors(t *testing.T) {
 	t.Logf("device.get: %s", b)
 }
 
-var _ = updater.ResultInstalled
+
+// TestRedisRestartMidRelease: Redis (AOF, fsync always) is killed and restarted while a
+// release is half acked; nothing is lost and every counter moves exactly once.
+func TestRedisRestartMidRelease(t *testing.T) {
+	srv := redistest.Start(t, "--appendonly", "yes", "--appendfsync", "always")
+	e := startEnv(t, func(t *testing.T) updater.Store { return redisAt(t, srv.URL()) })
+	files := e.provision(20)
+	devs := make([]*testDevice, len(files))
+	for i, f := range files {
+		devs[i] = connectDevice(t, e.b.URL, f)
+	}
+	e.release(randomImage(6000), 1)
+	acks := make([][]byte, len(devs))
+	for i, d := range devs {
+		acks[i], _, _ = d.install()
+	}
+	for i, d := range devs[:10] {
+		d.ackUntilReceipt(acks[i], keychain.Key(d.u, d.file.Seq))
+	}
+	srv.Restart(t)
+	var wg sync.WaitGroup
+	for i, d := range devs[10:] {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			d.ackUntilReceipt(acks[10+i], keychain.Key(d.u, d.file.Seq))
+		}()
+	}
+	wg.Wait()
+	for _, f := range files {
+		if got := e.device(f.Serial); got.Seq != f.Seq-1 || got.Version != 1 {
+			t.Fatalf("%s: counter %d version %d after the Redis restart; want %d and 1", f.Serial, got.Seq, got.Version, f.Seq-1)
+		}
+	}
+	if s := e.u.Stats(); s.AcksAccepted != 20 {
+		t.Errorf("accepted %d acks, want 20 (stats %+v)", s.AcksAccepted, s)
+	}
+}
+
+// TestDeviceAheadResync: a device whose sequence number is below the server's (its ack
+// was lost together with the store's last writes, or its vault was restored) reports
+// stale_key; the server moves down to meet it and the release goes through (PROTOCOL.md
+// 10.2 step 4, 10.4).
+func TestDeviceAheadResync(t *testing.T) {
+	e := startEnv(t, boltOpener)
+	f := e.provision(1)[0]
+	d := connectDevice(t, e.b.URL, f)
+	d.d = f.Seq - 3 // the device has used three indices the server does not know of
+	e.release(randomImage(3000), 1)
+	raw := d.next(d.keys, "key")
+	km, _ := keychain.ParseKeyMessage(raw)
+	if km.Seq != f.Seq {
+		t.Fatalf("first key at %d, want %d", km.Seq, f.Seq)
+	}
+	k := keychain.Key(d.u, km.Seq)
+	rep, _ := keychain.Ack{Kind: keychain.AckFailed, Epoch: 0, Seq: km.Seq, ID: km.ID, DeviceSeq: d.d, Code: uint16(protocol.CodeStaleKey)}.Seal(k, f.Serial)
+	d.publishAck(rep)
+	ack, km2, _ := d.install() // the re-wrapped key, at the device's own index
+	if km2.Seq != f.Seq-3 {
+		t.Fatalf("re-wrapped at %d, want %d", km2.Seq, f.Seq-3)
+	}
+	d.ackUntilReceipt(ack, keychain.Key(d.u, km2.Seq))
+	if got := e.device(f.Serial); got.Seq != f.Seq-4 || got.Version != 1 {
+		t.Fatalf("counter %d version %d, want %d and 1", got.Seq, got.Version, f.Seq-4)
+	}
+	if s := e.u.Stats(); s.Resyncs != 1 || s.AcksAccepted != 1 {
+		t.Errorf("stats %+v", s)
+	}
+}

@@ -12,6 +12,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/sealcast/sealcast/internal/redistest"
 	"github.com/sealcast/sealcast/keychain"
 	"github.com/sealcast/sealcast/updater"
 	"github.com/sealcast/sealcast/updater/redisstore"
@@ -48,17 +49,15 @@ func newStore(t testing.TB, url string) *redisstore.Store {
 }
 
 func TestContract(t *testing.T) {
-	url := sharedRedis(t)
+	url := redistest.URL(t)
 	storetest.Run(t, func(t *testing.T) updater.Store { return newStore(t, url) })
 }
 
 // TestRestartAOF kills Redis (SIGKILL, like a crash) right after an Advance and a
 // RecordResults returned, restarts it from its append-only file, and finds both.
 func TestRestartAOF(t *testing.T) {
-	dir := t.TempDir()
-	aof := []string{"--appendonly", "yes", "--appendfsync", "always"}
-	srv := startRedis(t, dir, 0, aof...)
-	s, err := redisstore.Open("redis://" + srv.addr)
+	srv := redistest.Start(t, "--appendonly", "yes", "--appendfsync", "always")
+	s, err := redisstore.Open(srv.URL())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -81,11 +80,7 @@ func TestRestartAOF(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	srv.kill()
-	port := srv.addr[strings.LastIndexByte(srv.addr, ':')+1:]
-	var p int
-	fmt.Sscan(port, &p)
-	startRedis(t, dir, p, aof...)
+	srv.Restart(t) // SIGKILL, then start again from the append-only file
 
 	// The client reconnects by itself.
 	var ds []*updater.Device
@@ -113,7 +108,7 @@ func TestRestartAOF(t *testing.T) {
 
 // TestScriptFlush shows the fallback from EVALSHA to EVAL after Redis lost its scripts.
 func TestScriptFlush(t *testing.T) {
-	url := sharedRedis(t)
+	url := redistest.URL(t)
 	s := newStore(t, url)
 	ctx := t.Context()
 	d := storetest.NewDevice("f-1")
@@ -133,7 +128,7 @@ func TestScriptFlush(t *testing.T) {
 }
 
 func TestOpen(t *testing.T) {
-	url := sharedRedis(t)
+	url := redistest.URL(t)
 	s, err := redisstore.Open(url)
 	if err != nil {
 		t.Fatalf("Open(%s): %v", url, err)
@@ -173,7 +168,7 @@ func TestPrefixWithBrace(t *testing.T) {
 }
 
 func TestUnknownReleaseIsErrNotFound(t *testing.T) {
-	s := newStore(t, sharedRedis(t))
+	s := newStore(t, redistest.URL(t))
 	_, err := s.Release(t.Context(), keychain.ReleaseID{1})
 	if !errors.Is(err, updater.ErrNotFound) {
 		t.Fatalf("Release: %v", err)
@@ -192,16 +187,16 @@ const benchBatch = 1000
 //		0 1000 0 1000 1000 2 <120 B chain> <90 B ack> <70 B receipt> installed ok 2025-03-14T09:39:26Z
 
 func BenchmarkAdvance(b *testing.B) {
-	url := sharedRedis(b)
+	url := redistest.URL(b)
 	b.Run("batch=1", func(b *testing.B) { storetest.BenchmarkAdvance(b, newStore(b, url), 1) })
 	b.Run("batch=1000", func(b *testing.B) { storetest.BenchmarkAdvance(b, newStore(b, url), benchBatch) })
 	// With the durability the counters need: every reply after an fsync of the AOF.
-	srv := startRedis(b, b.TempDir(), 0, "--appendonly", "yes", "--appendfsync", "always")
-	aof := "redis://" + srv.addr + "/0"
+	srv := redistest.Start(b, "--appendonly", "yes", "--appendfsync", "always")
+	aof := srv.URL()
 	b.Run("aof=always/batch=1", func(b *testing.B) { storetest.BenchmarkAdvance(b, newStore(b, aof), 1) })
 	b.Run("aof=always/batch=1000", func(b *testing.B) { storetest.BenchmarkAdvance(b, newStore(b, aof), benchBatch) })
 }
 
 func BenchmarkDevicesBatch(b *testing.B) {
-	storetest.BenchmarkDevices(b, newStore(b, sharedRedis(b)), benchBatch)
+	storetest.BenchmarkDevices(b, newStore(b, redistest.URL(b)), benchBatch)
 }
