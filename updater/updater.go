@@ -279,7 +279,7 @@ type Stats struct {
 
 type counters struct {
 	keys, rekeys, accepted, dup, reports, resyncs, acksShed atomic.Int64
-	rejected                                       sync.Map // reason -> *atomic.Int64
+	rejected                                                sync.Map // reason -> *atomic.Int64
 }
 
 func (c *counters) reject(reason string) {

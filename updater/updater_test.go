@@ -260,7 +260,6 @@ func TestAdminErrors(t *testing.T) {
 	t.Logf("device.get: %s", b)
 }
 
-
 // TestRedisRestartMidRelease: Redis (AOF, fsync always) is killed and restarted while a
 // release is half acked; nothing is lost and every counter moves exactly once.
 func TestRedisRestartMidRelease(t *testing.T) {
