@@ -55,7 +55,9 @@ func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
 	devs, err := u.o.Store.Devices(ctx, serials)
 	if err != nil {
 		// The store is down: the acks are not lost, the devices re-send them.
-		u.log.Error().Err(err).Int("acks", len(batch)).Msg("reading devices for acks; devices will re-send")
+		if ctx.Err() == nil {
+			u.log.Error().Err(err).Int("acks", len(batch)).Msg("reading devices for acks; devices will re-send")
+		}
 		return
 	}
 	var (
@@ -118,19 +120,19 @@ func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
 			}
 			u.markDirty(id)
 		}
-		if err := u.o.Bus.Publish(ctx, msgs...); err != nil {
+		if err := u.o.Bus.Publish(ctx, msgs...); err != nil && ctx.Err() == nil {
 			u.log.Error().Err(err).Msg("publishing receipts; devices will re-send their acks")
 		}
 		msgs = nil
 		for _, v := range moved {
-			if err := u.nextFor(ctx, v.dev); err != nil {
+			if err := u.nextFor(ctx, v.dev); err != nil && ctx.Err() == nil {
 				u.log.Error().Err(err).Str("serial", v.dev.Serial).Msg("publishing the next key")
 			}
 			u.publishDeviceStatus(ctx, v.dev, v.advance.State, v.advance.LastResult, now)
 		}
 	}
 	if len(msgs) > 0 {
-		if err := u.o.Bus.Publish(ctx, msgs...); err != nil {
+		if err := u.o.Bus.Publish(ctx, msgs...); err != nil && ctx.Err() == nil {
 			u.log.Error().Err(err).Msg("publishing receipts; devices will re-send their acks")
 		}
 	}

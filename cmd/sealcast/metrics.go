@@ -1,0 +1,89 @@
+package main
+
+import (
+	"context"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// collector exposes the updater's and broker's counters to Prometheus, read at scrape
+// time so that nothing is counted twice.
+type collector struct {
+	s     *stack
+	descs map[string]*prometheus.Desc
+}
+
+func newCollector(s *stack) *collector {
+	d := func(name, help string, labels ...string) *prometheus.Desc {
+		return prometheus.NewDesc("sealcast_"+name, help, labels, nil)
+	}
+	return &collector{s: s, descs: map[string]*prometheus.Desc{
+		"keys":      d("keys_published_total", "Key messages (wrapped keys and re-keys) published."),
+		"rekeys":    d("rekeys_total", "Re-key messages published."),
+		"accepted":  d("acks_accepted_total", "Acks that moved a device's counter."),
+		"duplicate": d("acks_duplicate_total", "Acks answered again as duplicates."),
+		"rejected":  d("acks_rejected_total", "Acks that changed nothing, by reason.", "reason"),
+		"shed":      d("acks_shed_total", "Acks dropped because the queue was full (devices re-send)."),
+		"reports":   d("install_failures_total", "Failure reports recorded from devices."),
+		"resyncs":   d("resyncs_total", "Counters moved down to meet a device that was ahead."),
+		"connected": d("broker_clients_connected", "MQTT clients connected to the embedded broker."),
+		"authfail":  d("broker_auth_failures_total", "Connections refused."),
+		"acl":       d("broker_acl_denials_total", "Subscriptions, publishes and deliveries refused."),
+		"dropped":   d("broker_dropped_total", "Deliveries the broker dropped, by reason.", "reason"),
+		"releases":  d("releases", "Releases by state.", "state"),
+		"devices":   d("devices", "Provisioned devices."),
+		"storelat":  d("store_latency_seconds", "Time of one store read at scrape time."),
+	}}
+}
+
+func (c *collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range c.descs {
+		ch <- d
+	}
+}
+
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	counter := func(name string, v int64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(c.descs[name], prometheus.CounterValue, float64(v), labels...)
+	}
+	gauge := func(name string, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(c.descs[name], prometheus.GaugeValue, v, labels...)
+	}
+	st := c.s.upd.Stats()
+	counter("keys", st.KeysPublished)
+	counter("rekeys", st.Rekeys)
+	counter("accepted", st.AcksAccepted)
+	counter("duplicate", st.AcksDuplicate)
+	counter("shed", st.AcksShed)
+	counter("reports", st.ReportsRecorded)
+	counter("resyncs", st.Resyncs)
+	for _, r := range []string{"malformed", "unknown_device", "forged", "stale", "unassigned", "internal"} {
+		counter("rejected", st.AcksRejected[r], r)
+	}
+	if b := c.s.broker; b != nil {
+		bs := b.Stats()
+		gauge("connected", float64(bs.Connected))
+		counter("authfail", bs.AuthFailures)
+		counter("acl", bs.ACLDenials)
+		counter("dropped", bs.DroppedQueueFull, "queue_full")
+		counter("dropped", bs.DroppedInflight, "inflight")
+		counter("dropped", bs.DroppedDeviceQueue, "device_queue")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	start := time.Now()
+	if serials, err := c.s.store.Serials(ctx); err == nil {
+		gauge("storelat", time.Since(start).Seconds())
+		gauge("devices", float64(len(serials)))
+	}
+	if rels, err := c.s.store.Releases(ctx); err == nil {
+		by := map[string]int{"publishing": 0, "active": 0, "paused": 0, "completed": 0, "cancelled": 0}
+		for _, r := range rels {
+			by[r.State]++
+		}
+		for state, n := range by {
+			gauge("releases", float64(n), state)
+		}
+	}
+}

@@ -1,0 +1,66 @@
+package main
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/peterbourgon/ff/v3/ffcli"
+)
+
+func serveCommand(e *env) *ffcli.Command {
+	fs := newFlags("serve", e)
+	var c stackConfig
+	fs.StringVar(&c.dataDir, "data", "sealcast-data", "data directory: keys, accounts, the embedded store and broker state (created on first start)")
+	fs.StringVar(&c.listen, "listen", ":1883", "MQTT listener of the embedded broker")
+	fs.StringVar(&c.tlsListen, "tls-listen", ":8883", "MQTT-over-TLS listener (with -tls-cert and -tls-key)")
+	fs.StringVar(&c.tlsCert, "tls-cert", "", "PEM certificate for the TLS listener")
+	fs.StringVar(&c.tlsKey, "tls-key", "", "PEM private key for the TLS listener")
+	fs.StringVar(&c.clientCA, "client-ca", "", "PEM CA bundle: ask TLS clients for certificates (devices then need no password)")
+	fs.StringVar(&c.wsListen, "ws-listen", "", "MQTT-over-WebSocket listener, for browser dashboards (off when empty)")
+	fs.StringVar(&c.httpAddr, "http", ":9090", "HTTP listener for /metrics (Prometheus) and /healthz (off when empty)")
+	fs.StringVar(&c.redisURL, "redis", "", "use Redis as the store: redis://host:6379/0, redis+sentinel://..., redis+cluster://... (default: embedded store in -data)")
+	fs.StringVar(&c.brokerURL, "broker", "", "run the updater alone against this external MQTT broker, e.g. tcp://mosquitto:1883 (default: embedded broker)")
+	fs.StringVar(&c.brokerUser, "broker-user", "", "username on the external broker (needs read/write on sealcast/#)")
+	fs.StringVar(&c.brokerPW, "broker-password", "", "password on the external broker")
+	fs.StringVar(&c.publicURL, "public-url", "", "broker URL written into device files (default: this machine's listener)")
+	fs.UintVar(&c.chainLength, "chain-length", 1024, "key chain length for new devices and re-keys (a power of two, 16 to 1048576)")
+	fs.StringVar(&c.ackGroup, "ack-group", "", "share acks with other updaters in this group ($share/<group>/...)")
+	fs.BoolVar(&c.acksOnly, "acks-only", false, "process acks only; another updater handles admin requests and releases")
+	return &ffcli.Command{
+		Name:       "serve",
+		ShortUsage: "sealcast serve [flags]",
+		ShortHelp:  "run the service: embedded MQTT broker, updater and store",
+		LongHelp: `Runs the embedded MQTT broker and the updater. On first start it creates the data
+directory with the fleet root secret, the release-signing key and an admin account whose
+password is printed once. With -redis the updater keeps its state in Redis; with -broker it
+runs alone against an external broker. Stops cleanly on SIGINT or SIGTERM.`,
+		FlagSet: fs,
+		Exec: func(ctx context.Context, args []string) error {
+			if len(args) > 0 {
+				return fmt.Errorf("serve takes no arguments (got %q)", args)
+			}
+			log := e.logger()
+			s, err := startStack(ctx, c, log)
+			if err != nil {
+				return err
+			}
+			if s.adminPW != "" {
+				fmt.Fprintf(e.stderr, "\nCreated the admin account. Its password is shown only this once:\n\n"+
+					"    export SEALCAST_USER=admin SEALCAST_PASSWORD='%s'\n\n", s.adminPW)
+			}
+			ev := log.Info().Str("mqtt", s.brokerURL).Str("data", c.dataDir)
+			if s.httpAddr != nil {
+				ev = ev.Str("http", s.httpAddr.String())
+			}
+			ev.Msg("sealcast serving; stop with Ctrl-C")
+			select {
+			case <-ctx.Done():
+				log.Info().Msg("stopping")
+			case err := <-s.done:
+				s.done <- err // close waits for it
+				log.Error().Err(err).Msg("updater stopped")
+			}
+			return s.close()
+		},
+	}
+}
