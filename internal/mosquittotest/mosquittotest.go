@@ -1,0 +1,277 @@
+// Package mosquittotest starts a real Mosquitto 2.x broker for tests: its own process, a
+// configuration generated in a temporary directory, listeners on free ports of 127.0.0.1,
+// stopped when the test ends. Tests that need it skip when mosquitto is missing, or fail
+// under SEALCAST_REQUIRE_TOOLS=1 (as CI runs), like internal/redistest.
+//
+//	m := mosquittotest.Start(t)                     // m.URL is tcp://127.0.0.1:port
+//	m := mosquittotest.Start(t, mosquittotest.WithTLS()) // also m.TLSURL, m.CAFile
+//
+// # Configuration
+//
+// Every listener binds 127.0.0.1 only and allows anonymous clients: no password file is
+// configured, so whatever username and password a client sends are accepted and every
+// client may publish and subscribe to every topic. That keeps device fleets cheap to set
+// up (no account per device) and is safe because nothing outside the machine can connect.
+// Tests of authentication or ACLs add their own lines with [WithConfig] (password_file,
+// acl_file, per_listener_settings).
+//
+// Persistence is off unless [WithPersistence] is given; everything else is Mosquitto's
+// default, including the per-client limits of 20 QoS 1 messages in flight and 1,000
+// queued (max_inflight_messages, max_queued_messages): a test whose subscriber must not
+// lose messages under load raises them with WithConfig. When run as root, mosquitto
+// would switch to the "mosquitto" user and lose access to the temporary directory, so
+// the configuration names the current user.
+//
+// The broker's log is in Dir/mosquitto.log; the last lines are written to the test log
+// if the test fails.
+package mosquittotest
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/sealcast/sealcast/internal/testca"
+)
+
+// Server is a running mosquitto.
+type Server struct {
+	// Addr is the plain MQTT listener (127.0.0.1:port); URL is "tcp://" + Addr.
+	Addr, URL string
+	// TLSAddr and TLSURL ("ssl://" + TLSAddr) are the TLS listener, with WithTLS.
+	TLSAddr, TLSURL string
+	// CA signed the TLS listener's certificate; CAFile is its PEM file. Set with WithTLS.
+	CA     *testca.CA
+	CAFile string
+	// Dir holds mosquitto.conf, mosquitto.log and, with WithPersistence, mosquitto.db.
+	Dir string
+
+	bin  string
+	conf string
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+type config struct {
+	persist bool
+	tls     bool
+	extra   []string
+}
+
+// Option changes the generated configuration.
+type Option func(*config)
+
+// WithPersistence turns persistence on (Dir/mosquitto.db, saved on every change), so
+// that sessions and retained messages survive Restart.
+func WithPersistence() Option { return func(c *config) { c.persist = true } }
+
+// WithTLS adds a TLS listener whose certificate is signed by a CA generated for the test.
+func WithTLS() Option { return func(c *config) { c.tls = true } }
+
+// WithConfig appends lines to mosquitto.conf, e.g. "max_queued_messages 100000".
+func WithConfig(lines ...string) Option {
+	return func(c *config) { c.extra = append(c.extra, lines...) }
+}
+
+// Need returns the path of mosquitto, or skips the test (fails it under
+// SEALCAST_REQUIRE_TOOLS=1) if there is none. Debian installs it in /usr/sbin, which is
+// not always on PATH.
+func Need(t testing.TB) string {
+	t.Helper()
+	path, err := exec.LookPath("mosquitto")
+	if err != nil {
+		if _, serr := os.Stat("/usr/sbin/mosquitto"); serr == nil {
+			return "/usr/sbin/mosquitto"
+		}
+		if os.Getenv("SEALCAST_REQUIRE_TOOLS") == "1" {
+			t.Fatalf("mosquitto not found (apt-get install -y mosquitto): %v", err)
+		}
+		t.Skipf("mosquitto not found; skipping (set SEALCAST_REQUIRE_TOOLS=1 to fail instead)")
+	}
+	return path
+}
+
+// Start starts mosquitto and stops it when the test ends.
+func Start(t testing.TB, opts ...Option) *Server {
+	t.Helper()
+	var c config
+	for _, o := range opts {
+		o(&c)
+	}
+	s := &Server{bin: Need(t), Dir: t.TempDir()}
+	s.conf = filepath.Join(s.Dir, "mosquitto.conf")
+	if c.tls {
+		s.CA = testca.New(t)
+		s.CAFile = s.CA.WriteCert(t, s.Dir)
+		certPEM, keyPEM := s.CA.Server(t)
+		write(t, filepath.Join(s.Dir, "server.pem"), certPEM)
+		write(t, filepath.Join(s.Dir, "server.key"), keyPEM)
+	}
+	t.Cleanup(func() {
+		s.Stop()
+		if t.Failed() {
+			t.Logf("mosquitto log (last lines):\n%s", s.logTail(40))
+		}
+	})
+	// A free port can be taken between choosing it and mosquitto binding it; try again.
+	var err error
+	for attempt := 0; attempt < 3; attempt++ {
+		s.Addr, s.TLSAddr = freeAddr(t), ""
+		if c.tls {
+			s.TLSAddr = freeAddr(t)
+		}
+		write(t, s.conf, []byte(s.config(c)))
+		if err = s.start(); err == nil {
+			break
+		}
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.URL = "tcp://" + s.Addr
+	if c.tls {
+		s.TLSURL = "ssl://" + s.TLSAddr
+	}
+	return s
+}
+
+func (s *Server) config(c config) string {
+	port := func(addr string) string { _, p, _ := net.SplitHostPort(addr); return p }
+	var b strings.Builder
+	fmt.Fprintf(&b, "# generated by internal/mosquittotest\n")
+	if u, err := user.Current(); err == nil {
+		fmt.Fprintf(&b, "user %s\n", u.Username)
+	}
+	fmt.Fprintf(&b, "log_dest file %s\n", filepath.Join(s.Dir, "mosquitto.log"))
+	fmt.Fprintf(&b, "log_timestamp_format %%H:%%M:%%S\n")
+	fmt.Fprintf(&b, "set_tcp_nodelay true\n")
+	if c.persist {
+		fmt.Fprintf(&b, "persistence true\npersistence_location %s/\nautosave_interval 1\nautosave_on_changes true\n", s.Dir)
+	} else {
+		fmt.Fprintf(&b, "persistence false\n")
+	}
+	fmt.Fprintf(&b, "allow_anonymous true\n")
+	fmt.Fprintf(&b, "listener %s 127.0.0.1\n", port(s.Addr))
+	if c.tls {
+		fmt.Fprintf(&b, "listener %s 127.0.0.1\ncertfile %s\nkeyfile %s\n", port(s.TLSAddr),
+			filepath.Join(s.Dir, "server.pem"), filepath.Join(s.Dir, "server.key"))
+	}
+	for _, l := range c.extra {
+		fmt.Fprintln(&b, l)
+	}
+	return b.String()
+}
+
+// start runs mosquitto and waits until every listener accepts connections.
+func (s *Server) start() error {
+	s.cmd = exec.Command(s.bin, "-c", s.conf)
+	var out bytes.Buffer
+	s.cmd.Stdout, s.cmd.Stderr = &out, &out
+	if err := s.cmd.Start(); err != nil {
+		return fmt.Errorf("mosquittotest: starting %s: %w", s.bin, err)
+	}
+	done := make(chan struct{})
+	s.done = done
+	cmd := s.cmd
+	go func() { cmd.Wait(); close(done) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for _, addr := range []string{s.Addr, s.TLSAddr} {
+		for addr != "" {
+			c, err := net.DialTimeout("tcp", addr, time.Second)
+			if err == nil {
+				c.Close()
+				break
+			}
+			select {
+			case <-done:
+				return fmt.Errorf("mosquittotest: mosquitto exited at start: %s\n%s", out.String(), s.logTail(20))
+			default:
+			}
+			if time.Now().After(deadline) {
+				s.Kill()
+				return fmt.Errorf("mosquittotest: mosquitto does not listen on %s after 10 s: %w\n%s", addr, err, s.logTail(20))
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	return nil
+}
+
+// Kill stops mosquitto abruptly (SIGKILL), as a crash would; nothing is saved.
+func (s *Server) Kill() {
+	s.cmd.Process.Kill()
+	<-s.done
+}
+
+// Stop stops mosquitto cleanly (SIGTERM: with persistence, it saves its state) if it is
+// running, and waits for it to exit.
+func (s *Server) Stop() {
+	if s.cmd == nil {
+		return
+	}
+	select {
+	case <-s.done:
+		return
+	default:
+	}
+	s.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-s.done:
+	case <-time.After(10 * time.Second):
+		s.Kill()
+	}
+}
+
+// Restart stops mosquitto cleanly and starts it again with the same configuration and
+// ports. Clients see their connections drop; with WithPersistence, sessions and retained
+// messages survive.
+func (s *Server) Restart(t testing.TB) {
+	t.Helper()
+	s.Stop()
+	var err error
+	// The old process's ports may take a moment to be free again.
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		if err = s.start(); err == nil || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (s *Server) logTail(n int) string {
+	b, err := os.ReadFile(filepath.Join(s.Dir, "mosquitto.log"))
+	if err != nil {
+		return "(no log: " + err.Error() + ")"
+	}
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
+}
+
+func freeAddr(t testing.TB) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return net.JoinHostPort("127.0.0.1", strconv.Itoa(l.Addr().(*net.TCPAddr).Port))
+}
+
+func write(t testing.TB, path string, b []byte) {
+	t.Helper()
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
