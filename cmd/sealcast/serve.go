@@ -22,6 +22,7 @@ func serveCommand(e *env) *ffcli.Command {
 	fs.StringVar(&c.brokerURL, "broker", "", "run the updater alone against this external MQTT broker, e.g. tcp://mosquitto:1883 (default: embedded broker)")
 	fs.StringVar(&c.brokerUser, "broker-user", "", "username on the external broker (needs read/write on sealcast/#)")
 	fs.StringVar(&c.brokerPW, "broker-password", "", "password on the external broker")
+	fs.StringVar(&c.brokerCA, "broker-ca", "", "PEM CA bundle that signed the external broker's TLS certificate (with -broker ssl://host:8883; default: the system's roots)")
 	fs.StringVar(&c.publicURL, "public-url", "", "broker URL written into device files (default: this machine's listener)")
 	fs.UintVar(&c.chainLength, "chain-length", 1024, "key chain length for new devices and re-keys (a power of two, 16 to 1048576)")
 	fs.StringVar(&c.ackGroup, "ack-group", "", "share acks with other updaters in this group ($share/<group>/...)")

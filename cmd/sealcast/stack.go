@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -32,6 +34,7 @@ type stackConfig struct {
 	httpAddr                        string
 	redisURL                        string
 	brokerURL, brokerUser, brokerPW string
+	brokerCA                        string
 	publicURL                       string
 	chainLength                     uint
 	ackGroup                        string
@@ -83,6 +86,15 @@ func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (s *stac
 	}
 
 	busUser, busPW := c.brokerUser, c.brokerPW
+	var busTLS *tls.Config
+	if c.brokerCA != "" {
+		if c.brokerURL == "" {
+			return nil, errors.New("-broker-ca is for an external broker: give -broker ssl://host:8883 too")
+		}
+		if busTLS, err = caConfig(c.brokerCA); err != nil {
+			return nil, err
+		}
+	}
 	if c.brokerURL == "" {
 		if busPW, err = s.startBroker(c); err != nil {
 			return nil, err
@@ -101,7 +113,7 @@ func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (s *stac
 	host, _ := os.Hostname()
 	if s.bus, err = mqttbus.Dial(bctx, mqttbus.Options{
 		URL: s.brokerURL, ClientID: fmt.Sprintf("sealcast-updater-%s-%d", host, os.Getpid()),
-		Username: busUser, Password: busPW, Logger: log.With().Str("component", "mqtt").Logger(),
+		Username: busUser, Password: busPW, TLS: busTLS, Logger: log.With().Str("component", "mqtt").Logger(),
 	}); err != nil {
 		return nil, err
 	}
@@ -129,6 +141,19 @@ func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (s *stac
 }
 
 const updaterUser = "sealcast-updater"
+
+// caConfig returns a TLS client configuration that trusts only the CAs in the PEM file.
+func caConfig(path string) (*tls.Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading -broker-ca: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(b) {
+		return nil, fmt.Errorf("-broker-ca %s holds no PEM certificate", path)
+	}
+	return &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}, nil
+}
 
 // startBroker starts the embedded broker and returns the in-memory password of the
 // updater's own account.
