@@ -1,0 +1,182 @@
+package scaleout_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"fmt"
+	"os"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/sealcast/sealcast/device/simulate"
+	"github.com/sealcast/sealcast/internal/mosquittotest"
+	"github.com/sealcast/sealcast/internal/redistest"
+	"github.com/sealcast/sealcast/protocol"
+	"github.com/sealcast/sealcast/updater/redisstore"
+)
+
+func envInt(name string, def int) int {
+	if v, err := strconv.Atoi(os.Getenv(name)); err == nil && v >= 0 {
+		return v
+	}
+	return def
+}
+
+// brokerConfig lifts Mosquitto's per-client limits (20 QoS 1 messages in flight, 1,000
+// queued) so that the test's observers, which take every key message of the fleet, lose
+// none while they are slow under -race. The updater loses none either, which the test
+// does not rely on: devices re-send acks.
+var brokerConfig = mosquittotest.WithConfig("max_inflight_messages 1000", "max_queued_messages 1000000")
+
+func serials(prefix string, n int) []string {
+	s := make([]string, n)
+	for i := range s {
+		s[i] = fmt.Sprintf("%s-%05d", prefix, i)
+	}
+	return s
+}
+
+func randomImage(n int) []byte {
+	b := make([]byte, n)
+	rand.Read(b)
+	return b
+}
+
+// TestUpdaterKilledMidRelease kills the updater process (SIGKILL) in the middle of the
+// key fan-out of a release to 1,000 devices and starts it again on the same data
+// directory and Redis: the release completes, no device is skipped, no device gets its
+// key wrapped twice under different keys (every key message a device got opens under its
+// K_L to the one content key), and every counter moved exactly once, from L to L-1.
+//
+// The devices are device agents from device/simulate (each its own MQTT connection,
+// downloading and hashing the image, acking until a receipt comes). 1,000 of them take
+// about 5-10 s under -race on two cores. SEALCAST_SCALE_AGENTS=k runs only k agents and
+// plays the other devices with an ack driver over one connection (it acks each key
+// message without downloading the image), for slower machines; SEALCAST_SCALE_DEVICES
+// changes the fleet size.
+func TestUpdaterKilledMidRelease(t *testing.T) {
+	n := envInt("SEALCAST_SCALE_DEVICES", 1000)
+	agents := min(n, envInt("SEALCAST_SCALE_AGENTS", n))
+	t0 := time.Now()
+	m := mosquittotest.Start(t, brokerConfig)
+	rds := redistest.Start(t)
+	dir := dataDir(t, "")
+	// One worker wraps the batches of 512 one after the other, so that a kill at the first
+	// key message seen lands in the middle of the fan-out however fast the machine.
+	up := startServe(t, "updater", []string{"GOMAXPROCS=1"},
+		"-data", dir, "-broker", m.URL, "-redis", rds.URL(), "-http", "", "-chain-length", "16")
+	op := dialOperator(t, m.URL)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+
+	start := time.Now()
+	files, err := op.Provision(ctx, serials("dev", n), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("provisioned %d devices in %v", n, time.Since(start).Round(time.Millisecond))
+	keys := watchKeys(t, m.URL)
+	driver := driveAcks(t, m.URL, files[agents:], 1, 1)
+	simDone := make(chan error, 1)
+	var sum simulate.Summary
+	if agents > 0 {
+		go func() {
+			var err error
+			sum, err = simulate.Run(ctx, simulate.Options{
+				Devices: files[:agents], TargetVersion: 1, Seed: 1,
+				ChunkTimeout: 10 * time.Second, AckResend: time.Second, AckResendMax: 4 * time.Second,
+				ReconnectMin: 100 * time.Millisecond, ReconnectMax: 2 * time.Second,
+				StartSpread: 500 * time.Millisecond,
+				Logger:      zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.ErrorLevel),
+			})
+			simDone <- err
+		}()
+	} else {
+		simDone <- nil
+	}
+
+	img := randomImage(8 << 10)
+	start = time.Now()
+	rel, err := op.Release(ctx, bytes.NewReader(img), int64(len(img)), protocol.ReleaseCreateArgs{Version: 1, All: true, ChunkSize: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-keys.first:
+	case <-time.After(2 * time.Minute):
+		t.Fatal("no key message within 2 minutes of the release")
+	}
+	up.kill()
+	killed := time.Now()
+	atKill := keys.settle(500*time.Millisecond, 10*time.Second)
+	t.Logf("killed the updater %v after the release was created; %d of %d devices had their key",
+		killed.Sub(start).Round(time.Millisecond), atKill, n)
+	if atKill == 0 || atKill >= n {
+		t.Fatalf("the kill did not land in the middle of the fan-out: %d of %d devices had their key", atKill, n)
+	}
+
+	up.restart()
+	restarted := time.Now()
+	eventually(t, 5*time.Minute, "every device confirmed by the ack driver", driver.done)
+	select {
+	case err := <-simDone:
+		if err != nil {
+			t.Fatalf("simulated devices: %v", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("simulated devices did not finish")
+	}
+	var st *protocol.ReleaseStatus
+	eventually(t, 2*time.Minute, "the release completed", func() bool {
+		st, err = op.ReleaseStatus(ctx, rel.Release)
+		return err == nil && st.State == protocol.ReleaseCompleted
+	})
+	t.Logf("release completed %v after the restart (%v in all); %v; agents: %v",
+		time.Since(restarted).Round(time.Millisecond), time.Since(t0).Round(time.Millisecond), driver, sum)
+
+	if st.Installed != n || st.Targets != n || st.Failed != 0 {
+		t.Errorf("release status: %d installed, %d failed of %d targets; want all %d installed", st.Installed, st.Failed, st.Targets, n)
+	}
+	again := keys.checkOneWrap(t, files, rel.Release)
+	t.Logf("%d devices got their (same) key message more than once", again)
+	driver.check(t)
+	if agents > 0 && (sum.Confirmed != agents || sum.Failed != 0) {
+		t.Errorf("agents: %d of %d confirmed, %d failed (%v)", sum.Confirmed, agents, sum.Failed, sum.Codes)
+	}
+	checkCounters(t, rds.URL(), files, 1)
+}
+
+// checkCounters reads every device from the Redis store and checks that its counter
+// moved exactly moves times from L, within epoch 0, and that it runs version moves.
+func checkCounters(t *testing.T, redisURL string, files []protocol.DeviceFile, moves uint32) {
+	t.Helper()
+	st, err := redisstore.Open(redisURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	ss := make([]string, len(files))
+	for i, f := range files {
+		ss[i] = f.Serial
+	}
+	devs, err := st.Devices(context.Background(), ss)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := 0
+	for i, d := range devs {
+		f := files[i]
+		if d == nil || d.Epoch != 0 || d.Seq != f.Seq-moves || d.Version != uint64(moves) {
+			if bad++; bad <= 10 {
+				t.Errorf("%s: store has %+v; want epoch 0, seq %d, version %d", f.Serial, d, f.Seq-moves, moves)
+			}
+		}
+	}
+	if bad > 0 {
+		t.Errorf("%d of %d counters did not move exactly %d times", bad, len(files), moves)
+	}
+}
