@@ -85,6 +85,13 @@ func (u *Updater) statusLoop(ctx context.Context) {
 
 func (u *Updater) flushStatus(ctx context.Context, fleet bool) {
 	u.mu.Lock()
+	if fleet {
+		// Acks that another updater of the ack group processed mark nothing dirty here:
+		// look at every release now and then, so that it completes all the same.
+		for id := range u.runs {
+			u.dirty[id] = true
+		}
+	}
 	ids := make([]keychain.ReleaseID, 0, len(u.dirty))
 	for id := range u.dirty {
 		ids = append(ids, id)
