@@ -1,0 +1,89 @@
+package scaleout_test
+
+import (
+	"bytes"
+	"context"
+	"testing"
+	"time"
+
+	"github.com/sealcast/sealcast/internal/mosquittotest"
+	"github.com/sealcast/sealcast/internal/redistest"
+	"github.com/sealcast/sealcast/protocol"
+)
+
+var rejectReasons = []string{"malformed", "unknown_device", "forged", "stale", "unassigned", "internal"}
+
+// TestSharedAckGroup runs two updater processes on one Mosquitto and one Redis, both in
+// ack group g (the second -acks-only), so that Mosquitto splits the acks between their
+// $share/g/sealcast/devices/+/ack subscriptions. Every ack of a 1,000-device release is
+// published twice in a row, which Mosquitto's round robin hands to one updater and then
+// the other: the two race on the same counter, and the store's compare-and-set lets one
+// win. Every counter moves exactly once, both updaters accepted some acks, the accepted
+// acks add up to the fleet, every second copy is counted as a duplicate, and the release
+// completes with each device counted once.
+//
+// Mosquitto and shared subscriptions: a member of a share group with a persistent
+// session (clean session off) keeps getting its share while disconnected, queued for it,
+// and a QoS 1 message in flight to a member that disconnects is not handed to another
+// (eclipse-mosquitto/mosquitto#1747, #2662). updater/mqttbus connects with a clean
+// session, so a stopped updater leaves the group at once; what was in flight to it is
+// lost, and devices re-send their acks until a receipt comes (PROTOCOL.md 10.1 step 6).
+func TestSharedAckGroup(t *testing.T) {
+	n := envInt("SEALCAST_SCALE_DEVICES", 1000)
+	m := mosquittotest.Start(t, brokerConfig)
+	rds := redistest.Start(t)
+	dirA := dataDir(t, "")
+	common := []string{"-broker", m.URL, "-redis", rds.URL(), "-http", "127.0.0.1:0", "-ack-group", "g", "-chain-length", "16"}
+	a := startServe(t, "updater-a", nil, append([]string{"-data", dirA}, common...)...)
+	b := startServe(t, "updater-b", nil, append([]string{"-data", dataDir(t, dirA), "-acks-only"}, common...)...)
+	op := dialOperator(t, m.URL)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+
+	files, err := op.Provision(ctx, serials("dev", n), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	driver := driveAcks(t, m.URL, files, 1, 2)
+	img := randomImage(4 << 10)
+	start := time.Now()
+	rel, err := op.Release(ctx, bytes.NewReader(img), int64(len(img)), protocol.ReleaseCreateArgs{Version: 1, All: true, ChunkSize: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Minute, "every ack confirmed by a receipt", driver.done)
+	t.Logf("%d devices acked in %v; %v", n, time.Since(start).Round(time.Millisecond), driver)
+	var st *protocol.ReleaseStatus
+	eventually(t, time.Minute, "the release completed", func() bool {
+		st, err = op.ReleaseStatus(ctx, rel.Release)
+		return err == nil && st.State == protocol.ReleaseCompleted
+	})
+	if st.Installed != n || st.Targets != n {
+		t.Errorf("release status: %d installed of %d targets; want %d of %d", st.Installed, st.Targets, n, n)
+	}
+	driver.check(t)
+	checkCounters(t, rds.URL(), files, 1)
+
+	// Stats, from each process's /metrics.
+	var accepted, dup float64
+	for _, u := range []*serve{a, b} {
+		acc, d := u.metric("sealcast_acks_accepted_total"), u.metric("sealcast_acks_duplicate_total")
+		t.Logf("%s: %v acks accepted, %v duplicates", u.name, acc, d)
+		if acc == 0 {
+			t.Errorf("%s accepted no ack: the ack load was not shared", u.name)
+		}
+		for _, r := range rejectReasons {
+			if v := u.metric(`sealcast_acks_rejected_total{reason="` + r + `"}`); v != 0 {
+				t.Errorf("%s rejected %v acks as %s", u.name, v, r)
+			}
+		}
+		accepted += acc
+		dup += d
+	}
+	if accepted != float64(n) {
+		t.Errorf("%v acks accepted in all, want %d: a counter moved more or less than once", accepted, n)
+	}
+	if dup < float64(n) {
+		t.Errorf("%v duplicates for %d acks sent twice, want at least %d", dup, n, n)
+	}
+}
