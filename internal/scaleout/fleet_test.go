@@ -50,13 +50,11 @@ type keyLog struct {
 	mu    sync.Mutex
 	keys  map[string][][]byte
 	total atomic.Int64
-	first chan struct{} // closed at the first key message
-	once  sync.Once
 }
 
 func watchKeys(t *testing.T, url string) *keyLog {
 	t.Helper()
-	kl := &keyLog{keys: map[string][][]byte{}, first: make(chan struct{})}
+	kl := &keyLog{keys: map[string][][]byte{}}
 	c := connectClient(t, url, "key-watcher")
 	subscribe(t, c, protocol.Root+"/devices/+/key", func(_ mqtt.Client, m mqtt.Message) {
 		serial, _, ok := protocol.DeviceOf(m.Topic())
@@ -67,7 +65,6 @@ func watchKeys(t *testing.T, url string) *keyLog {
 		kl.keys[serial] = append(kl.keys[serial], append([]byte(nil), m.Payload()...))
 		kl.mu.Unlock()
 		kl.total.Add(1)
-		kl.once.Do(func() { close(kl.first) })
 	})
 	return kl
 }
