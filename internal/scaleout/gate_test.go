@@ -20,10 +20,10 @@ type gate struct {
 	target string
 	wg     sync.WaitGroup
 
-	mu    sync.Mutex
+	mu     sync.Mutex
 	rate   int // bytes per second from client to broker; 0: no limit
 	frozen bool
-	conns map[net.Conn]bool
+	conns  map[net.Conn]bool
 }
 
 func startGate(t *testing.T, target string) *gate {
