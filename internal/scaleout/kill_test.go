@@ -127,7 +127,7 @@ func TestUpdaterKilledMidRelease(t *testing.T) {
 
 	up.restart()
 	restarted := time.Now()
-	eventually(t, 5*time.Minute, "every device confirmed by the ack driver", driver.done)
+	eventually(t, 5*time.Minute, "every device confirmed by the ack driver", driver.done(rel.Release))
 	select {
 	case err := <-simDone:
 		if err != nil {
