@@ -58,8 +58,9 @@ type stack struct {
 	log       zerolog.Logger
 }
 
-func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (s *stack, err error) {
-	s = &stack{log: log, done: make(chan error, 1)}
+func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (_ *stack, err error) {
+	// s is not the named result: "return nil, err" must not hide it from the cleanup.
+	s := &stack{log: log, done: make(chan error, 1)}
 	defer func() {
 		if err != nil {
 			s.close()
@@ -110,6 +111,9 @@ func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (s *stac
 		URL: s.brokerURL, ClientID: fmt.Sprintf("sealcast-updater-%s-%d", host, os.Getpid()),
 		Username: busUser, Password: busPW, Logger: log.With().Str("component", "mqtt").Logger(),
 	}); err != nil {
+		if c.brokerURL != "" {
+			return nil, fmt.Errorf("%w (the external broker comes from -broker or SEALCAST_BROKER; leave both unset to run the embedded broker)", err)
+		}
 		return nil, err
 	}
 	uo := updater.Options{
