@@ -1,0 +1,300 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	mqtt "github.com/eclipse/paho.mqtt.golang"
+	"github.com/rogpeppe/go-internal/testscript"
+
+	"github.com/sealcast/sealcast/protocol"
+)
+
+// The scripts in testdata/script run the sealcast binary, as a user would: the test
+// binary installs itself as "sealcast" in $PATH and runs main when called by that name.
+func TestMain(m *testing.M) {
+	testscript.Main(m, map[string]func(){"sealcast": main})
+}
+
+func TestScripts(t *testing.T) {
+	testscript.Run(t, testscript.Params{
+		Dir:                 "testdata/script",
+		RequireExplicitExec: true,
+		Setup: func(env *testscript.Env) error {
+			// Scripts start from an empty environment: no SEALCAST_* of the developer's
+			// leaks in. Under -race every exit of the binary would sleep a second to let
+			// other goroutines report; scripts run it dozens of times.
+			if os.Getenv("GORACE") == "" {
+				env.Setenv("GORACE", "atexit_sleep_ms=10")
+			}
+			return nil
+		},
+		Cmds: map[string]func(ts *testscript.TestScript, neg bool, args []string){
+			"waitserve":  cmdWaitServe,
+			"waitfile":   cmdWaitFile,
+			"httpget":    cmdHTTPGet,
+			"setenvfrom": cmdSetenvFrom,
+			"jsonget":    cmdJSONGet,
+			"jsonvalid":  cmdJSONValid,
+			"errline":    cmdErrLine,
+			"emptydir":   cmdEmptyDir,
+			"asdevice":   cmdAsDevice,
+		},
+	})
+}
+
+// waitFor is how long the commands below wait for something a server does. Generous:
+// the machine may be loaded and everything runs under -race.
+const waitFor = 60 * time.Second
+
+// poll calls f every 50 ms until it returns true or waitFor passes.
+func poll(ts *testscript.TestScript, what string, f func() (bool, string)) {
+	deadline := time.Now().Add(waitFor)
+	for {
+		ok, last := f()
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			ts.Fatalf("gave up after %s waiting for %s; last seen:\n%s", waitFor, what, last)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// waitserve LOG: waits until the serve whose stderr goes to LOG is ready, and sets MQTT
+// (the broker URL for clients), TCP and HTTP from the addresses its "sealcast serving"
+// line names.
+func cmdWaitServe(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 1 {
+		ts.Fatalf("usage: waitserve LOG")
+	}
+	var serving map[string]any
+	poll(ts, "serve to start", func() (bool, string) {
+		b, _ := os.ReadFile(ts.MkAbs(args[0]))
+		if bytes.Contains(b, []byte("\nsealcast: ")) || bytes.HasPrefix(b, []byte("sealcast: ")) {
+			ts.Fatalf("serve failed:\n%s", b)
+		}
+		ready := false
+		sc := bufio.NewScanner(bytes.NewReader(b))
+		for sc.Scan() {
+			var m map[string]any
+			if json.Unmarshal(sc.Bytes(), &m) != nil {
+				continue
+			}
+			switch m["message"] {
+			case "sealcast serving; stop with Ctrl-C":
+				serving = m
+			case "updater running": // admin requests are read from here on
+				ready = true
+			}
+		}
+		return serving != nil && ready, string(b)
+	})
+	mqttURL, _ := serving["mqtt"].(string)
+	tcp, _ := serving["tcp"].(string)
+	httpAddr, _ := serving["http"].(string)
+	if mqttURL == "" || tcp == "" || httpAddr == "" || strings.HasSuffix(tcp, ":0") || strings.HasSuffix(httpAddr, ":0") {
+		ts.Fatalf("serving line lacks bound addresses: %v", serving)
+	}
+	ts.Setenv("MQTT", mqttURL)
+	ts.Setenv("TCP", tcp)
+	ts.Setenv("HTTP", httpAddr)
+}
+
+// waitfile PATTERN FILE: waits until FILE matches the regular expression.
+func cmdWaitFile(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 2 {
+		ts.Fatalf("usage: waitfile PATTERN FILE")
+	}
+	re := regexp.MustCompile("(?m)" + args[0])
+	poll(ts, fmt.Sprintf("%s to match %q", args[1], args[0]), func() (bool, string) {
+		b, _ := os.ReadFile(ts.MkAbs(args[1]))
+		return re.Match(b), string(b)
+	})
+}
+
+// httpget URL FILE [PATTERN...]: fetches URL until it answers 200 with a body matching
+// every pattern, and writes the body to FILE.
+func cmdHTTPGet(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) < 2 {
+		ts.Fatalf("usage: httpget URL FILE [PATTERN...]")
+	}
+	var res []*regexp.Regexp
+	for _, p := range args[2:] {
+		res = append(res, regexp.MustCompile("(?m)"+p))
+	}
+	var body []byte
+	poll(ts, fmt.Sprintf("%s to match %q", args[0], args[2:]), func() (bool, string) {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, args[0], nil)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return false, err.Error()
+		}
+		defer resp.Body.Close()
+		body, _ = io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusOK {
+			return false, resp.Status + "\n" + string(body)
+		}
+		for _, re := range res {
+			if !re.Match(body) {
+				return false, string(body)
+			}
+		}
+		return true, ""
+	})
+	ts.Check(os.WriteFile(ts.MkAbs(args[1]), body, 0o644))
+}
+
+// setenvfrom VAR FILE [PATTERN]: sets VAR to FILE's content, trimmed, or to the first
+// submatch of PATTERN in it. FILE may be stdout or stderr of the last command.
+func cmdSetenvFrom(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) < 2 || len(args) > 3 {
+		ts.Fatalf("usage: setenvfrom VAR FILE [PATTERN]")
+	}
+	s := strings.TrimSpace(ts.ReadFile(args[1]))
+	if len(args) == 3 {
+		m := regexp.MustCompile("(?m)" + args[2]).FindStringSubmatch(s)
+		if len(m) < 2 {
+			ts.Fatalf("%q not found in %s:\n%s", args[2], args[1], s)
+		}
+		s = m[1]
+	}
+	ts.Setenv(args[0], s)
+}
+
+// jsonget VAR FILE PATH: sets VAR to the value at PATH (dot-separated keys and indexes,
+// e.g. releases.0.release) in FILE's JSON. A missing value is an error.
+func cmdJSONGet(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 3 {
+		ts.Fatalf("usage: jsonget VAR FILE PATH")
+	}
+	var v any
+	if err := json.Unmarshal([]byte(ts.ReadFile(args[1])), &v); err != nil {
+		ts.Fatalf("%s is not JSON: %v", args[1], err)
+	}
+	for _, k := range strings.Split(args[2], ".") {
+		switch x := v.(type) {
+		case map[string]any:
+			v = x[k]
+		case []any:
+			i, err := strconv.Atoi(k)
+			if err != nil || i < 0 || i >= len(x) {
+				ts.Fatalf("%s: no index %q in an array of %d", args[2], k, len(x))
+			}
+			v = x[i]
+		default:
+			v = nil
+		}
+		if v == nil {
+			ts.Fatalf("%s: nothing at %q", args[2], k)
+		}
+	}
+	switch x := v.(type) {
+	case string:
+		ts.Setenv(args[0], x)
+	default:
+		b, _ := json.Marshal(x)
+		ts.Setenv(args[0], string(b))
+	}
+}
+
+// jsonvalid [-lines] FILE: FILE holds one JSON value, or with -lines one on every line.
+func cmdJSONValid(ts *testscript.TestScript, neg bool, args []string) {
+	lines := len(args) == 2 && args[0] == "-lines"
+	if neg || len(args) != 1 && !lines {
+		ts.Fatalf("usage: jsonvalid [-lines] FILE")
+	}
+	s := ts.ReadFile(args[len(args)-1])
+	if !lines {
+		if !json.Valid([]byte(s)) {
+			ts.Fatalf("%s is not valid JSON:\n%s", args[0], s)
+		}
+		return
+	}
+	n := 0
+	for _, l := range strings.Split(strings.TrimSuffix(s, "\n"), "\n") {
+		if !json.Valid([]byte(l)) || !strings.HasPrefix(l, "{") {
+			ts.Fatalf("line %d of %s is not a JSON object: %q", n+1, args[1], l)
+		}
+		n++
+	}
+	if s == "" {
+		ts.Fatalf("%s is empty", args[1])
+	}
+}
+
+// errline [-last] PATTERN: the last command's stderr is exactly one line, "sealcast: ...",
+// matching PATTERN; with -last, its last line is (serve logs before it).
+func cmdErrLine(ts *testscript.TestScript, neg bool, args []string) {
+	last := len(args) == 2 && args[0] == "-last"
+	if neg || len(args) != 1 && !last {
+		ts.Fatalf("usage: errline [-last] PATTERN")
+	}
+	s := ts.ReadFile("stderr")
+	line := s
+	if last {
+		line = s[strings.LastIndex(strings.TrimSuffix(s, "\n"), "\n")+1:]
+	}
+	if strings.Count(line, "\n") != 1 || !strings.HasSuffix(line, "\n") || !strings.HasPrefix(line, "sealcast: ") {
+		ts.Fatalf("stderr does not end in one line \"sealcast: ...\":\n%s", s)
+	}
+	if !regexp.MustCompile(args[len(args)-1]).MatchString(line) {
+		ts.Fatalf("stderr does not match %q:\n%s", args[len(args)-1], s)
+	}
+}
+
+// emptydir DIR: DIR exists and holds no file.
+func cmdEmptyDir(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 1 {
+		ts.Fatalf("usage: emptydir DIR")
+	}
+	ents, err := os.ReadDir(ts.MkAbs(args[0]))
+	ts.Check(err)
+	if len(ents) > 0 {
+		var names []string
+		for _, e := range ents {
+			names = append(names, e.Name())
+		}
+		ts.Fatalf("%s holds %s", args[0], strings.Join(names, ", "))
+	}
+}
+
+// asdevice DEVICEFILE LEAF PAYLOAD: connects to $SEALCAST_BROKER with the credentials of
+// a device file, as that device, and publishes PAYLOAD to its topic
+// sealcast/devices/<serial>/LEAF (QoS 1, retained for state and presence).
+func cmdAsDevice(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 3 {
+		ts.Fatalf("usage: asdevice DEVICEFILE LEAF PAYLOAD")
+	}
+	var f protocol.DeviceFile
+	if err := json.Unmarshal([]byte(ts.ReadFile(args[0])), &f); err != nil {
+		ts.Fatalf("%s: %v", args[0], err)
+	}
+	o := mqtt.NewClientOptions().AddBroker(ts.Getenv("SEALCAST_BROKER")).SetClientID(f.Serial).
+		SetUsername(f.Broker.Username).SetPassword(f.Broker.Password).SetCleanSession(true).SetAutoReconnect(false)
+	c := mqtt.NewClient(o)
+	tok := c.Connect()
+	if !tok.WaitTimeout(waitFor) || tok.Error() != nil {
+		ts.Fatalf("connecting as %s: %v", f.Serial, tok.Error())
+	}
+	defer c.Disconnect(250)
+	leaf := args[1]
+	tok = c.Publish(protocol.Root+"/devices/"+f.Serial+"/"+leaf, 1, leaf == "state" || leaf == "presence", args[2])
+	if !tok.WaitTimeout(waitFor) || tok.Error() != nil {
+		ts.Fatalf("publishing as %s: %v", f.Serial, tok.Error())
+	}
+}
