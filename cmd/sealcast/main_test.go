@@ -9,15 +9,19 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 	"github.com/rogpeppe/go-internal/testscript"
+	"github.com/rs/zerolog"
 
+	"github.com/sealcast/sealcast/device/simulate"
 	"github.com/sealcast/sealcast/protocol"
 )
 
@@ -50,6 +54,7 @@ func TestScripts(t *testing.T) {
 			"errline":    cmdErrLine,
 			"emptydir":   cmdEmptyDir,
 			"asdevice":   cmdAsDevice,
+			"simulate":   cmdSimulate,
 		},
 	})
 }
@@ -296,5 +301,52 @@ func cmdAsDevice(ts *testscript.TestScript, neg bool, args []string) {
 	tok = c.Publish(protocol.Root+"/devices/"+f.Serial+"/"+leaf, 1, leaf == "state" || leaf == "presence", args[2])
 	if !tok.WaitTimeout(waitFor) || tok.Error() != nil {
 		ts.Fatalf("publishing as %s: %v", f.Serial, tok.Error())
+	}
+}
+
+// simulations are the device fleets started by "simulate start", by script.
+var simulations sync.Map // *testscript.TestScript -> chan simResult
+
+// simulate start DIR VERSION | simulate wait: runs the devices whose files are in DIR (as
+// provision -out-dir writes them) in this process, over MQTT, until each has confirmed
+// VERSION; wait waits for that and fails if any device failed.
+func cmdSimulate(ts *testscript.TestScript, neg bool, args []string) {
+	switch {
+	case !neg && len(args) == 3 && args[0] == "start":
+		version, err := strconv.ParseUint(args[2], 10, 64)
+		ts.Check(err)
+		names, err := filepath.Glob(filepath.Join(ts.MkAbs(args[1]), "*.json"))
+		ts.Check(err)
+		var files []protocol.DeviceFile
+		for _, n := range names {
+			var f protocol.DeviceFile
+			b, err := os.ReadFile(n)
+			ts.Check(err)
+			ts.Check(json.Unmarshal(b, &f))
+			files = append(files, f)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), waitFor)
+		done := make(chan simResult, 1)
+		go func() {
+			sum, err := simulate.Run(ctx, simulate.Options{Devices: files, TargetVersion: version, Logger: zerolog.Nop()})
+			done <- simResult{sum, err}
+		}()
+		ts.Defer(cancel)
+		simulations.Store(ts, done)
+	case !neg && len(args) == 1 && args[0] == "wait":
+		v, ok := simulations.LoadAndDelete(ts)
+		if !ok {
+			ts.Fatalf("simulate wait: no simulation started")
+		}
+		r := <-v.(chan simResult)
+		if r.err != nil {
+			ts.Fatalf("simulation: %v", r.err)
+		}
+		if r.sum.Failed > 0 || r.sum.Confirmed != r.sum.Devices {
+			ts.Fatalf("simulation: %s", r.sum)
+		}
+		ts.Logf("simulation: %s", r.sum)
+	default:
+		ts.Fatalf("usage: simulate start DIR VERSION | simulate wait")
 	}
 }
