@@ -4,9 +4,17 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"encoding/json"
 	"fmt"
 	"io"
+	"math/big"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -55,6 +63,7 @@ func TestScripts(t *testing.T) {
 			"emptydir":   cmdEmptyDir,
 			"asdevice":   cmdAsDevice,
 			"simulate":   cmdSimulate,
+			"gencert":    cmdGenCert,
 		},
 	})
 }
@@ -79,7 +88,7 @@ func poll(ts *testscript.TestScript, what string, f func() (bool, string)) {
 }
 
 // waitserve LOG: waits until the serve whose stderr goes to LOG is ready, and sets MQTT
-// (the broker URL for clients), TCP and HTTP from the addresses its "sealcast serving"
+// (the broker URL for clients), TCP, TLS (empty without) and HTTP from the addresses its "sealcast serving"
 // line names.
 func cmdWaitServe(ts *testscript.TestScript, neg bool, args []string) {
 	if neg || len(args) != 1 {
@@ -115,6 +124,8 @@ func cmdWaitServe(ts *testscript.TestScript, neg bool, args []string) {
 	}
 	ts.Setenv("MQTT", mqttURL)
 	ts.Setenv("TCP", tcp)
+	tlsAddr, _ := serving["tls"].(string)
+	ts.Setenv("TLS", tlsAddr)
 	ts.Setenv("HTTP", httpAddr)
 }
 
@@ -349,4 +360,25 @@ func cmdSimulate(ts *testscript.TestScript, neg bool, args []string) {
 	default:
 		ts.Fatalf("usage: simulate start DIR VERSION | simulate wait")
 	}
+}
+
+// gencert CERT KEY: writes a self-signed ECDSA certificate for 127.0.0.1 and its key, PEM.
+func cmdGenCert(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 2 {
+		ts.Fatalf("usage: gencert CERT KEY")
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	ts.Check(err)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "sealcast test"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}, KeyUsage: x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	ts.Check(err)
+	kder, err := x509.MarshalPKCS8PrivateKey(key)
+	ts.Check(err)
+	ts.Check(os.WriteFile(ts.MkAbs(args[0]), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644))
+	ts.Check(os.WriteFile(ts.MkAbs(args[1]), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder}), 0o600))
 }
