@@ -256,7 +256,7 @@ func newProgress(w io.Writer, id keychain.ReleaseID) *progress {
 
 func (p *progress) update(st protocol.ReleaseStatus) {
 	if isTerminal(p.w) {
-		if p.bar == nil || p.max != st.Targets {
+		if p.bar == nil || p.max != max(st.Targets, 1) {
 			p.max = max(st.Targets, 1)
 			p.bar = progressbar.NewOptions(p.max, progressbar.OptionSetWriter(p.w), progressbar.OptionSetWidth(30),
 				progressbar.OptionShowCount(), progressbar.OptionSetPredictTime(true), progressbar.OptionThrottle(100*time.Millisecond))
@@ -274,7 +274,8 @@ func (p *progress) update(st protocol.ReleaseStatus) {
 
 func (p *progress) finish(st protocol.ReleaseStatus) {
 	if p.bar != nil {
-		p.bar.Finish()
+		// Exit, not Finish: Finish fills the bar, also for a cancelled release.
+		p.bar.Exit()
 		fmt.Fprintln(p.w)
 	}
 	if line := statusLine(st); line != p.last || p.bar != nil {
@@ -284,6 +285,7 @@ func (p *progress) finish(st protocol.ReleaseStatus) {
 
 func (p *progress) abandon() {
 	if p.bar != nil {
+		p.bar.Exit()
 		fmt.Fprintln(p.w)
 	}
 }
