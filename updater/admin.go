@@ -405,6 +405,8 @@ func (u *Updater) createRelease(ctx context.Context, a protocol.ReleaseCreateArg
 	u.fleetDir = true
 	u.mu.Unlock()
 	u.log.Info().Str("release", id.String()).Uint64("version", a.Version).Int("targets", len(targets)).Uint32("chunks", m.ChunkCount).Msg("release created")
+	// The image is published; its upload would otherwise hold a copy on disk for a day.
+	u.uploads.remove(a.Upload)
 	u.startFanout(r)
 	return &protocol.ReleaseCreateResult{Release: id, Targets: len(targets)}, nil
 }

@@ -275,6 +275,9 @@ type Stats struct {
 	AcksRejected map[string]int64
 	// AcksShed counts acks dropped because the queue was full (devices re-send them).
 	AcksShed int64
+	// Online is how many devices' retained presence says online now (always 0 with
+	// AcksOnly, which does not follow presence).
+	Online int
 }
 
 type counters struct {
@@ -299,5 +302,8 @@ func (u *Updater) Stats() Stats {
 		s.AcksRejected[k.(string)] = v.(*atomic.Int64).Load()
 		return true
 	})
+	u.mu.Lock()
+	s.Online = len(u.online)
+	u.mu.Unlock()
 	return s
 }

@@ -156,6 +156,17 @@ func (us *uploads) get(id string) (*upload, error) {
 	return up, nil
 }
 
+// remove deletes an upload and its file: a release has published it.
+func (us *uploads) remove(id string) {
+	us.mu.Lock()
+	defer us.mu.Unlock()
+	if up := us.m[id]; up != nil {
+		up.f.Close()
+		os.Remove(up.f.Name())
+		delete(us.m, id)
+	}
+}
+
 // reader returns the image of a finished upload.
 func (up *upload) reader() io.Reader { return io.NewSectionReader(up.f, 0, int64(up.size)) }
 

@@ -6,6 +6,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"flag"
@@ -32,7 +33,8 @@ func main() {
 	case errors.Is(err, flag.ErrHelp):
 		os.Exit(2)
 	default:
-		fmt.Fprintln(os.Stderr, "sealcast:", err)
+		// One line, always: scripts grep for it and people read the last line.
+		fmt.Fprintln(os.Stderr, "sealcast:", strings.Join(strings.Fields(err.Error()), " "))
 		os.Exit(1)
 	}
 }
@@ -41,6 +43,9 @@ func main() {
 type env struct {
 	stdout, stderr io.Writer
 	logLevel       *string
+	// usage collects what the flag package prints (help, and usage after a bad flag):
+	// run shows it for -h and drops it after a bad flag, whose error is one line.
+	usage bytes.Buffer
 }
 
 func (e *env) logger() zerolog.Logger {
@@ -59,7 +64,7 @@ func (e *env) logger() zerolog.Logger {
 // newFlags returns a flag set that also reads SEALCAST_* environment variables.
 func newFlags(name string, e *env) *flag.FlagSet {
 	fs := flag.NewFlagSet("sealcast "+name, flag.ContinueOnError)
-	fs.SetOutput(e.stderr)
+	fs.SetOutput(&e.usage)
 	fs.StringVar(e.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	return fs
 }
@@ -80,21 +85,37 @@ it installed the release. Everything travels over MQTT.
 Start here:
   sealcast demo                  everything in one process, on loopback, with 20 devices
   sealcast serve                 the service: embedded broker, embedded store
-  sealcast provision -count 10   register devices and write their device files
+  sealcast provision -count 10 -prefix sensor- -out-dir devices
+                                 register devices and write their device files
   sealcast release -image fw.bin -version 2 -all -wait
+  sealcast status                the fleet and its releases
+  sealcast watch                 live progress, from the status topics
 
 Every flag has an environment twin: -redis is SEALCAST_REDIS, and so on.`),
 		FlagSet: flag.NewFlagSet("sealcast", flag.ContinueOnError),
 		Subcommands: []*ffcli.Command{
 			serveCommand(e), demoCommand(e),
+			provisionCommand(e), releaseCommand(e), statusCommand(e), devicesCommand(e), watchCommand(e),
+			controlCommand(e, "pause"), controlCommand(e, "resume"), controlCommand(e, "cancel"),
 		},
-		Exec: func(context.Context, []string) error { return flag.ErrHelp },
+		Exec: func(_ context.Context, args []string) error {
+			if len(args) > 0 && args[0] != "help" {
+				return fmt.Errorf("unknown command %q; run \"sealcast help\" for the list", args[0])
+			}
+			return flag.ErrHelp
+		},
 	}
-	root.FlagSet.SetOutput(stderr)
+	root.FlagSet.SetOutput(&e.usage)
 	for _, c := range root.Subcommands {
 		c.Options = ffOptions
 	}
-	return root.ParseAndRun(ctx, args)
+	err := root.ParseAndRun(ctx, args)
+	if errors.Is(err, flag.ErrHelp) {
+		e.usage.WriteTo(stderr)
+	} else if msg, ok := strings.CutPrefix(fmt.Sprint(err), "error parsing commandline arguments: "); ok {
+		err = fmt.Errorf("%s; run with -h for help", msg)
+	}
+	return err
 }
 
 const warnLevel = zerolog.WarnLevel

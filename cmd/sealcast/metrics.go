@@ -33,6 +33,7 @@ func newCollector(s *stack) *collector {
 		"dropped":   d("broker_dropped_total", "Deliveries the broker dropped, by reason.", "reason"),
 		"releases":  d("releases", "Releases by state.", "state"),
 		"devices":   d("devices", "Provisioned devices."),
+		"online":    d("devices_online", "Devices whose retained presence is online."),
 		"storelat":  d("store_latency_seconds", "Time of one store read at scrape time."),
 	}}
 }
@@ -58,6 +59,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter("shed", st.AcksShed)
 	counter("reports", st.ReportsRecorded)
 	counter("resyncs", st.Resyncs)
+	gauge("online", float64(st.Online))
 	for _, r := range []string{"malformed", "unknown_device", "forged", "stale", "unassigned", "internal"} {
 		counter("rejected", st.AcksRejected[r], r)
 	}

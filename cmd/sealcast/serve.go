@@ -5,6 +5,8 @@ import (
 	"fmt"
 
 	"github.com/peterbourgon/ff/v3/ffcli"
+
+	"github.com/sealcast/sealcast/broker"
 )
 
 func serveCommand(e *env) *ffcli.Command {
@@ -27,14 +29,19 @@ func serveCommand(e *env) *ffcli.Command {
 	fs.UintVar(&c.chainLength, "chain-length", 1024, "key chain length for new devices and re-keys (a power of two, 16 to 1048576)")
 	fs.StringVar(&c.ackGroup, "ack-group", "", "share acks with other updaters in this group ($share/<group>/...)")
 	fs.BoolVar(&c.acksOnly, "acks-only", false, "process acks only; another updater handles admin requests and releases")
+	fs.StringVar(&c.adminPassword, "admin-password", "", "password of the admin account when serve creates it (first start); prefer the environment, SEALCAST_ADMIN_PASSWORD (default: generated and printed once)")
 	return &ffcli.Command{
 		Name:       "serve",
 		ShortUsage: "sealcast serve [flags]",
 		ShortHelp:  "run the service: embedded MQTT broker, updater and store",
 		LongHelp: `Runs the embedded MQTT broker and the updater. On first start it creates the data
 directory with the fleet root secret, the release-signing key and an admin account whose
-password is printed once. With -redis the updater keeps its state in Redis; with -broker it
-runs alone against an external broker. Stops cleanly on SIGINT or SIGTERM.`,
+password is printed once, or set by -admin-password (for scripted setups; it never
+changes an existing account). With -redis the updater keeps its state in Redis; with -broker it
+runs alone against an external broker. Stops cleanly on SIGINT or SIGTERM.
+
+The log line "sealcast serving" names the addresses actually bound (tcp, tls, ws, http),
+so that port 0 works: -listen 127.0.0.1:0.`,
 		FlagSet: fs,
 		Exec: func(ctx context.Context, args []string) error {
 			if len(args) > 0 {
@@ -50,6 +57,13 @@ runs alone against an external broker. Stops cleanly on SIGINT or SIGTERM.`,
 					"    export SEALCAST_USER=admin SEALCAST_PASSWORD='%s'\n\n", s.adminPW)
 			}
 			ev := log.Info().Str("mqtt", s.brokerURL).Str("data", c.dataDir)
+			if s.broker != nil {
+				for _, l := range []string{broker.ListenerTCP, broker.ListenerTLS, broker.ListenerWS} {
+					if a := s.broker.Addr(l); a != nil {
+						ev = ev.Str(l, a.String())
+					}
+				}
+			}
 			if s.httpAddr != nil {
 				ev = ev.Str("http", s.httpAddr.String())
 			}

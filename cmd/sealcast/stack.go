@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -39,6 +40,9 @@ type stackConfig struct {
 	chainLength                     uint
 	ackGroup                        string
 	acksOnly                        bool
+	// adminPassword, if set, is the password of the admin account created with the
+	// accounts file, instead of a generated one.
+	adminPassword string
 }
 
 // stack is a running service.
@@ -51,7 +55,7 @@ type stack struct {
 	http      *http.Server
 	httpAddr  net.Addr
 	brokerURL string // where local clients reach the broker
-	adminPW   string // set when this start created the admin account
+	adminPW   string // set when this start created the admin account with a generated password
 	cancel    context.CancelFunc
 	done      chan error
 	log       zerolog.Logger
@@ -103,6 +107,9 @@ func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (_ *stac
 		busUser = updaterUser
 	} else {
 		s.brokerURL = c.brokerURL
+		if c.adminPassword != "" {
+			log.Warn().Msg("-admin-password is ignored with -broker: it sets the embedded broker's admin account; create accounts on the external broker")
+		}
 	}
 	publicURL := c.publicURL
 	if publicURL == "" {
@@ -116,6 +123,9 @@ func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (_ *stac
 		URL: s.brokerURL, ClientID: fmt.Sprintf("sealcast-updater-%s-%d", host, os.Getpid()),
 		Username: busUser, Password: busPW, TLS: busTLS, Logger: log.With().Str("component", "mqtt").Logger(),
 	}); err != nil {
+		if c.brokerURL != "" {
+			return nil, fmt.Errorf("%w (the external broker comes from -broker or SEALCAST_BROKER; leave both unset to run the embedded broker)", err)
+		}
 		return nil, err
 	}
 	uo := updater.Options{
@@ -161,19 +171,35 @@ func caConfig(path string) (*tls.Config, error) {
 func (s *stack) startBroker(c stackConfig) (string, error) {
 	accountsPath := s.dir.File(broker.AccountsFile)
 	accounts, err := broker.LoadAccounts(accountsPath)
-	if errors.Is(err, fs.ErrNotExist) {
-		pw, gerr := broker.GeneratePassword()
-		if gerr != nil {
-			return "", gerr
-		}
-		admin, aerr := broker.NewAccount("admin", broker.RoleAdmin, pw)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		admin, pw, aerr := s.newAdmin(c.adminPassword)
 		if aerr != nil {
 			return "", aerr
 		}
 		if err := broker.SaveAccounts(accountsPath, []broker.Account{admin}); err != nil {
 			return "", err
 		}
-		accounts, s.adminPW, err = []broker.Account{admin}, pw, nil
+		accounts, err = []broker.Account{admin}, nil
+		if c.adminPassword == "" {
+			s.adminPW = pw
+		} else {
+			s.log.Info().Str("accounts", accountsPath).Msg("created the admin account with the password of -admin-password")
+		}
+	case err == nil && c.adminPassword != "":
+		if slices.ContainsFunc(accounts, func(a broker.Account) bool { return a.Username == "admin" }) {
+			s.log.Info().Str("accounts", accountsPath).Msg("the admin account exists already; -admin-password is ignored and its password is unchanged")
+			break
+		}
+		admin, _, aerr := s.newAdmin(c.adminPassword)
+		if aerr != nil {
+			return "", aerr
+		}
+		if err := broker.AddAccountToFile(accountsPath, admin); err != nil {
+			return "", err
+		}
+		accounts = append(accounts, admin)
+		s.log.Info().Str("accounts", accountsPath).Msg("the accounts file had no admin account; added one with the password of -admin-password")
 	}
 	if err != nil {
 		return "", err
@@ -217,6 +243,21 @@ func (s *stack) startBroker(c stackConfig) (string, error) {
 	_, port, _ := net.SplitHostPort(s.broker.Addr("tcp").String())
 	s.brokerURL = "tcp://127.0.0.1:" + port
 	return pw, nil
+}
+
+// newAdmin returns the account "admin" with password pw, or a generated password if pw is
+// empty.
+func (s *stack) newAdmin(pw string) (broker.Account, string, error) {
+	if pw == "" {
+		var err error
+		if pw, err = broker.GeneratePassword(); err != nil {
+			return broker.Account{}, "", err
+		}
+	} else if len(pw) < 12 {
+		s.log.Warn().Msg("-admin-password is shorter than 12 characters; anyone who reaches the broker can try to guess it")
+	}
+	a, err := broker.NewAccount("admin", broker.RoleAdmin, pw)
+	return a, pw, err
 }
 
 func (s *stack) startHTTP(addr string) error {

@@ -1,0 +1,299 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/peterbourgon/ff/v3/ffcli"
+	"github.com/schollz/progressbar/v3"
+
+	"github.com/sealcast/sealcast/keychain"
+	"github.com/sealcast/sealcast/operator"
+	"github.com/sealcast/sealcast/protocol"
+)
+
+func releaseCommand(e *env) *ffcli.Command {
+	fs := newFlags("release", e)
+	var cf clientFlags
+	cf.register(fs)
+	var r releaseFlags
+	fs.StringVar(&r.image, "image", "", "the image file to release (required)")
+	fs.Uint64Var(&r.version, "version", 0, "version of the image: 1 or more, higher than every release before (required)")
+	fs.StringVar(&r.devices, "devices", "", "target these devices: serials separated by commas")
+	fs.BoolVar(&r.all, "all", false, "target every provisioned device")
+	fs.UintVar(&r.chunkSize, "chunk-size", 0, fmt.Sprintf("chunk size in bytes, %d to %d (default: the service's, %d)", keychain.MinChunkSize, keychain.MaxChunkSize, keychain.DefaultChunkSize))
+	fs.StringVar(&r.label, "label", "", "a name for people, e.g. 2.1.0 (at most 64 characters)")
+	fs.BoolVar(&r.wait, "wait", false, "show progress until every target installed or failed; exit non-zero if any failed or the release was cancelled")
+	return &ffcli.Command{
+		Name:       "release",
+		ShortUsage: "sealcast release -image FILE -version V (-devices a,b,c | -all) [-wait]",
+		ShortHelp:  "release an image to devices",
+		LongHelp: `Uploads an image to the service, which encrypts it once, signs its manifest, publishes
+it, and wraps its key for every target device under that device's next one-time key.
+Prints the release id on standard output (and nothing else there), so that
+  id=$(sealcast release -image fw.bin -version 2 -all)
+works in scripts.
+
+Everything is checked before the image is sent: the file, the version (it must be higher
+than every release not cancelled), and that every device named with -devices is
+provisioned. A refused release creates nothing; the error names the service's code
+(PROTOCOL.md 15.2), e.g. not_found or version_not_newer.
+
+With -wait the command follows the release's status topic: a progress bar on a terminal,
+a line every few seconds otherwise. Interrupting the wait does not stop the release.
+` + clientHelp,
+		FlagSet: fs,
+		Exec: func(ctx context.Context, args []string) error {
+			if len(args) > 0 {
+				return fmt.Errorf("release takes no arguments (got %q); did you mean -devices?", args)
+			}
+			return runRelease(ctx, e, &cf, &r)
+		},
+	}
+}
+
+type releaseFlags struct {
+	image, devices, label string
+	version               uint64
+	all, wait             bool
+	chunkSize             uint
+}
+
+// check validates the flags without the network and returns the request and the open
+// image.
+func (r *releaseFlags) check() (protocol.ReleaseCreateArgs, *os.File, int64, error) {
+	a := protocol.ReleaseCreateArgs{Version: r.version, All: r.all, ChunkSize: uint32(r.chunkSize), Label: r.label}
+	if r.image == "" {
+		return a, nil, 0, errors.New("give the image with -image FILE")
+	}
+	if r.version < 1 {
+		return a, nil, 0, errors.New("give -version: 1 or more, higher than every release before")
+	}
+	for _, s := range strings.Split(r.devices, ",") {
+		if s = strings.TrimSpace(s); s == "" {
+			continue
+		}
+		if err := keychain.CheckSerial(s); err != nil {
+			return a, nil, 0, fmt.Errorf("-devices: %w", err)
+		}
+		a.Devices = append(a.Devices, s)
+	}
+	switch {
+	case r.all && len(a.Devices) > 0:
+		return a, nil, 0, errors.New("give -devices or -all, not both")
+	case !r.all && len(a.Devices) == 0:
+		return a, nil, 0, errors.New("give the targets: -devices a,b,c or -all")
+	case r.chunkSize != 0 && (r.chunkSize < keychain.MinChunkSize || r.chunkSize > keychain.MaxChunkSize):
+		return a, nil, 0, fmt.Errorf("-chunk-size %d must be from %d to %d", r.chunkSize, keychain.MinChunkSize, keychain.MaxChunkSize)
+	case len(r.label) > 64:
+		return a, nil, 0, fmt.Errorf("-label is %d characters; at most 64", len(r.label))
+	}
+	f, err := os.Open(r.image)
+	if err != nil {
+		return a, nil, 0, fmt.Errorf("reading the image: %w", err)
+	}
+	fi, err := f.Stat()
+	if err == nil && !fi.Mode().IsRegular() {
+		err = fmt.Errorf("%s is not a regular file", r.image)
+	}
+	if err == nil {
+		// Read one byte to find an unreadable file (a directory, no permission) now.
+		_, err = f.ReadAt(make([]byte, 1), 0)
+		if errors.Is(err, io.EOF) {
+			err = nil
+		}
+	}
+	if err != nil {
+		f.Close()
+		return a, nil, 0, fmt.Errorf("reading the image: %w", err)
+	}
+	return a, f, fi.Size(), nil
+}
+
+func runRelease(ctx context.Context, e *env, cf *clientFlags, r *releaseFlags) error {
+	args, img, size, err := r.check()
+	if err != nil {
+		return err
+	}
+	defer img.Close()
+	op, err := cf.dial(ctx)
+	if err != nil {
+		return err
+	}
+	defer op.Close()
+	if err := precheckRelease(ctx, op, args); err != nil {
+		return err
+	}
+	res, err := op.Release(ctx, img, size, args)
+	if err != nil {
+		return adminError(err)
+	}
+	fmt.Fprintln(e.stdout, res.Release)
+	fmt.Fprintf(e.stderr, "release %s: version %d, %d bytes, to %d devices\n", res.Release, args.Version, size, res.Targets)
+	if !r.wait {
+		return nil
+	}
+	st, err := followRelease(ctx, e, op, res.Release)
+	if err != nil {
+		return err
+	}
+	switch {
+	case st.State == protocol.ReleaseCancelled:
+		return fmt.Errorf("release %s was cancelled: %d of %d devices installed it", st.Release, st.Installed, st.Targets)
+	case st.Failed > 0:
+		return fmt.Errorf("release %s: %d of %d devices failed (sealcast devices shows why)", st.Release, st.Failed, st.Targets)
+	}
+	return nil
+}
+
+// precheckRelease asks the service what release.create would refuse, before the image is
+// uploaded: an upload the release then refuses would sit on the service for a day.
+func precheckRelease(ctx context.Context, op *operator.Client, a protocol.ReleaseCreateArgs) error {
+	var list protocol.ReleaseListResult
+	if err := op.Do(ctx, protocol.CmdReleaseList, nil, &list); err != nil {
+		return adminError(err)
+	}
+	for _, r := range list.Releases {
+		if r.Version >= a.Version && r.State != protocol.ReleaseCancelled {
+			return adminError(protocol.Errorf(protocol.ErrVersionNotNewer,
+				"version %d is not newer than release %s (version %d, %s); versions only go up", a.Version, r.Release, r.Version, r.State))
+		}
+	}
+	var unknown []string
+	for _, s := range a.Devices {
+		err := op.Do(ctx, protocol.CmdDeviceGet, protocol.SerialArgs{Serial: s}, nil)
+		if errors.Is(err, &protocol.Error{Code: protocol.ErrNotFound}) {
+			unknown = append(unknown, s)
+		} else if err != nil {
+			return adminError(err)
+		}
+	}
+	if len(unknown) > 0 {
+		if len(unknown) > 10 {
+			unknown = append(unknown[:10], fmt.Sprintf("and %d more", len(unknown)-10))
+		}
+		return adminError(protocol.Errorf(protocol.ErrNotFound, "unknown devices: %s (provision them first, or leave them out)", strings.Join(unknown, ", ")))
+	}
+	return nil
+}
+
+// finished reports whether a release has nothing more to wait for.
+func finished(st protocol.ReleaseStatus) bool {
+	switch st.State {
+	case protocol.ReleaseCompleted, protocol.ReleaseCancelled:
+		return true
+	case protocol.ReleasePublishing:
+		return false
+	}
+	return st.Targets > 0 && st.Installed+st.Failed >= st.Targets
+}
+
+// followRelease reads a release's retained status topic until the release is finished,
+// showing progress on stderr, and returns its last status.
+func followRelease(ctx context.Context, e *env, op *operator.Client, id keychain.ReleaseID) (protocol.ReleaseStatus, error) {
+	wctx, stop := context.WithCancel(ctx)
+	defer stop()
+	var (
+		mu   sync.Mutex
+		last protocol.ReleaseStatus
+		done bool
+	)
+	p := newProgress(e.stderr, id)
+	err := op.Watch(wctx, []string{protocol.ReleaseStatusTopic(id)}, func(_ string, b []byte) {
+		var st protocol.ReleaseStatus
+		if json.Unmarshal(b, &st) != nil || st.Release != id {
+			return
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if done {
+			return
+		}
+		last = st
+		p.update(st)
+		if finished(st) {
+			done = true
+			p.finish(st)
+			stop()
+		}
+	})
+	mu.Lock()
+	defer mu.Unlock()
+	switch {
+	case err != nil:
+		return last, err
+	case !done:
+		done = true // no more updates after this
+		p.abandon()
+		return last, fmt.Errorf("stopped waiting (%v); release %s goes on: sealcast status %s", context.Cause(ctx), id, id)
+	}
+	return last, nil
+}
+
+// progress shows a release's progress: a bar on a terminal, plain lines otherwise.
+type progress struct {
+	w     io.Writer
+	id    keychain.ReleaseID
+	bar   *progressbar.ProgressBar // nil when w is not a terminal
+	max   int
+	last  string
+	lastT time.Time
+}
+
+// plainEvery is how often a changed status is printed when stderr is not a terminal.
+const plainEvery = 2 * time.Second
+
+func newProgress(w io.Writer, id keychain.ReleaseID) *progress {
+	return &progress{w: w, id: id}
+}
+
+func (p *progress) update(st protocol.ReleaseStatus) {
+	if isTerminal(p.w) {
+		if p.bar == nil || p.max != max(st.Targets, 1) {
+			p.max = max(st.Targets, 1)
+			p.bar = progressbar.NewOptions(p.max, progressbar.OptionSetWriter(p.w), progressbar.OptionSetWidth(30),
+				progressbar.OptionShowCount(), progressbar.OptionSetPredictTime(true), progressbar.OptionThrottle(100*time.Millisecond))
+		}
+		p.bar.Describe(fmt.Sprintf("%s %-9s failed %d", short(p.id), st.State, st.Failed))
+		p.bar.Set(st.Installed)
+		return
+	}
+	line := statusLine(st)
+	if line != p.last && time.Since(p.lastT) >= plainEvery {
+		fmt.Fprintln(p.w, line)
+		p.last, p.lastT = line, time.Now()
+	}
+}
+
+func (p *progress) finish(st protocol.ReleaseStatus) {
+	if p.bar != nil {
+		// Exit, not Finish: Finish fills the bar, also for a cancelled release.
+		p.bar.Exit()
+		fmt.Fprintln(p.w)
+	}
+	if line := statusLine(st); line != p.last || p.bar != nil {
+		fmt.Fprintln(p.w, line)
+	}
+}
+
+func (p *progress) abandon() {
+	if p.bar != nil {
+		p.bar.Exit()
+		fmt.Fprintln(p.w)
+	}
+}
+
+func statusLine(st protocol.ReleaseStatus) string {
+	return fmt.Sprintf("release %s: %s, %d of %d installed, %d failed, %d pending", st.Release, st.State, st.Installed, st.Targets, st.Failed, st.Pending)
+}
+
+// short is the first 8 digits of a release id, enough for people and for the commands
+// that take a prefix.
+func short(id keychain.ReleaseID) string { return id.String()[:8] }
