@@ -114,7 +114,7 @@ func (o *Options) setDefaults() error {
 }
 
 // ErrCrashed is returned by Run when a crash fault fired (Faults.CrashAfterInstall,
-// CrashAfterPersist): the agent stopped as if the power went out. Start a new Agent on the
+// CrashAfterPersist, Crash): the agent stopped as if the power went out. Start a new Agent on the
 // same Vault to model the reboot.
 var ErrCrashed = errors.New("device: agent crashed by fault injection")
 
@@ -599,6 +599,12 @@ func (a *Agent) dropConnection() {
 	if a.job != nil {
 		a.job.disconnected()
 	}
+}
+
+// crashAt asks Faults.Crash whether to crash at p.
+func (a *Agent) crashAt(p CrashPoint, id keychain.ReleaseID, chunk uint32) bool {
+	f := a.opts.Faults.Crash
+	return f != nil && f(p, id, chunk)
 }
 
 func (a *Agent) crash() {

@@ -400,6 +400,70 @@ func TestPowerLossBeforeAck(t *testing.T) {
 	}
 }
 
+func TestPowerLossMidDownload(t *testing.T) {
+	// Faults.Crash at CrashDownloading: nothing is persisted, the reboot downloads the
+	// whole image again, and the counter moves once.
+	e := newEnv(t)
+	v, inst := e.provision("dev-pl3", t.TempDir())
+	rec := &recorder{}
+	o := e.opts(v, inst, rec)
+	var asked []device.CrashPoint
+	var mu sync.Mutex
+	o.Faults.Crash = func(p device.CrashPoint, _ keychain.ReleaseID, chunk uint32) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		asked = append(asked, p)
+		return p == device.CrashDownloading && chunk == 2
+	}
+	r0 := run(t, o)
+	img := image(6*testChunk, 9)
+	r := e.release(img, 1)
+	e.srv.Wrap(r, "dev-pl3")
+	if err := r0.wait(t); !errors.Is(err, device.ErrCrashed) {
+		t.Fatalf("Run = %v, want ErrCrashed", err)
+	}
+	if st, _ := v.Load(); st.Seq != 16 || st.LastAck != nil {
+		t.Fatalf("a crash mid-download changed the vault: D=%d", st.Seq)
+	}
+	if rec.count(device.EventCommitted) != 0 || rec.count(device.EventChunkDone) != 3 {
+		t.Fatalf("before the crash: %d commits, %d chunks done; want 0 and 3",
+			rec.count(device.EventCommitted), rec.count(device.EventChunkDone))
+	}
+	mu.Lock()
+	if len(asked) != 3 {
+		t.Errorf("Crash asked at %v, want downloading after chunks 0, 1, 2", asked)
+	}
+	mu.Unlock()
+
+	rec2 := &recorder{}
+	o2 := e.opts(device.NewFileVault(v.Path()), inst, rec2)
+	o2.Faults.Crash = func(p device.CrashPoint, _ keychain.ReleaseID, _ uint32) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		asked = append(asked, p)
+		return false
+	}
+	run(t, o2)
+	st := waitVault(t, v, func(s device.State) bool { return s.LastAckConfirmed })
+	if st.Seq != 15 || st.Version != 1 {
+		t.Fatalf("D=%d v=%d", st.Seq, st.Version)
+	}
+	if n := rec2.count(device.EventChunkDone); n != 6 {
+		t.Fatalf("after the reboot %d chunks were processed, want all 6 again", n)
+	}
+	checkSlot(t, inst, img)
+	mu.Lock()
+	defer mu.Unlock()
+	var installed, persisted bool
+	for _, p := range asked[3:] {
+		installed = installed || p == device.CrashInstalled
+		persisted = persisted || p == device.CrashPersisted
+	}
+	if !installed || !persisted {
+		t.Fatalf("Crash asked at %v after the reboot; want the installed and persisted points too", asked[3:])
+	}
+}
+
 func TestAckResentUntilReceipt(t *testing.T) {
 	e := newEnv(t)
 	v, inst := e.provision("dev-rs", t.TempDir())
