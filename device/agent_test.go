@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	mochi "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/rs/zerolog"
 
 	"github.com/sealcast/sealcast/device"
@@ -27,6 +29,7 @@ type env struct {
 	t   *testing.T
 	srv *fleettest.Server
 	url string
+	b   *mqtttest.Broker
 }
 
 func newEnv(t *testing.T) *env {
@@ -37,7 +40,7 @@ func newEnv(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	t.Cleanup(s.Close)
-	return &env{t: t, srv: s, url: b.URL}
+	return &env{t: t, srv: s, url: b.URL, b: b}
 }
 
 func image(n int, seed uint64) []byte {
@@ -461,6 +464,64 @@ func TestPowerLossMidDownload(t *testing.T) {
 	}
 	if !installed || !persisted {
 		t.Fatalf("Crash asked at %v after the reboot; want the installed and persisted points too", asked[3:])
+	}
+}
+
+// refuser makes the broker refuse chosen subscriptions: it rewrites their filter into
+// an invalid one, which mochi answers with SUBACK 0x80 for an MQTT 3.1.1 client.
+type refuser struct {
+	mochi.HookBase
+	mu     sync.Mutex
+	refuse map[string]int // filter -> refusals left
+	seen   map[string]int // filter -> SUBSCRIBEs received
+}
+
+func (h *refuser) ID() string           { return "refuser" }
+func (h *refuser) Provides(b byte) bool { return b == mochi.OnSubscribe }
+func (h *refuser) count(f string) int   { h.mu.Lock(); defer h.mu.Unlock(); return h.seen[f] }
+func (h *refuser) OnSubscribe(_ *mochi.Client, pk packets.Packet) packets.Packet {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for i, f := range pk.Filters {
+		h.seen[f.Filter]++
+		if h.refuse[f.Filter] > 0 {
+			h.refuse[f.Filter]--
+			pk.Filters[i].Filter = "refused/#/x"
+		}
+	}
+	return pk
+}
+
+func TestRefusedSubscriptionsRetried(t *testing.T) {
+	// [SC-10.1a]: the key topic, the manifest and a chunk are each refused once. With one
+	// fetch try, only a SUBACK-driven retry (not the chunk timeout) gets the update done.
+	e := newEnv(t)
+	v, inst := e.provision("dev-sub", t.TempDir())
+	img := image(6*testChunk, 10)
+	r := e.release(img, 1)
+	chunk2 := protocol.ChunkTopic(r.ID, 2)
+	h := &refuser{seen: map[string]int{}, refuse: map[string]int{
+		protocol.KeyTopic("dev-sub"): 1, protocol.ManifestTopic(r.ID): 1, chunk2: 1,
+	}}
+	if err := e.b.Server.AddHook(h, nil); err != nil {
+		t.Fatal(err)
+	}
+	e.srv.Wrap(r, "dev-sub")
+	rec := &recorder{}
+	o := e.opts(v, inst, rec)
+	o.FetchTries = 1
+	o.ChunkTimeout = 10 * time.Second
+	rn := run(t, o)
+	waitVault(t, v, func(s device.State) bool { return s.LastAckConfirmed })
+	checkSlot(t, inst, img)
+	if n := rec.count(device.EventFailed); n != 0 {
+		t.Fatalf("%d failures", n)
+	}
+	if got := rn.a.Stats().SubRetries; got != 3 {
+		t.Errorf("SubRetries = %d, want 3", got)
+	}
+	if n := h.count(chunk2); n != 2 {
+		t.Errorf("chunk 2 subscribed %d times, want 2 (refused, retried)", n)
 	}
 }
 

@@ -67,11 +67,12 @@ type Stats struct {
 	ReportsSent   uint64
 	Confirmed     uint64
 	StatePublishs uint64
+	SubRetries    uint64 // subscriptions sent again after the broker refused them
 }
 
 type counters struct {
 	connects, disconnects, keyMessages, chunkFetches, chunksBad, chunksDone,
-	installs, acksSent, reportsSent, confirmed, statePublishes atomic.Uint64
+	installs, acksSent, reportsSent, confirmed, statePublishes, subRetries atomic.Uint64
 }
 
 func (c *counters) snapshot() Stats {
@@ -79,7 +80,7 @@ func (c *counters) snapshot() Stats {
 		Connects: c.connects.Load(), Disconnects: c.disconnects.Load(), KeyMessages: c.keyMessages.Load(),
 		ChunkFetches: c.chunkFetches.Load(), ChunksBad: c.chunksBad.Load(), ChunksDone: c.chunksDone.Load(),
 		Installs: c.installs.Load(), AcksSent: c.acksSent.Load(), ReportsSent: c.reportsSent.Load(),
-		Confirmed: c.confirmed.Load(), StatePublishs: c.statePublishes.Load(),
+		Confirmed: c.confirmed.Load(), StatePublishs: c.statePublishes.Load(), SubRetries: c.subRetries.Load(),
 	}
 }
 
