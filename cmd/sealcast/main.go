@@ -87,6 +87,7 @@ Every flag has an environment twin: -redis is SEALCAST_REDIS, and so on.`),
 		FlagSet: flag.NewFlagSet("sealcast", flag.ContinueOnError),
 		Subcommands: []*ffcli.Command{
 			serveCommand(e), demoCommand(e),
+			deviceCommand(e), simulateCommand(e),
 		},
 		Exec: func(context.Context, []string) error { return flag.ErrHelp },
 	}
