@@ -158,11 +158,11 @@ func runSimulate(ctx context.Context, e *env, c simConfig) error {
 		return err
 	}
 	n := len(o.Devices) + len(o.Vaults)
-	goal := "installing every release until interrupted"
+	goal := "simulating: every device installs every release, until interrupted"
 	if !o.Continuous {
-		goal = fmt.Sprintf("until every device confirmed version %d or newer", c.until)
+		goal = fmt.Sprintf("simulating until every device confirmed version %d or newer", c.until)
 	}
-	log.Info().Int("devices", n).Str("broker", c.broker).Str("vaults", where).Msg("simulating " + goal)
+	log.Info().Int("devices", n).Str("broker", c.broker).Str("vaults", where).Msg(goal)
 
 	fl, err := simulate.Start(ctx, o)
 	if err != nil {
@@ -442,7 +442,7 @@ func simPrintSummary(w io.Writer, c simConfig, s simulate.Summary, where string)
 			fmt.Fprintf(b, "    v%-6d              %d confirmed, 50/90/100 %%: %s\n", v.Version, v.Confirmed, times(v))
 		}
 	}
-	fmt.Fprintf(b, "  installed:             %d images (a power loss before the vault write redoes one)\n", s.Stats.Installs)
+	fmt.Fprintf(b, "  installed:             %d images (an update redone after a power loss counts again)\n", s.Stats.Installs)
 	fmt.Fprintf(b, "  failed:                %d", s.Failed)
 	if s.Failed > 0 {
 		fmt.Fprintf(b, " (%s; %d for good)", simCodes(s.Codes), s.FailedForGood)

@@ -1,11 +1,19 @@
 package main
 
 import (
+	"bytes"
+	"context"
+	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/sealcast/sealcast/device"
+	"github.com/sealcast/sealcast/protocol"
 )
 
 func TestSimulateStateKeepsDevices(t *testing.T) {
@@ -75,6 +83,49 @@ func TestSimulateStateKeepsDevices(t *testing.T) {
 	}
 }
 
+func TestSimulateRunsUntilStopped(t *testing.T) {
+	// Without -until-version the simulator installs every release until SIGTERM, then
+	// exits 0 with a summary of each version.
+	t.Parallel()
+	const n = 5
+	s := startServe(t)
+	state := t.TempDir()
+	p := startProc(t, []string{"SEALCAST_PASSWORD=" + s.adminPW}, "simulate", "-broker", s.url, "-devices", "5",
+		"-state", state, "-prefix", "svc-", "-start-spread", "100ms", "-drop", "0.5", "-seed", "9")
+	atVersion := func(v uint64) func() bool {
+		return func() bool {
+			m, _ := filepath.Glob(filepath.Join(state, "*.vault"))
+			if len(m) != n {
+				return false
+			}
+			for _, path := range m {
+				if st, err := device.NewFileVault(path).Load(); err != nil || st.Version != v || !st.LastAckConfirmed {
+					return false
+				}
+			}
+			return true
+		}
+	}
+	eventually(t, "5 vaults exist", func() bool {
+		m, _ := filepath.Glob(filepath.Join(state, "*.vault"))
+		return len(m) == n
+	}, p)
+	for v := uint64(1); v <= 2; v++ {
+		s.release(t, randomImage(t, 16<<10), v)
+		eventually(t, fmt.Sprintf("every vault confirmed v%d", v), atVersion(v), p)
+	}
+	p.signal(t, syscall.SIGTERM)
+	if err := p.wait(t, 30*time.Second); err != nil {
+		t.Fatalf("SIGTERM: %v, want exit 0", err)
+	}
+	out := p.stdout.String()
+	for _, want := range []string{"confirmed v2 or newer: 5 of 5", "v1      ", "v2      "} {
+		if !strings.Contains(out, want) {
+			t.Fatalf("summary lacks %q:\n%s", want, out)
+		}
+	}
+}
+
 func TestSimulateSerialTaken(t *testing.T) {
 	// Without -state the devices are provisioned for the run; serials the server knows
 	// give a clear error naming the ways out.
@@ -109,4 +160,43 @@ func TestSimulateFlagErrors(t *testing.T) {
 			t.Errorf("sealcast %s: exit %d, stderr %q; want exit 1 and %q", strings.Join(tc.args, " "), p.exitCode(), p.stderr, tc.want)
 		}
 	}
+}
+
+// TestSimulateHeavy measures a fleet through the binary: "sealcast serve" and "sealcast
+// simulate -devices 1000" (SEALCAST_SIM_DEVICES) taking a 1 MiB release
+// (SEALCAST_SIM_IMAGE bytes) in the default chunk size. Run it without -race:
+//
+//	SEALCAST_HEAVY=1 go test -count=1 -run TestSimulateHeavy -v ./cmd/sealcast/
+func TestSimulateHeavy(t *testing.T) {
+	if os.Getenv("SEALCAST_HEAVY") != "1" {
+		t.Skip("set SEALCAST_HEAVY=1 to run (1,000 devices, a 1 MiB image)")
+	}
+	n, size := envInt("SEALCAST_SIM_DEVICES", 1000), envInt("SEALCAST_SIM_IMAGE", 1<<20)
+	s := startServe(t)
+	state := t.TempDir()
+	p := startProc(t, []string{"SEALCAST_PASSWORD=" + s.adminPW}, "simulate", "-broker", s.url,
+		"-devices", strconv.Itoa(n), "-state", state, "-until-version", "1", "-timeout", "10m", "-start-spread", "2s")
+	eventually(t, "the vaults exist", func() bool {
+		m, _ := filepath.Glob(filepath.Join(state, "*.vault"))
+		return len(m) == n
+	}, p)
+	img := randomImage(t, size)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	t0 := time.Now()
+	if _, err := s.operator(t).Release(ctx, bytes.NewReader(img), int64(size), protocol.ReleaseCreateArgs{Version: 1, All: true}); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("upload and release.create: %v", time.Since(t0).Round(time.Millisecond))
+	if err := p.wait(t, 10*time.Minute); err != nil {
+		t.Fatalf("simulate: %v\n%s", err, p.stdout)
+	}
+	t.Logf("%d devices, %d-byte image, release to last confirmation %v:\n%s", n, size, time.Since(t0).Round(time.Millisecond), p.stdout)
+}
+
+func envInt(name string, def int) int {
+	if v, err := strconv.Atoi(os.Getenv(name)); err == nil && v > 0 {
+		return v
+	}
+	return def
 }
