@@ -108,7 +108,7 @@ func runDevice(ctx context.Context, e *env, c deviceConfig) error {
 		}
 		o.Installer = slots
 	} else {
-		o.Installer = shellInstaller(ctx, c.installCmd)
+		o.Installer = shellInstaller(c.installCmd)
 	}
 	var committed keychain.ReleaseID // only touched on the agent's goroutine
 	o.OnEvent = func(ev device.Event) {
@@ -202,10 +202,14 @@ func readDeviceFileJSON(path string) (protocol.DeviceFile, error) {
 
 // shellInstaller runs cmdline with /bin/sh. A {image} in it becomes "$1", the path of
 // the temporary image file; without it the image arrives on standard input.
-func shellInstaller(ctx context.Context, cmdline string) *device.CommandInstaller {
+//
+// The command is not tied to the signal context: an install that is committing when
+// SIGTERM arrives finishes, and the agent persists and acks it before it stops (one
+// still reading the image is killed when the agent aborts the download).
+func shellInstaller(cmdline string) *device.CommandInstaller {
 	if strings.Contains(cmdline, device.ImageArg) {
 		script := strings.ReplaceAll(cmdline, device.ImageArg, `"$1"`)
-		return &device.CommandInstaller{Path: "/bin/sh", Args: []string{"-c", script, "sealcast-install", device.ImageArg}, Context: ctx}
+		return &device.CommandInstaller{Path: "/bin/sh", Args: []string{"-c", script, "sealcast-install", device.ImageArg}}
 	}
-	return &device.CommandInstaller{Path: "/bin/sh", Args: []string{"-c", cmdline}, Context: ctx}
+	return &device.CommandInstaller{Path: "/bin/sh", Args: []string{"-c", cmdline}}
 }
