@@ -298,13 +298,11 @@ func TestDropMidDownloadResumes(t *testing.T) {
 	}
 	f := rec.fetches()
 	t.Logf("chunk fetches per index: %v", f)
+	// Chunk k+1 was subscribed just before the drop; it is fetched again after the
+	// reconnect unless its delivery won the race with the drop (a busy machine).
 	for i := uint32(0); i < 12; i++ {
-		want := 1
-		if i == k+1 {
-			want = 2
-		}
-		if f[i] != want {
-			t.Errorf("chunk %d fetched %d times, want %d", i, f[i], want)
+		if f[i] != 1 && (i != k+1 || f[i] != 2) {
+			t.Errorf("chunk %d fetched %d times; want once (chunk %d: once or twice)", i, f[i], k+1)
 		}
 	}
 }
