@@ -168,7 +168,7 @@ func runSimulate(ctx context.Context, e *env, c simConfig) error {
 	if err != nil {
 		return err
 	}
-	stopProgress := simShowProgress(e, fl)
+	stopProgress := simShowProgress(e, fl, log, c.broker)
 	sum, werr := fl.Wait()
 	stopProgress()
 	simPrintSummary(e.stdout, c, sum, where)
@@ -361,7 +361,7 @@ func simWriteDeviceFile(path string, f protocol.DeviceFile) error {
 // simShowProgress shows the fleet's progress on standard error until the returned
 // function is called: a bar on a terminal, otherwise a line every 5 s when something
 // changed.
-func simShowProgress(e *env, fl *simulate.Fleet) (stop func()) {
+func simShowProgress(e *env, fl *simulate.Fleet, log zerolog.Logger, broker string) (stop func()) {
 	f, ok := e.stderr.(*os.File)
 	tty := ok && isatty.IsTerminal(f.Fd())
 	quit, done := make(chan struct{}), make(chan struct{})
@@ -375,8 +375,14 @@ func simShowProgress(e *env, fl *simulate.Fleet) (stop func()) {
 		t := time.NewTicker(every)
 		defer t.Stop()
 		var last string
+		warned := false
 		show := func() {
 			p := fl.Progress()
+			if p.Online == 0 && p.Elapsed > 20*time.Second && !warned {
+				// The agents log connection failures only at debug level.
+				log.Warn().Str("broker", broker).Msg("no device is connected: check -broker, that the server runs, and that these device files belong to it (-log-level debug shows why)")
+				warned = true
+			}
 			desc := "waiting for a release"
 			if p.Version > 0 {
 				desc = fmt.Sprintf("v%d confirmed", p.Version)
@@ -386,12 +392,12 @@ func simShowProgress(e *env, fl *simulate.Fleet) (stop func()) {
 					bar = progressbar.NewOptions(p.Devices, progressbar.OptionSetWriter(e.stderr),
 						progressbar.OptionSetWidth(30), progressbar.OptionShowCount(), progressbar.OptionSetElapsedTime(true))
 				}
-				bar.Describe(fmt.Sprintf("%s (%d failed, %d reconnects)", desc, p.Failed, p.Reconnects))
+				bar.Describe(fmt.Sprintf("%s (%d online, %d failed, %d reconnects)", desc, p.Online, p.Failed, p.Reconnects))
 				bar.Set(p.Confirmed)
 				return
 			}
-			line := fmt.Sprintf("%s: %d/%d, %d failed, %d installs, %d chunk fetches, %d reconnects, %d drops, %d kills",
-				desc, p.Confirmed, p.Devices, p.Failed, p.Installs, p.ChunkFetches, p.Reconnects, p.Drops, p.Kills)
+			line := fmt.Sprintf("%s: %d/%d, %d online, %d failed, %d installs, %d chunk fetches, %d reconnects, %d drops, %d kills",
+				desc, p.Confirmed, p.Devices, p.Online, p.Failed, p.Installs, p.ChunkFetches, p.Reconnects, p.Drops, p.Kills)
 			if line != last {
 				fmt.Fprintf(e.stderr, "simulate %s: %s\n", p.Elapsed.Round(time.Second), line)
 				last = line

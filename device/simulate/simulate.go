@@ -331,6 +331,7 @@ func (f *Fleet) device(i int, serial string, v device.Vault, delay time.Duration
 			return err
 		}
 		err = a.Run(f.ctx)
+		f.t.setOnline(i, false) // a crash reports no disconnect
 		addStats(&total, a.Stats())
 		if !errors.Is(err, device.ErrCrashed) {
 			return err

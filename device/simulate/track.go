@@ -21,6 +21,7 @@ type Progress struct {
 	Version   uint64
 	Confirmed int // devices that confirmed Version or newer
 	Failed    int // devices whose last attempt failed and that confirmed nothing since
+	Online    int // devices connected to the broker now
 	// Installs counts images committed (a redone update counts twice), ChunkFetches
 	// chunk subscriptions, Reconnects every connection after a device's first
 	// (after a dropped link or a power loss).
@@ -83,7 +84,7 @@ type tracker struct {
 	start      time.Time
 
 	fetches, installs, reconnects atomic.Uint64
-	drops, kills                  atomic.Int64
+	drops, kills, online          atomic.Int64
 
 	mu         sync.Mutex
 	devs       []devTrack
@@ -102,7 +103,8 @@ type devTrack struct {
 	failed    bool
 	code      protocol.Code
 	settled   bool
-	connected bool // used only on the device's own goroutine
+	connected bool // ever; used only on the device's own goroutine
+	online    bool // now; likewise
 }
 
 type confirm struct {
@@ -178,6 +180,10 @@ func (t *tracker) on(i int, e device.Event) {
 			t.reconnects.Add(1)
 		}
 		t.devs[i].connected = true
+		t.setOnline(i, true)
+		return
+	case device.EventDisconnected:
+		t.setOnline(i, false)
 		return
 	case device.EventCommitted:
 		t.installs.Add(1)
@@ -215,6 +221,19 @@ func (t *tracker) on(i int, e device.Event) {
 	}
 }
 
+// setOnline records whether device i is connected; it runs on the device's goroutine
+// (also after its agent stopped).
+func (t *tracker) setOnline(i int, on bool) {
+	if d := &t.devs[i]; d.online != on {
+		d.online = on
+		if on {
+			t.online.Add(1)
+		} else {
+			t.online.Add(-1)
+		}
+	}
+}
+
 // version is what progress and the summary count.
 func (t *tracker) version() uint64 {
 	if t.continuous {
@@ -227,7 +246,7 @@ func (t *tracker) progress() Progress {
 	p := Progress{
 		Devices: len(t.devs), Installs: t.installs.Load(), ChunkFetches: t.fetches.Load(),
 		Reconnects: t.reconnects.Load(), Drops: int(t.drops.Load()), Kills: int(t.kills.Load()),
-		Elapsed: time.Since(t.start),
+		Online: int(t.online.Load()), Elapsed: time.Since(t.start),
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
