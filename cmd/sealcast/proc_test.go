@@ -195,12 +195,19 @@ type testServer struct {
 // startServe starts "sealcast serve" and waits until it answers admin requests. The
 // admin account is written into the data directory beforehand, so the test knows its
 // password without reading it from the output.
-func startServe(t *testing.T) *testServer {
+func startServe(t *testing.T) *testServer { return startServeOn(t, "", "") }
+
+// startServeOn starts serve on addr ("": a free port) with the admin password pw ("": a
+// random one).
+func startServeOn(t *testing.T, addr, pw string) *testServer {
 	t.Helper()
 	data := t.TempDir()
-	var pw [12]byte
-	rand.Read(pw[:])
-	s := &testServer{adminPW: hex.EncodeToString(pw[:])}
+	if pw == "" {
+		var b [12]byte
+		rand.Read(b[:])
+		pw = hex.EncodeToString(b[:])
+	}
+	s := &testServer{adminPW: pw}
 	// The lowest bcrypt cost: every admin connection checks the hash, slowly under -race.
 	h, err := bcrypt.GenerateFromPassword([]byte(s.adminPW), bcrypt.MinCost)
 	if err != nil {
@@ -210,9 +217,11 @@ func startServe(t *testing.T) *testServer {
 	if err := broker.SaveAccounts(filepath.Join(data, broker.AccountsFile), []broker.Account{acct}); err != nil {
 		t.Fatal(err)
 	}
-	var addr string
+	fixed := addr != ""
 	for try := 0; ; try++ { // a free port can be taken between the check and the listen
-		addr = freeAddr(t)
+		if !fixed {
+			addr = freeAddr(t)
+		}
 		s.p = startProc(t, nil, "serve", "-data", data, "-listen", addr, "-http", "", "-log-level", "warn")
 		s.url = "tcp://" + addr
 		ok := false
@@ -226,7 +235,7 @@ func startServe(t *testing.T) *testServer {
 		if ok {
 			break
 		}
-		if try == 2 || !strings.Contains(s.p.stderr.String(), "address already in use") {
+		if fixed || try == 2 || !strings.Contains(s.p.stderr.String(), "address already in use") {
 			t.Fatalf("serve exited: %v\n%s", s.p.err, s.p.stderr)
 		}
 	}

@@ -16,6 +16,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/eclipse/paho.mqtt.golang/packets"
 	"github.com/mattn/go-isatty"
 	"github.com/peterbourgon/ff/v3/ffcli"
 	"github.com/rs/zerolog"
@@ -291,7 +292,7 @@ func simProvision(ctx context.Context, c simConfig, log zerolog.Logger, serials 
 	if c.password == "" {
 		return nil, fmt.Errorf("%d devices need provisioning, which needs the admin password: give -password or SEALCAST_PASSWORD (the first sealcast serve prints it)", len(serials))
 	}
-	op, err := operator.Dial(ctx, operator.Options{URL: c.broker, Username: c.user, Password: c.password})
+	op, err := simAdmin(ctx, c, log)
 	if err != nil {
 		return nil, err
 	}
@@ -325,6 +326,40 @@ func simProvision(ctx context.Context, c simConfig, log zerolog.Logger, serials 
 	}
 	log.Info().Int("devices", len(files)).Dur("took", time.Since(start)).Msg("provisioned")
 	return files, nil
+}
+
+// simAdmin connects as the admin and waits until the updater answers, for up to a
+// minute: in a compose file the simulator may start before the server is ready. A refused
+// password fails at once.
+func simAdmin(ctx context.Context, c simConfig, log zerolog.Logger) (*operator.Client, error) {
+	deadline := time.Now().Add(time.Minute)
+	for waiting := false; ; waiting = true {
+		op, err := operator.Dial(ctx, operator.Options{URL: c.broker, Username: c.user, Password: c.password})
+		if err == nil {
+			pctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+			err = op.Do(pctx, protocol.CmdReleaseList, nil, nil) // harmless, unlike a provision sent twice
+			cancel()
+			if err == nil {
+				return op, nil
+			}
+			op.Close()
+			if ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
+				err = operator.ErrNoReply
+			}
+		}
+		retry := errors.Is(err, packets.ErrorNetworkError) || errors.Is(err, operator.ErrNoReply)
+		if !retry || ctx.Err() != nil || time.Now().After(deadline) {
+			return nil, err
+		}
+		if !waiting {
+			log.Info().Str("broker", c.broker).Err(err).Msg("waiting for the server")
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(time.Second):
+		}
+	}
 }
 
 // simWriteDeviceFile writes a device file (mode 0600: it holds the unit data) through a

@@ -126,6 +126,25 @@ func TestSimulateRunsUntilStopped(t *testing.T) {
 	}
 }
 
+func TestSimulateWaitsForServer(t *testing.T) {
+	// Started before the server (as a compose file may), the simulator waits for it.
+	t.Parallel()
+	addr, pw := freeAddr(t), "waiting-admin-pw"
+	state := t.TempDir()
+	p := startProc(t, []string{"SEALCAST_PASSWORD=" + pw}, "simulate", "-broker", "tcp://"+addr, "-devices", "3",
+		"-state", state, "-until-version", "1", "-timeout", "2m", "-start-spread", "100ms")
+	eventually(t, "the simulator waits", func() bool { return strings.Contains(p.stderr.String(), "waiting for the server") }, p)
+	s := startServeOn(t, addr, pw)
+	eventually(t, "3 vaults exist", func() bool {
+		m, _ := filepath.Glob(filepath.Join(state, "*.vault"))
+		return len(m) == 3
+	}, p)
+	s.release(t, randomImage(t, 8<<10), 1)
+	if err := p.wait(t, 2*time.Minute); err != nil {
+		t.Fatalf("simulate: %v", err)
+	}
+}
+
 func TestSimulateSerialTaken(t *testing.T) {
 	// Without -state the devices are provisioned for the run; serials the server knows
 	// give a clear error naming the ways out.
@@ -139,6 +158,11 @@ func TestSimulateSerialTaken(t *testing.T) {
 	}
 	if e := p.stderr.String(); !strings.Contains(e, "already") || !strings.Contains(e, "-prefix") || !strings.Contains(e, "-state") {
 		t.Fatalf("stderr does not explain the collision:\n%s", e)
+	}
+	// A wrong password is not waited out.
+	p = runProc(t, nil, "simulate", "-broker", s.url, "-password", "wrong", "-devices", "2", "-prefix", "free-", "-until-version", "1")
+	if e := p.stderr.String(); p.exitCode() != 1 || !strings.Contains(e, "bad user name or password") || strings.Contains(e, "waiting") {
+		t.Fatalf("wrong password: exit %d\n%s", p.exitCode(), e)
 	}
 }
 
