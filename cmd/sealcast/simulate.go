@@ -108,14 +108,14 @@ func (c *simConfig) check() error {
 	case c.broker == "":
 		return errors.New("-broker is empty: give the broker's URL, e.g. tcp://localhost:1883")
 	}
-	if err := keychainSerialPrefix(c.prefix); err != nil {
+	if err := checkSerialPrefix(c.prefix); err != nil {
 		return err
 	}
 	return nil
 }
 
-// keychainSerialPrefix checks that prefix+digits is a valid serial [SC-2.1].
-func keychainSerialPrefix(prefix string) error {
+// checkSerialPrefix checks that prefix+digits is a valid serial [SC-2.1].
+func checkSerialPrefix(prefix string) error {
 	if err := keychain.CheckSerial(prefix + "00001"); err != nil {
 		return fmt.Errorf("-prefix %q does not make valid serials: %w", prefix, err)
 	}
@@ -132,7 +132,7 @@ func runSimulate(ctx context.Context, e *env, c simConfig) error {
 		ctx, cancel = context.WithTimeout(ctx, c.timeout)
 		defer cancel()
 	}
-	sigCtx := ctx // done on SIGINT/SIGTERM (or the timeout)
+	runCtx := ctx // done on SIGINT, SIGTERM or -timeout
 
 	o := c.opts
 	o.BrokerURL = c.broker
@@ -183,11 +183,11 @@ func runSimulate(ctx context.Context, e *env, c simConfig) error {
 	case sum.Confirmed == sum.Devices:
 		return nil
 	case sum.FailedForGood > 0:
-		return fmt.Errorf("%d of %d devices failed for good (%s); %d confirmed version %d", sum.FailedForGood, sum.Devices, simCodes(sum.Codes), sum.Confirmed, c.until)
-	case errors.Is(sigCtx.Err(), context.DeadlineExceeded):
-		return fmt.Errorf("-timeout %v passed: %d of %d devices confirmed version %d", c.timeout, sum.Confirmed, sum.Devices, c.until)
+		return fmt.Errorf("%d of %d devices failed for good (%s); %d confirmed version %d or newer", sum.FailedForGood, sum.Devices, simCodes(sum.Codes), sum.Confirmed, c.until)
+	case errors.Is(runCtx.Err(), context.DeadlineExceeded):
+		return fmt.Errorf("-timeout %v passed: %d of %d devices confirmed version %d or newer", c.timeout, sum.Confirmed, sum.Devices, c.until)
 	default:
-		return fmt.Errorf("interrupted: %d of %d devices confirmed version %d", sum.Confirmed, sum.Devices, c.until)
+		return fmt.Errorf("interrupted: %d of %d devices confirmed version %d or newer", sum.Confirmed, sum.Devices, c.until)
 	}
 }
 

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -142,6 +143,29 @@ func TestSimulateWaitsForServer(t *testing.T) {
 	s.release(t, randomImage(t, 8<<10), 1)
 	if err := p.wait(t, 2*time.Minute); err != nil {
 		t.Fatalf("simulate: %v", err)
+	}
+}
+
+func TestSimulateFilesFailedForGood(t *testing.T) {
+	// -files runs existing device files. One of them trusts another release key, so its
+	// device reports bad_manifest, which is not retried: the run ends with exit 1.
+	t.Parallel()
+	s := startServe(t)
+	dir := t.TempDir()
+	provisionFile(t, s, dir, "file-good")
+	bad, df := provisionFile(t, s, dir, "file-bad")
+	df.ReleasePublicKey[0] ^= 1
+	b, _ := json.Marshal(df)
+	if err := os.WriteFile(bad, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s.release(t, randomImage(t, 8<<10), 1, "file-good", "file-bad")
+	p := runProc(t, nil, "simulate", "-broker", s.url, "-files", dir, "-until-version", "1", "-timeout", "2m", "-start-spread", "100ms")
+	if p.exitCode() != 1 || !strings.Contains(p.stderr.String(), "1 of 2 devices failed for good (bad_manifest: 1)") {
+		t.Fatalf("exit %d; want 1 and the failure named\n%s", p.exitCode(), p.stderr)
+	}
+	if out := p.stdout.String(); !strings.Contains(out, "confirmed v1 or newer: 1 of 2") || !strings.Contains(out, "(vaults in memory)") {
+		t.Fatalf("summary:\n%s", out)
 	}
 }
 
