@@ -8,6 +8,8 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/url"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -114,7 +116,7 @@ func (o *Options) setDefaults() error {
 }
 
 // ErrCrashed is returned by Run when a crash fault fired (Faults.CrashAfterInstall,
-// CrashAfterPersist): the agent stopped as if the power went out. Start a new Agent on the
+// CrashAfterPersist, Crash): the agent stopped as if the power went out. Start a new Agent on the
 // same Vault to model the reboot.
 var ErrCrashed = errors.New("device: agent crashed by fault injection")
 
@@ -134,6 +136,9 @@ type Agent struct {
 	mu    sync.Mutex
 	inbox []inbound
 	wake  chan struct{}
+	// subWatch counts the goroutines that wait for SUBACKs; stopped ends them.
+	subWatch sync.WaitGroup
+	stopped  chan struct{}
 
 	// Everything below is owned by Run's goroutine.
 	st           State
@@ -151,6 +156,7 @@ type Agent struct {
 	ackEvery     time.Duration
 	ackHeld      bool // a new ack waits for Faults.AckDelay
 	unsub        map[string]bool
+	resub        map[string]time.Time // refused subscriptions, retried at the time [SC-10.1a]
 	doc          protocol.DeviceState
 	fatal        error
 	runCtx       context.Context
@@ -162,6 +168,7 @@ type inbound struct {
 	payload []byte
 	lost    bool
 	err     error
+	refused []string // subscriptions the broker refused
 }
 
 // connection is one paho client and its network connection.
@@ -233,8 +240,8 @@ func New(opts Options) (*Agent, error) {
 		return nil, fmt.Errorf("device: the vault holds an invalid state: %w", err)
 	}
 	a := &Agent{
-		opts: opts, serial: st.Serial, st: st, wake: make(chan struct{}, 1),
-		unsub: map[string]bool{}, ackEvery: opts.AckResend,
+		opts: opts, serial: st.Serial, st: st, wake: make(chan struct{}, 1), stopped: make(chan struct{}),
+		unsub: map[string]bool{}, resub: map[string]time.Time{}, ackEvery: opts.AckResend,
 	}
 	a.log = opts.Logger.With().Str("serial", st.Serial).Logger()
 	if st.LastAck != nil {
@@ -285,6 +292,10 @@ func (a *Agent) Run(ctx context.Context) error {
 		return errors.New("device: Agent.Run called twice: create a new Agent")
 	}
 	a.runCtx = ctx
+	defer func() {
+		close(a.stopped)
+		a.subWatch.Wait()
+	}()
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	for {
@@ -368,6 +379,10 @@ func (a *Agent) handle(in *inbound) {
 		a.onLost(in.gen, in.err)
 		return
 	}
+	if in.refused != nil {
+		a.onRefused(in.gen, in.refused)
+		return
+	}
 	switch in.topic {
 	case protocol.KeyTopic(a.serial):
 		a.onKey(in.payload)
@@ -398,6 +413,9 @@ func (a *Agent) nextWake(now time.Time) time.Duration {
 		if a.lastAck != nil && !a.st.LastAckConfirmed {
 			at(a.ackAt)
 		}
+		for _, t := range a.resub {
+			at(t)
+		}
 	}
 	if d := next.Sub(now); d > 0 {
 		return d
@@ -416,6 +434,15 @@ func (a *Agent) tick(now time.Time) {
 	}
 	if a.conn == nil {
 		return // Run connects
+	}
+	for topic, t := range a.resub {
+		if !now.Before(t) {
+			delete(a.resub, topic)
+			if a.wanted(topic) {
+				a.c.subRetries.Add(1)
+				a.subscribe(topic)
+			}
+		}
 	}
 	if a.job != nil && !now.Before(a.job.deadline) {
 		a.jobTimeout(now)
@@ -551,7 +578,7 @@ func (a *Agent) onConnected() {
 		cl.Unsubscribe(topics...)
 		clear(a.unsub)
 	}
-	cl.SubscribeMultiple(map[string]byte{protocol.KeyTopic(a.serial): 1, protocol.ReceiptTopic(a.serial): 1}, nil)
+	a.watchSuback(a.conn, cl.SubscribeMultiple(map[string]byte{protocol.KeyTopic(a.serial): 1, protocol.ReceiptTopic(a.serial): 1}, nil))
 	if a.failed != nil && a.failed.transient() {
 		a.failed = nil // a redelivered key message is tried again
 	}
@@ -579,6 +606,7 @@ func (a *Agent) onLost(gen uint64, err error) {
 		return // an older connection
 	}
 	a.c.disconnects.Add(1)
+	clear(a.resub) // the next connection subscribes to what it needs
 	a.log.Warn().Err(err).Msg("connection lost")
 	a.emit(Event{Kind: EventDisconnected, Err: err})
 	if a.job != nil {
@@ -601,6 +629,12 @@ func (a *Agent) dropConnection() {
 	}
 }
 
+// crashAt asks Faults.Crash whether to crash at p.
+func (a *Agent) crashAt(p CrashPoint, id keychain.ReleaseID, chunk uint32) bool {
+	f := a.opts.Faults.Crash
+	return f != nil && f(p, id, chunk)
+}
+
 func (a *Agent) crash() {
 	a.log.Warn().Msg("fault injection: crashing")
 	a.fatal = ErrCrashed
@@ -608,11 +642,80 @@ func (a *Agent) crash() {
 
 func (a *Agent) subscribe(topic string) bool {
 	delete(a.unsub, topic)
+	delete(a.resub, topic)
 	if a.conn == nil {
 		return false
 	}
-	a.conn.client.Subscribe(topic, 1, nil)
+	a.watchSuback(a.conn, a.conn.client.Subscribe(topic, 1, nil))
 	return true
+}
+
+// watchSuback waits, on a goroutine of its own, for the SUBACK of tok and queues the
+// subscriptions the broker refused [SC-10.1a]. The goroutine ends with the SUBACK, the
+// connection, or Run.
+func (a *Agent) watchSuback(c *connection, tok mqtt.Token) {
+	st, ok := tok.(*mqtt.SubscribeToken)
+	if !ok {
+		return
+	}
+	a.subWatch.Add(1)
+	go func() {
+		defer a.subWatch.Done()
+		select {
+		case <-tok.Done():
+		case <-c.lostCh:
+			return
+		case <-a.stopped:
+			return
+		}
+		var refused []string
+		for topic, code := range st.Result() {
+			if code >= 0x80 { // 0x80 failure; 0x91 "packet identifier in use" from v5 brokers
+				refused = append(refused, topic)
+			}
+		}
+		if len(refused) > 0 {
+			a.push(inbound{gen: c.gen, refused: refused})
+		}
+	}()
+}
+
+// subRetryDelay is the least wait before a refused subscription is tried again.
+const subRetryDelay = 100 * time.Millisecond
+
+// onRefused schedules refused subscriptions of the current connection again after a
+// short, jittered delay [SC-10.1a].
+func (a *Agent) onRefused(gen uint64, topics []string) {
+	if a.conn == nil || a.conn.gen != gen {
+		return // an older connection: the current one subscribed afresh
+	}
+	now := time.Now()
+	for _, t := range topics {
+		a.log.Warn().Str("topic", t).Msg("the broker refused a subscription; retrying [SC-10.1a]")
+		a.resub[t] = now.Add(subRetryDelay + rand.N(subRetryDelay))
+	}
+}
+
+// wanted reports whether topic is still worth subscribing to: the key and receipt
+// topics always, the manifest and chunks while the job waits for them.
+func (a *Agent) wanted(topic string) bool {
+	if topic == protocol.KeyTopic(a.serial) || topic == protocol.ReceiptTopic(a.serial) {
+		return true
+	}
+	j := a.job
+	if j == nil {
+		return false
+	}
+	if j.phase == phaseManifest {
+		return topic == protocol.ManifestTopic(j.km.ID)
+	}
+	rest, ok := strings.CutPrefix(topic, j.prefix)
+	if !ok {
+		return false
+	}
+	n, err := strconv.ParseUint(rest, 10, 32)
+	i := uint32(n)
+	return err == nil && i >= j.next && j.subbed[i] && j.buf[i] == nil
 }
 
 func (a *Agent) unsubscribe(topic string) {

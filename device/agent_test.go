@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	mochi "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/rs/zerolog"
 
 	"github.com/sealcast/sealcast/device"
@@ -27,6 +29,7 @@ type env struct {
 	t   *testing.T
 	srv *fleettest.Server
 	url string
+	b   *mqtttest.Broker
 }
 
 func newEnv(t *testing.T) *env {
@@ -37,7 +40,7 @@ func newEnv(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	t.Cleanup(s.Close)
-	return &env{t: t, srv: s, url: b.URL}
+	return &env{t: t, srv: s, url: b.URL, b: b}
 }
 
 func image(n int, seed uint64) []byte {
@@ -295,13 +298,11 @@ func TestDropMidDownloadResumes(t *testing.T) {
 	}
 	f := rec.fetches()
 	t.Logf("chunk fetches per index: %v", f)
+	// Chunk k+1 was subscribed just before the drop; it is fetched again after the
+	// reconnect unless its delivery won the race with the drop (a busy machine).
 	for i := uint32(0); i < 12; i++ {
-		want := 1
-		if i == k+1 {
-			want = 2
-		}
-		if f[i] != want {
-			t.Errorf("chunk %d fetched %d times, want %d", i, f[i], want)
+		if f[i] != 1 && (i != k+1 || f[i] != 2) {
+			t.Errorf("chunk %d fetched %d times; want once (chunk %d: once or twice)", i, f[i], k+1)
 		}
 	}
 }
@@ -397,6 +398,128 @@ func TestPowerLossBeforeAck(t *testing.T) {
 	got, _ := e.srv.WaitAck("dev-pl2", time.Second, func(a keychain.Ack) bool { return a.Kind == keychain.AckInstalled })
 	if !bytes.Equal(got.Raw, st.LastAck) {
 		t.Fatal("the re-sent ack differs from the persisted last_ack")
+	}
+}
+
+func TestPowerLossMidDownload(t *testing.T) {
+	// Faults.Crash at CrashDownloading: nothing is persisted, the reboot downloads the
+	// whole image again, and the counter moves once.
+	e := newEnv(t)
+	v, inst := e.provision("dev-pl3", t.TempDir())
+	rec := &recorder{}
+	o := e.opts(v, inst, rec)
+	var asked []device.CrashPoint
+	var mu sync.Mutex
+	o.Faults.Crash = func(p device.CrashPoint, _ keychain.ReleaseID, chunk uint32) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		asked = append(asked, p)
+		return p == device.CrashDownloading && chunk == 2
+	}
+	r0 := run(t, o)
+	img := image(6*testChunk, 9)
+	r := e.release(img, 1)
+	e.srv.Wrap(r, "dev-pl3")
+	if err := r0.wait(t); !errors.Is(err, device.ErrCrashed) {
+		t.Fatalf("Run = %v, want ErrCrashed", err)
+	}
+	if st, _ := v.Load(); st.Seq != 16 || st.LastAck != nil {
+		t.Fatalf("a crash mid-download changed the vault: D=%d", st.Seq)
+	}
+	if rec.count(device.EventCommitted) != 0 || rec.count(device.EventChunkDone) != 3 {
+		t.Fatalf("before the crash: %d commits, %d chunks done; want 0 and 3",
+			rec.count(device.EventCommitted), rec.count(device.EventChunkDone))
+	}
+	mu.Lock()
+	if len(asked) != 3 {
+		t.Errorf("Crash asked at %v, want downloading after chunks 0, 1, 2", asked)
+	}
+	mu.Unlock()
+
+	rec2 := &recorder{}
+	o2 := e.opts(device.NewFileVault(v.Path()), inst, rec2)
+	o2.Faults.Crash = func(p device.CrashPoint, _ keychain.ReleaseID, _ uint32) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		asked = append(asked, p)
+		return false
+	}
+	run(t, o2)
+	st := waitVault(t, v, func(s device.State) bool { return s.LastAckConfirmed })
+	if st.Seq != 15 || st.Version != 1 {
+		t.Fatalf("D=%d v=%d", st.Seq, st.Version)
+	}
+	if n := rec2.count(device.EventChunkDone); n != 6 {
+		t.Fatalf("after the reboot %d chunks were processed, want all 6 again", n)
+	}
+	checkSlot(t, inst, img)
+	mu.Lock()
+	defer mu.Unlock()
+	var installed, persisted bool
+	for _, p := range asked[3:] {
+		installed = installed || p == device.CrashInstalled
+		persisted = persisted || p == device.CrashPersisted
+	}
+	if !installed || !persisted {
+		t.Fatalf("Crash asked at %v after the reboot; want the installed and persisted points too", asked[3:])
+	}
+}
+
+// refuser makes the broker refuse chosen subscriptions: it rewrites their filter into
+// an invalid one, which mochi answers with SUBACK 0x80 for an MQTT 3.1.1 client.
+type refuser struct {
+	mochi.HookBase
+	mu     sync.Mutex
+	refuse map[string]int // filter -> refusals left
+	seen   map[string]int // filter -> SUBSCRIBEs received
+}
+
+func (h *refuser) ID() string           { return "refuser" }
+func (h *refuser) Provides(b byte) bool { return b == mochi.OnSubscribe }
+func (h *refuser) count(f string) int   { h.mu.Lock(); defer h.mu.Unlock(); return h.seen[f] }
+func (h *refuser) OnSubscribe(_ *mochi.Client, pk packets.Packet) packets.Packet {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for i, f := range pk.Filters {
+		h.seen[f.Filter]++
+		if h.refuse[f.Filter] > 0 {
+			h.refuse[f.Filter]--
+			pk.Filters[i].Filter = "refused/#/x"
+		}
+	}
+	return pk
+}
+
+func TestRefusedSubscriptionsRetried(t *testing.T) {
+	// [SC-10.1a]: the key topic, the manifest and a chunk are each refused once. With one
+	// fetch try, only a SUBACK-driven retry (not the chunk timeout) gets the update done.
+	e := newEnv(t)
+	v, inst := e.provision("dev-sub", t.TempDir())
+	img := image(6*testChunk, 10)
+	r := e.release(img, 1)
+	chunk2 := protocol.ChunkTopic(r.ID, 2)
+	h := &refuser{seen: map[string]int{}, refuse: map[string]int{
+		protocol.KeyTopic("dev-sub"): 1, protocol.ManifestTopic(r.ID): 1, chunk2: 1,
+	}}
+	if err := e.b.Server.AddHook(h, nil); err != nil {
+		t.Fatal(err)
+	}
+	e.srv.Wrap(r, "dev-sub")
+	rec := &recorder{}
+	o := e.opts(v, inst, rec)
+	o.FetchTries = 1
+	o.ChunkTimeout = 10 * time.Second
+	rn := run(t, o)
+	waitVault(t, v, func(s device.State) bool { return s.LastAckConfirmed })
+	checkSlot(t, inst, img)
+	if n := rec.count(device.EventFailed); n != 0 {
+		t.Fatalf("%d failures", n)
+	}
+	if got := rn.a.Stats().SubRetries; got != 3 {
+		t.Errorf("SubRetries = %d, want 3", got)
+	}
+	if n := h.count(chunk2); n != 2 {
+		t.Errorf("chunk 2 subscribed %d times, want 2 (refused, retried)", n)
 	}
 }
 

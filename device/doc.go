@@ -29,6 +29,10 @@
 // and on a doubling timer) until a receipt with a valid MAC confirms it. Any failure is
 // reported (kind 3 ack with a code, MAC under K_n) and D does not move.
 //
+// Every SUBACK is checked: a subscription the broker refused (0x80, or 0x91 "packet
+// identifier in use", which some brokers send when a SUBSCRIBE reuses the id of a
+// delivery still in flight) is sent again after a short jittered delay [SC-10.1a].
+//
 // A disconnect in the middle of a download keeps the decryptor and the open install in
 // memory; after the reconnect the agent subscribes again only to the window chunks that
 // had not arrived. A restart of the process starts the download again (the protocol's
@@ -37,7 +41,8 @@
 // # Concurrency
 //
 // Run owns every goroutine the agent starts: paho's, which only queue messages for the
-// agent's goroutine and never block, and the agent's own loop. Run returns after they
+// agent's goroutine and never block, the agent's own loop, and one short-lived goroutine
+// per SUBSCRIBE waiting for its SUBACK. Run returns after they
 // stop. Stats and Serial may be called from any goroutine; Options.OnEvent is called on
 // the agent's goroutine.
 //

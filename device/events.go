@@ -67,11 +67,12 @@ type Stats struct {
 	ReportsSent   uint64
 	Confirmed     uint64
 	StatePublishs uint64
+	SubRetries    uint64 // subscriptions sent again after the broker refused them
 }
 
 type counters struct {
 	connects, disconnects, keyMessages, chunkFetches, chunksBad, chunksDone,
-	installs, acksSent, reportsSent, confirmed, statePublishes atomic.Uint64
+	installs, acksSent, reportsSent, confirmed, statePublishes, subRetries atomic.Uint64
 }
 
 func (c *counters) snapshot() Stats {
@@ -79,7 +80,7 @@ func (c *counters) snapshot() Stats {
 		Connects: c.connects.Load(), Disconnects: c.disconnects.Load(), KeyMessages: c.keyMessages.Load(),
 		ChunkFetches: c.chunkFetches.Load(), ChunksBad: c.chunksBad.Load(), ChunksDone: c.chunksDone.Load(),
 		Installs: c.installs.Load(), AcksSent: c.acksSent.Load(), ReportsSent: c.reportsSent.Load(),
-		Confirmed: c.confirmed.Load(), StatePublishs: c.statePublishes.Load(),
+		Confirmed: c.confirmed.Load(), StatePublishs: c.statePublishes.Load(), SubRetries: c.subRetries.Load(),
 	}
 }
 
@@ -98,4 +99,34 @@ type Faults struct {
 	CrashAfterPersist bool
 	// AckDelay delays the first publication of every new ack.
 	AckDelay time.Duration
+	// Crash, if set, is asked at every crash point with the release (or re-key id) being
+	// processed and, for CrashDownloading, the chunk index; returning true makes Run
+	// return ErrCrashed there. Unlike the two bools above it can choose per release,
+	// which long simulations need.
+	Crash func(p CrashPoint, release keychain.ReleaseID, chunk uint32) bool
+}
+
+// CrashPoint names a moment at which Faults.Crash can cut the power.
+type CrashPoint int
+
+// Crash points, in the order of an update.
+const (
+	// CrashDownloading: chunk i was written to the open install, the image is not
+	// complete. After the reboot the download starts again from chunk 0.
+	CrashDownloading CrashPoint = iota + 1
+	// CrashInstalled: the installer committed; the vault still holds D = n (before
+	// [SC-10.1] step 5). The update is redone after the reboot.
+	CrashInstalled
+	// CrashPersisted: the vault holds D = n-1 and the ack; the ack was not published
+	// (between steps 5 and 6). The ack is sent after the reboot.
+	CrashPersisted
+)
+
+var crashPointNames = [...]string{"", "downloading", "installed", "persisted"}
+
+func (p CrashPoint) String() string {
+	if int(p) < len(crashPointNames) && p > 0 {
+		return crashPointNames[p]
+	}
+	return "unknown"
 }

@@ -166,7 +166,7 @@ func (a *Agent) persist(ns State, ack *keychain.Ack) bool {
 	a.st = ns
 	a.lastAck = ack
 	a.emit(Event{Kind: EventPersisted, Version: ns.Version, Release: ack.ID})
-	if a.opts.Faults.CrashAfterPersist {
+	if a.opts.Faults.CrashAfterPersist || a.crashAt(CrashPersisted, ack.ID, 0) {
 		a.crash()
 		return false
 	}
@@ -528,6 +528,10 @@ func (a *Agent) process() {
 		if f := a.opts.Faults.DropAfterChunk; f != nil && f(i) {
 			a.dropConnection()
 		}
+		if a.crashAt(CrashDownloading, j.km.ID, i) {
+			a.crash()
+			return
+		}
 		if now.Sub(j.lastPr) >= a.opts.ProgressInterval {
 			j.lastPr = now
 			a.doc.ChunksDone = j.next
@@ -553,7 +557,7 @@ func (a *Agent) finish() {
 	a.job = nil
 	a.c.installs.Add(1)
 	a.emit(Event{Kind: EventCommitted, Release: j.km.ID, Version: j.m.Version})
-	if a.opts.Faults.CrashAfterInstall {
+	if a.opts.Faults.CrashAfterInstall || a.crashAt(CrashInstalled, j.km.ID, 0) {
 		a.crash()
 		return
 	}

@@ -1,31 +1,46 @@
 // Package simulate runs a fleet of device agents in one process, over real MQTT
-// connections, for load tests and demonstrations.
+// connections, for load tests, demonstrations and a long-running simulator service.
 //
 // # Model
 //
-// Every simulated device is a [device.Agent] with a [device.MemoryVault] and an installer
-// that only hashes the image and checks it against the manifest, so an agent holds at
-// most its window of chunks plus one plaintext chunk. Faults are drawn per device from
-// Options with a seeded random source: a dropped connection in the middle of the
-// download, a power loss right after the install (the agent is restarted on the same
-// vault), delayed acks.
+// Every simulated device is a [device.Agent] on its own vault: a [device.MemoryVault]
+// made from a device file (Options.Devices), or a vault the caller gives
+// (Options.Vaults; a [device.FileVault] keeps a device's counters across runs of the
+// simulator). Its installer only hashes the image and checks it against the manifest, so
+// an agent holds at most its window of chunks plus one plaintext chunk.
+//
+// # Faults
+//
+// Faults are drawn per device and per release from Options.Seed, the serial and the
+// release id, so a run is repeatable and a long run injects faults into every release,
+// each at most once per device and release: a dropped connection in the middle of the
+// download (DropFraction); a power loss (KillFraction) in the middle of the install,
+// after the install or after the vault write, chosen with equal odds, after which the
+// agent is restarted on the same vault; delayed acks (AckDelay). A mid-download drop or
+// power loss happens after chunk DropAfter, so it needs an image of at least DropAfter+2
+// chunks.
 //
 // # Use
 //
-// Run blocks until every device confirmed the target version (or failed for good), or
-// ctx is done, and returns a Summary. It plays no server: an updater (or a test) must
-// publish the release and wrap key messages.
+// [Start] starts the fleet and returns a [Fleet], whose Progress may be read while it
+// runs; [Fleet.Wait] stops it and returns the [Summary]. [Run] does both. By default the
+// fleet stops once every device has confirmed TargetVersion or newer, or failed for good
+// (a report code the agent does not retry, PROTOCOL.md 10.1). With Continuous it runs
+// until ctx is done, installing every release that reaches it.
+//
+// The package plays no server: an updater (or a test) must publish the releases and
+// wrap the key messages.
 package simulate
 
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash"
 	"math/rand/v2"
 	"runtime"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -39,12 +54,20 @@ import (
 
 // Options configure a simulation.
 type Options struct {
+	// Devices are the device files of the fleet; each agent gets a MemoryVault made
+	// from its file. Set Devices or Vaults.
 	Devices []protocol.DeviceFile
-	// BrokerURL, if set, replaces every device file's broker URL.
+	// Vaults are the devices' vaults, one agent per vault, used as they are: with
+	// FileVaults a restarted simulator continues every device's sequence number.
+	Vaults []device.Vault
+	// BrokerURL, if set, replaces every device's broker URL.
 	BrokerURL string
 	// TargetVersion: a device is done when it has confirmed an install of at least this
-	// version. 0 means 1.
+	// version. 0 means 1. Ignored with Continuous.
 	TargetVersion uint64
+	// Continuous keeps the fleet running until ctx is done, whatever it installed; the
+	// Summary then describes the newest version confirmed.
+	Continuous bool
 
 	// Agent settings passed to every agent (zero: the agent's defaults).
 	Window                     int
@@ -52,12 +75,13 @@ type Options struct {
 	AckResend, AckResendMax    time.Duration
 	ReconnectMin, ReconnectMax time.Duration
 
-	// DropFraction of the devices lose their connection once, after chunk DropAfter
-	// (default: the second chunk).
+	// DropFraction of the devices lose their connection once per release, after chunk
+	// DropAfter (0: the second chunk, index 1).
 	DropFraction float64
 	DropAfter    uint32
-	// KillFraction of the devices lose power once right after installing, before the
-	// vault write; they are restarted after RestartDelay (default 100 ms).
+	// KillFraction of the devices lose power once per release: after chunk DropAfter,
+	// after the install, or after the vault write. They restart after RestartDelay
+	// (default 100 ms).
 	KillFraction float64
 	RestartDelay time.Duration
 	// AckDelay delays every first ack publication.
@@ -72,42 +96,39 @@ type Options struct {
 	OnEvent func(device.Event)
 }
 
-// Summary is the outcome of a simulation. Times are measured from the start of Run.
-type Summary struct {
-	Devices   int
-	Confirmed int // confirmed installs of the target version
-	Failed    int // devices whose last attempt failed
-	Codes     map[string]int
-	T50, T90  time.Duration // time until 50 % and 90 % of the devices confirmed
-	T100      time.Duration // until all confirmed; 0 if not all did
-	Elapsed   time.Duration
-	Stats     device.Stats // summed over all agents
-	Drops     int          // devices given a dropped connection
-	Kills     int          // devices given a power loss
-	PeakHeap  uint64       // largest runtime HeapInuse sampled (whole process)
-}
-
-func (s Summary) String() string {
-	return fmt.Sprintf("%d devices: %d confirmed, %d failed %v; t50 %v t90 %v t100 %v; elapsed %v; drops %d kills %d; chunk fetches %d; acks %d; peak heap %d MiB",
-		s.Devices, s.Confirmed, s.Failed, s.Codes, s.T50, s.T90, s.T100, s.Elapsed, s.Drops, s.Kills,
-		s.Stats.ChunkFetches, s.Stats.AcksSent, s.PeakHeap>>20)
-}
-
-type sim struct {
+// Fleet is a running simulation. Its methods are safe for concurrent use.
+type Fleet struct {
 	o      Options
-	start  time.Time
-	mu     sync.Mutex
-	done   []time.Duration
-	failed map[string]protocol.Code
-	left   atomic.Int64
-	all    chan struct{}
-	stats  []device.Stats
+	ctx    context.Context
+	cancel context.CancelFunc
+	t      *tracker
+	wg     sync.WaitGroup
+	errs   chan error
+	peak   atomic.Uint64
+	stats  []device.Stats // per device, written when its goroutine ends
+	done   chan struct{}
+	once   sync.Once
+	sum    Summary
+	err    error
 }
 
-// Run runs the fleet until every device confirmed TargetVersion or ctx is done.
+// Run runs the fleet until it is done (see the package documentation) or ctx is done.
 func Run(ctx context.Context, o Options) (Summary, error) {
-	if len(o.Devices) == 0 {
-		return Summary{}, errors.New("simulate: no devices")
+	f, err := Start(ctx, o)
+	if err != nil {
+		return Summary{}, err
+	}
+	return f.Wait()
+}
+
+// Start loads every vault and starts the fleet. It returns an error, having started
+// nothing, when a device file or vault is invalid.
+func Start(ctx context.Context, o Options) (*Fleet, error) {
+	switch {
+	case len(o.Devices) > 0 && len(o.Vaults) > 0:
+		return nil, errors.New("simulate: set Options.Devices or Options.Vaults, not both")
+	case len(o.Devices) == 0 && len(o.Vaults) == 0:
+		return nil, errors.New("simulate: no devices")
 	}
 	if o.TargetVersion == 0 {
 		o.TargetVersion = 1
@@ -118,183 +139,206 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 	if o.RestartDelay <= 0 {
 		o.RestartDelay = 100 * time.Millisecond
 	}
-	rng := rand.New(rand.NewPCG(o.Seed, 0x5ea1))
-	s := &sim{o: o, start: time.Now(), failed: map[string]protocol.Code{}, all: make(chan struct{}), stats: make([]device.Stats, len(o.Devices))}
-	s.left.Store(int64(len(o.Devices)))
-	sum := Summary{Devices: len(o.Devices), Codes: map[string]int{}}
+	vaults := o.Vaults
+	if len(vaults) == 0 {
+		vaults = make([]device.Vault, len(o.Devices))
+		for i, f := range o.Devices {
+			st, err := device.StateFromDeviceFile(f)
+			if err != nil {
+				return nil, fmt.Errorf("simulate: device %d: %w", i, err)
+			}
+			vaults[i] = device.NewMemoryVault(st)
+		}
+	}
+	states := make([]device.State, len(vaults))
+	seen := make(map[string]int, len(vaults))
+	for i, v := range vaults {
+		st, err := v.Load()
+		if err != nil {
+			return nil, fmt.Errorf("simulate: device %d: %w", i, err)
+		}
+		if j, dup := seen[st.Serial]; dup {
+			return nil, fmt.Errorf("simulate: devices %d and %d are both %q: one MQTT session per serial", j, i, st.Serial)
+		}
+		seen[st.Serial] = i
+		states[i] = st
+	}
 
 	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	var peak atomic.Uint64
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() { // heap sampler
-		defer wg.Done()
-		t := time.NewTicker(100 * time.Millisecond)
-		defer t.Stop()
-		var ms runtime.MemStats
-		for {
-			runtime.ReadMemStats(&ms)
-			if ms.HeapInuse > peak.Load() {
-				peak.Store(ms.HeapInuse)
-			}
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-			}
+	f := &Fleet{o: o, ctx: ctx, cancel: cancel, errs: make(chan error, len(vaults)), stats: make([]device.Stats, len(vaults))}
+	f.t = newTracker(o, states)
+
+	f.done = make(chan struct{})
+	f.wg.Add(2)
+	go f.sampleHeap()
+	go func() {
+		defer f.wg.Done()
+		defer close(f.done)
+		select {
+		case <-f.t.settledCh: // never closed with Continuous
+		case <-ctx.Done():
 		}
 	}()
-	errs := make(chan error, len(o.Devices))
-	for i, f := range o.Devices {
-		st, err := device.StateFromDeviceFile(f)
-		if err != nil {
-			cancel()
-			wg.Wait()
-			return sum, fmt.Errorf("simulate: device %d: %w", i, err)
-		}
-		drop := rng.Float64() < o.DropFraction
-		kill := rng.Float64() < o.KillFraction
-		if drop {
-			sum.Drops++
-		}
-		if kill {
-			sum.Kills++
-		}
+	for i, v := range vaults {
 		var delay time.Duration
 		if o.StartSpread > 0 {
 			delay = rand.N(o.StartSpread)
 		}
-		wg.Add(1)
+		f.wg.Add(1)
 		go func() {
-			defer wg.Done()
-			if err := s.device(ctx, i, device.NewMemoryVault(st), drop, kill, delay); err != nil {
-				errs <- err
+			defer f.wg.Done()
+			if err := f.device(i, states[i].Serial, v, delay); err != nil {
+				f.errs <- fmt.Errorf("simulate: device %s: %w", states[i].Serial, err)
 				cancel()
 			}
 		}()
 	}
-	select {
-	case <-s.all:
-	case <-ctx.Done():
-	}
-	cancel()
-	wg.Wait()
-	close(errs)
-	var err error
-	for e := range errs {
-		err = errors.Join(err, e)
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	sum.Elapsed = time.Since(s.start)
-	sum.Confirmed = len(s.done)
-	slices.Sort(s.done)
-	at := func(frac float64) time.Duration {
-		need := int(frac*float64(sum.Devices) + 0.999999)
-		if need < 1 {
-			need = 1
+	return f, nil
+}
+
+// Progress returns a snapshot of the fleet's progress.
+func (f *Fleet) Progress() Progress { return f.t.progress() }
+
+// Done is closed when the fleet has nothing more to do: every device confirmed the
+// target version or failed for good (never with Continuous), or ctx is done.
+func (f *Fleet) Done() <-chan struct{} { return f.done }
+
+// Wait waits until the fleet is done, stops every agent and returns the summary. Its
+// error reports devices that could not run (a vault that cannot be written, a bad broker
+// URL), not devices that did not finish: compare Summary.Confirmed with Devices.
+func (f *Fleet) Wait() (Summary, error) {
+	f.once.Do(func() {
+		<-f.Done()
+		f.cancel()
+		f.wg.Wait()
+		close(f.errs)
+		for e := range f.errs {
+			f.err = errors.Join(f.err, e)
 		}
-		if len(s.done) < need {
-			return 0
+		f.sum = f.t.summary()
+		for _, st := range f.stats {
+			addStats(&f.sum.Stats, st)
 		}
-		return s.done[need-1]
+		f.sum.PeakHeap = f.peak.Load()
+	})
+	return f.sum, f.err
+}
+
+func (f *Fleet) sampleHeap() {
+	defer f.wg.Done()
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	var ms runtime.MemStats
+	for {
+		runtime.ReadMemStats(&ms)
+		if ms.HeapInuse > f.peak.Load() {
+			f.peak.Store(ms.HeapInuse)
+		}
+		select {
+		case <-f.ctx.Done():
+			return
+		case <-t.C:
+		}
 	}
-	sum.T50, sum.T90, sum.T100 = at(0.5), at(0.9), at(1)
-	for _, c := range s.failed {
-		sum.Failed++
-		sum.Codes[c.String()]++
+}
+
+func addStats(sum *device.Stats, st device.Stats) {
+	sum.Connects += st.Connects
+	sum.Disconnects += st.Disconnects
+	sum.KeyMessages += st.KeyMessages
+	sum.ChunkFetches += st.ChunkFetches
+	sum.ChunksBad += st.ChunksBad
+	sum.ChunksDone += st.ChunksDone
+	sum.Installs += st.Installs
+	sum.AcksSent += st.AcksSent
+	sum.ReportsSent += st.ReportsSent
+	sum.Confirmed += st.Confirmed
+	sum.StatePublishs += st.StatePublishs
+}
+
+// faults is one device's fault plan for the release it is working on. It lives across
+// the device's agents (reboots) and is used only on the running agent's goroutine.
+type faults struct {
+	release keychain.ReleaseID
+	drop    bool
+	kill    device.CrashPoint // 0: none
+	dropped bool
+	killed  bool
+}
+
+// draw decides the faults of a device for a release: the same for the same seed, serial
+// and release, whatever the scheduling.
+func (f *Fleet) draw(serial string, id keychain.ReleaseID) faults {
+	h := sha256.New()
+	binary.Write(h, binary.BigEndian, f.o.Seed)
+	h.Write([]byte(serial))
+	h.Write(id[:])
+	sum := h.Sum(nil)
+	r := rand.New(rand.NewPCG(binary.BigEndian.Uint64(sum[:8]), binary.BigEndian.Uint64(sum[8:16])))
+	p := faults{release: id, drop: r.Float64() < f.o.DropFraction}
+	if r.Float64() < f.o.KillFraction {
+		p.kill = device.CrashPoint(1 + r.IntN(3))
 	}
-	for _, st := range s.stats {
-		sum.Stats.Connects += st.Connects
-		sum.Stats.Disconnects += st.Disconnects
-		sum.Stats.ChunkFetches += st.ChunkFetches
-		sum.Stats.ChunksBad += st.ChunksBad
-		sum.Stats.Installs += st.Installs
-		sum.Stats.AcksSent += st.AcksSent
-		sum.Stats.ReportsSent += st.ReportsSent
-		sum.Stats.Confirmed += st.Confirmed
-	}
-	sum.PeakHeap = peak.Load()
-	return sum, err
+	return p
 }
 
 // device runs one device, restarting its agent after a simulated power loss.
-func (s *sim) device(ctx context.Context, i int, v *device.MemoryVault, drop, kill bool, delay time.Duration) error {
+func (f *Fleet) device(i int, serial string, v device.Vault, delay time.Duration) error {
 	if delay > 0 {
 		select {
 		case <-time.After(delay):
-		case <-ctx.Done():
+		case <-f.ctx.Done():
 			return nil
 		}
 	}
-	var counted atomic.Bool
-	dropped := false
 	var total device.Stats
-	defer func() {
-		s.mu.Lock()
-		s.stats[i] = total
-		s.mu.Unlock()
-	}()
+	defer func() { f.stats[i] = total }() // read by Wait after wg.Wait
+	var plan faults
 	for {
 		o := device.Options{
-			Vault: v, Installer: hashInstaller{}, Logger: s.o.Logger, BrokerURL: s.o.BrokerURL,
-			Window: s.o.Window, ChunkTimeout: s.o.ChunkTimeout, AckResend: s.o.AckResend, AckResendMax: s.o.AckResendMax,
-			ReconnectMin: s.o.ReconnectMin, ReconnectMax: s.o.ReconnectMax, ProgressInterval: time.Hour,
+			Vault: v, Installer: hashInstaller{}, Logger: f.o.Logger, BrokerURL: f.o.BrokerURL,
+			Window: f.o.Window, ChunkTimeout: f.o.ChunkTimeout, AckResend: f.o.AckResend, AckResendMax: f.o.AckResendMax,
+			ReconnectMin: f.o.ReconnectMin, ReconnectMax: f.o.ReconnectMax, ProgressInterval: time.Hour,
 		}
-		o.Faults.AckDelay = s.o.AckDelay
-		o.Faults.CrashAfterInstall = kill
-		if drop && !dropped {
-			o.Faults.DropAfterChunk = func(c uint32) bool {
-				if c == s.o.DropAfter && !dropped {
-					dropped = true
-					return true
-				}
+		o.Faults.AckDelay = f.o.AckDelay
+		o.Faults.DropAfterChunk = func(c uint32) bool {
+			if plan.drop && !plan.dropped && c == f.o.DropAfter {
+				plan.dropped = true
+				f.t.drops.Add(1)
+				return true
+			}
+			return false
+		}
+		o.Faults.Crash = func(p device.CrashPoint, id keychain.ReleaseID, c uint32) bool {
+			if id != plan.release || p != plan.kill || plan.killed || (p == device.CrashDownloading && c != f.o.DropAfter) {
 				return false
 			}
+			plan.killed = true
+			f.t.kills.Add(1)
+			return true
 		}
 		o.OnEvent = func(e device.Event) {
-			if s.o.OnEvent != nil {
-				s.o.OnEvent(e)
+			if e.Kind == device.EventKeyMessage && e.Release != plan.release {
+				plan = f.draw(serial, e.Release)
 			}
-			switch e.Kind {
-			case device.EventFailed:
-				s.mu.Lock()
-				s.failed[e.Serial] = e.Code
-				s.mu.Unlock()
-			case device.EventConfirmed:
-				if e.Version >= s.o.TargetVersion && counted.CompareAndSwap(false, true) {
-					s.mu.Lock()
-					delete(s.failed, e.Serial)
-					s.done = append(s.done, time.Since(s.start))
-					s.mu.Unlock()
-					if s.left.Add(-1) == 0 {
-						close(s.all)
-					}
-				}
+			f.t.on(i, e)
+			if f.o.OnEvent != nil {
+				f.o.OnEvent(e)
 			}
 		}
 		a, err := device.New(o)
 		if err != nil {
 			return err
 		}
-		err = a.Run(ctx)
-		st := a.Stats()
-		total.Connects += st.Connects
-		total.Disconnects += st.Disconnects
-		total.ChunkFetches += st.ChunkFetches
-		total.ChunksBad += st.ChunksBad
-		total.Installs += st.Installs
-		total.AcksSent += st.AcksSent
-		total.ReportsSent += st.ReportsSent
-		total.Confirmed += st.Confirmed
+		err = a.Run(f.ctx)
+		f.t.setOnline(i, false) // a crash reports no disconnect
+		addStats(&total, a.Stats())
 		if !errors.Is(err, device.ErrCrashed) {
 			return err
 		}
-		kill = false // one power loss per device
 		select {
-		case <-time.After(s.o.RestartDelay):
-		case <-ctx.Done():
+		case <-time.After(f.o.RestartDelay):
+		case <-f.ctx.Done():
 			return nil
 		}
 	}
