@@ -67,7 +67,8 @@ func Dial(ctx context.Context, o Options) (*Client, error) {
 	select {
 	case <-tok.Done():
 	case <-ctx.Done():
-		return nil, ctx.Err()
+		cl.c.Disconnect(0) // stops paho's connect attempt and its goroutines
+		return nil, fmt.Errorf("connecting to %s: %w", o.URL, ctx.Err())
 	}
 	if err := tok.Error(); err != nil {
 		return nil, fmt.Errorf("connecting to %s as %q: %w", o.URL, o.Username, err)

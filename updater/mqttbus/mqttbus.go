@@ -9,12 +9,14 @@ package mqttbus
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"sync"
 	"time"
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
+	"github.com/eclipse/paho.mqtt.golang/packets"
 	"github.com/rs/zerolog"
 
 	"github.com/sealcast/sealcast/protocol"
@@ -41,6 +43,13 @@ type Bus struct {
 	mu     sync.Mutex
 	subs   map[string]func(topic string, payload []byte)
 	closed bool
+
+	// Connection failures, as paho reports them: the last one, for Dial's error, and
+	// a channel that tells Dial about one that retrying cannot fix.
+	failMu    sync.Mutex
+	lastFail  error
+	connected bool
+	fatal     chan error
 }
 
 // Dial connects to the broker, retrying until ctx is done.
@@ -51,12 +60,14 @@ func Dial(ctx context.Context, o Options) (*Bus, error) {
 	if o.MaxInFlight <= 0 {
 		o.MaxInFlight = 1024
 	}
-	b := &Bus{log: o.Logger, slots: make(chan struct{}, o.MaxInFlight), subs: map[string]func(string, []byte){}}
+	b := &Bus{log: o.Logger, slots: make(chan struct{}, o.MaxInFlight), subs: map[string]func(string, []byte){},
+		fatal: make(chan error, 1)}
 	co := mqtt.NewClientOptions().
 		AddBroker(o.URL).
 		SetClientID(o.ClientID).
 		SetUsername(o.Username).
 		SetPassword(o.Password).
+		SetProtocolVersion(4). // MQTT 3.1.1; no silent retry as 3.1 that hides a refusal
 		SetCleanSession(true). // subscriptions are restored by OnConnect, not by the broker
 		// Ordered: an upload part is handled before the upload.finish sent after it.
 		// Every handler the updater registers returns at once, so order costs nothing.
@@ -69,6 +80,7 @@ func Dial(ctx context.Context, o Options) (*Bus, error) {
 		SetWriteTimeout(30 * time.Second).
 		SetMessageChannelDepth(10000).
 		SetOnConnectHandler(b.onConnect).
+		SetConnectionNotificationHandler(b.onNotification).
 		SetConnectionLostHandler(func(_ mqtt.Client, err error) {
 			b.log.Warn().Err(err).Msg("mqtt connection lost; reconnecting")
 		})
@@ -82,11 +94,75 @@ func Dial(ctx context.Context, o Options) (*Bus, error) {
 		if err := tok.Error(); err != nil {
 			return nil, fmt.Errorf("mqttbus: connecting to %s as %q: %w", o.URL, o.Username, err)
 		}
+	case err := <-b.fatal:
+		b.c.Disconnect(0)
+		return nil, fmt.Errorf("mqttbus: connecting to %s as %q: %w", o.URL, o.Username, err)
 	case <-ctx.Done():
 		b.c.Disconnect(0)
+		if last := b.lastFailure(); last != nil {
+			return nil, fmt.Errorf("mqttbus: connecting to %s: %w (last attempt: %w)", o.URL, ctx.Err(), last)
+		}
 		return nil, fmt.Errorf("mqttbus: connecting to %s: %w", o.URL, ctx.Err())
 	}
 	return b, nil
+}
+
+// onNotification records why connection attempts fail. Before the first connection, a
+// refusal of the credentials or of the broker's certificate ends Dial at once: retrying
+// cannot fix either, and the operator should see the reason, not a timeout.
+func (b *Bus) onNotification(_ mqtt.Client, n mqtt.ConnectionNotification) {
+	var reason error
+	switch n := n.(type) {
+	case mqtt.ConnectionNotificationConnected:
+		b.failMu.Lock()
+		b.connected, b.lastFail = true, nil
+		b.failMu.Unlock()
+		return
+	case mqtt.ConnectionNotificationBrokerFailed:
+		reason = n.Reason
+	case mqtt.ConnectionNotificationFailed:
+		reason = n.Reason
+	default:
+		return
+	}
+	if reason == nil {
+		return
+	}
+	b.failMu.Lock()
+	changed := b.lastFail == nil || b.lastFail.Error() != reason.Error()
+	b.lastFail = reason
+	first := !b.connected
+	b.failMu.Unlock()
+	if changed {
+		b.log.Warn().Err(reason).Msg("mqtt connection attempt failed; retrying")
+	}
+	if first && permanent(reason) {
+		select {
+		case b.fatal <- reason:
+		default:
+		}
+	}
+}
+
+func (b *Bus) lastFailure() error {
+	b.failMu.Lock()
+	defer b.failMu.Unlock()
+	return b.lastFail
+}
+
+// permanent reports whether a connection failure needs the operator: wrong credentials,
+// or a broker certificate that does not verify.
+func permanent(err error) bool {
+	var (
+		unknownCA x509.UnknownAuthorityError
+		hostname  x509.HostnameError
+		invalid   x509.CertificateInvalidError
+		verify    *tls.CertificateVerificationError
+	)
+	return errors.Is(err, packets.ErrorRefusedBadUsernameOrPassword) ||
+		errors.Is(err, packets.ErrorRefusedNotAuthorised) ||
+		errors.As(err, &unknownCA) || errors.As(err, &hostname) ||
+		errors.As(err, &invalid) || errors.As(err, &verify)
 }
 
 func (b *Bus) onConnect(c mqtt.Client) {
