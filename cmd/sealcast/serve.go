@@ -26,6 +26,7 @@ func serveCommand(e *env) *ffcli.Command {
 	fs.UintVar(&c.chainLength, "chain-length", 1024, "key chain length for new devices and re-keys (a power of two, 16 to 1048576)")
 	fs.StringVar(&c.ackGroup, "ack-group", "", "share acks with other updaters in this group ($share/<group>/...)")
 	fs.BoolVar(&c.acksOnly, "acks-only", false, "process acks only; another updater handles admin requests and releases")
+	fs.StringVar(&c.pprofAddr, "pprof", "", "serve Go profiles on this address at /debug/pprof/ (off when empty; keep it on loopback, e.g. 127.0.0.1:6060)")
 	return &ffcli.Command{
 		Name:       "serve",
 		ShortUsage: "sealcast serve [flags]",
@@ -51,6 +52,9 @@ runs alone against an external broker. Stops cleanly on SIGINT or SIGTERM.`,
 			ev := log.Info().Str("mqtt", s.brokerURL).Str("data", c.dataDir)
 			if s.httpAddr != nil {
 				ev = ev.Str("http", s.httpAddr.String())
+			}
+			if s.pprofAddr != nil {
+				ev = ev.Str("pprof", s.pprofAddr.String())
 			}
 			ev.Msg("sealcast serving; stop with Ctrl-C")
 			select {

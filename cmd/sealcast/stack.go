@@ -36,6 +36,7 @@ type stackConfig struct {
 	chainLength                     uint
 	ackGroup                        string
 	acksOnly                        bool
+	pprofAddr                       string
 }
 
 // stack is a running service.
@@ -47,6 +48,8 @@ type stack struct {
 	upd       *updater.Updater
 	http      *http.Server
 	httpAddr  net.Addr
+	pprof     *http.Server // nil without -pprof
+	pprofAddr net.Addr
 	brokerURL string // where local clients reach the broker
 	adminPW   string // set when this start created the admin account
 	cancel    context.CancelFunc
@@ -122,6 +125,11 @@ func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (s *stac
 
 	if c.httpAddr != "" {
 		if err := s.startHTTP(c.httpAddr); err != nil {
+			return nil, err
+		}
+	}
+	if c.pprofAddr != "" {
+		if err := s.startPprof(c.pprofAddr); err != nil {
 			return nil, err
 		}
 	}
@@ -229,6 +237,9 @@ func (s *stack) close() error {
 	}
 	if s.http != nil {
 		s.http.Close()
+	}
+	if s.pprof != nil {
+		s.pprof.Close()
 	}
 	if s.bus != nil {
 		s.bus.Close()
