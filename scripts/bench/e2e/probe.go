@@ -126,16 +126,25 @@ func (p *probe) retained(ctx context.Context, ids []keychain.ReleaseID, serials 
 		p.walkLast = time.Now()
 		p.mu.Unlock()
 	}
-	filters := []string{protocol.StatusFilter}
+	// Each filter matches at most one release's chunks and manifest (17 messages for a
+	// 1 MiB image): one matching thousands (sealcast/status/#) would overflow the
+	// broker's queue for this client and lose messages.
+	filters := []string{protocol.FleetStatusTopic}
 	for _, id := range ids {
-		filters = append(filters, protocol.ReleaseFilter(id))
+		filters = append(filters, protocol.ReleaseFilter(id), protocol.ReleaseStatusTopic(id))
 	}
 	for _, s := range serials {
-		filters = append(filters, protocol.Root+"/devices/"+s+"/#")
+		filters = append(filters, protocol.Root+"/devices/"+s+"/#", protocol.DeviceStatusTopic(s))
 	}
-	for _, f := range filters {
-		if err := wait(ctx, p.c.Subscribe(f, 0, on)); err != nil {
-			return retainedFigures{}, fmt.Errorf("probe: subscribing to %s: %w", f, err)
+	// Eight filters a SUBSCRIBE: at most ~140 retained messages, under the embedded
+	// broker's 256-message queue per client.
+	for i := 0; i < len(filters); i += 8 {
+		subs := map[string]byte{}
+		for _, f := range filters[i:min(i+8, len(filters))] {
+			subs[f] = 0
+		}
+		if err := wait(ctx, p.c.SubscribeMultiple(subs, on)); err != nil {
+			return retainedFigures{}, fmt.Errorf("probe: subscribing to %s: %w", filters[i], err)
 		}
 	}
 	for { // until no retained message arrived for a second
