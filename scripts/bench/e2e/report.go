@@ -86,9 +86,13 @@ func markdown(c config, rs []*result) string {
 		}
 		p("| %s | %.1f | %s | %.1f | %s | %s | %s |\n", r.Title, r.Server.CPU, mib(r.Server.PeakRSS), r.Sim.CPU, mib(r.Sim.PeakRSS), mc, mr)
 	}
-	p("\n| scenario | MB into the broker | MB retained | of which image (releases/) | retained messages read back | broker's count ($SYS, incl. its own) |\n|---|---|---|---|---|---|\n")
+	p("\n| scenario | MB into the broker | MB retained | of which image (releases/) | retained messages read back | broker's count ($SYS, incl. its own) | MB in the embedded broker's store |\n|---|---|---|---|---|---|---|\n")
 	for _, r := range rs {
-		p("| %s | %s | %s | %s | %d | %d |\n", r.Title, mb(r.BytesIn), mb(r.Retained.Bytes), mb(r.Retained.ImageBytes), r.Retained.Messages, r.Retained.BrokerCount)
+		disk := "–"
+		if r.BrokerDisk > 0 {
+			disk = mb(r.BrokerDisk)
+		}
+		p("| %s | %s | %s | %s | %d | %d | %s |\n", r.Title, mb(r.BytesIn), mb(r.Retained.Bytes), mb(r.Retained.ImageBytes), r.Retained.Messages, r.Retained.BrokerCount, disk)
 	}
 
 	var env, per *result
@@ -103,7 +107,11 @@ func markdown(c config, rs []*result) string {
 	if env != nil && per != nil {
 		// The baseline may run with fewer devices; compare per device.
 		k := float64(env.Devices) / float64(per.Devices)
-		p("\nPer-device images against the envelope (baseline figures scaled to %d devices where they ran with %d):\n\n", env.Devices, per.Devices)
+		p("\nPer-device images against the envelope, in the same run")
+		if per.Devices != env.Devices {
+			p(" (the baseline's figures scaled from %d to %d devices)", per.Devices, env.Devices)
+		}
+		p(":\n\n")
 		p("| figure | ratio |\n|---|---|\n")
 		p("| bytes published into the broker | %s |\n", ratio(float64(per.BytesIn)*k, float64(env.BytesIn)))
 		p("| bytes retained by the broker | %s |\n", ratio(float64(per.Retained.Bytes)*k, float64(env.Retained.Bytes)))

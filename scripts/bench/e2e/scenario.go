@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io/fs"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -56,7 +57,8 @@ type result struct {
 	Sim       procFigures  `json:"simulator"`
 	Mosquitto *procFigures `json:"mosquitto,omitempty"`
 
-	BytesIn    int64           `json:"bytes_in"` // received by the broker during the release; -1 unknown
+	BytesIn    int64           `json:"bytes_in"`    // received by the broker during the release; -1 unknown
+	BrokerDisk int64           `json:"broker_disk"` // bytes in the embedded broker's store at the end
 	Retained   retainedFigures `json:"retained"`
 	SimSummary string          `json:"sim_summary"`
 	Profiles   []string        `json:"profiles,omitempty"`
@@ -286,6 +288,7 @@ func runScenario(ctx context.Context, c config, sc scenario, img []byte) (res *r
 	if res.Retained, err = pr.retained(ctx, ids, serials); err != nil {
 		return nil, err
 	}
+	res.BrokerDisk = duBytes(filepath.Join(dir, "data", "broker"))
 	if prof != nil {
 		if p, err := prof.heap(ctx); err == nil {
 			res.Profiles = append(res.Profiles, p)
@@ -386,6 +389,20 @@ func quantile(sorted []float64, n int, frac float64) float64 {
 		return 0
 	}
 	return sorted[need-1]
+}
+
+// duBytes adds up the sizes of the files under dir.
+func duBytes(dir string) int64 {
+	var n int64
+	filepath.WalkDir(dir, func(_ string, d fs.DirEntry, err error) error {
+		if err == nil && d.Type().IsRegular() {
+			if fi, err := d.Info(); err == nil {
+				n += fi.Size()
+			}
+		}
+		return nil
+	})
+	return n
 }
 
 // makeImage returns a deterministic pseudo-random image (incompressible, like firmware).
