@@ -63,7 +63,9 @@ func draw(in, out, title string) error {
 	p.X.Label.Text = "seconds since the upload started"
 	p.Y.Label.Text = "% of devices installed and acked"
 	p.Y.Min, p.Y.Max = 0, 100
-	p.Legend.Top, p.Legend.Left = true, true // the curves rise on the right
+	// Bottom right, clear of the 0 % line: by the end of the slowest curve the others
+	// are at 100 %, and it is past half.
+	p.Legend.Top, p.Legend.Left, p.Legend.YOffs = false, false, vg.Centimeter
 	p.Add(plotter.NewGrid())
 	var lines []any
 	for _, name := range order {
