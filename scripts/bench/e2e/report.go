@@ -123,7 +123,7 @@ func markdown(c config, rs []*result) string {
 		p("| time to 100 %% installed | %s |\n", ratio(per.T100, env.T100))
 		perDev := float64(per.Retained.ImageBytes) / float64(per.Devices)
 		p("\nRetained image bytes per device in the baseline: %.0f; at 100,000 devices that is %.1f GB, "+
-			"against %.1f MB for the envelope's one image (plus its %d-byte share of key message per device).\n",
+			"against %.1f MB for the envelope's one image (plus %d bytes a device of receipts, states and statuses).\n",
 			perDev, perDev*1e5/1e9, float64(env.Retained.ImageBytes)/1e6, (env.Retained.Bytes-env.Retained.ImageBytes)/int64(env.Devices))
 	}
 	p("\nSimulator summaries:\n\n")
