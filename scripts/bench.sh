@@ -4,7 +4,8 @@
 # (scripts/bench/e2e/e2e_test.go). One command rewrites every figure in docs/bench/:
 #
 #   scripts/bench.sh          2,000 devices and a 1 MiB image end to end; 10,000 idle devices
-#   scripts/bench.sh -short   50 devices and a 64 KiB image; 500 idle devices (a minute)
+#   scripts/bench.sh -short   50 devices and a 64 KiB image; 500 idle devices (a minute),
+#                             written to .tmp/bench/ so that the committed figures stay
 #
 # BENCH_DEVICES, BENCH_BASELINE_DEVICES and BENCH_IDLE_CONNS override the counts.
 # Output in docs/bench/: e2e.md (tables), e2e.csv and e2e.png (time to installed),
@@ -20,6 +21,7 @@ idle="${BENCH_IDLE_CONNS:-10000}"
 short=()
 if [ "${1:-}" = "-short" ]; then
 	short=(-short)
+	out=.tmp/bench
 	devices="${BENCH_DEVICES:-50}"
 	idle="${BENCH_IDLE_CONNS:-500}"
 fi

@@ -78,6 +78,7 @@ func runScenario(ctx context.Context, c config, sc scenario, img []byte) (res *r
 			children[i].stop(30 * time.Second)
 		}
 		if err != nil {
+			os.RemoveAll(filepath.Join(dir, "data")) // gigabytes after the baseline
 			err = fmt.Errorf("%w (logs kept in %s)", err, dir)
 		} else {
 			os.RemoveAll(dir)
