@@ -30,6 +30,7 @@ func serveCommand(e *env) *ffcli.Command {
 	fs.StringVar(&c.ackGroup, "ack-group", "", "share acks with other updaters in this group ($share/<group>/...)")
 	fs.BoolVar(&c.acksOnly, "acks-only", false, "process acks only; another updater handles admin requests and releases")
 	fs.StringVar(&c.adminPassword, "admin-password", "", "password of the admin account when serve creates it (first start); prefer the environment, SEALCAST_ADMIN_PASSWORD (default: generated and printed once)")
+	fs.StringVar(&c.pprofAddr, "pprof", "", "serve Go profiles on this address at /debug/pprof/ (off when empty; keep it on loopback, e.g. 127.0.0.1:6060)")
 	return &ffcli.Command{
 		Name:       "serve",
 		ShortUsage: "sealcast serve [flags]",
@@ -66,6 +67,9 @@ so that port 0 works: -listen 127.0.0.1:0.`,
 			}
 			if s.httpAddr != nil {
 				ev = ev.Str("http", s.httpAddr.String())
+			}
+			if s.pprofAddr != nil {
+				ev = ev.Str("pprof", s.pprofAddr.String())
 			}
 			ev.Msg("sealcast serving; stop with Ctrl-C")
 			select {

@@ -43,6 +43,7 @@ type stackConfig struct {
 	// adminPassword, if set, is the password of the admin account created with the
 	// accounts file, instead of a generated one.
 	adminPassword string
+	pprofAddr     string
 }
 
 // stack is a running service.
@@ -54,6 +55,8 @@ type stack struct {
 	upd       *updater.Updater
 	http      *http.Server
 	httpAddr  net.Addr
+	pprof     *http.Server // nil without -pprof
+	pprofAddr net.Addr
 	brokerURL string // where local clients reach the broker
 	adminPW   string // set when this start created the admin account with a generated password
 	cancel    context.CancelFunc
@@ -145,6 +148,11 @@ func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (_ *stac
 
 	if c.httpAddr != "" {
 		if err := s.startHTTP(c.httpAddr); err != nil {
+			return nil, err
+		}
+	}
+	if c.pprofAddr != "" {
+		if err := s.startPprof(c.pprofAddr); err != nil {
 			return nil, err
 		}
 	}
@@ -296,6 +304,9 @@ func (s *stack) close() error {
 	}
 	if s.http != nil {
 		s.http.Close()
+	}
+	if s.pprof != nil {
+		s.pprof.Close()
 	}
 	if s.bus != nil {
 		s.bus.Close()
