@@ -194,3 +194,74 @@ func TestSubscribePacketIDCollision(t *testing.T) {
 		})
 	}
 }
+
+// TestReleaseSessionStateNotStored: with DataDir, a device's subscriptions to release
+// topics and its deliveries in flight from them are not kept across a restart (the
+// device subscribes again, [SC-9.5]), while its key subscription, a key delivery queued
+// for it and the retained chunk itself are; a key delivery the device acknowledged is not
+// sent again after the restart.
+func TestReleaseSessionStateNotStored(t *testing.T) {
+	env := brokertest.Start(t, brokertest.WithDataDir(t.TempDir()))
+	dev := env.Device(t, "dev-a")
+	const (
+		keyTopic   = "sealcast/devices/dev-a/key"
+		chunkTopic = "sealcast/releases/r1/chunks/0"
+	)
+	got := newCollector()
+	withHandler := func(o *paho.ClientOptions) { o.SetDefaultPublishHandler(got.handle) }
+	c, err := pahoConnect(env, "dev-a", dev, false, withHandler)
+	if err != nil {
+		t.Fatal(err)
+	}
+	subscribe(t, c, keyTopic, got)
+	subscribe(t, c, chunkTopic, got)
+	upd := pahoClient(t, env, "updater-1", env.Updater, true)
+	publish(t, upd, keyTopic, 1, false, "key-acked")
+	if m, ok := got.next(t, 5*time.Second); !ok || string(m.Payload()) != "key-acked" {
+		t.Fatalf("key not delivered: %v", m)
+	}
+	c.Disconnect(100) // paho acknowledged key-acked before returning it
+
+	// Queued for the offline device: one key and one chunk.
+	publish(t, upd, keyTopic, 1, false, "key-queued")
+	publish(t, upd, chunkTopic, 1, false, "chunk-queued")
+	upd.Disconnect(100)
+
+	env.Restart(t)
+
+	c, err = pahoConnect(env, "dev-a", dev, false, withHandler)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Disconnect(100)
+	if m, ok := got.next(t, 5*time.Second); !ok || string(m.Payload()) != "key-queued" {
+		t.Fatalf("queued key not delivered after restart: %v", m)
+	}
+	if m, ok := got.next(t, quiet); ok {
+		t.Fatalf("after the restart the device got %q (acknowledged or release deliveries must not come back)", m.Payload())
+	}
+	upd = pahoClient(t, env, "updater-1", env.Updater, true)
+	publish(t, upd, chunkTopic, 1, true, "chunk-retained")
+	if m, ok := got.next(t, quiet); ok {
+		t.Fatalf("the chunk subscription survived the restart: got %q", m.Payload())
+	}
+	publish(t, upd, keyTopic, 1, false, "key-after")
+	if m, ok := got.next(t, 5*time.Second); !ok || string(m.Payload()) != "key-after" {
+		t.Fatalf("key subscription did not survive: %v", m)
+	}
+	// Subscribing again, as a device does, delivers the retained chunk; after one more
+	// restart the retained chunk is still there.
+	subscribe(t, c, chunkTopic, got)
+	if m, ok := got.next(t, 5*time.Second); !ok || string(m.Payload()) != "chunk-retained" {
+		t.Fatalf("retained chunk not delivered on subscribe: %v", m)
+	}
+	c.Disconnect(100)
+	upd.Disconnect(100)
+	env.Restart(t)
+	adm := pahoClient(t, env, "admin-1", env.Admin, true)
+	ret := newCollector()
+	subscribe(t, adm, chunkTopic, ret)
+	if m, ok := ret.next(t, 5*time.Second); !ok || string(m.Payload()) != "chunk-retained" {
+		t.Fatalf("retained chunk lost in a restart: %v", m)
+	}
+}

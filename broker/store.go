@@ -2,6 +2,7 @@ package broker
 
 import (
 	"fmt"
+	"strings"
 	"sync"
 
 	pebbledb "github.com/cockroachdb/pebble"
@@ -16,6 +17,13 @@ import (
 // store persists sessions, subscriptions, inflight (queued) QoS 1 deliveries and retained
 // messages in a pebble database under the data directory, with every write synced.
 //
+// Except on release topics: retained manifests and chunks are stored, but a client's
+// subscriptions to release topics and its deliveries in flight from them are not. A
+// device opens and closes a chunk subscription for every chunk it fetches ([SC-9.4]), so
+// storing them cost three synced writes per chunk per device and most of the broker's CPU
+// in a fleet-wide download (docs/BENCHMARKS.md); they are worth nothing after a restart,
+// since a reconnecting device subscribes again to what it still needs ([SC-9.5]).
+//
 // mochi v2.7.9's redis and bolt hooks lose the packet identifiers of inflight messages on
 // reload; its pebble hook keeps them (TestRestartKeepsRetainedAndQueued checks). This
 // wrapper adds what the pebble hook lacks: its Stop sets its database to nil while mochi's
@@ -25,10 +33,22 @@ type store struct {
 	*mochipebble.Hook
 	mu     sync.RWMutex
 	closed bool
+
+	// inflight holds the keys (client id, packet id) of the inflight messages that are
+	// in the database, so that completing a release delivery, which was never stored,
+	// costs no synced delete. mochi reports completion with the PUBACK, which has no
+	// topic.
+	inflightMu sync.Mutex
+	inflight   map[inflightID]struct{}
+}
+
+type inflightID struct {
+	client string
+	id     uint16
 }
 
 func newStore(dir string, log zerolog.Logger) (*store, mochipebble.Options) {
-	return &store{Hook: new(mochipebble.Hook)}, mochipebble.Options{
+	return &store{Hook: new(mochipebble.Hook), inflight: map[inflightID]struct{}{}}, mochipebble.Options{
 		Path: dir,
 		Mode: mochipebble.Sync,
 		Options: &pebbledb.Options{
@@ -74,25 +94,59 @@ func (s *store) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
 	s.with(func() { s.Hook.OnWillSent(cl, pk) })
 }
 func (s *store) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
+	if expire { // the session ends: mochi forgets its inflight messages without completing them
+		s.inflightMu.Lock()
+		for k := range s.inflight {
+			if k.client == cl.ID {
+				delete(s.inflight, k)
+			}
+		}
+		s.inflightMu.Unlock()
+	}
 	s.with(func() { s.Hook.OnDisconnect(cl, err, expire) })
 }
 func (s *store) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []byte) {
-	s.with(func() { s.Hook.OnSubscribed(cl, pk, codes) })
+	if pk, codes, ok := durableFilters(pk, codes); ok {
+		s.with(func() { s.Hook.OnSubscribed(cl, pk, codes) })
+	}
 }
 func (s *store) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
-	s.with(func() { s.Hook.OnUnsubscribed(cl, pk) })
+	if pk, _, ok := durableFilters(pk, nil); ok {
+		s.with(func() { s.Hook.OnUnsubscribed(cl, pk) })
+	}
 }
 func (s *store) OnRetainMessage(cl *mqtt.Client, pk packets.Packet, r int64) {
 	s.with(func() { s.Hook.OnRetainMessage(cl, pk, r) })
 }
 func (s *store) OnQosPublish(cl *mqtt.Client, pk packets.Packet, sent int64, resends int) {
+	if isReleaseTopic(pk.TopicName) {
+		return
+	}
+	s.inflightMu.Lock()
+	s.inflight[inflightID{cl.ID, pk.PacketID}] = struct{}{}
+	s.inflightMu.Unlock()
 	s.with(func() { s.Hook.OnQosPublish(cl, pk, sent, resends) })
 }
 func (s *store) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
-	s.with(func() { s.Hook.OnQosComplete(cl, pk) })
+	if s.forgetInflight(cl, pk) {
+		s.with(func() { s.Hook.OnQosComplete(cl, pk) })
+	}
 }
 func (s *store) OnQosDropped(cl *mqtt.Client, pk packets.Packet) {
-	s.with(func() { s.Hook.OnQosDropped(cl, pk) })
+	if s.forgetInflight(cl, pk) {
+		s.with(func() { s.Hook.OnQosDropped(cl, pk) })
+	}
+}
+
+// forgetInflight reports whether the inflight message of pk's packet id was stored, and
+// forgets it.
+func (s *store) forgetInflight(cl *mqtt.Client, pk packets.Packet) bool {
+	k := inflightID{cl.ID, pk.PacketID}
+	s.inflightMu.Lock()
+	defer s.inflightMu.Unlock()
+	_, ok := s.inflight[k]
+	delete(s.inflight, k)
+	return ok
 }
 func (s *store) OnSysInfoTick(info *system.Info) {
 	s.with(func() { s.Hook.OnSysInfoTick(info) })
@@ -113,6 +167,11 @@ func (s *store) StoredSubscriptions() (v []storage.Subscription, err error) {
 }
 func (s *store) StoredInflightMessages() (v []storage.Message, err error) {
 	s.with(func() { v, err = s.Hook.StoredInflightMessages() })
+	s.inflightMu.Lock()
+	for _, m := range v {
+		s.inflight[inflightID{m.Client, m.PacketID}] = struct{}{}
+	}
+	s.inflightMu.Unlock()
 	return
 }
 func (s *store) StoredRetainedMessages() (v []storage.Message, err error) {
@@ -122,4 +181,41 @@ func (s *store) StoredRetainedMessages() (v []storage.Message, err error) {
 func (s *store) StoredSysInfo() (v storage.SystemInfo, err error) {
 	s.with(func() { v, err = s.Hook.StoredSysInfo() })
 	return
+}
+
+// isReleaseTopic reports whether topic is a release topic (a manifest or a chunk).
+func isReleaseTopic(topic string) bool {
+	return strings.HasPrefix(topic, releasePrefix)
+}
+
+const releasePrefix = "sealcast/releases/"
+
+// durableFilters returns pk without its release-topic filters (and codes without theirs,
+// when given), and whether any filter is left to store.
+func durableFilters(pk packets.Packet, codes []byte) (packets.Packet, []byte, bool) {
+	keep := 0
+	for _, f := range pk.Filters {
+		if !strings.HasPrefix(f.Filter, releasePrefix) {
+			keep++
+		}
+	}
+	if keep == len(pk.Filters) {
+		return pk, codes, keep > 0
+	}
+	if keep == 0 {
+		return pk, codes, false
+	}
+	out := pk
+	out.Filters = make(packets.Subscriptions, 0, keep)
+	var outCodes []byte
+	for i, f := range pk.Filters {
+		if strings.HasPrefix(f.Filter, releasePrefix) {
+			continue
+		}
+		out.Filters = append(out.Filters, f)
+		if i < len(codes) {
+			outCodes = append(outCodes, codes[i])
+		}
+	}
+	return out, outCodes, true
 }
