@@ -344,17 +344,22 @@ func (b *Broker) Close() error {
 				b.healthLn.Close()
 			}
 		}
-		// mochi closes listeners, disconnects clients and waits for their goroutines,
-		// then stops the hooks (closing the store).
-		b.closeErr = b.srv.Close()
+		// Stop accepting first and wait for the accept loops to return, so that no
+		// connection starts being established while mochi closes: mochi v2.7.9 races
+		// there (upstream issue #541, seen under -race).
 		if b.started.Load() {
 			for _, l := range b.listeners {
+				_ = l.Close()
 				l.wait(time.Second)
 			}
 			if b.ws != nil {
+				_ = b.ws.ln.Close()
 				b.ws.wait()
 			}
 		}
+		// mochi closes its listeners (already closed), disconnects clients and waits for
+		// their goroutines, then stops the hooks (closing the store).
+		b.closeErr = b.srv.Close()
 		b.wg.Wait()
 		b.started.Store(false)
 		b.log.Info().Msg("broker stopped")

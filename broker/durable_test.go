@@ -174,6 +174,12 @@ func TestSubscribePacketIDCollision(t *testing.T) {
 			if topic, _, payload := p.publish(); topic != manifest || string(payload) != "manifest" {
 				t.Fatalf("got %s %q", topic, payload)
 			}
+			// The guard restores the delivery after mochi has processed the SUBSCRIBE,
+			// which may be just after the client read its SUBACK: wait for it, so that
+			// the reconnect below does not take the session over before it. (A device
+			// that does reconnect in that instant gets its retained key when it
+			// subscribes again, [SC-9.3].)
+			eventually(t, "the guard restored the key delivery", func() bool { return env.Broker.Stats().DeliveriesRestored >= 1 })
 			c.Close()
 			// The key, never acknowledged, is re-sent after a reconnect.
 			c, _ = connectRaw(t, env.Addr, "dev-a", "dev-a", dev.Password, false)
@@ -220,7 +226,8 @@ func TestReleaseSessionStateNotStored(t *testing.T) {
 	if m, ok := got.next(t, 5*time.Second); !ok || string(m.Payload()) != "key-acked" {
 		t.Fatalf("key not delivered: %v", m)
 	}
-	c.Disconnect(100) // paho acknowledged key-acked before returning it
+	eventually(t, "the broker received the PUBACK of key-acked", func() bool { return broker.Inflight(env.Broker, "dev-a") == 0 })
+	c.Disconnect(100)
 
 	// Queued for the offline device: one key and one chunk.
 	publish(t, upd, keyTopic, 1, false, "key-queued")

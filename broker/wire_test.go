@@ -254,3 +254,15 @@ func publish(t testing.TB, c paho.Client, topic string, qos byte, retain bool, p
 		t.Fatalf("publish to %q: %v", topic, err)
 	}
 }
+
+// eventually polls cond every 10 ms until it holds, failing the test after 10 s.
+func eventually(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
