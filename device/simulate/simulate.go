@@ -85,6 +85,9 @@ type Summary struct {
 	Drops     int          // devices given a dropped connection
 	Kills     int          // devices given a power loss
 	PeakHeap  uint64       // largest runtime HeapInuse sampled (whole process)
+	// States holds each device's vault as Run left it, in the order of Options.Devices:
+	// what the device itself believes it installed, at which sequence number.
+	States []device.State
 }
 
 func (s Summary) String() string {
@@ -146,6 +149,7 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		}
 	}()
 	errs := make(chan error, len(o.Devices))
+	vaults := make([]*device.MemoryVault, len(o.Devices))
 	for i, f := range o.Devices {
 		st, err := device.StateFromDeviceFile(f)
 		if err != nil {
@@ -165,10 +169,11 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		if o.StartSpread > 0 {
 			delay = rand.N(o.StartSpread)
 		}
+		vaults[i] = device.NewMemoryVault(st)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := s.device(ctx, i, device.NewMemoryVault(st), drop, kill, delay); err != nil {
+			if err := s.device(ctx, i, vaults[i], drop, kill, delay); err != nil {
 				errs <- err
 				cancel()
 			}
@@ -216,6 +221,14 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		sum.Stats.Confirmed += st.Confirmed
 	}
 	sum.PeakHeap = peak.Load()
+	sum.States = make([]device.State, len(vaults))
+	for i, v := range vaults {
+		st, lerr := v.Load()
+		if lerr != nil {
+			err = errors.Join(err, lerr)
+		}
+		sum.States[i] = st
+	}
 	return sum, err
 }
 
