@@ -72,3 +72,51 @@ func TestResultRecordedAfterStoreFailure(t *testing.T) {
 		t.Errorf("stats %+v: want 1 accepted and the re-sent ack as a duplicate", s)
 	}
 }
+
+// TestCompletionSurvivesStoreOutage: the status loop cannot read the release while the
+// store is down; once it is back, the release is still found complete.
+func TestCompletionSurvivesStoreOutage(t *testing.T) {
+	fs := &flakyStore{}
+	e := startEnv(t, func(t *testing.T) updater.Store { fs.Store = boltOpener(t); return fs })
+	f := e.provision(1)[0]
+	d := connectDevice(t, e.b.URL, f)
+	rid := e.release(randomImage(5000), 1)
+	ack, km, _ := d.install()
+	fs.failRelease.Store(true)
+	d.ackUntilReceipt(ack, keychain.Key(d.u, km.Seq))
+	// The receipt follows the recorded result, which marks the release for the status
+	// loop; let the loop fail on it at least once.
+	seen := fs.releaseFailed.Load()
+	eventually(t, "the status loop meets the outage", func() bool { return fs.releaseFailed.Load() > seen })
+	fs.failRelease.Store(false)
+	eventually(t, "release completed", func() bool { return releaseState(t, e, rid).State == protocol.ReleaseCompleted })
+}
+
+// TestCompletionAfterRestart: a process recorded the last result and died before it
+// marked the release completed; the next process completes it.
+func TestCompletionAfterRestart(t *testing.T) {
+	e := startEnv(t, boltOpener)
+	f := e.provision(1)[0]
+	d := connectDevice(t, e.b.URL, f)
+	rid := e.release(randomImage(5000), 1)
+	ack, km, _ := d.install()
+	d.ackUntilReceipt(ack, keychain.Key(d.u, km.Seq))
+	eventually(t, "release completed", func() bool { return releaseState(t, e, rid).State == protocol.ReleaseCompleted })
+
+	e.stop()
+	// Put the store back where the crash left it: result recorded, release active.
+	ctx := context.Background()
+	rel, err := e.store.Release(ctx, rid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rel.State = protocol.ReleaseActive
+	if err := e.store.PutRelease(ctx, rel); err != nil {
+		t.Fatal(err)
+	}
+	e.startUpdater()
+	eventually(t, "release completed by the restarted updater", func() bool {
+		st := releaseState(t, e, rid)
+		return st.State == protocol.ReleaseCompleted && st.Installed == 1
+	})
+}

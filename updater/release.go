@@ -118,6 +118,9 @@ func (u *Updater) resumeRuns(ctx context.Context) {
 			u.mu.Unlock()
 			continue
 		}
+		// The last process may have recorded the last results and died before it
+		// noticed that the release is complete: look again.
+		u.markDirty(r.rel.ID)
 		if !r.paused.Load() {
 			u.startFanout(r)
 		}

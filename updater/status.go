@@ -3,6 +3,7 @@ package updater
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"time"
 
 	"github.com/sealcast/sealcast/keychain"
@@ -97,6 +98,9 @@ func (u *Updater) flushStatus(ctx context.Context, fleet bool) {
 	for _, id := range ids {
 		rel, err := u.o.Store.Release(ctx, id)
 		if err != nil {
+			if !errors.Is(err, ErrNotFound) {
+				u.markDirty(id) // the store is down: try again, or a completion is never noticed
+			}
 			continue
 		}
 		st := u.releaseStatus(ctx, rel)
@@ -109,6 +113,9 @@ func (u *Updater) flushStatus(ctx context.Context, fleet bool) {
 				u.mu.Unlock()
 				u.log.Info().Str("release", id.String()).Int("installed", st.Installed).Msg("release completed")
 				fleet = true
+			} else {
+				u.log.Warn().Err(err).Str("release", id.String()).Msg("marking the release completed; will retry")
+				u.markDirty(id)
 			}
 		}
 		b, _ := json.Marshal(st)
