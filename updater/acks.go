@@ -128,11 +128,19 @@ func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
 			u.log.Error().Err(err).Msg("publishing receipts; devices will re-send their acks")
 		}
 		msgs = nil
-		for _, v := range moved {
-			if err := u.nextFor(ctx, v.dev); err != nil && ctx.Err() == nil {
-				u.log.Error().Err(err).Str("serial", v.dev.Serial).Msg("publishing the next key")
-			}
-			u.publishDeviceStatus(ctx, v.dev, v.advance.State, v.advance.LastResult, now)
+		// What comes next for the moved devices, and their statuses, in two bursts: the
+		// broker persists every retained message, and a burst shares its disk syncs.
+		devs := make([]*Device, len(moved))
+		var status []protocol.Message
+		for i, v := range moved {
+			devs[i] = v.dev
+			status = append(status, deviceStatusMessage(v.dev, v.advance.State, v.advance.LastResult, now))
+		}
+		if err := u.nextFor(ctx, devs...); err != nil && ctx.Err() == nil {
+			u.log.Error().Err(err).Int("devices", len(devs)).Msg("publishing the next keys")
+		}
+		if err := u.o.Bus.Publish(ctx, status...); err != nil && ctx.Err() == nil {
+			u.log.Warn().Err(err).Msg("publishing device statuses")
 		}
 	}
 	if len(msgs) > 0 {
