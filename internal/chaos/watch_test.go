@@ -14,13 +14,16 @@ import (
 	"github.com/sealcast/sealcast/protocol"
 )
 
-// watcher is an admin client that records every key message, ack and receipt the broker
-// delivers, across restarts of the serve process: its session is persistent (clean
-// session off) and it re-subscribes after every reconnect, which also delivers the
+// watcher records every key message, ack and receipt the broker delivers, across
+// restarts of the serve process. It is several admin connections, each subscribed to the
+// topics of a few devices: the broker drops a delivery, even a QoS 1 one, when a client's
+// outbound queue (256 messages) is full, and a fan-out to the whole fleet is a burst that
+// one connection for every device could not take. Each connection's session is persistent
+// (clean session off) and it re-subscribes after every reconnect, which also delivers the
 // retained key messages and receipts again. Each distinct payload is kept once per
 // serial; receipts are also counted per delivery.
 type watcher struct {
-	c paho.Client
+	cs []paho.Client
 
 	mu       sync.Mutex
 	keys     map[string][][]byte // serial -> distinct key messages (non-empty)
@@ -29,37 +32,47 @@ type watcher struct {
 	connects int
 }
 
-var watchFilters = map[string]byte{
-	"sealcast/devices/+/key":     1,
-	protocol.AckFilter:           1,
-	"sealcast/devices/+/receipt": 1,
-}
+// watchShard is how many devices one watcher connection follows.
+const watchShard = 25
 
-func startWatcher(t testing.TB, url, password string) *watcher {
+func startWatcher(t testing.TB, url, password string, serials []string) *watcher {
 	t.Helper()
 	w := &watcher{keys: map[string][][]byte{}, acks: map[string][][]byte{}, receipts: map[string]int{}}
-	o := paho.NewClientOptions().AddBroker(url).SetClientID("chaos-watcher").
-		SetUsername("admin").SetPassword(password).SetProtocolVersion(4).
-		SetCleanSession(false).SetAutoReconnect(true).SetConnectRetry(true).
-		SetConnectRetryInterval(200 * time.Millisecond).SetMaxReconnectInterval(500 * time.Millisecond).
-		SetConnectTimeout(5 * time.Second).SetOrderMatters(false).
-		SetDefaultPublishHandler(w.handle).
-		SetOnConnectHandler(func(c paho.Client) {
-			w.mu.Lock()
-			w.connects++
-			w.mu.Unlock()
-			c.SubscribeMultiple(watchFilters, nil)
-		})
-	w.c = paho.NewClient(o)
-	if tok := w.c.Connect(); !tok.WaitTimeout(30*time.Second) || tok.Error() != nil {
-		t.Fatalf("watcher: connecting: %v", tok.Error())
+	for i := 0; i < len(serials); i += watchShard {
+		filters := map[string]byte{}
+		for _, s := range serials[i:min(i+watchShard, len(serials))] {
+			filters[protocol.KeyTopic(s)] = 1
+			filters[protocol.AckTopic(s)] = 1
+			filters[protocol.ReceiptTopic(s)] = 1
+		}
+		o := paho.NewClientOptions().AddBroker(url).SetClientID(fmt.Sprintf("chaos-watcher-%03d", i/watchShard)).
+			SetUsername("admin").SetPassword(password).SetProtocolVersion(4).
+			SetCleanSession(false).SetAutoReconnect(true).SetConnectRetry(true).
+			SetConnectRetryInterval(200 * time.Millisecond).SetMaxReconnectInterval(500 * time.Millisecond).
+			SetConnectTimeout(5 * time.Second).SetOrderMatters(false).
+			SetDefaultPublishHandler(w.handle).
+			SetOnConnectHandler(func(c paho.Client) {
+				w.mu.Lock()
+				w.connects++
+				w.mu.Unlock()
+				c.SubscribeMultiple(filters, nil)
+			})
+		c := paho.NewClient(o)
+		if tok := c.Connect(); !tok.WaitTimeout(30*time.Second) || tok.Error() != nil {
+			t.Fatalf("watcher: connecting: %v", tok.Error())
+		}
+		// The connect handler subscribes too; this one is waited for, so nothing published
+		// after startWatcher returns is missed.
+		if tok := c.SubscribeMultiple(filters, nil); !tok.WaitTimeout(30*time.Second) || tok.Error() != nil {
+			t.Fatalf("watcher: subscribing: %v", tok.Error())
+		}
+		w.cs = append(w.cs, c)
 	}
-	// The first subscription is made in the connect handler; wait for one round trip so
-	// that nothing published after this returns is missed.
-	if tok := w.c.SubscribeMultiple(watchFilters, nil); !tok.WaitTimeout(30*time.Second) || tok.Error() != nil {
-		t.Fatalf("watcher: subscribing: %v", tok.Error())
-	}
-	t.Cleanup(func() { w.c.Disconnect(100) })
+	t.Cleanup(func() {
+		for _, c := range w.cs {
+			c.Disconnect(100)
+		}
+	})
 	return w
 }
 
