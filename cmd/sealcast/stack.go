@@ -54,8 +54,10 @@ type stack struct {
 	log       zerolog.Logger
 }
 
-func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (s *stack, err error) {
-	s = &stack{log: log, done: make(chan error, 1)}
+func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (_ *stack, err error) {
+	// s is not the named result: the error paths return nil, and the deferred close
+	// must still see what was started.
+	s := &stack{log: log, done: make(chan error, 1)}
 	defer func() {
 		if err != nil {
 			s.close()
