@@ -103,8 +103,13 @@ func TestChaos(t *testing.T) {
 
 	// --- Real parts: Redis with its append-only file, the serve process, an operator
 	// and an admin watcher that records keys, acks and receipts.
+	// Redis gets a port below the ephemeral range too: it is bound again after its restart.
 	redisArgs := []string{"--appendonly", "yes", "--appendfsync", "always"}
-	rds := redistest.Start(t, redisArgs...)
+	rds, err := redistest.Launch(redistest.Need(t), t.TempDir(), portOf(t, freePort(t)), redisArgs...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(rds.Stop)
 	rdb := redis.NewClient(&redis.Options{Addr: rds.Addr, ClientName: "chaos-test"})
 	defer rdb.Close()
 	store := redisstore.New(rdb, redisstore.Options{})
@@ -358,8 +363,16 @@ func TestChaos(t *testing.T) {
 		t.Errorf("lifetime 2 recorded %d failure reports: %s", got, rec.codes())
 	}
 
-	// The store: every counter moved exactly once per release; both releases complete.
+	// The store: every counter moved exactly once per release, each device's record says
+	// it installed; both releases complete.
 	checkStore(ctx, t, store, serials, chainLength-2, 2)
+	if devs, err := store.Devices(ctx, serials); err == nil {
+		for _, d := range devs {
+			if d.State != protocol.DeviceInstalled || d.LastResult != "ok" || len(d.Assigned) != 0 {
+				t.Errorf("store: %s is %s, last result %q, %d ids still assigned; want installed, ok, none", d.Serial, d.State, d.LastResult, len(d.Assigned))
+			}
+		}
+	}
 	for _, id := range []keychain.ReleaseID{rel1, rel2} {
 		r, err := store.Release(ctx, id)
 		if err != nil {

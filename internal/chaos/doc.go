@@ -22,8 +22,8 @@
 //
 // The suite needs redis-server; without it the test skips, and fails under
 // SEALCAST_REQUIRE_TOOLS=1 (as CI runs). The serve binary is built without the race
-// detector (the devices, proxy and checks in the test process run under -race when the
-// test does); set SEALCAST_CHAOS_RACE=1 to build it with -race too. The fleet size is
+// detector; the devices, proxy and checks in the test process run under -race when the
+// test does. The fleet size is
 // SEALCAST_CHAOS_DEVICES (default 500); SEALCAST_CHAOS_LOGS=dir keeps the serve
 // process's logs there. Every wait has a deadline, the whole test one of 160 s, and every
 // process and goroutine the suite starts is stopped when it ends.
