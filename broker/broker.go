@@ -357,8 +357,20 @@ func (b *Broker) Close() error {
 				b.ws.wait()
 			}
 		}
-		// mochi closes its listeners (already closed), disconnects clients and waits for
-		// their goroutines, then stops the hooks (closing the store).
+		// Disconnect every client and wait for their goroutines before mochi's Close:
+		// mochi v2.7.9's Clients.GetByListener takes its read lock twice, so a clean
+		// session ending (Clients.Delete waiting for the write lock) in between
+		// deadlocks Close. With no client left, nothing writes to the map meanwhile.
+		if b.started.Load() {
+			for _, cl := range b.srv.Clients.GetAll() {
+				if !cl.Net.Inline && !cl.Closed() {
+					_ = b.srv.DisconnectClient(cl, packets.ErrServerShuttingDown)
+				}
+			}
+			waitGroupFor(&b.srv.Listeners.ClientsWg, 5*time.Second)
+		}
+		// mochi closes its listeners (already closed), disconnects clients (none left)
+		// and waits for their goroutines, then stops the hooks (closing the store).
 		b.closeErr = b.srv.Close()
 		b.wg.Wait()
 		b.started.Store(false)
@@ -468,5 +480,18 @@ func (b *Broker) Stats() Stats {
 		DroppedInflight:    atomic.LoadInt64(&b.srv.Info.InflightDropped),
 		DroppedDeviceQueue: b.deviceDrops.Load(),
 		DeliveriesRestored: b.guard.restored.Load(),
+	}
+}
+
+// waitGroupFor waits for wg, or at most d.
+func waitGroupFor(wg *sync.WaitGroup, d time.Duration) {
+	done := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(d):
 	}
 }

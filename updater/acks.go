@@ -65,6 +65,7 @@ func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
 		adv   []Advance
 		msgs  []protocol.Message
 		notes []Note
+		dups  []*verdict // duplicates of installed acks, answered once their result is recorded
 	)
 	now := u.o.Now()
 	for i, in := range batch {
@@ -80,17 +81,24 @@ func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
 			u.recordReport(ctx, v)
 			msgs = append(msgs, protocol.Message{Topic: protocol.ReceiptTopic(in.serial), Payload: v.receipt, Retain: true})
 			notes = append(notes, Note{Serial: in.serial, State: protocol.DeviceFailed, LastResult: protocol.Code(v.ack.Code).String(), At: now})
+		case v.ack.Kind == keychain.AckInstalled && u.isRelease(v.ack.ID):
+			dups = append(dups, v)
 		default: // a duplicate: answer again
 			msgs = append(msgs, protocol.Message{Topic: protocol.ReceiptTopic(in.serial), Payload: v.receipt, Retain: true})
 		}
 	}
+	// A duplicate of an installed ack records its result again (installed is final, so
+	// this counts nothing twice): the process that accepted it may have died, or lost the
+	// store, between moving the counter and recording the result. Its receipt goes out
+	// only once the result is recorded, so the device keeps re-sending until it is.
+	msgs = append(msgs, u.recordInstalled(ctx, dups)...)
 	if len(adv) > 0 {
 		ok, err := u.o.Store.Advance(ctx, adv)
 		if err != nil {
 			u.log.Error().Err(err).Int("acks", len(adv)).Msg("advancing counters; devices will re-send")
 			return
 		}
-		var results = map[keychain.ReleaseID][]Result{}
+		var installed []*verdict
 		var moved []*verdict
 		for i, v := range vs {
 			if !ok[i] {
@@ -104,9 +112,10 @@ func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
 			} else {
 				u.stats.accepted.Add(1)
 			}
-			msgs = append(msgs, protocol.Message{Topic: protocol.ReceiptTopic(v.in.serial), Payload: v.receipt, Retain: true})
 			if v.ack.Kind == keychain.AckInstalled {
-				results[v.ack.ID] = append(results[v.ack.ID], Result{Serial: v.in.serial, Result: ResultInstalled})
+				installed = append(installed, v)
+			} else {
+				msgs = append(msgs, protocol.Message{Topic: protocol.ReceiptTopic(v.in.serial), Payload: v.receipt, Retain: true})
 			}
 			d := *v.dev
 			a := v.advance
@@ -114,21 +123,24 @@ func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
 			v.dev = &d
 			moved = append(moved, v)
 		}
-		for id, rs := range results {
-			if err := u.o.Store.RecordResults(ctx, id, rs); err != nil {
-				u.log.Error().Err(err).Str("release", id.String()).Msg("recording results")
-			}
-			u.markDirty(id)
-		}
+		msgs = append(msgs, u.recordInstalled(ctx, installed)...)
 		if err := u.o.Bus.Publish(ctx, msgs...); err != nil && ctx.Err() == nil {
 			u.log.Error().Err(err).Msg("publishing receipts; devices will re-send their acks")
 		}
 		msgs = nil
-		for _, v := range moved {
-			if err := u.nextFor(ctx, v.dev); err != nil && ctx.Err() == nil {
-				u.log.Error().Err(err).Str("serial", v.dev.Serial).Msg("publishing the next key")
-			}
-			u.publishDeviceStatus(ctx, v.dev, v.advance.State, v.advance.LastResult, now)
+		// What comes next for the moved devices, and their statuses, in two bursts: the
+		// broker persists every retained message, and a burst shares its disk syncs.
+		devs := make([]*Device, len(moved))
+		var status []protocol.Message
+		for i, v := range moved {
+			devs[i] = v.dev
+			status = append(status, deviceStatusMessage(v.dev, v.advance.State, v.advance.LastResult, now))
+		}
+		if err := u.nextFor(ctx, devs...); err != nil && ctx.Err() == nil {
+			u.log.Error().Err(err).Int("devices", len(devs)).Msg("publishing the next keys")
+		}
+		if err := u.o.Bus.Publish(ctx, status...); err != nil && ctx.Err() == nil {
+			u.log.Warn().Err(err).Msg("publishing device statuses")
 		}
 	}
 	if len(msgs) > 0 {
@@ -253,6 +265,34 @@ func (u *Updater) judge(in inbound, d *Device, now time.Time) *verdict {
 	adv.Chain = sealed
 	v.advance = adv
 	return v
+}
+
+// recordInstalled records ResultInstalled for installed acks, per release, and returns
+// the receipts of those whose result is now stored. A receipt whose result could not be
+// recorded is withheld: the device re-sends its ack, and the duplicate records it then.
+func (u *Updater) recordInstalled(ctx context.Context, vs []*verdict) []protocol.Message {
+	byRelease := map[keychain.ReleaseID][]*verdict{}
+	for _, v := range vs {
+		byRelease[v.ack.ID] = append(byRelease[v.ack.ID], v)
+	}
+	var msgs []protocol.Message
+	for id, group := range byRelease {
+		rs := make([]Result, len(group))
+		for i, v := range group {
+			rs[i] = Result{Serial: v.in.serial, Result: ResultInstalled}
+		}
+		if err := u.o.Store.RecordResults(ctx, id, rs); err != nil {
+			if ctx.Err() == nil {
+				u.log.Error().Err(err).Str("release", id.String()).Int("devices", len(rs)).Msg("recording results; receipts withheld, devices will re-send")
+			}
+			continue
+		}
+		u.markDirty(id)
+		for _, v := range group {
+			msgs = append(msgs, protocol.Message{Topic: protocol.ReceiptTopic(v.in.serial), Payload: v.receipt, Retain: true})
+		}
+	}
+	return msgs
 }
 
 func assigned(d *Device, id keychain.ReleaseID) bool {

@@ -118,6 +118,9 @@ func (u *Updater) resumeRuns(ctx context.Context) {
 			u.mu.Unlock()
 			continue
 		}
+		// The last process may have recorded the last results and died before it
+		// noticed that the release is complete: look again.
+		u.markDirty(r.rel.ID)
 		if !r.paused.Load() {
 			u.startFanout(r)
 		}
@@ -304,32 +307,53 @@ func (u *Updater) pendingFor(d *Device) *run {
 	return best
 }
 
-// nextFor publishes what device d should see on its key topic now that it has moved:
+// nextFor publishes what each device should see on its key topic now that it has moved:
 // a re-key at index 1, else its pending release, else nothing (the topic is cleared).
-func (u *Updater) nextFor(ctx context.Context, d *Device) error {
+// The devices' key messages go out together, so that one call costs one store write and
+// one burst of publishes however many devices moved.
+func (u *Updater) nextFor(ctx context.Context, ds ...*Device) error {
 	var (
-		a   Assignment
-		m   protocol.Message
-		err error
+		as     []Assignment
+		msgs   []protocol.Message
+		clears []protocol.Message
+		errs   []error
 	)
-	r := u.pendingFor(d)
-	switch {
-	case d.Seq == 1:
-		tr, oerr := keychain.OpenTraversal(u.o.Root, d.Serial, d.Epoch, d.Chain)
-		if oerr != nil {
-			return oerr
+	for _, d := range ds {
+		var (
+			a   Assignment
+			m   protocol.Message
+			err error
+		)
+		r := u.pendingFor(d)
+		switch {
+		case d.Seq == 1:
+			tr, oerr := keychain.OpenTraversal(u.o.Root, d.Serial, d.Epoch, d.Chain)
+			if oerr != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", d.Serial, oerr))
+				continue
+			}
+			a, m, err = u.rekeyFor(d, tr.Current())
+		case r != nil:
+			a, m, err = u.wrapFor(d, r)
+		default:
+			clears = append(clears, protocol.Message{Topic: protocol.KeyTopic(d.Serial), Retain: true})
+			continue
 		}
-		a, m, err = u.rekeyFor(d, tr.Current())
-	case r != nil:
-		a, m, err = u.wrapFor(d, r)
-	default:
-		return u.o.Bus.Publish(ctx, protocol.Message{Topic: protocol.KeyTopic(d.Serial), Retain: true})
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", d.Serial, err))
+			continue
+		}
+		as, msgs = append(as, a), append(msgs, m)
 	}
-	if err != nil {
-		return err
+	if _, err := u.assignAndPublish(ctx, as, msgs); err != nil {
+		errs = append(errs, err)
 	}
-	_, err = u.assignAndPublish(ctx, []Assignment{a}, []protocol.Message{m})
-	return err
+	if len(clears) > 0 {
+		if err := u.o.Bus.Publish(ctx, clears...); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // publishImage encrypts the image once and publishes its chunks and manifest, retained.

@@ -3,6 +3,7 @@ package updater
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"time"
 
 	"github.com/sealcast/sealcast/keychain"
@@ -26,12 +27,18 @@ func deviceStatus(d *Device, state, result string, now time.Time) protocol.Devic
 	return s
 }
 
-// publishDeviceStatus retains the server's view of a device ([SC-9.1], PROTOCOL.md 13.4).
-func (u *Updater) publishDeviceStatus(ctx context.Context, d *Device, state, result string, now time.Time) {
+// deviceStatusMessage is the retained message of the server's view of a device
+// ([SC-9.1], PROTOCOL.md 13.4).
+func deviceStatusMessage(d *Device, state, result string, now time.Time) protocol.Message {
 	st := deviceStatus(d, state, result, now)
 	st.LastSeen = &now
 	b, _ := json.Marshal(st)
-	if err := u.o.Bus.Publish(ctx, protocol.Message{Topic: protocol.DeviceStatusTopic(d.Serial), Payload: b, Retain: true}); err != nil && ctx.Err() == nil {
+	return protocol.Message{Topic: protocol.DeviceStatusTopic(d.Serial), Payload: b, Retain: true}
+}
+
+// publishDeviceStatus publishes deviceStatusMessage.
+func (u *Updater) publishDeviceStatus(ctx context.Context, d *Device, state, result string, now time.Time) {
+	if err := u.o.Bus.Publish(ctx, deviceStatusMessage(d, state, result, now)); err != nil && ctx.Err() == nil {
 		u.log.Warn().Err(err).Str("serial", d.Serial).Msg("publishing device status")
 	}
 }
@@ -104,6 +111,9 @@ func (u *Updater) flushStatus(ctx context.Context, fleet bool) {
 	for _, id := range ids {
 		rel, err := u.o.Store.Release(ctx, id)
 		if err != nil {
+			if !errors.Is(err, ErrNotFound) {
+				u.markDirty(id) // the store is down: try again, or a completion is never noticed
+			}
 			continue
 		}
 		st := u.releaseStatus(ctx, rel)
@@ -116,6 +126,9 @@ func (u *Updater) flushStatus(ctx context.Context, fleet bool) {
 				u.mu.Unlock()
 				u.log.Info().Str("release", id.String()).Int("installed", st.Installed).Msg("release completed")
 				fleet = true
+			} else {
+				u.log.Warn().Err(err).Str("release", id.String()).Msg("marking the release completed; will retry")
+				u.markDirty(id)
 			}
 		}
 		b, _ := json.Marshal(st)

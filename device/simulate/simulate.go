@@ -106,6 +106,7 @@ type Fleet struct {
 	errs   chan error
 	peak   atomic.Uint64
 	stats  []device.Stats // per device, written when its goroutine ends
+	vaults []device.Vault
 	done   chan struct{}
 	once   sync.Once
 	sum    Summary
@@ -165,7 +166,7 @@ func Start(ctx context.Context, o Options) (*Fleet, error) {
 	}
 
 	ctx, cancel := context.WithCancel(ctx)
-	f := &Fleet{o: o, ctx: ctx, cancel: cancel, errs: make(chan error, len(vaults)), stats: make([]device.Stats, len(vaults))}
+	f := &Fleet{o: o, ctx: ctx, cancel: cancel, errs: make(chan error, len(vaults)), stats: make([]device.Stats, len(vaults)), vaults: vaults}
 	f.t = newTracker(o, states)
 
 	f.done = make(chan struct{})
@@ -220,6 +221,14 @@ func (f *Fleet) Wait() (Summary, error) {
 			addStats(&f.sum.Stats, st)
 		}
 		f.sum.PeakHeap = f.peak.Load()
+		f.sum.States = make([]device.State, len(f.vaults))
+		for i, v := range f.vaults {
+			st, err := v.Load()
+			if err != nil {
+				f.err = errors.Join(f.err, fmt.Errorf("simulate: reading the vault of device %d: %w", i, err))
+			}
+			f.sum.States[i] = st
+		}
 	})
 	return f.sum, f.err
 }

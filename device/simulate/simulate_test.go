@@ -75,9 +75,15 @@ func TestFleet(t *testing.T) {
 	if sum.Confirmed != n || sum.T100 == 0 {
 		t.Fatalf("%d of %d confirmed", sum.Confirmed, n)
 	}
-	for _, f := range files {
+	if len(sum.States) != n {
+		t.Fatalf("summary has %d device states, want %d", len(sum.States), n)
+	}
+	for i, f := range files {
 		if d := srv.Dev(f.Serial); d.C != 15 || d.Version != 1 {
 			t.Fatalf("server view of %s: C=%d v=%d", f.Serial, d.C, d.Version)
+		}
+		if st := sum.States[i]; st.Serial != f.Serial || st.Seq != 15 || st.Version != 1 || !st.LastAckConfirmed {
+			t.Fatalf("vault of %s: serial %s D=%d v=%d confirmed=%v", f.Serial, st.Serial, st.Seq, st.Version, st.LastAckConfirmed)
 		}
 	}
 	if sum.Drops == 0 || sum.Kills == 0 {

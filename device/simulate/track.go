@@ -69,6 +69,10 @@ type Summary struct {
 	// Drops and Kills count the faults injected: dropped connections, power losses.
 	Drops, Kills int
 	PeakHeap     uint64 // largest runtime HeapInuse sampled (whole process)
+	// States holds each device's vault as the run left it, in the order of
+	// Options.Devices (or Options.Vaults): what the device itself believes it installed,
+	// at which sequence number.
+	States []device.State
 }
 
 func (s Summary) String() string {
