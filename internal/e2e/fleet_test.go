@@ -1,0 +1,194 @@
+package e2e_test
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/sealcast/sealcast/device"
+	"github.com/sealcast/sealcast/device/simulate"
+	"github.com/sealcast/sealcast/internal/updatertest"
+	"github.com/sealcast/sealcast/keychain"
+	"github.com/sealcast/sealcast/protocol"
+)
+
+// TestFleetTwoReleases: 200 simulated devices take two releases created through the admin
+// protocol; 5 % of them lose their connection in the middle of a download and 5 % lose
+// power between install and persist. After the first, every server counter is L-1; after the second, L-2. Each
+// device's second key message is at n-1 and wraps the content key under K_{n-1}, which
+// is not K_n: every update uses a fresh one-time key (claims 3-5).
+func TestFleetTwoReleases(t *testing.T) {
+	for _, s := range updatertest.Stores {
+		t.Run(s.Name, func(t *testing.T) { testFleet(t, s.Open, 200) })
+	}
+}
+
+func testFleet(t *testing.T, open updatertest.Opener, n int) {
+	const L = 1024
+	e := updatertest.Start(t, open)
+	keys := watch(t, e.Broker, e.Broker.Admin, protocol.Root+"/devices/+/key")
+	serials := make([]string, n)
+	for i := range serials {
+		serials[i] = fmt.Sprintf("fleet-%04d", i)
+	}
+	ctx := context.Background()
+	files, err := e.Op.Provision(ctx, serials, L)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// The fleet runs until every device confirmed version 2.
+	var (
+		mu        sync.Mutex
+		confirmed = map[uint64]map[string]bool{} // version -> serials
+	)
+	simCtx, stopSim := context.WithTimeout(ctx, 3*deadline)
+	defer stopSim()
+	simDone := make(chan simulate.Summary, 1)
+	go func() {
+		sum, err := simulate.Run(simCtx, simulate.Options{
+			Devices: files, TargetVersion: 2, Seed: 11,
+			ChunkTimeout: 5 * time.Second, AckResend: time.Second, AckResendMax: 5 * time.Second,
+			ReconnectMin: 50 * time.Millisecond, ReconnectMax: time.Second,
+			StartSpread: 300 * time.Millisecond, DropFraction: 0.05, KillFraction: 0.05, DropAfter: 3,
+			Logger: zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel),
+			OnEvent: func(ev device.Event) {
+				if ev.Kind == device.EventConfirmed {
+					mu.Lock()
+					if confirmed[ev.Version] == nil {
+						confirmed[ev.Version] = map[string]bool{}
+					}
+					confirmed[ev.Version][ev.Serial] = true
+					mu.Unlock()
+				}
+			},
+		})
+		if err != nil {
+			t.Errorf("simulate: %v", err)
+		}
+		simDone <- sum
+	}()
+	confirmedCount := func(v uint64) int {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(confirmed[v])
+	}
+	counters := func(wantSeq uint32, wantVersion uint64) {
+		t.Helper()
+		devs, err := e.Store.Devices(ctx, serials)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, d := range devs {
+			if d.Epoch != 0 || d.Seq != wantSeq || d.Version != wantVersion {
+				t.Fatalf("%s: server counter (%d, %d) version %d; want (0, %d) version %d", d.Serial, d.Epoch, d.Seq, d.Version, wantSeq, wantVersion)
+			}
+		}
+	}
+
+	t0 := time.Now()
+	rid1 := e.Release(t, image(6*1024+100, 1), 1)
+	waitInstalled(t, e, rid1, n)
+	eventually(t, "every device confirmed version 1", func() bool { return confirmedCount(1) == n })
+	t.Logf("release 1 to %d devices: %v", n, time.Since(t0).Round(time.Millisecond))
+	counters(L-1, 1)
+
+	t1 := time.Now()
+	rid2 := e.Release(t, image(5*1024, 2), 2)
+	var sum simulate.Summary
+	select {
+	case sum = <-simDone:
+	case <-time.After(3 * deadline):
+		t.Fatal("the fleet did not finish")
+	}
+	t.Logf("release 2 to %d devices: %v; fleet: %v", n, time.Since(t1).Round(time.Millisecond), sum)
+	if sum.Confirmed != n || sum.Failed != 0 {
+		t.Fatalf("%d of %d devices confirmed version 2, %d failed %v", sum.Confirmed, n, sum.Failed, sum.Codes)
+	}
+	waitInstalled(t, e, rid2, n)
+	counters(L-2, 2)
+
+	// Every device saw exactly two key messages: release 1 at L under K_L, release 2 at L-1
+	// under K_{L-1}.
+	for _, f := range files {
+		var u keychain.UnitData
+		copy(u[:], f.UnitData)
+		kms := distinctKeys(t, keys.all(protocol.KeyTopic(f.Serial)))
+		if len(kms) != 2 {
+			t.Fatalf("%s: %d distinct key messages, want 2", f.Serial, len(kms))
+		}
+		first, second := kms[0], kms[1]
+		if first.Seq != L || first.ID != rid1 || second.Seq != L-1 || second.ID != rid2 {
+			t.Fatalf("%s: key messages at %d (%s) and %d (%s); want %d (%s) and %d (%s)",
+				f.Serial, first.Seq, first.ID, second.Seq, second.ID, L, rid1, L-1, rid2)
+		}
+		kn, kn1 := keychain.Key(u, L), keychain.Key(u, L-1)
+		if kn == kn1 {
+			t.Fatalf("%s: K_n equals K_n-1", f.Serial)
+		}
+		if _, err := first.Open(kn, f.Serial); err != nil {
+			t.Fatalf("%s: first key message does not open under K_n: %v", f.Serial, err)
+		}
+		if _, err := second.Open(kn1, f.Serial); err != nil {
+			t.Fatalf("%s: second key message does not open under K_n-1: %v", f.Serial, err)
+		}
+		if _, err := second.Open(kn, f.Serial); err == nil {
+			t.Fatalf("%s: second key message opens under the used key K_n", f.Serial)
+		}
+	}
+	st := e.Updater.Stats()
+	t.Logf("updater: %+v", st)
+	if st.AcksAccepted != int64(2*n) || len(st.AcksRejected) != 0 {
+		t.Errorf("updater accepted %d acks, want %d; rejected %v", st.AcksAccepted, 2*n, st.AcksRejected)
+	}
+}
+
+// waitInstalled polls release.get until n targets installed the release.
+func waitInstalled(t *testing.T, e *updatertest.Env, id keychain.ReleaseID, n int) protocol.ReleaseStatus {
+	t.Helper()
+	var st *protocol.ReleaseStatus
+	eventually(t, fmt.Sprintf("%d installs of release %s", n, id), func() bool {
+		var err error
+		st, err = e.Op.ReleaseStatus(context.Background(), id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.Installed == n
+	})
+	if st.Failed != 0 || st.Targets != n {
+		t.Fatalf("release %s: %d targets, %d failed", id, st.Targets, st.Failed)
+	}
+	return *st
+}
+
+// distinctKeys parses the non-empty key messages in arrival order, keeping the first of
+// each (epoch, seq, id): a retained message can be delivered again, and the updater
+// re-publishes the same wrap when it resumes a release.
+func distinctKeys(t *testing.T, raw [][]byte) []*keychain.KeyMessage {
+	t.Helper()
+	type pos struct {
+		e, n uint32
+		id   keychain.ReleaseID
+	}
+	seen := map[pos]bool{}
+	var out []*keychain.KeyMessage
+	for _, b := range raw {
+		if len(b) == 0 {
+			continue // cleared after an ack
+		}
+		km, err := keychain.ParseKeyMessage(b)
+		if err != nil {
+			t.Fatalf("key message: %v", err)
+		}
+		p := pos{km.Epoch, km.Seq, km.ID}
+		if !seen[p] {
+			seen[p] = true
+			out = append(out, km)
+		}
+	}
+	return out
+}
