@@ -14,6 +14,7 @@ import (
 	"github.com/sealcast/sealcast/internal/updatertest"
 	"github.com/sealcast/sealcast/keychain"
 	"github.com/sealcast/sealcast/protocol"
+	"github.com/sealcast/sealcast/updater"
 )
 
 // TestFleetTwoReleases: 200 simulated devices take two releases created through the admin
@@ -191,4 +192,81 @@ func distinctKeys(t *testing.T, raw [][]byte) []*keychain.KeyMessage {
 		}
 	}
 	return out
+}
+
+// TestRekeyThenUpdate: devices provisioned with a chain of 16 take 15 releases (indices 16
+// down to 2); at index 1 the updater re-keys them into a fresh chain of 32 (its chain
+// length), and the 16th release goes through in the new epoch (PROTOCOL.md 10.3).
+func TestRekeyThenUpdate(t *testing.T) {
+	for _, s := range updatertest.Stores {
+		t.Run(s.Name, func(t *testing.T) { testRekey(t, s.Open) })
+	}
+}
+
+func testRekey(t *testing.T, open updatertest.Opener) {
+	const L, L2 = 16, 32
+	e := updatertest.Start(t, open, func(o *updater.Options) { o.ChainLength = L2 })
+	keys := watch(t, e.Broker, e.Broker.Admin, protocol.Root+"/devices/+/key")
+	devs := provision(t, e, L, "rk-1", "rk-2", "rk-3")
+	for _, d := range devs {
+		d.start(nil)
+	}
+	release := func(v uint64) {
+		t.Helper()
+		img := image(1500, v)
+		rid := e.Release(t, img, v)
+		for _, d := range devs {
+			d.waitConfirmed(v)
+			d.checkSlot(img)
+		}
+		waitInstalled(t, e, rid, len(devs))
+	}
+	t0 := time.Now()
+	for v := uint64(1); v <= L-1; v++ {
+		release(v)
+	}
+	t.Logf("%d releases: %v", L-1, time.Since(t0).Round(time.Millisecond))
+	// The updater re-keys every device at index 1 without being asked.
+	for _, d := range devs {
+		s := d.waitVault("re-keyed and confirmed", func(s device.State) bool { return s.Epoch == 1 && s.LastAckConfirmed })
+		want, err := keychain.DeriveUnitData(e.Broker.Root, d.serial, 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s.Seq != L2 || s.ChainLength != L2 || s.UnitData != want || s.Version != L-1 {
+			t.Fatalf("%s: after the re-key (%d, %d) length %d version %d, right unit data %v", d.serial, s.Epoch, s.Seq, s.ChainLength, s.Version, s.UnitData == want)
+		}
+		if got := e.Device(t, d.serial); got.Epoch != 1 || got.Seq != L2 || got.ChainLength != L2 {
+			t.Fatalf("%s: server at (%d, %d) length %d after the re-key", d.serial, got.Epoch, got.Seq, got.ChainLength)
+		}
+	}
+	release(L)
+	for _, d := range devs {
+		if s := d.state(); s.Epoch != 1 || s.Seq != L2-1 {
+			t.Fatalf("%s: device at (%d, %d) after release %d, want (1, %d)", d.serial, s.Epoch, s.Seq, L, L2-1)
+		}
+		if got := e.Device(t, d.serial); got.Epoch != 1 || got.Seq != L2-1 || got.Version != L {
+			t.Fatalf("%s: server at (%d, %d) version %d, want (1, %d) version %d", d.serial, got.Epoch, got.Seq, got.Version, L2-1, L)
+		}
+		// The key topic carried L-1 releases at 16..2, one re-key at 1, then a release at
+		// the top of the new chain.
+		kms := distinctKeys(t, keys.all(protocol.KeyTopic(d.serial)))
+		if len(kms) != L+1 {
+			t.Fatalf("%s: %d distinct key messages, want %d", d.serial, len(kms), L+1)
+		}
+		for i, km := range kms[:L-1] {
+			if km.Kind != keychain.KindRelease || km.Epoch != 0 || km.Seq != uint32(L-i) {
+				t.Fatalf("%s: key message %d is a %s at (%d, %d)", d.serial, i, km.Kind, km.Epoch, km.Seq)
+			}
+		}
+		if rk := kms[L-1]; rk.Kind != keychain.KindRekey || rk.Epoch != 0 || rk.Seq != 1 || rk.NewLength != L2 {
+			t.Fatalf("%s: expected the re-key at (0, 1), got a %s at (%d, %d)", d.serial, rk.Kind, rk.Epoch, rk.Seq)
+		}
+		if last := kms[L]; last.Kind != keychain.KindRelease || last.Epoch != 1 || last.Seq != L2 {
+			t.Fatalf("%s: expected release %d at (1, %d), got a %s at (%d, %d)", d.serial, L, L2, last.Kind, last.Epoch, last.Seq)
+		}
+	}
+	if st := e.Updater.Stats(); st.Rekeys != int64(len(devs)) || st.AcksAccepted != int64(len(devs)*(L+1)) || len(st.AcksRejected) != 0 {
+		t.Errorf("updater stats %+v; want %d re-keys and %d accepted acks", st, len(devs), len(devs)*(L+1))
+	}
 }
