@@ -48,7 +48,7 @@ func TestDropMidDownloadResumes(t *testing.T) {
 				}
 			}
 			waitInstalled(t, e, rid, 1)
-			converged(t, e, d, 1)
+			converged(t, e, d, 1, 1)
 			if st := e.Updater.Stats(); st.AcksAccepted != 1 || len(st.AcksRejected) != 0 {
 				t.Errorf("updater stats %+v; want one accepted ack", st)
 			}
@@ -56,17 +56,18 @@ func TestDropMidDownloadResumes(t *testing.T) {
 	}
 }
 
-// converged checks that the device's vault and the updater's store agree: same position,
-// same version, the last ack confirmed (PROTOCOL.md 10).
-func converged(t *testing.T, e *updatertest.Env, d *dev, version uint64) {
+// converged waits until the device confirmed an install of version, and checks that its
+// vault and the updater's store agree: same position, same version (PROTOCOL.md 10), and
+// that this is the device's updates-th update of its first chain.
+func converged(t *testing.T, e *updatertest.Env, d *dev, version uint64, updates uint32) {
 	t.Helper()
 	s := d.waitConfirmed(version)
 	eventually(t, d.serial+": server counter meets the device", func() bool {
 		got := e.Device(t, d.serial)
 		return got.Epoch == s.Epoch && got.Seq == s.Seq && got.Version == s.Version
 	})
-	if want := d.file.Seq - uint32(version); s.Epoch != 0 || s.Seq != want {
-		t.Fatalf("%s: device at (%d, %d) after %d updates, want (0, %d)", d.serial, s.Epoch, s.Seq, version, want)
+	if want := d.file.Seq - updates; s.Epoch != 0 || s.Seq != want {
+		t.Fatalf("%s: device at (%d, %d) after %d updates, want (0, %d)", d.serial, s.Epoch, s.Seq, updates, want)
 	}
 }
 
@@ -128,13 +129,13 @@ func powerLossBeforePersist(t *testing.T, open updatertest.Opener) {
 		t.Fatalf("device at %d, server at %d; nothing was acked", ds, cs)
 	}
 	r1 := d.start(nil)
-	converged(t, e, d, 1)
+	converged(t, e, d, 1, 1)
 	d.checkSlot(img)
 	if n := r1.rec.count(device.EventCommitted); n != 1 {
 		t.Fatalf("after the reboot the update was committed %d times, want 1 (redone)", n)
 	}
 	waitInstalled(t, e, rid, 1)
-	nextRelease(t, e, d, 2)
+	nextRelease(t, e, d, 2, 2)
 }
 
 // powerLossBeforeAck: D = n-1 and the ack are written, the ack never left. The agent
@@ -159,7 +160,7 @@ func powerLossBeforeAck(t *testing.T, open updatertest.Opener) {
 		t.Fatalf("the updater accepted %d acks from a device that crashed before sending one", n)
 	}
 	r1 := d.start(nil)
-	converged(t, e, d, 1)
+	converged(t, e, d, 1, 1)
 	if n := r1.rec.count(device.EventCommitted); n != 0 {
 		t.Fatalf("the image was installed again (%d); only the ack should be re-sent", n)
 	}
@@ -167,7 +168,7 @@ func powerLossBeforeAck(t *testing.T, open updatertest.Opener) {
 	if st := e.Updater.Stats(); st.AcksAccepted != 1 {
 		t.Fatalf("updater stats %+v; want one accepted ack", st)
 	}
-	nextRelease(t, e, d, 2)
+	nextRelease(t, e, d, 2, 2)
 }
 
 // powerLossBeforeReceipt: the ack reached the updater, which moved the counter and
@@ -197,7 +198,7 @@ func powerLossBeforeReceipt(t *testing.T, open updatertest.Opener) {
 	}
 	dup := e.Updater.Stats().AcksDuplicate
 	r1 := d.start(nil)
-	converged(t, e, d, 1)
+	converged(t, e, d, 1, 1)
 	eventually(t, "the re-sent ack answered as a duplicate", func() bool { return e.Updater.Stats().AcksDuplicate > dup })
 	if n := r1.rec.count(device.EventCommitted); n != 0 {
 		t.Fatalf("the image was installed again (%d)", n)
@@ -205,16 +206,16 @@ func powerLossBeforeReceipt(t *testing.T, open updatertest.Opener) {
 	if st := e.Updater.Stats(); st.AcksAccepted != 1 || len(st.AcksRejected) != 0 {
 		t.Fatalf("updater stats %+v; want one accepted ack", st)
 	}
-	nextRelease(t, e, d, 2)
+	nextRelease(t, e, d, 2, 2)
 }
 
 // nextRelease releases version v to the device and checks that it installs it with the
-// next index, on both sides.
-func nextRelease(t *testing.T, e *updatertest.Env, d *dev, v uint64) {
+// next index, on both sides: its updates-th update.
+func nextRelease(t *testing.T, e *updatertest.Env, d *dev, v uint64, updates uint32) {
 	t.Helper()
 	img := image(3*1024, 100+v)
 	rid := e.Release(t, img, v, d.serial)
-	converged(t, e, d, v)
+	converged(t, e, d, v, updates)
 	d.checkSlot(img)
 	waitInstalled(t, e, rid, 1)
 }
