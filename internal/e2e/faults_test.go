@@ -9,48 +9,61 @@ import (
 	"github.com/sealcast/sealcast/internal/updatertest"
 )
 
-// TestDropMidDownloadResumes: the link drops after chunk 4 of 12 while the agent holds a
-// window of one subscription; after the reconnect the agent fetches again only the chunk
-// that was in flight (5), installs, and the updater moves the counter once.
+// TestDropMidDownloadResumes: four devices, each holding a window of one chunk
+// subscription, lose their link after chunk 4 of 12. After the reconnect each fetches
+// again only the chunk that was in flight (5), and only if its copy had not made it
+// through before the link went down; it installs, and the updater moves its counter once.
 func TestDropMidDownloadResumes(t *testing.T) {
 	for _, s := range updatertest.Stores {
 		t.Run(s.Name, func(t *testing.T) {
 			e := updatertest.Start(t, s.Open)
-			d := provision(t, e, 0, "drop-1")[0]
+			devs := provision(t, e, 0, "drop-1", "drop-2", "drop-3", "drop-4")
 			const chunks, k = 12, 4
-			var once sync.Once
-			r := d.start(func(o *device.Options) {
-				o.Window = 1
-				o.Faults.DropAfterChunk = func(i uint32) bool {
-					hit := false
-					if i == k {
-						once.Do(func() { hit = true })
+			runs := make([]*agent, len(devs))
+			for i, d := range devs {
+				var once sync.Once
+				runs[i] = d.start(func(o *device.Options) {
+					o.Window = 1
+					o.Faults.DropAfterChunk = func(i uint32) bool {
+						hit := false
+						if i == k {
+							once.Do(func() { hit = true })
+						}
+						return hit
 					}
-					return hit
-				}
-			})
+				})
+			}
 			img := image(chunks*1024, 3)
 			rid := e.Release(t, img, 1)
-			d.waitConfirmed(1)
-			d.checkSlot(img)
-			if c, dc := r.rec.count(device.EventConnected), r.rec.count(device.EventDisconnected); c != 2 || dc != 1 {
-				t.Fatalf("connected %d times, lost the connection %d times; want 2 and 1", c, dc)
-			}
-			f := r.rec.fetches()
-			t.Logf("chunk fetches per index: %v", f)
-			for i := uint32(0); i < chunks; i++ {
-				want := 1
-				if i == k+1 {
-					want = 2 // in flight when the link dropped
+			refetched := 0
+			for i, d := range devs {
+				r := runs[i]
+				converged(t, e, d, 1, 1)
+				d.checkSlot(img)
+				if c, dc := r.rec.count(device.EventConnected), r.rec.count(device.EventDisconnected); c != 2 || dc != 1 {
+					t.Fatalf("%s: connected %d times, lost the connection %d times; want 2 and 1", d.serial, c, dc)
 				}
-				if f[i] != want {
-					t.Errorf("chunk %d fetched %d times, want %d", i, f[i], want)
+				inFlight := 2
+				if r.rec.before(device.EventChunkReceived, k+1, device.EventDisconnected) {
+					inFlight = 1 // chunk k+1 arrived before the link went down
+				} else {
+					refetched++
+				}
+				f := r.rec.fetches()
+				for i := uint32(0); i < chunks; i++ {
+					want := 1
+					if i == k+1 {
+						want = inFlight
+					}
+					if f[i] != want {
+						t.Errorf("%s: chunk %d fetched %d times, want %d (fetches per index: %v)", d.serial, i, f[i], want, f)
+					}
 				}
 			}
-			waitInstalled(t, e, rid, 1)
-			converged(t, e, d, 1, 1)
-			if st := e.Updater.Stats(); st.AcksAccepted != 1 || len(st.AcksRejected) != 0 {
-				t.Errorf("updater stats %+v; want one accepted ack", st)
+			t.Logf("%d of %d devices fetched the interrupted chunk again; the others had it before the drop", refetched, len(devs))
+			waitInstalled(t, e, rid, len(devs))
+			if st := e.Updater.Stats(); st.AcksAccepted != int64(len(devs)) || len(st.AcksRejected) != 0 {
+				t.Errorf("updater stats %+v; want %d accepted acks", st, len(devs))
 			}
 		})
 	}

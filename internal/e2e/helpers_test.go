@@ -222,6 +222,22 @@ func (r *recorder) fetches() map[uint32]int {
 	return m
 }
 
+// before reports whether an event of kind k for chunk index came before the first event
+// of kind then.
+func (r *recorder) before(k device.EventKind, index uint32, then device.EventKind) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, e := range r.events {
+		switch {
+		case e.Kind == then:
+			return false
+		case e.Kind == k && e.Index == index:
+			return true
+		}
+	}
+	return false
+}
+
 // codes lists the codes of the reports sent.
 func (r *recorder) codes() []protocol.Code {
 	r.mu.Lock()
