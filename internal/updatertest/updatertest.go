@@ -72,7 +72,8 @@ type Env struct {
 	Updater    *updater.Updater
 	Op         *operator.Client // connected as admin
 	SigningKey ed25519.PrivateKey
-	stop       func()
+	tweak      []func(*updater.Options)
+	stop       func() // stops the updater and closes its bus
 }
 
 // Start starts the whole stack and returns once the updater answers admin requests.
@@ -85,24 +86,43 @@ func Start(t testing.TB, open Opener, tweak ...func(*updater.Options)) *Env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &Env{Broker: b, Store: open(t), SigningKey: signer}
+	e := &Env{Broker: b, Store: open(t), SigningKey: signer, tweak: tweak}
+	// Cleanups run last in, first out: the operator goes first, then the updater, then
+	// the store, then the broker.
+	t.Cleanup(func() { e.Store.Close() })
+	t.Cleanup(func() { e.stop() })
+	e.startUpdater(t)
+	op, err := operator.Dial(context.Background(), operator.Options{URL: b.URL, Username: b.Admin.Username, Password: b.Admin.Password, Timeout: 30 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.Op = op
+	t.Cleanup(op.Close)
+	e.waitReady(t)
+	return e
+}
+
+func (e *Env) startUpdater(t testing.TB) {
+	t.Helper()
+	e.stop = func() {}
 	ctx, cancel := context.WithCancel(context.Background())
-	bus, err := mqttbus.Dial(ctx, mqttbus.Options{URL: b.URL, ClientID: "updater", Username: b.Updater.Username, Password: b.Updater.Password})
+	bus, err := mqttbus.Dial(ctx, mqttbus.Options{URL: e.Broker.URL, ClientID: "updater", Username: e.Broker.Updater.Username, Password: e.Broker.Updater.Password})
 	if err != nil {
 		cancel()
 		t.Fatal(err)
 	}
 	o := updater.Options{
-		Root: b.Root, SigningKey: signer, Store: e.Store, Bus: bus, DataDir: t.TempDir(),
-		ChainLength: 16, BrokerURL: b.URL, Revoker: b.Broker,
+		Root: e.Broker.Root, SigningKey: e.SigningKey, Store: e.Store, Bus: bus, DataDir: t.TempDir(),
+		ChainLength: 16, BrokerURL: e.Broker.URL, Revoker: e.Broker.Broker,
 		Logger: zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel),
 	}
-	for _, f := range tweak {
+	for _, f := range e.tweak {
 		f(&o)
 	}
 	u, err := updater.New(o)
 	if err != nil {
 		cancel()
+		bus.Close()
 		t.Fatal(err)
 	}
 	e.Updater = u
@@ -115,18 +135,17 @@ func Start(t testing.TB, open Opener, tweak ...func(*updater.Options)) *Env {
 		cancel()
 		<-done
 		bus.Close()
-		e.Store.Close()
 	}
-	// Cleanups run last in, first out: the operator goes before the updater.
-	t.Cleanup(e.stop)
-	op, err := operator.Dial(context.Background(), operator.Options{URL: b.URL, Username: b.Admin.Username, Password: b.Admin.Password, Timeout: 30 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.Op = op
-	t.Cleanup(op.Close)
+}
+
+// RestartUpdater stops the updater and starts a new one on the same store and broker, as
+// a process restart would, and returns once it answers admin requests. Uploads in
+// progress are lost (PROTOCOL.md 12.3); the new updater's Stats start from zero.
+func (e *Env) RestartUpdater(t testing.TB) {
+	t.Helper()
+	e.stop()
+	e.startUpdater(t)
 	e.waitReady(t)
-	return e
 }
 
 // waitReady polls with release.list until the updater has subscribed to admin requests:
