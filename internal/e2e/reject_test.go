@@ -105,7 +105,13 @@ func (re *rejectEnv) rejected(t *testing.T, r *agent, rid keychain.ReleaseID, co
 	if ds.State != protocol.DeviceFailed || ds.Seq != d.file.Seq {
 		t.Fatalf("device status %+v; want failed at %d", ds, d.file.Seq)
 	}
-	rs := re.status.releaseStatus(t, rid, "one failure", func(s protocol.ReleaseStatus) bool { return s.Failed == 1 })
+	// A permanent failure settles the release's only target: the release is completed. A
+	// transient one keeps it active, for the device retries [SC-12.2].
+	want := protocol.ReleaseActive
+	if code.Permanent() {
+		want = protocol.ReleaseCompleted
+	}
+	rs := re.status.releaseStatus(t, rid, "one failure, "+want, func(s protocol.ReleaseStatus) bool { return s.Failed == 1 && s.State == want })
 	if rs.Installed != 0 || rs.Targets != 1 {
 		t.Fatalf("release status %+v", rs)
 	}
@@ -161,7 +167,7 @@ func TestTamperedChunk(t *testing.T) {
 				t.Fatalf("%d reports after the repair", n)
 			}
 			rs := re.status.releaseStatus(t, rid, "installed", func(s protocol.ReleaseStatus) bool { return s.Installed == 1 })
-			if rs.Failed != 0 {
+			if rs.Failed != 0 || rs.State != protocol.ReleaseCompleted {
 				t.Fatalf("release status %+v; the failure should have turned into an install", rs)
 			}
 			re.status.deviceStatus(t, re.d.serial, "installed", func(s protocol.DeviceStatus) bool {
