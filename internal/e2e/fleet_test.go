@@ -32,6 +32,7 @@ func testFleet(t *testing.T, open updatertest.Opener, n int) {
 	const L = 1024
 	e := updatertest.Start(t, open)
 	keys := watch(t, e.Broker, e.Broker.Admin, protocol.Root+"/devices/+/key")
+	fleet := watch(t, e.Broker, e.Broker.Monitor, protocol.FleetStatusTopic)
 	serials := make([]string, n)
 	for i := range serials {
 		serials[i] = fmt.Sprintf("fleet-%04d", i)
@@ -97,6 +98,10 @@ func testFleet(t *testing.T, open updatertest.Opener, n int) {
 	eventually(t, "every device confirmed version 1", func() bool { return confirmedCount(1) == n })
 	t.Logf("release 1 to %d devices: %v", n, time.Since(t0).Round(time.Millisecond))
 	counters(L-1, 1)
+	// The updater counts the agents' presence: all online.
+	fleet.fleetStatus(t, "every device online", func(fs protocol.FleetStatus) bool {
+		return fs.Devices == n && fs.Online == n && fs.Releases[protocol.ReleaseCompleted] == 1
+	})
 
 	t1 := time.Now()
 	rid2 := e.Release(t, image(5*1024, 2), 2)
@@ -112,6 +117,10 @@ func testFleet(t *testing.T, open updatertest.Opener, n int) {
 	}
 	waitInstalled(t, e, rid2, n)
 	counters(L-2, 2)
+	// The agents stopped and said so on their presence topics.
+	fleet.fleetStatus(t, "every device offline", func(fs protocol.FleetStatus) bool {
+		return fs.Online == 0 && fs.Releases[protocol.ReleaseCompleted] == 2
+	})
 
 	// Every device saw exactly two key messages: release 1 at L under K_L, release 2 at L-1
 	// under K_{L-1}.

@@ -331,3 +331,14 @@ func (w *watcher) releaseStatus(t *testing.T, id keychain.ReleaseID, what string
 	})
 	return st
 }
+
+// fleetStatus waits until the updater's retained fleet status satisfies ok.
+func (w *watcher) fleetStatus(t *testing.T, what string, ok func(protocol.FleetStatus) bool) protocol.FleetStatus {
+	t.Helper()
+	var fs protocol.FleetStatus
+	eventually(t, "fleet status: "+what, func() bool {
+		b := w.last(protocol.FleetStatusTopic)
+		return b != nil && json.Unmarshal(b, &fs) == nil && ok(fs)
+	})
+	return fs
+}
