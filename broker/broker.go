@@ -144,7 +144,7 @@ type Broker struct {
 	closeOnce sync.Once
 	closeErr  error
 
-	authFailures, aclDenials, deviceDrops, queueDrops atomic.Int64
+	authFailures, aclDenials, deviceDrops, queueDrops, willsCancelled atomic.Int64
 }
 
 // Listener ids, also used as keys of Addr.
@@ -450,6 +450,9 @@ type Stats struct {
 	// DeliveriesRestored counts outbound QoS 1 deliveries that a client's own PUBLISH
 	// with the same packet id would have erased (mochi issues #519/#545).
 	DeliveriesRestored int64
+	// WillsCancelled counts wills not published because a new connection of the same
+	// client took over the session while the old one was still open.
+	WillsCancelled int64
 }
 
 // Stats returns the broker's counters.
@@ -463,5 +466,6 @@ func (b *Broker) Stats() Stats {
 		DroppedInflight:    atomic.LoadInt64(&b.srv.Info.InflightDropped),
 		DroppedDeviceQueue: b.deviceDrops.Load(),
 		DeliveriesRestored: b.guard.restored.Load(),
+		WillsCancelled:     b.willsCancelled.Load(),
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/tls"
 	"errors"
+	"sync/atomic"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -31,7 +32,7 @@ func (h *hook) ID() string { return "sealcast-auth" }
 func (h *hook) Provides(e byte) bool {
 	switch e {
 	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck,
-		mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnPublishDropped,
+		mqtt.OnSessionEstablish, mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnPublishDropped,
 		mqtt.OnPacketRead, mqtt.OnPacketProcessed:
 		return true
 	}
@@ -78,6 +79,27 @@ func connackCode(cl *mqtt.Client, code packets.Code) packets.Code {
 func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, _ packets.Packet) bool {
 	_, ok := h.b.idents.Load(cl)
 	return ok
+}
+
+// OnSessionEstablish runs for an authenticated connection before mochi takes over the
+// session of an older connection with the same client id. If the old connection has not
+// published its will yet (it is still open: a link that died silently; or it closed but
+// the broker has not processed that yet), the will is cancelled: the client did not go
+// away, it came back. Otherwise mochi publishes it from the old connection's goroutine,
+// which can run after the new connection has published "online", leaving a device
+// retained as offline while it is connected. (The window left is between mochi's check
+// of the will flag and its publication, a few instructions.)
+func (h *hook) OnSessionEstablish(cl *mqtt.Client, _ packets.Packet) {
+	old, ok := h.b.srv.Clients.Get(cl.ID)
+	if !ok || old == cl {
+		return
+	}
+	// mochi reads and clears the flag atomically when it publishes a will.
+	if atomic.SwapUint32(&old.Properties.Will.Flag, 0) == 1 {
+		h.b.willsCancelled.Add(1)
+		h.b.log.Info().Str("client", cl.ID).Str("old_remote", old.Net.Remote).Str("remote", cl.Net.Remote).
+			Msg("session taken over by a new connection; the old connection's will is not published")
+	}
 }
 
 func (h *hook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
