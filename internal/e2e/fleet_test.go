@@ -32,7 +32,7 @@ func testFleet(t *testing.T, open updatertest.Opener, n int) {
 	const L = 1024
 	e := updatertest.Start(t, open)
 	keys := watch(t, e.Broker, e.Broker.Admin, protocol.Root+"/devices/+/key")
-	fleet := watch(t, e.Broker, e.Broker.Monitor, protocol.FleetStatusTopic)
+	fleet := watch(t, e.Broker, e.Broker.Monitor, protocol.FleetStatusTopic, protocol.Root+"/devices/+/presence")
 	serials := make([]string, n)
 	for i := range serials {
 		serials[i] = fmt.Sprintf("fleet-%04d", i)
@@ -99,6 +99,17 @@ func testFleet(t *testing.T, open updatertest.Opener, n int) {
 	t.Logf("release 1 to %d devices: %v", n, time.Since(t0).Round(time.Millisecond))
 	counters(L-1, 1)
 	// The updater counts the agents' presence: all online.
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		t.Logf("last fleet status: %s", fleet.last(protocol.FleetStatusTopic))
+		for _, s := range serials {
+			if h := fleet.all(protocol.PresenceTopic(s)); len(h) == 0 || string(h[len(h)-1]) != protocol.Online {
+				t.Logf("%s presence history: %q", s, h)
+			}
+		}
+	})
 	fleet.fleetStatus(t, "every device online", func(fs protocol.FleetStatus) bool {
 		return fs.Devices == n && fs.Online == n && fs.Releases[protocol.ReleaseCompleted] == 1
 	})
