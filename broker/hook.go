@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"crypto/tls"
 	"errors"
-	"sync/atomic"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -32,7 +31,8 @@ func (h *hook) ID() string { return "sealcast-auth" }
 func (h *hook) Provides(e byte) bool {
 	switch e {
 	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck,
-		mqtt.OnSessionEstablish, mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnPublishDropped,
+		mqtt.OnSessionEstablish, mqtt.OnSessionEstablished, mqtt.OnWill, mqtt.OnWillSent,
+		mqtt.OnDisconnect, mqtt.OnPublishDropped,
 		mqtt.OnPacketRead, mqtt.OnPacketProcessed:
 		return true
 	}
@@ -81,27 +81,6 @@ func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, _ packets.Packet) bool {
 	return ok
 }
 
-// OnSessionEstablish runs for an authenticated connection before mochi takes over the
-// session of an older connection with the same client id. If the old connection has not
-// published its will yet (it is still open: a link that died silently; or it closed but
-// the broker has not processed that yet), the will is cancelled: the client did not go
-// away, it came back. Otherwise mochi publishes it from the old connection's goroutine,
-// which can run after the new connection has published "online", leaving a device
-// retained as offline while it is connected. (The window left is between mochi's check
-// of the will flag and its publication, a few instructions.)
-func (h *hook) OnSessionEstablish(cl *mqtt.Client, _ packets.Packet) {
-	old, ok := h.b.srv.Clients.Get(cl.ID)
-	if !ok || old == cl {
-		return
-	}
-	// mochi reads and clears the flag atomically when it publishes a will.
-	if atomic.SwapUint32(&old.Properties.Will.Flag, 0) == 1 {
-		h.b.willsCancelled.Add(1)
-		h.b.log.Info().Str("client", cl.ID).Str("old_remote", old.Net.Remote).Str("remote", cl.Net.Remote).
-			Msg("session taken over by a new connection; the old connection's will is not published")
-	}
-}
-
 func (h *hook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 	id := h.b.identityOf(cl)
 	h.b.log.Info().Str("client", cl.ID).Str("role", string(id.role)).Str("user", id.name).
@@ -111,6 +90,7 @@ func (h *hook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 
 func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	h.b.guard.forget(cl)
+	h.b.superseded.CompareAndDelete(cl.ID, cl)
 	if _, ok := h.b.idents.LoadAndDelete(cl); !ok {
 		return // a session restored from the store, or a refused client
 	}
