@@ -99,20 +99,17 @@ func testFleet(t *testing.T, open updatertest.Opener, n int) {
 	t.Logf("release 1 to %d devices: %v", n, time.Since(t0).Round(time.Millisecond))
 	counters(L-1, 1)
 	// The updater counts the agents' presence: all online.
-	t.Cleanup(func() {
-		if !t.Failed() {
-			return
-		}
+	if _, ok := fleet.waitFleet(func(fs protocol.FleetStatus) bool {
+		return fs.Devices == n && fs.Online == n && fs.Releases[protocol.ReleaseCompleted] == 1
+	}); !ok {
 		t.Logf("last fleet status: %s", fleet.last(protocol.FleetStatusTopic))
 		for _, s := range serials {
 			if h := fleet.all(protocol.PresenceTopic(s)); len(h) == 0 || string(h[len(h)-1]) != protocol.Online {
 				t.Logf("%s presence history: %q", s, h)
 			}
 		}
-	})
-	fleet.fleetStatus(t, "every device online", func(fs protocol.FleetStatus) bool {
-		return fs.Devices == n && fs.Online == n && fs.Releases[protocol.ReleaseCompleted] == 1
-	})
+		t.Fatal("timed out waiting for every device to be online in the fleet status")
+	}
 
 	t1 := time.Now()
 	rid2 := e.Release(t, image(5*1024, 2), 2)
@@ -129,9 +126,11 @@ func testFleet(t *testing.T, open updatertest.Opener, n int) {
 	waitInstalled(t, e, rid2, n)
 	counters(L-2, 2)
 	// The agents stopped and said so on their presence topics.
-	fleet.fleetStatus(t, "every device offline", func(fs protocol.FleetStatus) bool {
+	if _, ok := fleet.waitFleet(func(fs protocol.FleetStatus) bool {
 		return fs.Online == 0 && fs.Releases[protocol.ReleaseCompleted] == 2
-	})
+	}); !ok {
+		t.Fatalf("timed out waiting for every device to be offline; last fleet status: %s", fleet.last(protocol.FleetStatusTopic))
+	}
 
 	// Every device saw exactly two key messages: release 1 at L under K_L, release 2 at L-1
 	// under K_{L-1}.

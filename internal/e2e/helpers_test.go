@@ -332,13 +332,14 @@ func (w *watcher) releaseStatus(t *testing.T, id keychain.ReleaseID, what string
 	return st
 }
 
-// fleetStatus waits until the updater's retained fleet status satisfies ok.
-func (w *watcher) fleetStatus(t *testing.T, what string, ok func(protocol.FleetStatus) bool) protocol.FleetStatus {
-	t.Helper()
+// waitFleet waits until the updater's retained fleet status satisfies ok, and reports
+// whether it did within the deadline.
+func (w *watcher) waitFleet(ok func(protocol.FleetStatus) bool) (protocol.FleetStatus, bool) {
 	var fs protocol.FleetStatus
-	eventually(t, "fleet status: "+what, func() bool {
-		b := w.last(protocol.FleetStatusTopic)
-		return b != nil && json.Unmarshal(b, &fs) == nil && ok(fs)
-	})
-	return fs
+	for end := time.Now().Add(deadline); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
+		if b := w.last(protocol.FleetStatusTopic); b != nil && json.Unmarshal(b, &fs) == nil && ok(fs) {
+			return fs, true
+		}
+	}
+	return fs, false
 }
