@@ -69,32 +69,6 @@ func TestDropMidDownloadResumes(t *testing.T) {
 	}
 }
 
-// converged waits until the device confirmed an install of version, and checks that its
-// vault and the updater's store agree: same position, same version (PROTOCOL.md 10), and
-// that this is the device's updates-th update of its first chain.
-func converged(t *testing.T, e *updatertest.Env, d *dev, version uint64, updates uint32) {
-	t.Helper()
-	s := d.waitConfirmed(version)
-	eventually(t, d.serial+": server counter meets the device", func() bool {
-		got := e.Device(t, d.serial)
-		return got.Epoch == s.Epoch && got.Seq == s.Seq && got.Version == s.Version
-	})
-	if want := d.file.Seq - updates; s.Epoch != 0 || s.Seq != want {
-		t.Fatalf("%s: device at (%d, %d) after %d updates, want (0, %d)", d.serial, s.Epoch, s.Seq, updates, want)
-	}
-}
-
-// between checks the invariant of PROTOCOL.md 10 at a point where the two sides may
-// differ: the device is never behind the server, and at most one ahead.
-func between(t *testing.T, e *updatertest.Env, d *dev) (dSeq, cSeq uint32) {
-	t.Helper()
-	s, got := d.state(), e.Device(t, d.serial)
-	if s.Epoch != got.Epoch || s.Seq > got.Seq || got.Seq-s.Seq > 1 {
-		t.Fatalf("%s: device at (%d, %d), server at (%d, %d): the invariant of PROTOCOL.md 10 is broken", d.serial, s.Epoch, s.Seq, got.Epoch, got.Seq)
-	}
-	return s.Seq, got.Seq
-}
-
 // cutVault loses power when the agent writes a state that cut selects: the write does not
 // happen and Save fails, so the agent stops as a device whose power went out would.
 type cutVault struct {
@@ -220,15 +194,4 @@ func powerLossBeforeReceipt(t *testing.T, open updatertest.Opener) {
 		t.Fatalf("updater stats %+v; want one accepted ack", st)
 	}
 	nextRelease(t, e, d, 2, 2)
-}
-
-// nextRelease releases version v to the device and checks that it installs it with the
-// next index, on both sides: its updates-th update.
-func nextRelease(t *testing.T, e *updatertest.Env, d *dev, v uint64, updates uint32) {
-	t.Helper()
-	img := image(3*1024, 100+v)
-	rid := e.Release(t, img, v, d.serial)
-	converged(t, e, d, v, updates)
-	d.checkSlot(img)
-	waitInstalled(t, e, rid, 1)
 }

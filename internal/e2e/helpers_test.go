@@ -22,9 +22,15 @@ import (
 	"github.com/sealcast/sealcast/protocol"
 )
 
-// deadline bounds every wait: generous, because the machine may be loaded; tests poll
-// and return as soon as the condition holds.
-const deadline = 60 * time.Second
+// deadline bounds every wait: generous, because the machine may be loaded (five minutes
+// for the 2,000 devices of SEALCAST_HEAVY=1); tests poll and return as soon as the
+// condition holds.
+var deadline = func() time.Duration {
+	if heavy() {
+		return 5 * time.Minute
+	}
+	return time.Minute
+}()
 
 func image(n int, seed uint64) []byte {
 	r := rand.New(rand.NewPCG(seed, 7))
@@ -266,7 +272,30 @@ type watcher struct {
 func watch(t *testing.T, b *brokertest.Env, who brokertest.Credentials, filters ...string) *watcher {
 	t.Helper()
 	w := &watcher{msgs: map[string][][]byte{}}
-	o := mqtt.NewClientOptions().AddBroker(b.URL).SetClientID(fmt.Sprintf("watch-%s-%p", who.Username, w)).
+	w.add(t, b, who, filters...)
+	return w
+}
+
+// watchEach watches one topic per item of names, spread over connections of at most 100
+// subscriptions: the broker drops deliveries to a connection whose outbound queue (256)
+// is full, which one connection subscribed to a whole fleet's topics reaches in a burst.
+func watchEach(t *testing.T, b *brokertest.Env, who brokertest.Credentials, names []string, topic func(string) string) *watcher {
+	t.Helper()
+	w := &watcher{msgs: map[string][][]byte{}}
+	for i := 0; i < len(names); i += 100 {
+		var filters []string
+		for _, n := range names[i:min(i+100, len(names))] {
+			filters = append(filters, topic(n))
+		}
+		w.add(t, b, who, filters...)
+	}
+	return w
+}
+
+// add subscribes to filters on a new connection that records into w.
+func (w *watcher) add(t *testing.T, b *brokertest.Env, who brokertest.Credentials, filters ...string) {
+	t.Helper()
+	o := mqtt.NewClientOptions().AddBroker(b.URL).SetClientID(fmt.Sprintf("watch-%s-%p-%s", who.Username, w, filters[0])).
 		SetUsername(who.Username).SetPassword(who.Password).SetCleanSession(true).SetOrderMatters(true)
 	c := mqtt.NewClient(o)
 	if tok := c.Connect(); !tok.WaitTimeout(deadline) || tok.Error() != nil {
@@ -290,7 +319,6 @@ func watch(t *testing.T, b *brokertest.Env, who brokertest.Credentials, filters 
 			t.Fatalf("watcher: subscription to %s as %s refused (SUBACK %#x)", f, who.Username, code)
 		}
 	}
-	return w
 }
 
 // all returns the messages seen on topic.
@@ -332,14 +360,72 @@ func (w *watcher) releaseStatus(t *testing.T, id keychain.ReleaseID, what string
 	return st
 }
 
-// waitFleet waits until the updater's retained fleet status satisfies ok, and reports
-// whether it did within the deadline.
-func (w *watcher) waitFleet(ok func(protocol.FleetStatus) bool) (protocol.FleetStatus, bool) {
+// waitFleet waits up to d until the updater's retained fleet status satisfies ok, and
+// reports whether it did.
+func (w *watcher) waitFleet(d time.Duration, ok func(protocol.FleetStatus) bool) (protocol.FleetStatus, bool) {
 	var fs protocol.FleetStatus
-	for end := time.Now().Add(deadline); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
+	for end := time.Now().Add(d); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
 		if b := w.last(protocol.FleetStatusTopic); b != nil && json.Unmarshal(b, &fs) == nil && ok(fs) {
 			return fs, true
 		}
 	}
 	return fs, false
+}
+
+// ---------------------------------------------------------------------------------------
+// Both sides of an update.
+
+// waitInstalled polls release.get until n targets installed the release.
+func waitInstalled(t *testing.T, e *updatertest.Env, id keychain.ReleaseID, n int) protocol.ReleaseStatus {
+	t.Helper()
+	var st *protocol.ReleaseStatus
+	eventually(t, fmt.Sprintf("%d installs of release %s", n, id), func() bool {
+		var err error
+		st, err = e.Op.ReleaseStatus(context.Background(), id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.Installed == n
+	})
+	if st.Failed != 0 || st.Targets != n {
+		t.Fatalf("release %s: %d targets, %d failed", id, st.Targets, st.Failed)
+	}
+	return *st
+}
+
+// converged waits until the device confirmed an install of version, and checks that its
+// vault and the updater's store agree: same position, same version (PROTOCOL.md 10), and
+// that this is the device's updates-th update of its first chain.
+func converged(t *testing.T, e *updatertest.Env, d *dev, version uint64, updates uint32) {
+	t.Helper()
+	s := d.waitConfirmed(version)
+	eventually(t, d.serial+": server counter meets the device", func() bool {
+		got := e.Device(t, d.serial)
+		return got.Epoch == s.Epoch && got.Seq == s.Seq && got.Version == s.Version
+	})
+	if want := d.file.Seq - updates; s.Epoch != 0 || s.Seq != want {
+		t.Fatalf("%s: device at (%d, %d) after %d updates, want (0, %d)", d.serial, s.Epoch, s.Seq, updates, want)
+	}
+}
+
+// between checks the invariant of PROTOCOL.md 10 at a point where the two sides may
+// differ: the device is never behind the server, and at most one ahead.
+func between(t *testing.T, e *updatertest.Env, d *dev) (dSeq, cSeq uint32) {
+	t.Helper()
+	s, got := d.state(), e.Device(t, d.serial)
+	if s.Epoch != got.Epoch || s.Seq > got.Seq || got.Seq-s.Seq > 1 {
+		t.Fatalf("%s: device at (%d, %d), server at (%d, %d): the invariant of PROTOCOL.md 10 is broken", d.serial, s.Epoch, s.Seq, got.Epoch, got.Seq)
+	}
+	return s.Seq, got.Seq
+}
+
+// nextRelease releases version v to the device and checks that it installs it with the
+// next index, on both sides: its updates-th update.
+func nextRelease(t *testing.T, e *updatertest.Env, d *dev, v uint64, updates uint32) {
+	t.Helper()
+	img := image(3*1024, 100+v)
+	rid := e.Release(t, img, v, d.serial)
+	converged(t, e, d, v, updates)
+	d.checkSlot(img)
+	waitInstalled(t, e, rid, 1)
 }
