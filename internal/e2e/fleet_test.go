@@ -18,11 +18,12 @@ import (
 	"github.com/sealcast/sealcast/updater"
 )
 
-// TestFleetTwoReleases: 200 simulated devices (2,000 with SEALCAST_HEAVY=1) take two releases created through the admin
-// protocol; 5 % of them lose their connection in the middle of a download and 5 % lose
-// power between install and persist. After the first, every server counter is L-1; after the second, L-2. Each
-// device's second key message is at n-1 and wraps the content key under K_{n-1}, which
-// is not K_n: every update uses a fresh one-time key (claims 3-5).
+// TestFleetTwoReleases: 200 simulated devices (2,000 with SEALCAST_HEAVY=1) take two
+// releases created through the admin protocol; 5 % of them lose their connection in the
+// middle of a download and 5 % lose power between install and persist. After the first
+// release every server counter is L-1, after the second L-2. Each device's second key
+// message is at n-1 and wraps the content key under K_{n-1}, which is not K_n: every
+// update uses a fresh one-time key (claims 3-5).
 func TestFleetTwoReleases(t *testing.T) {
 	for _, s := range updatertest.Stores {
 		t.Run(s.Name, func(t *testing.T) { testFleet(t, s.Open, fleetSize()) })
@@ -60,9 +61,11 @@ func testFleet(t *testing.T, open updatertest.Opener, n int) {
 		confirmed = map[uint64]map[string]bool{} // version -> serials
 	)
 	simCtx, stopSim := context.WithTimeout(ctx, 3*deadline)
-	defer stopSim()
 	simDone := make(chan simulate.Summary, 1)
+	simExited := make(chan struct{})
+	defer func() { stopSim(); <-simExited }() // the agents log to t: stop them before it ends
 	go func() {
+		defer close(simExited)
 		sum, err := simulate.Run(simCtx, simulate.Options{
 			Devices: files, TargetVersion: 2, Seed: 11,
 			ChunkTimeout: 5 * time.Second, AckResend: time.Second, AckResendMax: 5 * time.Second,
