@@ -130,8 +130,9 @@ type Broker struct {
 	accounts map[string]Account
 	revoked  map[string]struct{}
 
-	idents sync.Map // *mqtt.Client -> identity, for connected clients
-	guard  pidGuard
+	idents     sync.Map // *mqtt.Client -> identity, for connected clients
+	guard      pidGuard
+	superseded sync.Map // client id -> *mqtt.Client whose session a newer connection took over (takeover.go)
 
 	listeners []*connListener
 	addrs     map[string]net.Addr
@@ -144,7 +145,7 @@ type Broker struct {
 	closeOnce sync.Once
 	closeErr  error
 
-	authFailures, aclDenials, deviceDrops, queueDrops atomic.Int64
+	authFailures, aclDenials, deviceDrops, queueDrops, willsCancelled, lateWills atomic.Int64
 }
 
 // Listener ids, also used as keys of Addr.
@@ -467,6 +468,11 @@ type Stats struct {
 	// DeliveriesRestored counts outbound QoS 1 deliveries that a client's own PUBLISH
 	// with the same packet id would have erased (mochi issues #519/#545).
 	DeliveriesRestored int64
+	// WillsCancelled counts device wills ("offline") turned into "online" because a new
+	// connection of the same device took over the session first; LateWills counts those
+	// already on their way, answered with "online" for the new connection.
+	WillsCancelled int64
+	LateWills      int64
 }
 
 // Stats returns the broker's counters.
@@ -480,6 +486,8 @@ func (b *Broker) Stats() Stats {
 		DroppedInflight:    atomic.LoadInt64(&b.srv.Info.InflightDropped),
 		DroppedDeviceQueue: b.deviceDrops.Load(),
 		DeliveriesRestored: b.guard.restored.Load(),
+		WillsCancelled:     b.willsCancelled.Load(),
+		LateWills:          b.lateWills.Load(),
 	}
 }
 

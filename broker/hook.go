@@ -31,7 +31,8 @@ func (h *hook) ID() string { return "sealcast-auth" }
 func (h *hook) Provides(e byte) bool {
 	switch e {
 	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck,
-		mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnPublishDropped,
+		mqtt.OnSessionEstablish, mqtt.OnSessionEstablished, mqtt.OnWill, mqtt.OnWillSent,
+		mqtt.OnDisconnect, mqtt.OnPublishDropped,
 		mqtt.OnPacketRead, mqtt.OnPacketProcessed:
 		return true
 	}
@@ -89,6 +90,7 @@ func (h *hook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 
 func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	h.b.guard.forget(cl)
+	h.b.superseded.CompareAndDelete(cl.ID, cl)
 	if _, ok := h.b.idents.LoadAndDelete(cl); !ok {
 		return // a session restored from the store, or a refused client
 	}

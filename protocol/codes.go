@@ -34,6 +34,19 @@ func (c Code) String() string {
 	return fmt.Sprintf("code_%d", uint16(c))
 }
 
+// Permanent reports whether a failure with code c is final for the key message it
+// answers: a device does not retry bad_message, unwrap_failed, bad_manifest, rollback or
+// unsupported, while it retries timeout, chunk_corrupt, image_corrupt and install_failed
+// (PROTOCOL.md 10.1). A release is completed once every target installed it or failed
+// permanently (PROTOCOL.md 12.2).
+func (c Code) Permanent() bool {
+	switch c {
+	case CodeBadMessage, CodeUnwrapFailed, CodeBadManifest, CodeRollback, CodeUnsupported:
+		return true
+	}
+	return false
+}
+
 // MarshalText implements encoding.TextMarshaler.
 func (c Code) MarshalText() ([]byte, error) { return []byte(c.String()), nil }
 

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/sealcast/sealcast/keychain"
@@ -85,6 +86,23 @@ func TestCodes(t *testing.T) {
 	var c Code
 	if err := json.Unmarshal([]byte(`"nonsense"`), &c); err == nil {
 		t.Error("unknown code name accepted")
+	}
+}
+
+func TestPermanentCodes(t *testing.T) {
+	// PROTOCOL.md 10.1: permanent ones are not retried for the same key message,
+	// transient ones are; ok and stale_key are neither.
+	var permanent []string
+	for c := CodeOK; c <= CodeUnsupported; c++ {
+		if c.Permanent() {
+			permanent = append(permanent, c.String())
+		}
+	}
+	if got, want := strings.Join(permanent, " "), "bad_message unwrap_failed bad_manifest rollback unsupported"; got != want {
+		t.Errorf("permanent codes %q, want %q", got, want)
+	}
+	if Code(99).Permanent() {
+		t.Error("an unknown code is permanent")
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"strings"
 	"time"
 
 	"github.com/sealcast/sealcast/keychain"
@@ -117,14 +118,14 @@ func (u *Updater) flushStatus(ctx context.Context, fleet bool) {
 			continue
 		}
 		st := u.releaseStatus(ctx, rel)
-		if st.State == protocol.ReleaseActive && st.Targets > 0 && st.Installed >= st.Targets {
+		if st.State == protocol.ReleaseActive && u.settled(ctx, rel, st) {
 			rel.State = protocol.ReleaseCompleted
 			if err := u.o.Store.PutRelease(ctx, rel); err == nil {
 				st.State = protocol.ReleaseCompleted
 				u.mu.Lock()
 				delete(u.runs, id)
 				u.mu.Unlock()
-				u.log.Info().Str("release", id.String()).Int("installed", st.Installed).Msg("release completed")
+				u.log.Info().Str("release", id.String()).Int("installed", st.Installed).Int("failed", st.Failed).Msg("release completed")
 				fleet = true
 			} else {
 				u.log.Warn().Err(err).Str("release", id.String()).Msg("marking the release completed; will retry")
@@ -145,6 +146,39 @@ func (u *Updater) flushStatus(ctx context.Context, fleet bool) {
 			u.log.Warn().Err(err).Msg("publishing status")
 		}
 	}
+}
+
+// settled reports whether every target of rel has installed it or failed permanently, so
+// that the release is completed ([SC-12.2]). st holds the release's counts. A target
+// whose failure is transient (the device retries) keeps the release active.
+func (u *Updater) settled(ctx context.Context, rel *Release, st protocol.ReleaseStatus) bool {
+	if st.Targets == 0 || st.Installed+st.Failed < st.Targets {
+		return false
+	}
+	if st.Failed == 0 {
+		return true
+	}
+	targets, err := u.o.Store.Targets(ctx, rel.ID)
+	if err != nil {
+		return false // checked again at the next report
+	}
+	for i := 0; i < len(targets); i += batchSize {
+		results, err := u.o.Store.Results(ctx, rel.ID, targets[i:min(i+batchSize, len(targets))])
+		if err != nil {
+			return false
+		}
+		for _, r := range results {
+			if r == ResultInstalled {
+				continue
+			}
+			name, failed := strings.CutPrefix(r, ResultFailed+":")
+			var c protocol.Code
+			if !failed || c.UnmarshalText([]byte(name)) != nil || !c.Permanent() {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 func (u *Updater) fleetStatus(ctx context.Context) (protocol.FleetStatus, error) {
