@@ -1,0 +1,408 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	mqtt "github.com/eclipse/paho.mqtt.golang"
+	"github.com/rs/zerolog"
+
+	"github.com/sealcast/sealcast/device/simulate"
+	"github.com/sealcast/sealcast/operator"
+	"github.com/sealcast/sealcast/protocol"
+)
+
+// needTool returns the path of an outside tool, or skips the test (fails it under
+// SEALCAST_REQUIRE_TOOLS=1) when it is missing.
+func needTool(t *testing.T, name, pkg string) string {
+	t.Helper()
+	path, err := exec.LookPath(name)
+	if err != nil {
+		if os.Getenv("SEALCAST_REQUIRE_TOOLS") == "1" {
+			t.Fatalf("%s not found (apt-get install -y %s): %v", name, pkg, err)
+		}
+		t.Skipf("%s not found; skipping (set SEALCAST_REQUIRE_TOOLS=1 to fail instead)", name)
+	}
+	return path
+}
+
+// mosquitto is a mosquitto process running deploy/mosquitto's example configuration.
+type mosquitto struct {
+	t          *testing.T
+	cmd        *exec.Cmd
+	passwdTool string
+	dir        string
+	url        string
+}
+
+// startMosquitto runs mosquitto with deploy/mosquitto/mosquitto.conf and sealcast.acl as
+// shipped, changing only file locations and binding the listener to 127.0.0.1 on a free
+// port. The password file holds the given users.
+func startMosquitto(t *testing.T, users map[string]string) *mosquitto {
+	t.Helper()
+	bin := needTool(t, "mosquitto", "mosquitto")
+	m := &mosquitto{t: t, passwdTool: needTool(t, "mosquitto_passwd", "mosquitto"), dir: t.TempDir()}
+	if err := os.Mkdir(filepath.Join(m.dir, "data"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	acl, err := os.ReadFile(filepath.Join(repoRoot, "deploy/mosquitto/sealcast.acl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(m.dir, "sealcast.acl"), acl, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	m.writePasswords(users)
+
+	conf, err := os.ReadFile(filepath.Join(repoRoot, "deploy/mosquitto/mosquitto.conf"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	c := string(conf)
+	for _, r := range [][2]string{
+		{"/etc/mosquitto/sealcast.passwd", filepath.Join(m.dir, "sealcast.passwd")},
+		{"/etc/mosquitto/sealcast.acl", filepath.Join(m.dir, "sealcast.acl")},
+		{"/var/lib/mosquitto/", filepath.Join(m.dir, "data") + "/"},
+		{"\nlistener 1883\n", "\nlistener " + strconv.Itoa(port) + " 127.0.0.1\n"},
+	} {
+		if strings.Count(c, r[0]) != 1 {
+			t.Fatalf("deploy/mosquitto/mosquitto.conf no longer has %q exactly once: update this test with it", r[0])
+		}
+		c = strings.Replace(c, r[0], r[1], 1)
+	}
+	if os.Geteuid() == 0 {
+		// Run as root, mosquitto would switch to the mosquitto user, who cannot read
+		// the test's private temporary directory.
+		c += "\nuser root\n"
+	}
+	confPath := filepath.Join(m.dir, "mosquitto.conf")
+	if err := os.WriteFile(confPath, []byte(c), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	log, err := os.Create(filepath.Join(m.dir, "mosquitto.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.cmd = exec.Command(bin, "-c", confPath)
+	m.cmd.Stdout, m.cmd.Stderr = log, log
+	if err := m.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { m.cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		m.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			m.cmd.Process.Kill()
+			<-exited
+		}
+		log.Close()
+		if t.Failed() {
+			b, _ := os.ReadFile(log.Name())
+			t.Logf("mosquitto log:\n%s", b)
+		}
+	})
+	m.url = fmt.Sprintf("tcp://127.0.0.1:%d", port)
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	eventually(t, 10*time.Second, "mosquitto listening on "+addr, func() bool {
+		select {
+		case <-exited:
+			b, _ := os.ReadFile(log.Name())
+			t.Fatalf("mosquitto exited:\n%s", b)
+		default:
+		}
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+	return m
+}
+
+// writePasswords replaces the password file the way docs/OPERATIONS.md tells operators
+// to: "username:password" lines, hashed in place by mosquitto_passwd -U, then renamed
+// over the live file.
+func (m *mosquitto) writePasswords(users map[string]string) {
+	m.t.Helper()
+	var b strings.Builder
+	for u, pw := range users {
+		fmt.Fprintf(&b, "%s:%s\n", u, pw)
+	}
+	tmp := filepath.Join(m.dir, "sealcast.passwd.new")
+	if err := os.WriteFile(tmp, []byte(b.String()), 0o600); err != nil {
+		m.t.Fatal(err)
+	}
+	if out, err := exec.Command(m.passwdTool, "-U", tmp).CombinedOutput(); err != nil {
+		m.t.Fatalf("mosquitto_passwd -U: %v\n%s", err, out)
+	}
+	if err := os.Rename(tmp, filepath.Join(m.dir, "sealcast.passwd")); err != nil {
+		m.t.Fatal(err)
+	}
+}
+
+// reload makes mosquitto re-read its password and ACL files.
+func (m *mosquitto) reload() {
+	if err := m.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		m.t.Fatal(err)
+	}
+}
+
+func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", d, what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// pahoClient connects one MQTT client; messages of every subscription go to msgs in the
+// order mosquitto sent them.
+func pahoClient(url, clientID, user, pw string, msgs chan<- mqtt.Message) (mqtt.Client, error) {
+	o := mqtt.NewClientOptions().AddBroker(url).SetClientID(clientID).SetUsername(user).SetPassword(pw).
+		SetCleanSession(true).SetAutoReconnect(false).SetOrderMatters(true).SetConnectTimeout(5 * time.Second).
+		SetDefaultPublishHandler(func(_ mqtt.Client, m mqtt.Message) {
+			if msgs != nil {
+				msgs <- m
+			}
+		})
+	c := mqtt.NewClient(o)
+	tok := c.Connect()
+	if !tok.WaitTimeout(10 * time.Second) {
+		return nil, fmt.Errorf("connecting as %s: timed out", user)
+	}
+	if err := tok.Error(); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+func waitTok(t *testing.T, tok mqtt.Token, what string) {
+	t.Helper()
+	if !tok.WaitTimeout(10 * time.Second) {
+		t.Fatalf("%s: no answer from mosquitto", what)
+	}
+	if err := tok.Error(); err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+}
+
+func randomPassword(t *testing.T) string {
+	b := make([]byte, 18)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(b)
+}
+
+// TestMosquittoExample runs the updater against mosquitto configured with
+// deploy/mosquitto (docs/OPERATIONS.md, "Scaling out"): devices provisioned through it
+// update over it, and its ACL file enforces PROTOCOL.md 9.2 on the wire.
+func TestMosquittoExample(t *testing.T) {
+	accounts := map[string]string{
+		"admin": randomPassword(t), "monitor": randomPassword(t), "sealcast-updater": randomPassword(t),
+	}
+	m := startMosquitto(t, accounts)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	log := zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel)
+
+	// The updater alone, as `sealcast serve -broker ... -ack-group sealcast` runs it:
+	// its ack subscription is $share/sealcast/sealcast/devices/+/ack.
+	s, err := startStack(ctx, stackConfig{
+		dataDir: filepath.Join(t.TempDir(), "data"), brokerURL: m.url,
+		brokerUser: "sealcast-updater", brokerPW: accounts["sealcast-updater"],
+		chainLength: 16, ackGroup: "sealcast",
+	}, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.close()
+	// startStack returns before the updater has subscribed to admin requests, and a
+	// request published before that is lost. The updater publishes its first fleet
+	// status after that subscription, so on this fresh broker the retained status
+	// means it is ready.
+	ready := make(chan mqtt.Message, 1)
+	mon, err := pahoClient(m.url, "monitor", "monitor", accounts["monitor"], ready)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitTok(t, mon.Subscribe(protocol.FleetStatusTopic, 1, nil), "subscribing")
+	select {
+	case <-ready:
+	case <-ctx.Done():
+		t.Fatal("the updater never published sealcast/status/fleet")
+	}
+	mon.Disconnect(0)
+
+	op, err := operator.Dial(ctx, operator.Options{URL: m.url, Username: "admin", Password: accounts["admin"]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer op.Close()
+
+	serials := []string{"mq-1", "mq-2", "mq-3"}
+	files, err := op.Provision(ctx, serials, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Devices get broker accounts from their device files.
+	users := map[string]string{}
+	for u, pw := range accounts {
+		users[u] = pw
+	}
+	for _, f := range files {
+		if f.Broker.URL != m.url || f.Broker.Username != f.Serial {
+			t.Fatalf("device file broker %+v: want %s, username %s", f.Broker, m.url, f.Serial)
+		}
+		users[f.Broker.Username] = f.Broker.Password
+	}
+	m.writePasswords(users)
+	m.reload()
+	pw := func(serial string) string { return users[serial] }
+	eventually(t, 10*time.Second, "mosquitto to accept the devices' passwords", func() bool {
+		c, err := pahoClient(m.url, "mq-1", "mq-1", pw("mq-1"), nil)
+		if err == nil {
+			c.Disconnect(0)
+		}
+		return err == nil
+	})
+
+	// One release, installed and confirmed by every device over mosquitto.
+	simDone := make(chan simResult, 1)
+	go func() {
+		sum, err := simulate.Run(ctx, simulate.Options{Devices: files, TargetVersion: 1, Logger: log})
+		simDone <- simResult{sum, err}
+	}()
+	img := make([]byte, 5000)
+	rand.Read(img)
+	if _, err := op.Release(ctx, bytes.NewReader(img), int64(len(img)), protocol.ReleaseCreateArgs{Version: 1, All: true, ChunkSize: 1024}); err != nil {
+		t.Fatal(err)
+	}
+	r := <-simDone
+	if r.err != nil || r.sum.Confirmed != len(files) {
+		t.Fatalf("simulated devices: %d of %d confirmed, %d failed (%v): %v", r.sum.Confirmed, len(files), r.sum.Failed, r.sum.Codes, r.err)
+	}
+	devs, err := s.store.Devices(ctx, serials)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, d := range devs {
+		if d == nil || d.Version != 1 || d.Seq != files[i].Seq-1 {
+			t.Errorf("%s on the server: %+v, want version 1 at seq %d", serials[i], d, files[i].Seq-1)
+		}
+	}
+	if st := s.upd.Stats(); st.AcksAccepted != int64(len(files)) {
+		t.Errorf("acks accepted: %d, want %d", st.AcksAccepted, len(files))
+	}
+
+	t.Run("device reads only its own topics", func(t *testing.T) {
+		// mosquitto grants every SUBSCRIBE and applies read rules to each delivery.
+		// Every device has a retained receipt now; a wildcard subscription must deliver
+		// only mq-1's. Subscribing to the own receipt again afterwards delivers it a
+		// second time, after everything the first subscription delivered.
+		msgs := make(chan mqtt.Message, 100)
+		c, err := pahoClient(m.url, "mq-1", "mq-1", pw("mq-1"), msgs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Disconnect(0)
+		waitTok(t, c.Subscribe("sealcast/devices/+/receipt", 1, nil), "subscribing")
+		waitTok(t, c.Subscribe("sealcast/devices/mq-1/receipt", 1, nil), "subscribing")
+		for own := 0; own < 2; {
+			select {
+			case msg := <-msgs:
+				if msg.Topic() != "sealcast/devices/mq-1/receipt" {
+					t.Fatalf("device mq-1 received %s", msg.Topic())
+				}
+				own++
+			case <-ctx.Done():
+				t.Fatalf("device mq-1 received its own receipt %d times, want 2", own)
+			}
+		}
+	})
+
+	t.Run("monitor reads status, state and presence only; devices write only their own", func(t *testing.T) {
+		msgs := make(chan mqtt.Message, 1000)
+		mon, err := pahoClient(m.url, "monitor", "monitor", accounts["monitor"], msgs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer mon.Disconnect(0)
+		waitTok(t, mon.Subscribe("sealcast/#", 1, nil), "subscribing")
+		dev, err := pahoClient(m.url, "mq-1", "mq-1", pw("mq-1"), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer dev.Disconnect(0)
+		// Denied (another device's topic): mosquitto acknowledges and drops it. Then an
+		// allowed one, which reaches the monitor after anything published before it.
+		waitTok(t, dev.Publish("sealcast/devices/mq-2/state", 1, false, "forged"), "publishing")
+		waitTok(t, dev.Publish("sealcast/devices/mq-1/state", 1, false, "barrier"), "publishing")
+		sawStatus := false
+		for {
+			select {
+			case msg := <-msgs:
+				topic := msg.Topic()
+				if string(msg.Payload()) == "barrier" {
+					if !sawStatus {
+						t.Error("the monitor did not receive the retained sealcast/status/fleet")
+					}
+					return
+				}
+				switch {
+				case string(msg.Payload()) == "forged":
+					t.Fatalf("a device's publish to %s reached the monitor", topic)
+				case topic == "sealcast/status/fleet":
+					sawStatus = true
+				case strings.HasPrefix(topic, "sealcast/status/"),
+					strings.HasSuffix(topic, "/state") && strings.HasPrefix(topic, "sealcast/devices/"),
+					strings.HasSuffix(topic, "/presence") && strings.HasPrefix(topic, "sealcast/devices/"):
+				default:
+					t.Fatalf("the monitor received %s", topic)
+				}
+			case <-ctx.Done():
+				t.Fatal("the monitor never received the device's own state")
+			}
+		}
+	})
+
+	t.Run("a client id cannot take over another device's session", func(t *testing.T) {
+		a, err := pahoClient(m.url, "mq-1", "mq-1", pw("mq-1"), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer a.Disconnect(0)
+		// mq-2 asks for client id mq-1; use_username_as_clientid makes it mq-2.
+		b, err := pahoClient(m.url, "mq-1", "mq-2", pw("mq-2"), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer b.Disconnect(0)
+		// A taken-over connection is closed by mosquitto and gets no PUBACK.
+		waitTok(t, a.Publish("sealcast/devices/mq-1/state", 1, false, "still here"), "mq-1 publishing after mq-2 connected")
+	})
+}
