@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"os/exec"
@@ -20,6 +21,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/sealcast/sealcast/device/simulate"
+	"github.com/sealcast/sealcast/internal/redistest"
 	"github.com/sealcast/sealcast/operator"
 	"github.com/sealcast/sealcast/protocol"
 )
@@ -49,8 +51,8 @@ type mosquitto struct {
 
 // startMosquitto runs mosquitto with deploy/mosquitto/mosquitto.conf and sealcast.acl as
 // shipped, changing only file locations and binding the listener to 127.0.0.1 on a free
-// port. The password file holds the given users.
-func startMosquitto(t *testing.T, users map[string]string) *mosquitto {
+// port. The password file holds the given users; extraACL is appended to the ACL file.
+func startMosquitto(t *testing.T, users map[string]string, extraACL string) *mosquitto {
 	t.Helper()
 	bin := needTool(t, "mosquitto", "mosquitto")
 	m := &mosquitto{t: t, passwdTool: needTool(t, "mosquitto_passwd", "mosquitto"), dir: t.TempDir()}
@@ -61,6 +63,7 @@ func startMosquitto(t *testing.T, users map[string]string) *mosquitto {
 	if err != nil {
 		t.Fatal(err)
 	}
+	acl = append(acl, extraACL...)
 	if err := os.WriteFile(filepath.Join(m.dir, "sealcast.acl"), acl, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -218,6 +221,91 @@ func randomPassword(t *testing.T) string {
 	return hex.EncodeToString(b)
 }
 
+// waitUpdaterReady waits until the updater is subscribed to admin requests. startStack
+// returns before that, and a request published earlier is lost. The updater publishes its
+// first fleet status after that subscription, so on a fresh broker the retained status
+// means it is ready.
+func waitUpdaterReady(ctx context.Context, t *testing.T, m *mosquitto, monitorPW string) {
+	t.Helper()
+	ready := make(chan mqtt.Message, 1)
+	mon, err := pahoClient(m.url, "monitor", "monitor", monitorPW, ready)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mon.Disconnect(0)
+	waitTok(t, mon.Subscribe(protocol.FleetStatusTopic, 1, nil), "subscribing")
+	select {
+	case <-ready:
+	case <-ctx.Done():
+		t.Fatal("the updater never published sealcast/status/fleet")
+	}
+}
+
+// provisionDevices provisions serials through op and gives each device a mosquitto
+// account from its device file, as docs/OPERATIONS.md describes. users is updated.
+func provisionDevices(ctx context.Context, t *testing.T, m *mosquitto, op *operator.Client, users map[string]string, serials []string) []protocol.DeviceFile {
+	t.Helper()
+	files, err := op.Provision(ctx, serials, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range files {
+		if f.Broker.URL != m.url || f.Broker.Username != f.Serial {
+			t.Fatalf("device file broker %+v: want %s, username %s", f.Broker, m.url, f.Serial)
+		}
+		users[f.Broker.Username] = f.Broker.Password
+	}
+	m.writePasswords(users)
+	m.reload()
+	last := files[len(files)-1].Broker
+	eventually(t, 10*time.Second, "mosquitto to accept the devices' passwords", func() bool {
+		c, err := pahoClient(m.url, last.Username, last.Username, last.Password, nil)
+		if err == nil {
+			c.Disconnect(0)
+		}
+		return err == nil
+	})
+	return files
+}
+
+// installRelease releases a small image to every device and runs the devices until each
+// has installed and confirmed it.
+func installRelease(ctx context.Context, t *testing.T, op *operator.Client, files []protocol.DeviceFile, log zerolog.Logger) {
+	t.Helper()
+	simDone := make(chan simResult, 1)
+	go func() {
+		sum, err := simulate.Run(ctx, simulate.Options{Devices: files, TargetVersion: 1, Logger: log})
+		simDone <- simResult{sum, err}
+	}()
+	img := make([]byte, 5000)
+	rand.Read(img)
+	if _, err := op.Release(ctx, bytes.NewReader(img), int64(len(img)), protocol.ReleaseCreateArgs{Version: 1, All: true, ChunkSize: 1024}); err != nil {
+		t.Fatal(err)
+	}
+	r := <-simDone
+	if r.err != nil || r.sum.Confirmed != len(files) {
+		t.Fatalf("simulated devices: %d of %d confirmed, %d failed (%v): %v", r.sum.Confirmed, len(files), r.sum.Failed, r.sum.Codes, r.err)
+	}
+}
+
+// checkInstalled checks the server's record of every device: version 1, one step down.
+func checkInstalled(ctx context.Context, t *testing.T, s *stack, files []protocol.DeviceFile) {
+	t.Helper()
+	serials := make([]string, len(files))
+	for i, f := range files {
+		serials[i] = f.Serial
+	}
+	devs, err := s.store.Devices(ctx, serials)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, d := range devs {
+		if d == nil || d.Version != 1 || d.Seq != files[i].Seq-1 {
+			t.Errorf("%s on the server: %+v, want version 1 at seq %d", serials[i], d, files[i].Seq-1)
+		}
+	}
+}
+
 // TestMosquittoExample runs the updater against mosquitto configured with
 // deploy/mosquitto (docs/OPERATIONS.md, "Scaling out"): devices provisioned through it
 // update over it, and its ACL file enforces PROTOCOL.md 9.2 on the wire.
@@ -225,7 +313,7 @@ func TestMosquittoExample(t *testing.T) {
 	accounts := map[string]string{
 		"admin": randomPassword(t), "monitor": randomPassword(t), "sealcast-updater": randomPassword(t),
 	}
-	m := startMosquitto(t, accounts)
+	m := startMosquitto(t, accounts, "")
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	log := zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel)
@@ -241,80 +329,18 @@ func TestMosquittoExample(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.close()
-	// startStack returns before the updater has subscribed to admin requests, and a
-	// request published before that is lost. The updater publishes its first fleet
-	// status after that subscription, so on this fresh broker the retained status
-	// means it is ready.
-	ready := make(chan mqtt.Message, 1)
-	mon, err := pahoClient(m.url, "monitor", "monitor", accounts["monitor"], ready)
-	if err != nil {
-		t.Fatal(err)
-	}
-	waitTok(t, mon.Subscribe(protocol.FleetStatusTopic, 1, nil), "subscribing")
-	select {
-	case <-ready:
-	case <-ctx.Done():
-		t.Fatal("the updater never published sealcast/status/fleet")
-	}
-	mon.Disconnect(0)
-
+	waitUpdaterReady(ctx, t, m, accounts["monitor"])
 	op, err := operator.Dial(ctx, operator.Options{URL: m.url, Username: "admin", Password: accounts["admin"]})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer op.Close()
 
-	serials := []string{"mq-1", "mq-2", "mq-3"}
-	files, err := op.Provision(ctx, serials, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Devices get broker accounts from their device files.
-	users := map[string]string{}
-	for u, pw := range accounts {
-		users[u] = pw
-	}
-	for _, f := range files {
-		if f.Broker.URL != m.url || f.Broker.Username != f.Serial {
-			t.Fatalf("device file broker %+v: want %s, username %s", f.Broker, m.url, f.Serial)
-		}
-		users[f.Broker.Username] = f.Broker.Password
-	}
-	m.writePasswords(users)
-	m.reload()
+	users := maps.Clone(accounts)
+	files := provisionDevices(ctx, t, m, op, users, []string{"mq-1", "mq-2", "mq-3"})
 	pw := func(serial string) string { return users[serial] }
-	eventually(t, 10*time.Second, "mosquitto to accept the devices' passwords", func() bool {
-		c, err := pahoClient(m.url, "mq-1", "mq-1", pw("mq-1"), nil)
-		if err == nil {
-			c.Disconnect(0)
-		}
-		return err == nil
-	})
-
-	// One release, installed and confirmed by every device over mosquitto.
-	simDone := make(chan simResult, 1)
-	go func() {
-		sum, err := simulate.Run(ctx, simulate.Options{Devices: files, TargetVersion: 1, Logger: log})
-		simDone <- simResult{sum, err}
-	}()
-	img := make([]byte, 5000)
-	rand.Read(img)
-	if _, err := op.Release(ctx, bytes.NewReader(img), int64(len(img)), protocol.ReleaseCreateArgs{Version: 1, All: true, ChunkSize: 1024}); err != nil {
-		t.Fatal(err)
-	}
-	r := <-simDone
-	if r.err != nil || r.sum.Confirmed != len(files) {
-		t.Fatalf("simulated devices: %d of %d confirmed, %d failed (%v): %v", r.sum.Confirmed, len(files), r.sum.Failed, r.sum.Codes, r.err)
-	}
-	devs, err := s.store.Devices(ctx, serials)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i, d := range devs {
-		if d == nil || d.Version != 1 || d.Seq != files[i].Seq-1 {
-			t.Errorf("%s on the server: %+v, want version 1 at seq %d", serials[i], d, files[i].Seq-1)
-		}
-	}
+	installRelease(ctx, t, op, files, log)
+	checkInstalled(ctx, t, s, files)
 	if st := s.upd.Stats(); st.AcksAccepted != int64(len(files)) {
 		t.Errorf("acks accepted: %d, want %d", st.AcksAccepted, len(files))
 	}
@@ -405,4 +431,75 @@ func TestMosquittoExample(t *testing.T) {
 		// A taken-over connection is closed by mosquitto and gets no PUBACK.
 		waitTok(t, a.Publish("sealcast/devices/mq-1/state", 1, false, "still here"), "mq-1 publishing after mq-2 connected")
 	})
+}
+
+// TestMosquittoTwoUpdaters runs the scale-out of docs/OPERATIONS.md: two updaters on one
+// Redis and one mosquitto, both in ack group "sealcast", the second with -acks-only, its
+// own broker user and a copy of the first one's keys. The acks are split between them and
+// every device's counter moves exactly once.
+func TestMosquittoTwoUpdaters(t *testing.T) {
+	rs := redistest.Start(t, "--appendonly", "yes", "--appendfsync", "always")
+	accounts := map[string]string{
+		"admin": randomPassword(t), "monitor": randomPassword(t),
+		"sealcast-updater": randomPassword(t), "sealcast-updater-2": randomPassword(t),
+	}
+	m := startMosquitto(t, accounts, "\nuser sealcast-updater-2\ntopic readwrite sealcast/#\n")
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	log := zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel)
+
+	dirA, dirB := filepath.Join(t.TempDir(), "a"), filepath.Join(t.TempDir(), "b")
+	a, err := startStack(ctx, stackConfig{
+		dataDir: dirA, brokerURL: m.url, redisURL: rs.URL(),
+		brokerUser: "sealcast-updater", brokerPW: accounts["sealcast-updater"],
+		chainLength: 16, ackGroup: "sealcast",
+	}, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.close()
+	// The second updater needs the same root secret and release-signing key.
+	if err := os.Mkdir(dirB, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"root.key", "release.key"} {
+		b, err := os.ReadFile(filepath.Join(dirA, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dirB, f), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b, err := startStack(ctx, stackConfig{
+		dataDir: dirB, brokerURL: m.url, redisURL: rs.URL(),
+		brokerUser: "sealcast-updater-2", brokerPW: accounts["sealcast-updater-2"],
+		chainLength: 16, ackGroup: "sealcast", acksOnly: true,
+	}, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.close()
+	waitUpdaterReady(ctx, t, m, accounts["monitor"])
+	op, err := operator.Dial(ctx, operator.Options{URL: m.url, Username: "admin", Password: accounts["admin"]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer op.Close()
+
+	serials := make([]string, 8)
+	for i := range serials {
+		serials[i] = fmt.Sprintf("mq2-%d", i+1)
+	}
+	files := provisionDevices(ctx, t, m, op, maps.Clone(accounts), serials)
+	installRelease(ctx, t, op, files, log)
+	checkInstalled(ctx, t, a, files)
+	sa, sb := a.upd.Stats(), b.upd.Stats()
+	t.Logf("acks accepted: %d by the first updater, %d by the acks-only one", sa.AcksAccepted, sb.AcksAccepted)
+	if sa.AcksAccepted+sb.AcksAccepted != int64(len(files)) {
+		t.Errorf("acks accepted: %d + %d, want %d in all", sa.AcksAccepted, sb.AcksAccepted, len(files))
+	}
+	if sb.AcksAccepted == 0 {
+		t.Error("the acks-only updater accepted no ack: the shared subscription did not split the acks")
+	}
 }
