@@ -225,10 +225,10 @@ func randomPassword(t *testing.T) string {
 // returns before that, and a request published earlier is lost. The updater publishes its
 // first fleet status after that subscription, so on a fresh broker the retained status
 // means it is ready.
-func waitUpdaterReady(ctx context.Context, t *testing.T, m *mosquitto, monitorPW string) {
+func waitUpdaterReady(ctx context.Context, t *testing.T, url, user, pw string) {
 	t.Helper()
 	ready := make(chan mqtt.Message, 1)
-	mon, err := pahoClient(m.url, "monitor", "monitor", monitorPW, ready)
+	mon, err := pahoClient(url, user, user, pw, ready)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -314,7 +314,7 @@ func TestMosquittoExample(t *testing.T) {
 		"admin": randomPassword(t), "monitor": randomPassword(t), "sealcast-updater": randomPassword(t),
 	}
 	m := startMosquitto(t, accounts, "")
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	log := zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel)
 
@@ -329,7 +329,7 @@ func TestMosquittoExample(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.close()
-	waitUpdaterReady(ctx, t, m, accounts["monitor"])
+	waitUpdaterReady(ctx, t, m.url, "monitor", accounts["monitor"])
 	op, err := operator.Dial(ctx, operator.Options{URL: m.url, Username: "admin", Password: accounts["admin"]})
 	if err != nil {
 		t.Fatal(err)
@@ -388,25 +388,29 @@ func TestMosquittoExample(t *testing.T) {
 		// allowed one, which reaches the monitor after anything published before it.
 		waitTok(t, dev.Publish("sealcast/devices/mq-2/state", 1, false, "forged"), "publishing")
 		waitTok(t, dev.Publish("sealcast/devices/mq-1/state", 1, false, "barrier"), "publishing")
-		sawStatus := false
+		// The simulated devices left retained state and presence; the updater retained
+		// its status. The monitor must see all three kinds before the barrier.
+		var sawStatus, sawState, sawPresence bool
 		for {
 			select {
 			case msg := <-msgs:
 				topic := msg.Topic()
 				if string(msg.Payload()) == "barrier" {
-					if !sawStatus {
-						t.Error("the monitor did not receive the retained sealcast/status/fleet")
+					if !sawStatus || !sawState || !sawPresence {
+						t.Errorf("the monitor received status %v, device state %v, presence %v; want all", sawStatus, sawState, sawPresence)
 					}
 					return
 				}
 				switch {
 				case string(msg.Payload()) == "forged":
 					t.Fatalf("a device's publish to %s reached the monitor", topic)
-				case topic == "sealcast/status/fleet":
+				case topic == protocol.FleetStatusTopic:
 					sawStatus = true
-				case strings.HasPrefix(topic, "sealcast/status/"),
-					strings.HasSuffix(topic, "/state") && strings.HasPrefix(topic, "sealcast/devices/"),
-					strings.HasSuffix(topic, "/presence") && strings.HasPrefix(topic, "sealcast/devices/"):
+				case strings.HasPrefix(topic, "sealcast/status/"):
+				case strings.HasSuffix(topic, "/state") && strings.HasPrefix(topic, "sealcast/devices/"):
+					sawState = true
+				case strings.HasSuffix(topic, "/presence") && strings.HasPrefix(topic, "sealcast/devices/"):
+					sawPresence = true
 				default:
 					t.Fatalf("the monitor received %s", topic)
 				}
@@ -444,7 +448,7 @@ func TestMosquittoTwoUpdaters(t *testing.T) {
 		"sealcast-updater": randomPassword(t), "sealcast-updater-2": randomPassword(t),
 	}
 	m := startMosquitto(t, accounts, "\nuser sealcast-updater-2\ntopic readwrite sealcast/#\n")
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	log := zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel)
 
@@ -458,19 +462,7 @@ func TestMosquittoTwoUpdaters(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer a.close()
-	// The second updater needs the same root secret and release-signing key.
-	if err := os.Mkdir(dirB, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	for _, f := range []string{"root.key", "release.key"} {
-		b, err := os.ReadFile(filepath.Join(dirA, f))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(dirB, f), b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
+	copyKeys(t, dirA, dirB) // the same root secret and release-signing key
 	b, err := startStack(ctx, stackConfig{
 		dataDir: dirB, brokerURL: m.url, redisURL: rs.URL(),
 		brokerUser: "sealcast-updater-2", brokerPW: accounts["sealcast-updater-2"],
@@ -480,7 +472,7 @@ func TestMosquittoTwoUpdaters(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer b.close()
-	waitUpdaterReady(ctx, t, m, accounts["monitor"])
+	waitUpdaterReady(ctx, t, m.url, "monitor", accounts["monitor"])
 	op, err := operator.Dial(ctx, operator.Options{URL: m.url, Username: "admin", Password: accounts["admin"]})
 	if err != nil {
 		t.Fatal(err)
