@@ -1,0 +1,42 @@
+# syntax=docker/dockerfile:1
+#
+# The sealcast binary in a distroless image: static, no shell, no package manager, runs as
+# an unprivileged user. docs/OPERATIONS.md explains how to run it; docker-compose.yml runs
+# it with Redis and a simulated fleet.
+#
+#   docker build -t sealcast .
+#   docker run --rm -p 1883:1883 -p 9090:9090 -v sealcast-data:/data sealcast serve -data /data
+#
+# Static on purpose: the only cgo candidate among the dependencies is DataDog/zstd, which
+# cockroachdb/pebble (the embedded broker's session store) uses only in cgo builds; with
+# CGO_ENABLED=0 pebble compresses with the pure-Go klauspost/compress zstd instead. Both
+# read and write standard zstd blocks, and pebble's default compression is Snappy anyway,
+# so a data directory moves freely between a cgo and a static build.
+
+ARG GO_VERSION=1.26
+
+FROM golang:${GO_VERSION}-bookworm AS build
+WORKDIR /src
+# Modules first, so that editing the code does not re-download them.
+COPY go.mod go.sum ./
+RUN --mount=type=cache,target=/go/pkg/mod go mod download
+COPY . .
+RUN --mount=type=cache,target=/go/pkg/mod --mount=type=cache,target=/root/.cache/go-build \
+    CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o /out/sealcast ./cmd/sealcast
+# Mount points owned by the runtime user: a new named volume copies this ownership, so
+# the server can write its data directory (and the simulator its state) without root.
+RUN mkdir -p /out/data /out/sim && chmod 0700 /out/data /out/sim
+
+# distroless/static: CA certificates (for rediss:// and ssl:// brokers), tzdata, and a
+# passwd entry for "nonroot" (uid 65532); nothing else.
+FROM gcr.io/distroless/static-debian12:nonroot
+COPY --from=build /out/sealcast /usr/local/bin/sealcast
+COPY --from=build --chown=65532:65532 /out/data /data
+COPY --from=build --chown=65532:65532 /out/sim /sim
+USER 65532:65532
+WORKDIR /data
+VOLUME ["/data"]
+# 1883 MQTT, 8883 MQTT over TLS (with -tls-cert and -tls-key), 9090 /metrics and /healthz.
+EXPOSE 1883 8883 9090
+ENTRYPOINT ["/usr/local/bin/sealcast"]
+CMD ["serve", "-data", "/data"]
