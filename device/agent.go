@@ -52,6 +52,11 @@ type Options struct {
 	// AckResend is the first re-send interval of an unconfirmed ack (30 s), doubling up
 	// to AckResendMax (10 min) [SC-10.1 step 6].
 	AckResend, AckResendMax time.Duration
+	// RetryAfter is how long after a transient failure (timeout, chunk_corrupt,
+	// image_corrupt, install_failed) a connected device asks for its key message again
+	// (30 s, with jitter), doubling per failed attempt up to RetryMax (10 min) [SC-10.1].
+	// A reconnect retries at once.
+	RetryAfter, RetryMax time.Duration
 	// ReconnectMin and ReconnectMax bound the exponential reconnect backoff with full
 	// jitter (1 s, 60 s) [SC-9.3].
 	ReconnectMin, ReconnectMax time.Duration
@@ -101,11 +106,16 @@ func (o *Options) setDefaults() error {
 	def(&o.ChunkTimeout, 30*time.Second)
 	def(&o.AckResend, 30*time.Second)
 	def(&o.AckResendMax, 10*time.Minute)
+	def(&o.RetryAfter, 30*time.Second)
+	def(&o.RetryMax, 10*time.Minute)
 	def(&o.ReconnectMin, time.Second)
 	def(&o.ReconnectMax, time.Minute)
 	def(&o.ConnectTimeout, 10*time.Second)
 	def(&o.KeepAlive, time.Minute)
 	def(&o.ProgressInterval, 2*time.Second)
+	if o.RetryMax < o.RetryAfter {
+		o.RetryMax = o.RetryAfter
+	}
 	if o.AckResendMax < o.AckResend {
 		o.AckResendMax = o.AckResend
 	}
@@ -416,6 +426,9 @@ func (a *Agent) nextWake(now time.Time) time.Duration {
 		for _, t := range a.resub {
 			at(t)
 		}
+		if f := a.failed; f != nil && f.transient() && !f.retrying {
+			at(f.retryAt)
+		}
 	}
 	if d := next.Sub(now); d > 0 {
 		return d
@@ -446,6 +459,14 @@ func (a *Agent) tick(now time.Time) {
 	}
 	if a.job != nil && !now.Before(a.job.deadline) {
 		a.jobTimeout(now)
+	}
+	if f := a.failed; f != nil && f.transient() && !f.retrying && a.job == nil && !now.Before(f.retryAt) {
+		// Subscribing again makes the broker re-send the retained key message
+		// [MQTT-3.8.4-3]; onKey then tries it once more.
+		f.retrying = true
+		a.c.retries.Add(1)
+		a.log.Info().Int("attempt", f.attempts+1).Stringer("code", f.code).Msg("retrying a failed update")
+		a.subscribe(protocol.KeyTopic(a.serial))
 	}
 	if a.lastAck != nil && !a.st.LastAckConfirmed && !now.Before(a.ackAt) {
 		a.sendAck()

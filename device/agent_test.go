@@ -698,3 +698,39 @@ func TestImageHashUsed(t *testing.T) {
 		t.Fatalf("active %+v", act)
 	}
 }
+
+// TestTransientFailureRetriedWhileConnected: a device whose update failed for a transient
+// reason (here chunk_corrupt after three tries) asks for its key message again after
+// RetryAfter without losing its connection, and installs once the chunk is repaired;
+// the report stays the only one.
+func TestTransientFailureRetriedWhileConnected(t *testing.T) {
+	e := newEnv(t)
+	v, inst := e.provision("dev-retry", t.TempDir())
+	img := image(6*testChunk, 21)
+	r := e.srv.NewRelease(img, 1, testChunk)
+	e.srv.PublishRelease(r)
+	bad := bytes.Clone(r.Chunks[2])
+	bad[10] ^= 1
+	e.srv.Publish(protocol.ChunkTopic(r.ID, 2), bad, true)
+	rec := &recorder{}
+	var fixed sync.Once
+	rec.hook = func(ev device.Event) {
+		if ev.Kind == device.EventFailed && ev.Code == protocol.CodeChunkCorrupt {
+			// The operator repairs the retained chunk after the device gave up on it.
+			fixed.Do(func() { e.srv.Publish(protocol.ChunkTopic(r.ID, 2), r.Chunks[2], true) })
+		}
+	}
+	o := e.opts(v, inst, rec)
+	o.RetryAfter, o.RetryMax = 300*time.Millisecond, time.Second
+	ag := run(t, o)
+	e.srv.Wrap(r, "dev-retry")
+	waitVault(t, v, func(s device.State) bool { return s.LastAckConfirmed })
+	checkSlot(t, inst, img)
+	st := ag.a.Stats()
+	if st.Retries != 1 || st.Disconnects != 0 || st.ReportsSent != 1 {
+		t.Fatalf("retries %d, disconnects %d, reports %d; want 1, 0, 1", st.Retries, st.Disconnects, st.ReportsSent)
+	}
+	if n := rec.count(device.EventFailed); n != 1 {
+		t.Fatalf("%d failures, want 1", n)
+	}
+}

@@ -68,11 +68,12 @@ type Stats struct {
 	Confirmed     uint64
 	StatePublishs uint64
 	SubRetries    uint64 // subscriptions sent again after the broker refused them
+	Retries       uint64 // transient failures tried again while connected
 }
 
 type counters struct {
 	connects, disconnects, keyMessages, chunkFetches, chunksBad, chunksDone,
-	installs, acksSent, reportsSent, confirmed, statePublishes, subRetries atomic.Uint64
+	installs, acksSent, reportsSent, confirmed, statePublishes, subRetries, retries atomic.Uint64
 }
 
 func (c *counters) snapshot() Stats {
@@ -81,6 +82,7 @@ func (c *counters) snapshot() Stats {
 		ChunkFetches: c.chunkFetches.Load(), ChunksBad: c.chunksBad.Load(), ChunksDone: c.chunksDone.Load(),
 		Installs: c.installs.Load(), AcksSent: c.acksSent.Load(), ReportsSent: c.reportsSent.Load(),
 		Confirmed: c.confirmed.Load(), StatePublishs: c.statePublishes.Load(), SubRetries: c.subRetries.Load(),
+		Retries: c.retries.Load(),
 	}
 }
 

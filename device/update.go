@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"strconv"
 	"strings"
 	"time"
@@ -19,6 +20,15 @@ type failure struct {
 	epoch, seq uint32
 	id         keychain.ReleaseID
 	code       protocol.Code
+	// attempts counts consecutive failed attempts at this key message; a transient
+	// failure is tried again at retryAt while connected (and at every reconnect).
+	attempts int
+	retryAt  time.Time
+	retrying bool // the key message was asked for again; the next delivery is processed
+}
+
+func (f *failure) is(epoch, seq uint32, id keychain.ReleaseID) bool {
+	return f != nil && f.epoch == epoch && f.seq == seq && f.id == id
 }
 
 func (f *failure) transient() bool {
@@ -51,8 +61,8 @@ func (a *Agent) onKey(p []byte) {
 	if j := a.job; j != nil && j.km.Epoch == km.Epoch && j.km.Seq == km.Seq && j.km.ID == km.ID {
 		return // already working on it (redelivered after a reconnect)
 	}
-	if f := a.failed; f != nil && f.epoch == km.Epoch && f.seq == km.Seq && f.id == km.ID {
-		return // failed already; retried after a reconnect if transient
+	if f := a.failed; f.is(km.Epoch, km.Seq, km.ID) && !f.retrying {
+		return // failed already; a transient failure is retried later (retryAt, reconnect)
 	}
 	// Step 2: stale.
 	if km.Epoch != a.st.Epoch || km.Seq > a.st.Seq || km.Seq < 1 {
@@ -96,7 +106,7 @@ func (a *Agent) badKeyMessage(p []byte, err error) {
 	epoch, seq := binary.BigEndian.Uint32(p[5:]), binary.BigEndian.Uint32(p[9:])
 	var id keychain.ReleaseID
 	copy(id[:], p[13:29])
-	if f := a.failed; f != nil && f.epoch == epoch && f.seq == seq && f.id == id {
+	if a.failed.is(epoch, seq, id) {
 		return
 	}
 	if epoch != a.st.Epoch || seq < 1 || seq > a.st.Seq {
@@ -108,7 +118,18 @@ func (a *Agent) badKeyMessage(p []byte, err error) {
 
 // fail reports a failed update, MACed under K_seq, with D unchanged [SC-7.1, SC-10.1].
 func (a *Agent) fail(epoch, seq uint32, id keychain.ReleaseID, k keychain.ChainKey, version uint64, code protocol.Code, msg string) {
-	a.failed = &failure{epoch: epoch, seq: seq, id: id, code: code}
+	f := &failure{epoch: epoch, seq: seq, id: id, code: code, attempts: 1}
+	if a.failed.is(epoch, seq, id) {
+		f.attempts = a.failed.attempts + 1
+	}
+	if f.transient() {
+		// Backoff doubling per attempt, with jitter, so a fleet that failed together
+		// (a broker hiccup) does not retry together.
+		d := a.opts.RetryAfter << min(f.attempts-1, 16)
+		d = min(d, a.opts.RetryMax)
+		f.retryAt = time.Now().Add(d/2 + rand.N(d/2+1))
+	}
+	a.failed = f
 	a.log.Warn().Stringer("code", code).Stringer("id", id).Uint32("seq", seq).Str("reason", msg).Msg("update failed")
 	rep := keychain.Ack{Kind: keychain.AckFailed, Epoch: epoch, Seq: seq, ID: id, Version: version, DeviceSeq: a.st.Seq, Code: uint16(code)}
 	raw, err := rep.Seal(k, a.serial)
