@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -121,9 +122,11 @@ func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (_ *stac
 
 	bctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
+	// Unique per process start: two updaters must never take over each other's
+	// connection, not even in containers that share a hostname and run as pid 1.
 	host, _ := os.Hostname()
 	if s.bus, err = mqttbus.Dial(bctx, mqttbus.Options{
-		URL: s.brokerURL, ClientID: fmt.Sprintf("sealcast-updater-%s-%d", host, os.Getpid()),
+		URL: s.brokerURL, ClientID: fmt.Sprintf("sealcast-updater-%s-%d-%s", host, os.Getpid(), rand.Text()[:8]),
 		Username: busUser, Password: busPW, TLS: busTLS, Logger: log.With().Str("component", "mqtt").Logger(),
 	}); err != nil {
 		if c.brokerURL != "" {
