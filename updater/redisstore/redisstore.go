@@ -57,17 +57,18 @@
 //     its MAC verifies with K_n, so the server accepts it again (10.2 step 2) and Advance
 //     moves n -> n-1 once more. Converges.
 //   - Already confirmed (the retained receipt reached the device within the lost second):
-//     the device no longer re-sends. If the server re-publishes the key at (e, n) for the
-//     same id, 10.1 step 1 applies ("answers, confirmed: stop") and nothing happens; the
-//     server waits at (e, n) with a stale installed version. It converges only when a
-//     different id is wrapped at (e, n): the device reports stale_key with device_seq n-1
-//     (10.1 step 2) and the server moves C down (10.2 step 4, a MAY). A re-key lost this
-//     way leaves the server at epoch e while the device is at e+1, where the device only
-//     publishes its state (10.1 step 2) and nothing converges without an operator.
+//     the device no longer re-sends on its timer, but it re-sends last_ack whenever a key
+//     message at (e, n) for the same id arrives, confirmed or not (10.1 step 1), and the
+//     server accepts it again. A key message for another id at (e, n) makes the device
+//     report stale_key with device_seq n-1, and the server MUST move its counter down to
+//     meet it (10.2 step 4). A lost re-key converges the same way: the server, back at
+//     (e, 1), wraps the re-key again with the next release, and the device answers with
+//     its last ack. The server publishes a key message at its position on the next
+//     release or at a restart (the fan-out resumes), so it converges then, not at once.
 //
-// So everysec is safe but not always live; use appendfsync always for the counters unless
-// the updater implements the stale_key move-down of 10.2 step 4 and re-keys are rare
-// enough to fix by hand. (Note, documented as losable, needs neither.)
+// So everysec is safe and converges by the next release; appendfsync always avoids the
+// window (and the stale installed version the server shows until then). Notes are
+// documented as losable and need neither.
 package redisstore
 
 import (
