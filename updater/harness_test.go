@@ -109,7 +109,13 @@ func (e *env) startUpdater(tweak ...func(*updater.Options)) {
 		bus.Close()
 	}
 	// Wait until the updater answers admin requests.
-	time.Sleep(100 * time.Millisecond)
+	select {
+	case <-u.Ready():
+	case <-done:
+		t.Fatal("the updater stopped before it was ready")
+	case <-time.After(30 * time.Second):
+		t.Fatal("the updater did not get ready")
+	}
 }
 
 func (e *env) provision(n int) []protocol.DeviceFile {

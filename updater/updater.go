@@ -95,8 +95,9 @@ type Updater struct {
 	online   map[string]bool
 	fleetDir bool
 
-	ctx context.Context
-	wg  sync.WaitGroup
+	ctx   context.Context
+	wg    sync.WaitGroup
+	ready chan struct{} // closed when Run has subscribed to everything
 }
 
 type inbound struct {
@@ -142,6 +143,7 @@ func New(o Options) (*Updater, error) {
 		runs:   map[keychain.ReleaseID]*run{},
 		dirty:  map[keychain.ReleaseID]bool{},
 		online: map[string]bool{},
+		ready:  make(chan struct{}),
 	}
 	if !o.AcksOnly {
 		var err error
@@ -156,8 +158,13 @@ func New(o Options) (*Updater, error) {
 func (u *Updater) ReleasePublicKey() ed25519.PublicKey { return u.pkey }
 
 // Run serves until ctx is done, then waits for its goroutines and returns ctx's error.
-func (u *Updater) Run(ctx context.Context) error {
+func (u *Updater) Run(ctx context.Context) (err error) {
+	ctx, cancel := context.WithCancel(ctx)
 	u.ctx = ctx
+	defer func() {
+		cancel() // on an early error too: nothing started here outlives Run
+		u.wg.Wait()
+	}()
 	ackFilter := protocol.AckFilter
 	if u.o.AckGroup != "" {
 		ackFilter = "$share/" + u.o.AckGroup + "/" + protocol.AckFilter
@@ -168,8 +175,19 @@ func (u *Updater) Run(ctx context.Context) error {
 	if err := u.o.Bus.Subscribe(ctx, ackFilter, u.onAck); err != nil {
 		return fmt.Errorf("updater: %w", err)
 	}
-	if err := u.loadRuns(ctx); err != nil {
-		return err
+	// The store may be down at start (a Redis restart): wait for it rather than stop,
+	// which would take the broker down with the process.
+	for backoff := 500 * time.Millisecond; ; backoff = min(2*backoff, 10*time.Second) {
+		err := u.loadRuns(ctx)
+		if err == nil {
+			break
+		}
+		u.log.Warn().Err(err).Dur("retry_in", backoff).Msg("reading releases from the store; retrying")
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(backoff):
+		}
 	}
 	if !u.o.AcksOnly {
 		if err := u.o.Bus.Subscribe(ctx, protocol.Root+"/devices/+/presence", u.onPresence); err != nil {
@@ -188,10 +206,15 @@ func (u *Updater) Run(ctx context.Context) error {
 		u.goRun(func() { u.refreshRunsLoop(ctx) })
 	}
 	u.log.Info().Bool("acks_only", u.o.AcksOnly).Str("ack_filter", ackFilter).Msg("updater running")
+	close(u.ready)
 	<-ctx.Done()
-	u.wg.Wait()
 	return ctx.Err()
 }
+
+// Ready is closed once Run has subscribed to acks, admin requests and uploads: from then
+// on a request published to the admin topic is answered. (Before, it is lost: admin
+// requests are not retained.)
+func (u *Updater) Ready() <-chan struct{} { return u.ready }
 
 func (u *Updater) goRun(f func()) {
 	u.wg.Add(1)

@@ -51,7 +51,7 @@ type stackConfig struct {
 type stack struct {
 	dir       *datadir.Dir
 	broker    *broker.Broker // nil with an external broker
-	store     updater.Store
+	store     store
 	bus       *mqttbus.Bus
 	upd       *updater.Updater
 	http      *http.Server
@@ -159,10 +159,27 @@ func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (_ *stac
 			return nil, err
 		}
 	}
+	// Serving starts when the updater answers: an admin request published before it
+	// subscribed would be lost. A store that is down keeps it waiting (it retries), and
+	// /healthz says so meanwhile.
+	select {
+	case <-s.upd.Ready():
+	case err := <-s.done:
+		s.done <- err // close waits for it
+		return nil, fmt.Errorf("updater: %w", err)
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 	return s, nil
 }
 
 const updaterUser = "sealcast-updater"
+
+// store is the updater's store, which /healthz also pings.
+type store interface {
+	updater.Store
+	Ping(context.Context) error
+}
 
 // caConfig returns a TLS client configuration that trusts only the CAs in the PEM file.
 func caConfig(path string) (*tls.Config, error) {
@@ -277,9 +294,15 @@ func (s *stack) startHTTP(addr string) error {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-s.upd.Ready():
+		default:
+			http.Error(w, "updater: starting", http.StatusServiceUnavailable)
+			return
+		}
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 		defer cancel()
-		if _, err := s.store.Serials(ctx); err != nil {
+		if err := s.store.Ping(ctx); err != nil {
 			http.Error(w, "store: "+err.Error(), http.StatusServiceUnavailable)
 			return
 		}

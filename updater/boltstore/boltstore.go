@@ -97,6 +97,14 @@ func Open(path string, opts Options) (*Store, error) {
 // Close closes the file, waiting for transactions in flight.
 func (s *Store) Close() error { return s.db.Close() }
 
+// Ping checks that the database is open and readable, for health checks.
+func (s *Store) Ping(context.Context) error {
+	if err := s.db.View(func(*bolt.Tx) error { return nil }); err != nil {
+		return fmt.Errorf("boltstore: %w", err)
+	}
+	return nil
+}
+
 // deviceRecord is the stored form of a device; the serial is the key.
 type deviceRecord struct {
 	Epoch       uint32               `json:"epoch"`

@@ -123,6 +123,14 @@ func New(rdb redis.UniversalClient, opts Options) *Store {
 }
 
 // Close closes the client if Open created it.
+// Ping checks that Redis answers, for health checks.
+func (s *Store) Ping(ctx context.Context) error {
+	if err := s.rdb.Ping(ctx).Err(); err != nil {
+		return fmt.Errorf("redisstore: %w", err)
+	}
+	return nil
+}
+
 func (s *Store) Close() error {
 	if s.owned {
 		return s.rdb.Close()
