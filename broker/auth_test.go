@@ -129,3 +129,25 @@ func TestInMemoryAccount(t *testing.T) {
 		t.Fatalf("updater shared subscription: SUBACK %#x", code)
 	}
 }
+
+// TestRevokeSurvivesRestart: with a data directory, a revoked serial is still refused
+// after the broker restarts, and a serial revoked and then let in again is accepted.
+func TestRevokeSurvivesRestart(t *testing.T) {
+	env := brokertest.Start(t, brokertest.WithDataDir(t.TempDir()))
+	gone, back := env.Device(t, "dev-gone"), env.Device(t, "dev-back")
+	for _, s := range []string{"dev-gone", "dev-back"} {
+		if err := env.Broker.Revoke(s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := env.Broker.Unrevoke("dev-back"); err != nil {
+		t.Fatal(err)
+	}
+	env.Restart(t)
+	if _, code := connectRaw(t, env.Addr, "dev-gone", "dev-gone", gone.Password, true); code != connNotAuthzd {
+		t.Fatalf("revoked device after a restart: CONNACK %#x, want %#x", code, connNotAuthzd)
+	}
+	if _, code := connectRaw(t, env.Addr, "dev-back", "dev-back", back.Password, true); code != connAccepted {
+		t.Fatalf("unrevoked device after a restart: CONNACK %#x", code)
+	}
+}

@@ -4,13 +4,16 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -128,7 +131,8 @@ type Broker struct {
 
 	mu       sync.RWMutex
 	accounts map[string]Account
-	revoked  map[string]struct{}
+	revoked  map[string]struct{} // deprovisioned serials, kept in dataDir/RevokedFile
+	dataDir  string
 
 	idents     sync.Map // *mqtt.Client -> identity, for connected clients
 	guard      pidGuard
@@ -216,6 +220,12 @@ func New(opts Options) (*Broker, error) {
 		if err := os.MkdirAll(opts.DataDir, 0o700); err != nil {
 			return nil, fmt.Errorf("broker: creating data directory: %w", err)
 		}
+		revoked, err := loadRevoked(opts.DataDir)
+		if err != nil {
+			return nil, err
+		}
+		b.revoked = revoked
+		b.dataDir = opts.DataDir
 		st, cfg := newStore(filepath.Join(opts.DataDir, "mqtt"), b.log)
 		if err := b.srv.AddHook(st, &cfg); err != nil {
 			return nil, fmt.Errorf("broker: opening session store in %s (is another broker using it?): %w", opts.DataDir, err)
@@ -424,12 +434,24 @@ func (b *Broker) account(username []byte) (Account, bool) {
 	return a, ok
 }
 
+// RevokedFile is the file in Options.DataDir that keeps revoked serials across restarts.
+const RevokedFile = "revoked.json"
+
 // Revoke refuses the device with this serial from now on and disconnects it if it is
-// connected (a deprovisioned device, PROTOCOL.md 12.1). The set lives in memory: the
-// updater calls Revoke for every deprovisioned serial at startup.
-func (b *Broker) Revoke(serial string) {
+// connected (a deprovisioned device, PROTOCOL.md 12.1). With Options.DataDir the set is
+// written to RevokedFile before Revoke returns, so it survives a restart; an error means
+// it was not written, and the serial is not revoked.
+func (b *Broker) Revoke(serial string) error {
 	b.mu.Lock()
+	_, had := b.revoked[serial]
 	b.revoked[serial] = struct{}{}
+	if err := b.saveRevokedLocked(); err != nil {
+		if !had {
+			delete(b.revoked, serial)
+		}
+		b.mu.Unlock()
+		return err
+	}
 	b.mu.Unlock()
 	if cl, ok := b.srv.Clients.Get(serial); ok && !cl.Closed() {
 		if id := b.identityOf(cl); id.role == RoleDevice && id.serial == serial {
@@ -437,13 +459,64 @@ func (b *Broker) Revoke(serial string) {
 			_ = b.srv.DisconnectClient(cl, packets.ErrNotAuthorized)
 		}
 	}
+	return nil
 }
 
-// Unrevoke lets a revoked serial connect again.
-func (b *Broker) Unrevoke(serial string) {
+// Unrevoke lets a revoked serial connect again (a serial provisioned anew). Like Revoke,
+// it is written to RevokedFile before it returns.
+func (b *Broker) Unrevoke(serial string) error {
 	b.mu.Lock()
+	defer b.mu.Unlock()
+	if _, ok := b.revoked[serial]; !ok {
+		return nil
+	}
 	delete(b.revoked, serial)
-	b.mu.Unlock()
+	if err := b.saveRevokedLocked(); err != nil {
+		b.revoked[serial] = struct{}{}
+		return err
+	}
+	return nil
+}
+
+// saveRevokedLocked writes the revoked set to RevokedFile (with DataDir). b.mu is held.
+func (b *Broker) saveRevokedLocked() error {
+	if b.dataDir == "" {
+		return nil
+	}
+	serials := make([]string, 0, len(b.revoked))
+	for s := range b.revoked {
+		serials = append(serials, s)
+	}
+	slices.Sort(serials)
+	data, _ := json.Marshal(revokedDoc{Revoked: serials})
+	if err := writeFileAtomic(filepath.Join(b.dataDir, RevokedFile), append(data, '\n')); err != nil {
+		return fmt.Errorf("broker: saving revoked serials: %w", err)
+	}
+	return nil
+}
+
+type revokedDoc struct {
+	Revoked []string `json:"revoked"`
+}
+
+// loadRevoked reads RevokedFile from dir, if there is one.
+func loadRevoked(dir string) (map[string]struct{}, error) {
+	m := map[string]struct{}{}
+	data, err := os.ReadFile(filepath.Join(dir, RevokedFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return m, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("broker: reading revoked serials: %w", err)
+	}
+	var doc revokedDoc
+	if err := json.Unmarshal(data, &doc); err != nil {
+		return nil, fmt.Errorf("broker: reading %s: %w", filepath.Join(dir, RevokedFile), err)
+	}
+	for _, s := range doc.Revoked {
+		m[s] = struct{}{}
+	}
+	return m, nil
 }
 
 func (b *Broker) isRevoked(serial string) bool {

@@ -21,7 +21,7 @@
 //     key A, checked in constant time; or, on the TLS listener with Options.ClientCAPEM, a
 //     client certificate whose subject CN is the serial. The client id must equal the
 //     serial, so no client can take over another device's session. Revoke refuses a
-//     deprovisioned serial.
+//     deprovisioned serial, also after a restart (DataDir/revoked.json).
 //   - Refusals answer CONNACK 0x04 (bad user name or password) or 0x05 (not authorized)
 //     and are logged with a reason, never with the password.
 //

@@ -243,7 +243,11 @@ func (u *Updater) provision(ctx context.Context, a protocol.ProvisionArgs) (*pro
 	}
 	if u.o.Revoker != nil {
 		for _, s := range serials {
-			u.o.Revoker.Unrevoke(s)
+			if err := u.o.Revoker.Unrevoke(s); err != nil {
+				// The device is provisioned but a revocation of an earlier device of
+				// that serial still stands: it is refused until provisioned again.
+				u.log.Error().Err(err).Str("serial", s).Msg("lifting an earlier revocation")
+			}
 		}
 	}
 	u.mu.Lock()
@@ -293,11 +297,20 @@ func (u *Updater) deprovision(ctx context.Context, serial string) error {
 	if _, err := u.device(ctx, serial); err != nil {
 		return err
 	}
-	if _, err := u.o.Store.DeleteDevice(ctx, serial); err != nil {
-		return unavailable(err)
-	}
+	// Revoke first: a device that is gone from the store but can still connect could
+	// read release topics; one that is revoked but still in the store is only refused.
 	if u.o.Revoker != nil {
-		u.o.Revoker.Revoke(serial)
+		if err := u.o.Revoker.Revoke(serial); err != nil {
+			return unavailable(err)
+		}
+	}
+	if _, err := u.o.Store.DeleteDevice(ctx, serial); err != nil {
+		if u.o.Revoker != nil {
+			if uerr := u.o.Revoker.Unrevoke(serial); uerr != nil {
+				u.log.Error().Err(uerr).Str("serial", serial).Msg("undoing the revocation of a device still provisioned")
+			}
+		}
+		return unavailable(err)
 	}
 	u.mu.Lock()
 	u.fleetDir = true

@@ -42,10 +42,10 @@ type Bus interface {
 }
 
 // Revoker is told which serials are deprovisioned, so that the embedded broker refuses
-// them. Optional.
+// them, and which are provisioned again. Optional. An error means nothing was recorded.
 type Revoker interface {
-	Revoke(serial string)
-	Unrevoke(serial string)
+	Revoke(serial string) error
+	Unrevoke(serial string) error
 }
 
 // Options configure an Updater. Root, SigningKey, Store and Bus are required.
