@@ -362,6 +362,7 @@ func (b *Broker) Close() error {
 			for _, l := range b.listeners {
 				_ = l.Close()
 				l.wait(time.Second)
+				l.settle(time.Second)
 			}
 			if b.ws != nil {
 				_ = b.ws.ln.Close()
@@ -378,7 +379,12 @@ func (b *Broker) Close() error {
 					_ = b.srv.DisconnectClient(cl, packets.ErrServerShuttingDown)
 				}
 			}
-			waitGroupFor(&b.srv.Listeners.ClientsWg, 5*time.Second)
+			// Wait (not on mochi's ClientsWg, whose Add races with Wait, upstream #424)
+			// until every connection has ended and every clean session is deleted.
+			deadline := time.Now().Add(5 * time.Second)
+			for b.clientsEnding() && time.Now().Before(deadline) {
+				time.Sleep(5 * time.Millisecond)
+			}
 		}
 		// mochi closes its listeners (already closed), disconnects clients (none left)
 		// and waits for their goroutines, then stops the hooks (closing the store).
@@ -564,15 +570,18 @@ func (b *Broker) Stats() Stats {
 	}
 }
 
-// waitGroupFor waits for wg, or at most d.
-func waitGroupFor(wg *sync.WaitGroup, d time.Duration) {
-	done := make(chan struct{})
-	go func() {
-		wg.Wait()
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-time.After(d):
+// clientsEnding reports whether a client connection is still open, or a clean session
+// still waits for mochi to delete it.
+func (b *Broker) clientsEnding() bool {
+	for _, cl := range b.srv.Clients.GetAll() {
+		if cl.Net.Inline {
+			continue
+		}
+		expires := cl.Properties.Clean && cl.Properties.ProtocolVersion < 5 ||
+			cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryInterval == 0
+		if !cl.Closed() || expires && !cl.IsTakenOver() {
+			return true
+		}
 	}
+	return false
 }

@@ -193,7 +193,7 @@ func (b *Broker) authenticate(cl *mqtt.Client, pk packets.Packet) (identity, pac
 // verifiedCertCN returns the subject CN of a client certificate that the TLS listener
 // verified against Options.ClientCAPEM.
 func verifiedCertCN(cl *mqtt.Client) (string, bool) {
-	tc, ok := cl.Net.Conn.(*tls.Conn)
+	tc, ok := netConn(cl.Net.Conn).(*tls.Conn)
 	if !ok {
 		return "", false
 	}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -15,6 +16,10 @@ import (
 type connListener struct {
 	net.Listener
 	connectTimeout time.Duration
+	// unread counts accepted connections that mochi has not read from yet: until the
+	// first read, mochi's goroutine for it may not have registered with its ClientsWg,
+	// and a Close meanwhile races with that (upstream #424). Close waits for it to reach 0.
+	unread atomic.Int64
 	once           sync.Once
 	done           chan struct{} // closed when Accept has returned an error after Close
 	closing        chan struct{}
@@ -49,8 +54,45 @@ func (l *connListener) Accept() (net.Conn, error) {
 		// The deadline covers the TLS handshake and the CONNECT packet; mochi replaces it
 		// with the keepalive deadline once CONNECT is read.
 		_ = c.SetDeadline(time.Now().Add(l.connectTimeout))
-		return c, nil
+		l.unread.Add(1)
+		return &trackedConn{Conn: c, l: l}, nil
 	}
+}
+
+// settle waits until mochi has read from every accepted connection (or closed it), or d
+// elapses.
+func (l *connListener) settle(d time.Duration) {
+	deadline := time.Now().Add(d)
+	for l.unread.Load() > 0 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// trackedConn tells its listener when mochi first reads from it or closes it.
+type trackedConn struct {
+	net.Conn
+	l    *connListener
+	once sync.Once
+}
+
+func (c *trackedConn) seen() { c.once.Do(func() { c.l.unread.Add(-1) }) }
+
+func (c *trackedConn) Read(p []byte) (int, error) {
+	c.seen()
+	return c.Conn.Read(p)
+}
+
+func (c *trackedConn) Close() error {
+	c.seen()
+	return c.Conn.Close()
+}
+
+// netConn returns the connection a mochi client reads from, unwrapped.
+func netConn(c net.Conn) net.Conn {
+	if t, ok := c.(*trackedConn); ok {
+		return t.Conn
+	}
+	return c
 }
 
 func (l *connListener) Close() error {
