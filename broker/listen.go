@@ -19,11 +19,11 @@ type connListener struct {
 	// unread counts accepted connections that mochi has not read from yet: until the
 	// first read, mochi's goroutine for it may not have registered with its ClientsWg,
 	// and a Close meanwhile races with that (upstream #424). Close waits for it to reach 0.
-	unread atomic.Int64
-	once           sync.Once
-	done           chan struct{} // closed when Accept has returned an error after Close
-	closing        chan struct{}
-	closeOnce      sync.Once
+	unread    atomic.Int64
+	once      sync.Once
+	done      chan struct{} // closed when Accept has returned an error after Close
+	closing   chan struct{}
+	closeOnce sync.Once
 }
 
 func newConnListener(l net.Listener, connectTimeout time.Duration) *connListener {
