@@ -38,5 +38,9 @@ WORKDIR /data
 VOLUME ["/data"]
 # 1883 MQTT, 8883 MQTT over TLS (with -tls-cert and -tls-key), 9090 /metrics and /healthz.
 EXPOSE 1883 8883 9090
+# Asks serve's /healthz (the updater answers and the store is reachable). Only meaningful
+# for the serve command on the default -http port; other commands are reported unhealthy.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["/usr/local/bin/sealcast", "healthcheck"]
 ENTRYPOINT ["/usr/local/bin/sealcast"]
 CMD ["serve", "-data", "/data"]

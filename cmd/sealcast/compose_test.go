@@ -159,6 +159,23 @@ func TestComposeFile(t *testing.T) {
 		if sc.Restart == "" || sc.Restart == types.RestartPolicyNo {
 			t.Errorf("restart %q: a crashed server should come back", sc.Restart)
 		}
+		// The healthcheck runs this binary's healthcheck command against serve's -http.
+		hc := sc.HealthCheck
+		if hc == nil || hc.Disable || len(hc.Test) < 3 || hc.Test[0] != "CMD" || hc.Test[2] != "healthcheck" {
+			t.Fatalf("healthcheck %+v, want [CMD <sealcast> healthcheck ...]", hc)
+		}
+		httpAddr := scFlags["http"]
+		if httpAddr == "" {
+			httpAddr = ":9090" // serve's default
+		}
+		_, hcFlags := flagPairs(t, "healthcheck", hc.Test[2:])
+		_, httpPort, _ := net.SplitHostPort(httpAddr)
+		if u, err := url.Parse(hcFlags["url"]); hcFlags["url"] != "" && (err != nil || u.Port() != httpPort || u.Path != "/healthz") {
+			t.Errorf("healthcheck -url %q, but serve's /healthz is on port %s", hcFlags["url"], httpPort)
+		}
+		if err := run(context.Background(), append(slices.Clone(hc.Test[2:]), "-h"), io.Discard, io.Discard); !errors.Is(err, flag.ErrHelp) {
+			t.Errorf("healthcheck %q does not parse: %v", hc.Test[2:], err)
+		}
 	})
 
 	t.Run("simulator", func(t *testing.T) {
@@ -185,8 +202,8 @@ func TestComposeFile(t *testing.T) {
 		} else if v := volumeAt(t, sim, s); v != "" && p.Volumes[v].Name == "" {
 			t.Errorf("volume %q is not declared", v)
 		}
-		if _, ok := sim.DependsOn["sealcast"]; !ok {
-			t.Errorf("simulator does not depend on sealcast")
+		if dep, ok := sim.DependsOn["sealcast"]; !ok || dep.Condition != types.ServiceConditionHealthy {
+			t.Errorf("simulator depends_on sealcast %+v, want condition service_healthy", dep)
 		}
 		if sim.Restart != types.RestartPolicyOnFailure && sim.Restart != types.RestartPolicyUnlessStopped && sim.Restart != types.RestartPolicyAlways {
 			t.Errorf("restart %q: the simulator starts before the broker listens and must try again", sim.Restart)
