@@ -24,7 +24,7 @@ type Traversal struct {
 	// Pebbles still travelling to their next place: level q and steps g left at it.
 	q []uint8
 	g []uint32
-	// hashes counts Step calls, for tests and benchmarks.
+	// hashes counts Step calls since the traversal was made or decoded (Steps).
 	hashes int
 }
 
@@ -64,10 +64,15 @@ func (t *Traversal) Current() ChainKey {
 		panic("keychain: Current on a used-up chain traversal")
 	case t.pos == t.Len():
 		// Only the first key is not held as a pebble: it is one step above z[0].
+		t.hashes++
 		return Step(t.z[0])
 	}
 	return t.z[0]
 }
+
+// Steps returns the chain steps (SHA-256 hashes) this value has computed since NewTraversal
+// or UnmarshalBinary made it: what the server actually spends on the chain.
+func (t *Traversal) Steps() int { return t.hashes }
 
 // Advance moves to the next key down (Pos()-1), spending at most about k/2 hashes.
 // It fails once the chain is used up.

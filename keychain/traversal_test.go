@@ -117,3 +117,39 @@ func TestTraversalRejectsBadState(t *testing.T) {
 		t.Errorf("length 1000: err = %v", err)
 	}
 }
+
+// TestTraversalSteps: Steps counts what the server spends: L-1 steps to set up, one for
+// K_L (the only key not held as a pebble), at most ceil(k/2) per Advance after that, and
+// nothing for decoding a sealed state.
+func TestTraversalSteps(t *testing.T) {
+	const length = 1024
+	tr, err := NewTraversal(UnitData{9}, length)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := tr.Steps(); got != length-1 {
+		t.Fatalf("after NewTraversal: %d steps, want %d", got, length-1)
+	}
+	tr.Current()
+	if got := tr.Steps(); got != length {
+		t.Fatalf("after Current at L: %d steps, want %d", got, length)
+	}
+	for range 100 {
+		before := tr.Steps()
+		if err := tr.Advance(); err != nil {
+			t.Fatal(err)
+		}
+		tr.Current()
+		if d := tr.Steps() - before; d > 5 {
+			t.Fatalf("an Advance and Current at %d took %d steps, over ceil(log2(L)/2) = 5", tr.Pos(), d)
+		}
+	}
+	b, _ := tr.MarshalBinary()
+	var again Traversal
+	if err := again.UnmarshalBinary(b); err != nil {
+		t.Fatal(err)
+	}
+	if again.Steps() != 0 {
+		t.Fatalf("a decoded traversal starts at %d steps, want 0", again.Steps())
+	}
+}

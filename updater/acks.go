@@ -120,8 +120,12 @@ func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
 			}
 			u.markDirty(id)
 		}
-		if err := u.o.Bus.Publish(ctx, msgs...); err != nil && ctx.Err() == nil {
-			u.log.Error().Err(err).Msg("publishing receipts; devices will re-send their acks")
+		if err := u.o.Bus.Publish(ctx, msgs...); err != nil {
+			if ctx.Err() == nil {
+				u.log.Error().Err(err).Msg("publishing receipts; devices will re-send their acks")
+			}
+		} else {
+			u.stats.receipts.Add(int64(len(msgs)))
 		}
 		msgs = nil
 		for _, v := range moved {
@@ -132,8 +136,12 @@ func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
 		}
 	}
 	if len(msgs) > 0 {
-		if err := u.o.Bus.Publish(ctx, msgs...); err != nil && ctx.Err() == nil {
-			u.log.Error().Err(err).Msg("publishing receipts; devices will re-send their acks")
+		if err := u.o.Bus.Publish(ctx, msgs...); err != nil {
+			if ctx.Err() == nil {
+				u.log.Error().Err(err).Msg("publishing receipts; devices will re-send their acks")
+			}
+		} else {
+			u.stats.receipts.Add(int64(len(msgs)))
 		}
 	}
 	if len(notes) > 0 {
@@ -174,6 +182,8 @@ func (u *Updater) judge(in inbound, d *Device, now time.Time) *verdict {
 		return nil
 	}
 	v.key = tr.Current()
+	// Counted once the verdict is known: every path below ends with the traversal.
+	defer func() { u.stats.chainSteps.Add(int64(tr.Steps())) }()
 	if keychain.VerifyAck(in.payload, v.key, d.Serial) != nil {
 		u.reject(in.serial, "forged", nil)
 		return nil

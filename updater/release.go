@@ -257,6 +257,7 @@ func (u *Updater) wrapFor(d *Device, r *run) (Assignment, protocol.Message, erro
 		return Assignment{}, protocol.Message{}, fmt.Errorf("chain state is at %d but the counter is at %d", tr.Pos(), d.Seq)
 	}
 	k := tr.Current()
+	u.stats.chainSteps.Add(int64(tr.Steps()))
 	if d.Seq == 1 {
 		return u.rekeyFor(d, k)
 	}
@@ -320,6 +321,7 @@ func (u *Updater) nextFor(ctx context.Context, d *Device) error {
 			return oerr
 		}
 		a, m, err = u.rekeyFor(d, tr.Current())
+		u.stats.chainSteps.Add(int64(tr.Steps()))
 	case r != nil:
 		a, m, err = u.wrapFor(d, r)
 	default:

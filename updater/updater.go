@@ -275,10 +275,16 @@ type Stats struct {
 	AcksRejected map[string]int64
 	// AcksShed counts acks dropped because the queue was full (devices re-send them).
 	AcksShed int64
+	// ReceiptsPublished counts receipts the broker acknowledged.
+	ReceiptsPublished int64
+	// ChainSteps counts the hash-chain steps spent on wrapping keys and verifying acks
+	// (keychain.Traversal.Steps): a few per device and release, thanks to the pebbling.
+	ChainSteps int64
 }
 
 type counters struct {
 	keys, rekeys, accepted, dup, reports, resyncs, acksShed atomic.Int64
+	receipts, chainSteps                                    atomic.Int64
 	rejected                                                sync.Map // reason -> *atomic.Int64
 }
 
@@ -293,6 +299,7 @@ func (u *Updater) Stats() Stats {
 		KeysPublished: u.stats.keys.Load(), Rekeys: u.stats.rekeys.Load(),
 		AcksAccepted: u.stats.accepted.Load(), AcksDuplicate: u.stats.dup.Load(),
 		ReportsRecorded: u.stats.reports.Load(), AcksShed: u.stats.acksShed.Load(), Resyncs: u.stats.resyncs.Load(),
+		ReceiptsPublished: u.stats.receipts.Load(), ChainSteps: u.stats.chainSteps.Load(),
 		AcksRejected: map[string]int64{},
 	}
 	u.stats.rejected.Range(func(k, v any) bool {
