@@ -24,6 +24,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -137,6 +138,7 @@ type benchEnv struct {
 	u     *updater.Updater
 	op    *operator.Client
 	redis *redistest.Server // nil for bolt
+	cpu   cpuMeter
 }
 
 func startBench(b *testing.B, storeName string, devs []*updater.Device) *benchEnv {
@@ -163,6 +165,7 @@ func startBench(b *testing.B, storeName string, devs []*updater.Device) *benchEn
 		rdb := redis.NewClient(o)
 		b.Cleanup(func() { rdb.Close() })
 		be.store = redisstore.New(rdb, redisstore.Options{Prefix: "bench"})
+		be.cpu.rdb = rdb
 	}
 	b.Cleanup(func() { be.store.Close() })
 	provisionStore(b, be.store, devs)
@@ -306,6 +309,50 @@ func profiled(b *testing.B, f func()) {
 
 var profileTaken bool
 
+// cpuMeter measures the CPU time this process and the Redis server (if any) spend, which
+// on a shared machine is steadier than wall-clock rates: other work slows the benchmark
+// down but adds little to its own CPU time.
+type cpuMeter struct {
+	rdb *redis.Client // nil without Redis
+}
+
+// read returns the CPU time used so far by this process (user + system) and by Redis.
+func (m cpuMeter) read(b *testing.B) (self, rds time.Duration) {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	self = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	if m.rdb == nil {
+		return self, 0
+	}
+	info, err := m.rdb.Info(context.Background(), "cpu").Result()
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, line := range strings.Split(info, "\r\n") {
+		k, v, _ := strings.Cut(line, ":")
+		if k == "used_cpu_user" || k == "used_cpu_sys" {
+			f, _ := strconv.ParseFloat(v, 64)
+			rds += time.Duration(f * float64(time.Second))
+		}
+	}
+	return self, rds
+}
+
+// measure runs f and adds the wall and CPU time it took to the totals.
+func (m cpuMeter) measure(b *testing.B, wall, self, rds *time.Duration, f func()) {
+	s0, r0 := m.read(b)
+	start := time.Now()
+	f()
+	*wall += time.Since(start)
+	s1, r1 := m.read(b)
+	*self += s1 - s0
+	*rds += r1 - r0
+}
+
+func perItem(d time.Duration, n int) float64 { return float64(d.Microseconds()) / float64(n) }
+
 // stepRate measures keychain.Step on one goroutine for d.
 func stepRate(d time.Duration) float64 {
 	k := keychain.ChainKey{1}
@@ -332,43 +379,48 @@ func BenchmarkFanout(b *testing.B) {
 			b.Run(fmt.Sprintf("devices=%d/store=%s", n, store), func(b *testing.B) {
 				devs, _ := benchFleet.devices(b, n)
 				be := startBench(b, store, devs)
-				raw := be.client("bench-raw")
+				rawc := be.client("bench-raw")
 				rawMsgs := make([]protocol.Message, n)
 				for i, d := range devs {
 					rawMsgs[i] = protocol.Message{Topic: protocol.KeyTopic(d.Serial), Payload: make([]byte, keychain.KeyMessageReleaseSize), Retain: true}
 				}
 				var (
-					fanout, rawTime time.Duration
-					steps           float64
-					stepsPerSec     float64
-					version         uint64
+					fanout, fanCPU, fanRedis time.Duration
+					raw, rawCPU, rawRedis    time.Duration
+					steps                    float64
+					stepsPerSec              float64
+					version                  uint64
 				)
 				for b.Loop() {
 					b.StopTimer()
-					start := time.Now()
-					if err := publishAll(raw, rawMsgs, 1024); err != nil {
-						b.Fatal(err)
-					}
-					rawTime += time.Since(start)
+					be.cpu.measure(b, &raw, &rawCPU, &rawRedis, func() {
+						if err := publishAll(rawc, rawMsgs, 1024); err != nil {
+							b.Fatal(err)
+						}
+					})
 					stepsPerSec += stepRate(50 * time.Millisecond)
 					up := be.upload()
 					version++
 					s0 := be.u.Stats().ChainSteps
 					b.StartTimer()
 					profiled(b, func() {
-						_, d := be.release(up, version, int64(n))
-						fanout += d
+						be.cpu.measure(b, &fanout, &fanCPU, &fanRedis, func() { be.release(up, version, int64(n)) })
 					})
 					steps += float64(be.u.Stats().ChainSteps - s0)
 				}
-				iters := float64(b.N)
-				rate := float64(n) * iters / fanout.Seconds()
-				rawRate := float64(n) * iters / rawTime.Seconds()
-				perDevice := steps / (float64(n) * iters)
-				stepRate := stepsPerSec / iters
+				total := n * b.N
+				rate := float64(total) / fanout.Seconds()
+				rawRate := float64(total) / raw.Seconds()
+				perDevice := steps / float64(total)
+				stepRate := stepsPerSec / float64(b.N)
 				b.ReportMetric(rate, "devices/s")
 				b.ReportMetric(rawRate, "raw-pub/s")
 				b.ReportMetric(rate/rawRate, "x-broker")
+				b.ReportMetric(perItem(fanCPU, total), "cpu-us/device")
+				b.ReportMetric(perItem(rawCPU, total), "cpu-us/raw-pub")
+				if be.cpu.rdb != nil {
+					b.ReportMetric(perItem(fanRedis, total), "redis-cpu-us/device")
+				}
 				b.ReportMetric(perDevice, "steps/device")
 				b.ReportMetric(stepRate, "step/s")
 				if perDevice > 0 {
@@ -403,9 +455,9 @@ func BenchmarkAcks(b *testing.B) {
 		}
 	}
 	var (
-		elapsed time.Duration
-		version uint64
-		steps   int64
+		elapsed, cpu, rds time.Duration
+		version           uint64
+		steps             int64
 	)
 	for b.Loop() {
 		b.StopTimer()
@@ -426,26 +478,28 @@ func BenchmarkAcks(b *testing.B) {
 		}
 		st0 := be.u.Stats()
 		b.StartTimer()
-		start := time.Now()
 		profiled(b, func() {
-			if err := publishAll(inject, acks, 1024); err != nil {
-				b.Fatal(err)
-			}
-			be.eventually("the receipts", 5*time.Minute, func() bool {
-				st := be.u.Stats()
-				if bs := be.env.Broker.Stats(); st.AcksShed > 0 || len(st.AcksRejected) > 0 || bs.DroppedQueueFull > 0 {
-					// Lost acks never come back here (devices would re-send them after 30 s).
-					b.Fatalf("acks lost: %d rejected, %d shed by the updater, %d dropped by the broker's queue to the updater (%d accepted)",
-						len(st.AcksRejected), st.AcksShed, bs.DroppedQueueFull, st.AcksAccepted-st0.AcksAccepted)
+			be.cpu.measure(b, &elapsed, &cpu, &rds, func() {
+				if err := publishAll(inject, acks, 1024); err != nil {
+					b.Fatal(err)
 				}
-				return st.AcksAccepted-st0.AcksAccepted >= n && st.ReceiptsPublished-st0.ReceiptsPublished >= n
+				be.eventually("the receipts", 5*time.Minute, func() bool {
+					st := be.u.Stats()
+					if bs := be.env.Broker.Stats(); st.AcksShed > 0 || len(st.AcksRejected) > 0 || bs.DroppedQueueFull > 0 {
+						// Lost acks never come back here (devices would re-send them after 30 s).
+						b.Fatalf("acks lost: %d rejected, %d shed by the updater, %d dropped by the broker's queue to the updater (%d accepted)",
+							len(st.AcksRejected), st.AcksShed, bs.DroppedQueueFull, st.AcksAccepted-st0.AcksAccepted)
+					}
+					return st.AcksAccepted-st0.AcksAccepted >= n && st.ReceiptsPublished-st0.ReceiptsPublished >= n
+				})
 			})
 		})
-		elapsed += time.Since(start)
 		steps += be.u.Stats().ChainSteps - st0.ChainSteps
 	}
 	rate := float64(n) * float64(b.N) / elapsed.Seconds()
 	b.ReportMetric(rate, "acks/s")
+	b.ReportMetric(perItem(cpu, n*b.N), "cpu-us/ack")
+	b.ReportMetric(perItem(rds, n*b.N), "redis-cpu-us/ack")
 	b.ReportMetric(float64(steps)/float64(n*b.N), "steps/ack")
 	unpiped, piped, err := rawAdvanceRate(be.redis, n)
 	if errors.Is(err, exec.ErrNotFound) && os.Getenv("SEALCAST_REQUIRE_TOOLS") != "1" {

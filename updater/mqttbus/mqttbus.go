@@ -68,6 +68,7 @@ func Dial(ctx context.Context, o Options) (*Bus, error) {
 		SetKeepAlive(30 * time.Second).
 		SetWriteTimeout(30 * time.Second).
 		SetMessageChannelDepth(10000).
+		SetCustomOpenConnectionFn(openBuffered).
 		SetOnConnectHandler(b.onConnect).
 		SetConnectionLostHandler(func(_ mqtt.Client, err error) {
 			b.log.Warn().Err(err).Msg("mqtt connection lost; reconnecting")
@@ -144,37 +145,40 @@ func (b *Bus) Unsubscribe(ctx context.Context, filter string) error {
 // Publish sends the messages with QoS 1 and returns once the broker has acknowledged all
 // of them, or the first error. At most MaxInFlight are unacknowledged at any time.
 func (b *Bus) Publish(ctx context.Context, msgs ...protocol.Message) error {
-	var (
-		wg    sync.WaitGroup
-		mu    sync.Mutex
-		first error
-	)
-	fail := func(err error) {
-		mu.Lock()
-		if first == nil {
-			first = err
-		}
-		mu.Unlock()
+	if len(msgs) == 0 {
+		return nil
 	}
+	// One goroutine waits for the tokens in the order they were sent, which is the order
+	// the broker acknowledges them in, and frees a slot for each.
+	type sent struct {
+		tok   mqtt.Token
+		topic string
+	}
+	pending := make(chan sent, len(msgs))
+	result := make(chan error, 1)
+	go func() {
+		var first error
+		for s := range pending {
+			err := wait(ctx, s.tok)
+			<-b.slots
+			if err != nil && first == nil {
+				first = fmt.Errorf("mqttbus: publishing to %s: %w", s.topic, err)
+			}
+		}
+		result <- first
+	}()
 	for _, m := range msgs {
 		select {
 		case b.slots <- struct{}{}:
 		case <-ctx.Done():
-			wg.Wait()
+			close(pending)
+			<-result
 			return ctx.Err()
 		}
-		tok := b.c.Publish(m.Topic, 1, m.Retain, m.Payload)
-		wg.Add(1)
-		go func(topic string) {
-			defer wg.Done()
-			defer func() { <-b.slots }()
-			if err := wait(ctx, tok); err != nil {
-				fail(fmt.Errorf("mqttbus: publishing to %s: %w", topic, err))
-			}
-		}(m.Topic)
+		pending <- sent{b.c.Publish(m.Topic, 1, m.Retain, m.Payload), m.Topic}
 	}
-	wg.Wait()
-	return first
+	close(pending)
+	return <-result
 }
 
 // Close disconnects, waiting up to a second for in-flight work.
