@@ -47,6 +47,8 @@ const (
 	// stalled socket holds back the writer instead of growing the buffer.
 	maxPending = 256 << 10
 	readBuffer = 64 << 10
+	// socketReadBuffer is the kernel's receive buffer asked for (SO_RCVBUF).
+	socketReadBuffer = 4 << 20
 )
 
 var errClosed = errors.New("mqttbus: connection closed")
@@ -188,6 +190,12 @@ func openBuffered(uri *url.URL, o mqtt.ClientOptions) (net.Conn, error) {
 	}
 	if err != nil {
 		return nil, err
+	}
+	if tc, ok := c.(*net.TCPConn); ok {
+		// Room in the kernel for a burst of incoming messages while the process is busy:
+		// brokers drop what does not fit in their queue for a subscriber that stops
+		// reading. (Linux caps this at net.core.rmem_max.)
+		_ = tc.SetReadBuffer(socketReadBuffer)
 	}
 	return newBufferedConn(c, o.WriteTimeout), nil
 }

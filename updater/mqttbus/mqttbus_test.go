@@ -14,9 +14,15 @@ import (
 
 func dial(t *testing.T, env *brokertest.Env, id string) *mqttbus.Bus {
 	t.Helper()
+	return dialWith(t, env, mqttbus.Options{ClientID: id})
+}
+
+func dialWith(t *testing.T, env *brokertest.Env, o mqttbus.Options) *mqttbus.Bus {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	b, err := mqttbus.Dial(ctx, mqttbus.Options{URL: env.URL, ClientID: id, Username: env.Updater.Username, Password: env.Updater.Password})
+	o.URL, o.Username, o.Password = env.URL, env.Updater.Username, env.Updater.Password
+	b, err := mqttbus.Dial(ctx, o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -124,4 +130,134 @@ func TestBrokerRestart(t *testing.T) {
 		defer r.mu.Unlock()
 		return r.got["sealcast/test/after"] == "2"
 	})
+}
+
+// counter counts deliveries per topic, and remembers the payloads in arrival order.
+type counter struct {
+	mu    sync.Mutex
+	n     map[string]int
+	order map[string][]string
+}
+
+func newCounter() *counter { return &counter{n: map[string]int{}, order: map[string][]string{}} }
+
+func (c *counter) handle(topic string, payload []byte) {
+	c.mu.Lock()
+	c.n[topic]++
+	c.order[topic] = append(c.order[topic], string(payload))
+	c.mu.Unlock()
+}
+
+func (c *counter) total() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	t := 0
+	for _, n := range c.n {
+		t += n
+	}
+	return t
+}
+
+// TestSharedSubscription: a shared subscription is made on every subscribing connection
+// and each message arrives once; a plain one is made on one connection only, so it too
+// delivers each message once, in order.
+func TestSharedSubscription(t *testing.T) {
+	env := brokertest.Start(t)
+	sub := dialWith(t, env, mqttbus.Options{ClientID: "bus-sub", Subscribers: 3})
+	pub := dial(t, env, "bus-pub")
+	ctx := context.Background()
+	shared, plain := newCounter(), newCounter()
+	if err := sub.Subscribe(ctx, "$share/g/sealcast/test/shared/#", shared.handle); err != nil {
+		t.Fatal(err)
+	}
+	if err := sub.Subscribe(ctx, "sealcast/test/plain", plain.handle); err != nil {
+		t.Fatal(err)
+	}
+	const n = 3000
+	for start := 0; start < n; start += 100 {
+		var msgs []protocol.Message
+		for i := start; i < start+100; i++ {
+			msgs = append(msgs,
+				protocol.Message{Topic: fmt.Sprintf("sealcast/test/shared/%d", i), Payload: []byte("x")},
+				protocol.Message{Topic: "sealcast/test/plain", Payload: []byte(fmt.Sprint(i))})
+		}
+		if err := pub.Publish(ctx, msgs...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, "every message", func() bool { return shared.total() >= n && plain.total() >= n })
+	time.Sleep(100 * time.Millisecond) // room for a duplicate to show up
+	shared.mu.Lock()
+	for topic, c := range shared.n {
+		if c != 1 {
+			t.Errorf("%s arrived %d times", topic, c)
+		}
+	}
+	shared.mu.Unlock()
+	plain.mu.Lock()
+	defer plain.mu.Unlock()
+	if got := plain.order["sealcast/test/plain"]; len(got) != n {
+		t.Fatalf("the plain subscription delivered %d messages, want %d", len(got), n)
+	} else {
+		for i, p := range got {
+			if p != fmt.Sprint(i) {
+				t.Fatalf("message %d of the plain subscription is %s: out of order", i, p)
+			}
+		}
+	}
+}
+
+// TestPublishersKeepDeviceOrder: with several publishing connections, the messages for
+// one device arrive in the order they were published, across topics and Publish calls.
+func TestPublishersKeepDeviceOrder(t *testing.T) {
+	env := brokertest.Start(t)
+	pub := dialWith(t, env, mqttbus.Options{ClientID: "bus-pub", Publishers: 4})
+	sub := dial(t, env, "bus-sub")
+	ctx := context.Background()
+	var (
+		mu  sync.Mutex
+		got = map[string][]string{} // serial -> payloads in arrival order
+	)
+	err := sub.Subscribe(ctx, "sealcast/devices/+/+", func(topic string, payload []byte) {
+		serial, _, _ := protocol.DeviceOf(topic)
+		mu.Lock()
+		got[serial] = append(got[serial], string(payload))
+		mu.Unlock()
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const devices, rounds = 16, 50
+	for r := range rounds {
+		var msgs []protocol.Message
+		for d := range devices {
+			serial := fmt.Sprintf("dev-%d", d)
+			// A receipt, then a key, then a status: three topics of one device.
+			msgs = append(msgs,
+				protocol.Message{Topic: protocol.ReceiptTopic(serial), Payload: []byte(fmt.Sprint(3 * r))},
+				protocol.Message{Topic: protocol.KeyTopic(serial), Payload: []byte(fmt.Sprint(3*r + 1))},
+				protocol.Message{Topic: "sealcast/devices/" + serial + "/x", Payload: []byte(fmt.Sprint(3*r + 2))})
+		}
+		if err := pub.Publish(ctx, msgs...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, "every message", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		n := 0
+		for _, p := range got {
+			n += len(p)
+		}
+		return n == devices*rounds*3
+	})
+	mu.Lock()
+	defer mu.Unlock()
+	for serial, ps := range got {
+		for i, p := range ps {
+			if p != fmt.Sprint(i) {
+				t.Fatalf("%s: message %d is %s: out of order", serial, i, p)
+			}
+		}
+	}
 }
