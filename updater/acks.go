@@ -61,10 +61,12 @@ func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
 		return
 	}
 	var (
-		vs    []*verdict
-		adv   []Advance
-		msgs  []protocol.Message
-		notes []Note
+		vs       []*verdict
+		adv      []Advance
+		msgs     []protocol.Message // receipts
+		statuses []protocol.Message
+		notes    []Note
+		reports  = map[keychain.ReleaseID][]Result{}
 	)
 	now := u.o.Now()
 	for i, in := range batch {
@@ -77,13 +79,17 @@ func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
 			vs = append(vs, v)
 			adv = append(adv, *v.advance)
 		case v.ack.Kind == keychain.AckFailed:
-			u.recordReport(ctx, v)
+			if id, r, ok := u.report(v); ok {
+				reports[id] = append(reports[id], r)
+			}
+			statuses = append(statuses, deviceStatusMessage(v.dev, protocol.DeviceFailed, protocol.Code(v.ack.Code).String(), now))
 			msgs = append(msgs, protocol.Message{Topic: protocol.ReceiptTopic(in.serial), Payload: v.receipt, Retain: true})
 			notes = append(notes, Note{Serial: in.serial, State: protocol.DeviceFailed, LastResult: protocol.Code(v.ack.Code).String(), At: now})
 		default: // a duplicate: answer again
 			msgs = append(msgs, protocol.Message{Topic: protocol.ReceiptTopic(in.serial), Payload: v.receipt, Retain: true})
 		}
 	}
+	u.recordResults(ctx, reports, "recording failures")
 	if len(adv) > 0 {
 		ok, err := u.o.Store.Advance(ctx, adv)
 		if err != nil {
@@ -114,34 +120,24 @@ func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
 			v.dev = &d
 			moved = append(moved, v)
 		}
-		for id, rs := range results {
-			if err := u.o.Store.RecordResults(ctx, id, rs); err != nil {
-				u.log.Error().Err(err).Str("release", id.String()).Msg("recording results")
-			}
-			u.markDirty(id)
-		}
-		if err := u.o.Bus.Publish(ctx, msgs...); err != nil {
-			if ctx.Err() == nil {
-				u.log.Error().Err(err).Msg("publishing receipts; devices will re-send their acks")
-			}
-		} else {
-			u.stats.receipts.Add(int64(len(msgs)))
-		}
+		u.recordResults(ctx, results, "recording results")
+		u.publishReceipts(ctx, msgs)
 		msgs = nil
-		for _, v := range moved {
-			if err := u.nextFor(ctx, v.dev); err != nil && ctx.Err() == nil {
-				u.log.Error().Err(err).Str("serial", v.dev.Serial).Msg("publishing the next key")
-			}
-			u.publishDeviceStatus(ctx, v.dev, v.advance.State, v.advance.LastResult, now)
+		// What each moved device sees next, and its status: one store call, one publish.
+		next := make([]*Device, len(moved))
+		for i, v := range moved {
+			next[i] = v.dev
+			statuses = append(statuses, deviceStatusMessage(v.dev, v.advance.State, v.advance.LastResult, now))
 		}
+		if err := u.nextForAll(ctx, next, statuses...); err != nil && ctx.Err() == nil {
+			u.log.Error().Err(err).Int("devices", len(next)).Msg("publishing the next keys")
+		}
+		statuses = nil
 	}
-	if len(msgs) > 0 {
-		if err := u.o.Bus.Publish(ctx, msgs...); err != nil {
-			if ctx.Err() == nil {
-				u.log.Error().Err(err).Msg("publishing receipts; devices will re-send their acks")
-			}
-		} else {
-			u.stats.receipts.Add(int64(len(msgs)))
+	u.publishReceipts(ctx, msgs)
+	if len(statuses) > 0 {
+		if err := u.o.Bus.Publish(ctx, statuses...); err != nil && ctx.Err() == nil {
+			u.log.Warn().Err(err).Msg("publishing device statuses")
 		}
 	}
 	if len(notes) > 0 {
@@ -283,18 +279,41 @@ func (u *Updater) reject(serial, reason string, err error) {
 	ev.Str("serial", serial).Str("reason", reason).Msg("ack rejected; nothing changed")
 }
 
-// recordReport stores a device's failure report against its release ([SC-10.2] 4).
-func (u *Updater) recordReport(ctx context.Context, v *verdict) {
+// report logs a device's failure report and returns the result to record against its
+// release, if the release is one of ours ([SC-10.2] 4).
+func (u *Updater) report(v *verdict) (keychain.ReleaseID, Result, bool) {
 	u.stats.reports.Add(1)
 	code := protocol.Code(v.ack.Code)
 	u.log.Info().Str("serial", v.in.serial).Str("code", code.String()).Str("release", v.ack.ID.String()).Msg("device reported a failure")
-	if u.isRelease(v.ack.ID) {
-		if err := u.o.Store.RecordResults(ctx, v.ack.ID, []Result{{Serial: v.in.serial, Result: ResultFailed + ":" + code.String()}}); err != nil {
-			u.log.Error().Err(err).Msg("recording failure")
-		}
-		u.markDirty(v.ack.ID)
+	if !u.isRelease(v.ack.ID) {
+		return keychain.ReleaseID{}, Result{}, false
 	}
-	u.publishDeviceStatus(ctx, v.dev, protocol.DeviceFailed, code.String(), u.o.Now())
+	return v.ack.ID, Result{Serial: v.in.serial, Result: ResultFailed + ":" + code.String()}, true
+}
+
+// recordResults stores results, one store call per release, and marks the releases for
+// a status update.
+func (u *Updater) recordResults(ctx context.Context, results map[keychain.ReleaseID][]Result, what string) {
+	for id, rs := range results {
+		if err := u.o.Store.RecordResults(ctx, id, rs); err != nil {
+			u.log.Error().Err(err).Str("release", id.String()).Msg(what)
+		}
+		u.markDirty(id)
+	}
+}
+
+// publishReceipts publishes receipts and counts those the broker acknowledged.
+func (u *Updater) publishReceipts(ctx context.Context, msgs []protocol.Message) {
+	if len(msgs) == 0 {
+		return
+	}
+	if err := u.o.Bus.Publish(ctx, msgs...); err != nil {
+		if ctx.Err() == nil {
+			u.log.Error().Err(err).Msg("publishing receipts; devices will re-send their acks")
+		}
+		return
+	}
+	u.stats.receipts.Add(int64(len(msgs)))
 }
 
 func (u *Updater) isRelease(id keychain.ReleaseID) bool {

@@ -208,15 +208,23 @@ func (u *Updater) wrapBatch(ctx context.Context, r *run, serials []string) (int,
 }
 
 // assignAndPublish records assignments, then publishes the key messages of those that
-// were recorded. The order matters: a key message is never out before the store knows
-// that its id was wrapped at that position, so the device's ack can always be matched.
-func (u *Updater) assignAndPublish(ctx context.Context, as []Assignment, msgs []protocol.Message) (int, error) {
-	if len(as) == 0 {
+// were recorded, followed by extra messages (which need no assignment), in one publish.
+// The order matters: a key message is never out before the store knows that its id was
+// wrapped at that position, so the device's ack can always be matched. It returns how many
+// key messages were published. If the store fails, only the extra messages are published.
+func (u *Updater) assignAndPublish(ctx context.Context, as []Assignment, msgs []protocol.Message, extra ...protocol.Message) (int, error) {
+	if len(as) == 0 && len(extra) == 0 {
 		return 0, nil
 	}
-	ok, err := u.o.Store.Assign(ctx, as)
-	if err != nil {
-		return 0, fmt.Errorf("recording assignments: %w", err)
+	var (
+		ok   []bool
+		aerr error
+	)
+	if len(as) > 0 {
+		if ok, aerr = u.o.Store.Assign(ctx, as); aerr != nil {
+			aerr = fmt.Errorf("recording assignments: %w", aerr)
+			ok = make([]bool, len(as))
+		}
 	}
 	out := msgs[:0]
 	for i, applied := range ok {
@@ -224,10 +232,15 @@ func (u *Updater) assignAndPublish(ctx context.Context, as []Assignment, msgs []
 			out = append(out, msgs[i])
 		}
 	}
-	if err := u.o.Bus.Publish(ctx, out...); err != nil {
-		return 0, fmt.Errorf("publishing key messages: %w", err)
+	keys := len(out)
+	out = append(out, extra...)
+	if len(out) == 0 {
+		return 0, aerr
 	}
-	u.stats.keys.Add(int64(len(out)))
+	if err := u.o.Bus.Publish(ctx, out...); err != nil {
+		return 0, errors.Join(aerr, fmt.Errorf("publishing key messages: %w", err))
+	}
+	u.stats.keys.Add(int64(keys))
 	u.mu.Lock()
 	for i, applied := range ok {
 		if !applied {
@@ -243,7 +256,7 @@ func (u *Updater) assignAndPublish(ctx context.Context, as []Assignment, msgs []
 		}
 	}
 	u.mu.Unlock()
-	return len(out), nil
+	return keys, aerr
 }
 
 // wrapFor builds the key message for device d at its current position: the release's
@@ -305,9 +318,10 @@ func (u *Updater) pendingFor(d *Device) *run {
 	return best
 }
 
-// nextFor publishes what device d should see on its key topic now that it has moved:
-// a re-key at index 1, else its pending release, else nothing (the topic is cleared).
-func (u *Updater) nextFor(ctx context.Context, d *Device) error {
+// next returns what device d should see on its key topic now: a re-key at index 1, else
+// its pending release, else an empty retained message that clears the topic. The
+// assignment is nil for a clear.
+func (u *Updater) next(d *Device) (*Assignment, protocol.Message, error) {
 	var (
 		a   Assignment
 		m   protocol.Message
@@ -318,20 +332,51 @@ func (u *Updater) nextFor(ctx context.Context, d *Device) error {
 	case d.Seq == 1:
 		tr, oerr := keychain.OpenTraversal(u.o.Root, d.Serial, d.Epoch, d.Chain)
 		if oerr != nil {
-			return oerr
+			return nil, m, oerr
 		}
 		a, m, err = u.rekeyFor(d, tr.Current())
 		u.stats.chainSteps.Add(int64(tr.Steps()))
 	case r != nil:
 		a, m, err = u.wrapFor(d, r)
 	default:
-		return u.o.Bus.Publish(ctx, protocol.Message{Topic: protocol.KeyTopic(d.Serial), Retain: true})
+		return nil, protocol.Message{Topic: protocol.KeyTopic(d.Serial), Retain: true}, nil
 	}
 	if err != nil {
-		return err
+		return nil, m, err
 	}
-	_, err = u.assignAndPublish(ctx, []Assignment{a}, []protocol.Message{m})
-	return err
+	return &a, m, nil
+}
+
+// nextFor publishes what device d should see on its key topic now that it has moved:
+// a re-key at index 1, else its pending release, else nothing (the topic is cleared).
+func (u *Updater) nextFor(ctx context.Context, d *Device) error {
+	return u.nextForAll(ctx, []*Device{d})
+}
+
+// nextForAll does what nextFor does for each device, with one store call for the
+// assignments and one publish, followed by the extra messages. A device whose next
+// message cannot be built is skipped, and named in the error.
+func (u *Updater) nextForAll(ctx context.Context, devs []*Device, extra ...protocol.Message) error {
+	var (
+		as     []Assignment
+		keys   []protocol.Message
+		clears []protocol.Message
+		errs   []error
+	)
+	for _, d := range devs {
+		a, m, err := u.next(d)
+		switch {
+		case err != nil:
+			errs = append(errs, fmt.Errorf("device %s: %w", d.Serial, err))
+		case a == nil:
+			clears = append(clears, m)
+		default:
+			as = append(as, *a)
+			keys = append(keys, m)
+		}
+	}
+	_, err := u.assignAndPublish(ctx, as, keys, append(clears, extra...)...)
+	return errors.Join(append(errs, err)...)
 }
 
 // publishImage encrypts the image once and publishes its chunks and manifest, retained.

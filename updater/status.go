@@ -26,14 +26,13 @@ func deviceStatus(d *Device, state, result string, now time.Time) protocol.Devic
 	return s
 }
 
-// publishDeviceStatus retains the server's view of a device ([SC-9.1], PROTOCOL.md 13.4).
-func (u *Updater) publishDeviceStatus(ctx context.Context, d *Device, state, result string, now time.Time) {
+// deviceStatusMessage is the retained server's view of a device ([SC-9.1], PROTOCOL.md
+// 13.4); callers publish many at once.
+func deviceStatusMessage(d *Device, state, result string, now time.Time) protocol.Message {
 	st := deviceStatus(d, state, result, now)
 	st.LastSeen = &now
 	b, _ := json.Marshal(st)
-	if err := u.o.Bus.Publish(ctx, protocol.Message{Topic: protocol.DeviceStatusTopic(d.Serial), Payload: b, Retain: true}); err != nil && ctx.Err() == nil {
-		u.log.Warn().Err(err).Str("serial", d.Serial).Msg("publishing device status")
-	}
+	return protocol.Message{Topic: protocol.DeviceStatusTopic(d.Serial), Payload: b, Retain: true}
 }
 
 func (u *Updater) releaseStatus(ctx context.Context, rel *Release) protocol.ReleaseStatus {
