@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"sync"
 	"testing"
 )
 
@@ -152,4 +153,42 @@ func TestTraversalSteps(t *testing.T) {
 	if again.Steps() != 0 {
 		t.Fatalf("a decoded traversal starts at %d steps, want 0", again.Steps())
 	}
+}
+
+// TestStateSealerConcurrent: one StateSealer used from several goroutines at once (as the
+// updater's workers do) seals and opens correctly, and interoperates with
+// SealTraversal/OpenTraversal.
+func TestStateSealerConcurrent(t *testing.T) {
+	root := RootSecret{7}
+	s := NewStateSealer(root)
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			serial := fmt.Sprintf("dev-%d", g)
+			tr, _ := NewTraversal(UnitData{byte(g)}, 16)
+			for range 20 {
+				sealed, err := s.Seal(serial, 3, tr)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				got, err := OpenTraversal(root, serial, 3, sealed)
+				if err != nil || got.Current() != tr.Current() {
+					t.Errorf("%s: OpenTraversal of a StateSealer seal: %v", serial, err)
+					return
+				}
+				again, _ := SealTraversal(root, serial, 3, got)
+				if back, err := s.Open(serial, 3, again); err != nil || back.Pos() != tr.Pos() {
+					t.Errorf("%s: StateSealer.Open of a SealTraversal seal: %v", serial, err)
+					return
+				}
+				if _, err := s.Open("dev-other", 3, sealed); !errors.Is(err, ErrAuth) {
+					t.Errorf("%s: opened as another device: %v", serial, err)
+				}
+			}
+		}()
+	}
+	wg.Wait()
 }

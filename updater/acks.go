@@ -171,7 +171,7 @@ func (u *Updater) judge(in inbound, d *Device, now time.Time) *verdict {
 		u.reject(in.serial, "stale", nil)
 		return nil
 	}
-	tr, err := keychain.OpenTraversal(u.o.Root, d.Serial, d.Epoch, d.Chain)
+	tr, err := u.sealer.Open(d.Serial, d.Epoch, d.Chain)
 	if err != nil || tr.Pos() != d.Seq {
 		u.log.Error().Err(err).Str("serial", d.Serial).Msg("device chain state unreadable")
 		u.reject(in.serial, "internal", nil)
@@ -197,7 +197,7 @@ func (u *Updater) judge(in inbound, d *Device, now time.Time) *verdict {
 					return nil
 				}
 			}
-			sealed, err := keychain.SealTraversal(u.o.Root, d.Serial, d.Epoch, tr)
+			sealed, err := u.sealer.Seal(d.Serial, d.Epoch, tr)
 			if err != nil {
 				u.reject(in.serial, "internal", err)
 				return nil
@@ -251,7 +251,7 @@ func (u *Updater) judge(in inbound, d *Device, now time.Time) *verdict {
 		adv.ChainLength = a.DeviceSeq
 		adv.State = protocol.DeviceIdle
 	}
-	sealed, err := keychain.SealTraversal(u.o.Root, d.Serial, adv.To.Epoch, tr)
+	sealed, err := u.sealer.Seal(d.Serial, adv.To.Epoch, tr)
 	if err != nil {
 		u.reject(in.serial, "internal", err)
 		return nil

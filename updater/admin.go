@@ -269,7 +269,7 @@ func (u *Updater) newDevice(serial string, length uint32, auth keychain.BrokerAu
 	if err != nil {
 		return nil, protocol.DeviceFile{}, err
 	}
-	sealed, err := keychain.SealTraversal(u.o.Root, serial, 0, tr)
+	sealed, err := u.sealer.Seal(serial, 0, tr)
 	if err != nil {
 		return nil, protocol.DeviceFile{}, err
 	}

@@ -245,9 +245,9 @@ func (be *benchEnv) upload() string {
 }
 
 // release creates a release of an uploaded image for every device and waits until the
-// broker has acknowledged want more key messages than before. It returns the release id
-// and how long that took from the command.
-func (be *benchEnv) release(upload string, version uint64, want int64) (keychain.ReleaseID, time.Duration) {
+// broker has acknowledged want more key messages than before. It returns the release id,
+// how long that took from the command, and how long until the command's reply.
+func (be *benchEnv) release(upload string, version uint64, want int64) (keychain.ReleaseID, time.Duration, time.Duration) {
 	be.b.Helper()
 	before := be.u.Stats().KeysPublished
 	start := time.Now()
@@ -256,8 +256,9 @@ func (be *benchEnv) release(upload string, version uint64, want int64) (keychain
 	if err := be.op.Do(be.b.Context(), protocol.CmdReleaseCreate, args, &res); err != nil {
 		be.b.Fatal(err)
 	}
+	reply := time.Since(start)
 	be.eventually("the key fan-out", 5*time.Minute, func() bool { return be.u.Stats().KeysPublished-before >= want })
-	return res.Release, time.Since(start)
+	return res.Release, time.Since(start), reply
 }
 
 // client connects a paho client with the updater account (which may publish anywhere
@@ -398,6 +399,7 @@ func BenchmarkFanout(b *testing.B) {
 				var (
 					fanout, fanCPU, fanRedis time.Duration
 					raw, rawCPU, rawRedis    time.Duration
+					reply                    time.Duration
 					steps                    float64
 					stepsPerSec              float64
 					version                  uint64
@@ -415,7 +417,10 @@ func BenchmarkFanout(b *testing.B) {
 					s0 := be.u.Stats().ChainSteps
 					b.StartTimer()
 					profiled(b, func() {
-						be.cpu.measure(b, &fanout, &fanCPU, &fanRedis, func() { be.release(up, version, int64(n)) })
+						be.cpu.measure(b, &fanout, &fanCPU, &fanRedis, func() {
+							_, _, r := be.release(up, version, int64(n))
+							reply += r
+						})
 					})
 					steps += float64(be.u.Stats().ChainSteps - s0)
 				}
@@ -427,6 +432,7 @@ func BenchmarkFanout(b *testing.B) {
 				b.ReportMetric(rate, "devices/s")
 				b.ReportMetric(rawRate, "raw-pub/s")
 				b.ReportMetric(rate/rawRate, "x-broker")
+				b.ReportMetric(float64(reply.Milliseconds())/float64(b.N), "reply-ms")
 				b.ReportMetric(perItem(fanCPU, total), "cpu-us/device")
 				b.ReportMetric(perItem(rawCPU, total), "cpu-us/raw-pub")
 				if be.cpu.rdb != nil {
@@ -476,7 +482,7 @@ func BenchmarkAcks(b *testing.B) {
 	for b.Loop() {
 		b.StopTimer()
 		version++
-		rid, _ := be.release(be.upload(), version, int64(n))
+		rid, _, _ := be.release(be.upload(), version, int64(n))
 		acks := make([]protocol.Message, n)
 		for i, d := range devs {
 			tr := dtr[i]

@@ -262,7 +262,7 @@ func (u *Updater) assignAndPublish(ctx context.Context, as []Assignment, msgs []
 // wrapFor builds the key message for device d at its current position: the release's
 // content key, or, at index 1, a re-key into the next chain ([SC-10.2], 10.3).
 func (u *Updater) wrapFor(d *Device, r *run) (Assignment, protocol.Message, error) {
-	tr, err := keychain.OpenTraversal(u.o.Root, d.Serial, d.Epoch, d.Chain)
+	tr, err := u.sealer.Open(d.Serial, d.Epoch, d.Chain)
 	if err != nil {
 		return Assignment{}, protocol.Message{}, fmt.Errorf("opening chain state: %w", err)
 	}
@@ -330,7 +330,7 @@ func (u *Updater) next(d *Device) (*Assignment, protocol.Message, error) {
 	r := u.pendingFor(d)
 	switch {
 	case d.Seq == 1:
-		tr, oerr := keychain.OpenTraversal(u.o.Root, d.Serial, d.Epoch, d.Chain)
+		tr, oerr := u.sealer.Open(d.Serial, d.Epoch, d.Chain)
 		if oerr != nil {
 			return nil, m, oerr
 		}

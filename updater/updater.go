@@ -85,6 +85,8 @@ type Updater struct {
 	pkey  ed25519.PublicKey
 	sealK [keychain.Size]byte // seals content keys and derives re-key ids
 
+	sealer *keychain.StateSealer // opens and seals chain states
+
 	acks    chan inbound
 	admin   chan []byte
 	uploads *uploads
@@ -137,6 +139,7 @@ func New(o Options) (*Updater, error) {
 		o: o, log: o.Logger,
 		pkey:   o.SigningKey.Public().(ed25519.PublicKey),
 		sealK:  o.Root.StateSealKey(),
+		sealer: keychain.NewStateSealer(o.Root),
 		acks:   make(chan inbound, 1<<16),
 		admin:  make(chan []byte, 256),
 		runs:   map[keychain.ReleaseID]*run{},
