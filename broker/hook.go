@@ -191,7 +191,11 @@ func (b *Broker) authenticate(cl *mqtt.Client, pk packets.Packet) (identity, pac
 // verifiedCertCN returns the subject CN of a client certificate that the TLS listener
 // verified against Options.ClientCAPEM.
 func verifiedCertCN(cl *mqtt.Client) (string, bool) {
-	tc, ok := cl.Net.Conn.(*tls.Conn)
+	conn := cl.Net.Conn
+	if bc, ok := conn.(*batchConn); ok {
+		conn = bc.NetConn()
+	}
+	tc, ok := conn.(*tls.Conn)
 	if !ok {
 		return "", false
 	}

@@ -8,6 +8,7 @@ import (
 )
 
 // connListener wraps a net.Listener for mochi's listeners.Net:
+//   - it batches what mochi writes to each connection (batchConn);
 //   - it gives every accepted connection a deadline for its CONNECT (mochi applies the
 //     keepalive deadline only after reading CONNECT, so without this a client that never
 //     sends one holds a socket and a goroutine forever);
@@ -49,7 +50,7 @@ func (l *connListener) Accept() (net.Conn, error) {
 		// The deadline covers the TLS handshake and the CONNECT packet; mochi replaces it
 		// with the keepalive deadline once CONNECT is read.
 		_ = c.SetDeadline(time.Now().Add(l.connectTimeout))
-		return c, nil
+		return newBatchConn(c), nil
 	}
 }
 
