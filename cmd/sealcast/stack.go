@@ -96,19 +96,31 @@ func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (s *stac
 		publicURL = s.brokerURL
 	}
 
+	// Acks arrive through a shared subscription spread over several connections, so that
+	// a burst of acks fills several of the broker's per-client queues instead of
+	// overflowing one (mqttbus package comment). The embedded broker supports shared
+	// subscriptions; with another broker that is the operator's call (-ack-group).
+	ackGroup, subscribers := c.ackGroup, 1
+	if ackGroup == "" && c.brokerURL == "" {
+		ackGroup = "sealcast"
+	}
+	if ackGroup != "" {
+		subscribers = 4
+	}
 	bctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	host, _ := os.Hostname()
 	if s.bus, err = mqttbus.Dial(bctx, mqttbus.Options{
 		URL: s.brokerURL, ClientID: fmt.Sprintf("sealcast-updater-%s-%d", host, os.Getpid()),
 		Username: busUser, Password: busPW, Logger: log.With().Str("component", "mqtt").Logger(),
+		Subscribers: subscribers,
 	}); err != nil {
 		return nil, err
 	}
 	uo := updater.Options{
 		Root: s.dir.Root, SigningKey: s.dir.SigningKey, Store: s.store, Bus: s.bus,
 		Logger: log.With().Str("component", "updater").Logger(), DataDir: c.dataDir,
-		ChainLength: uint32(c.chainLength), BrokerURL: publicURL, AckGroup: c.ackGroup, AcksOnly: c.acksOnly,
+		ChainLength: uint32(c.chainLength), BrokerURL: publicURL, AckGroup: ackGroup, AcksOnly: c.acksOnly,
 	}
 	if s.broker != nil {
 		uo.Revoker = s.broker
