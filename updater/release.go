@@ -5,7 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"sort"
+	"maps"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -24,6 +25,7 @@ type run struct {
 	ck      keychain.ContentKey
 	digest  [32]byte
 	targets map[string]struct{}
+	sorted  []string // the targets in order, for the fan-out
 	wrapped atomic.Int64
 	paused  atomic.Bool
 	cancel  context.CancelFunc // stops a fan-out in progress
@@ -38,6 +40,12 @@ func (u *Updater) newRun(rel *Release, targets []string) (*run, error) {
 	r := &run{rel: rel, ck: ck, digest: keychain.ManifestDigest(rel.Manifest), targets: make(map[string]struct{}, len(targets))}
 	for _, s := range targets {
 		r.targets[s] = struct{}{}
+	}
+	// Stores return targets sorted; a release to listed devices has them in the
+	// operator's order, possibly repeated.
+	r.sorted = targets
+	if !slices.IsSorted(targets) || len(r.targets) != len(targets) {
+		r.sorted = slices.Sorted(maps.Keys(r.targets))
 	}
 	r.paused.Store(rel.State == protocol.ReleasePaused)
 	return r, nil
@@ -145,11 +153,7 @@ func (u *Updater) startFanout(r *run) {
 
 // fanout wraps for all targets in batches, on Workers goroutines.
 func (u *Updater) fanout(ctx context.Context, r *run) (int, error) {
-	serials := make([]string, 0, len(r.targets))
-	for s := range r.targets {
-		serials = append(serials, s)
-	}
-	sort.Strings(serials)
+	serials := r.sorted
 	batches := make(chan []string)
 	var (
 		wg      sync.WaitGroup
