@@ -97,6 +97,9 @@ func Dial(ctx context.Context, o Options) (*Bus, error) {
 			SetConnectRetry(true).
 			SetConnectRetryInterval(500 * time.Millisecond).
 			SetMaxReconnectInterval(5 * time.Second).
+			// A connect attempt that gets no CONNACK is given up after 10 s, not paho's 30:
+			// a broker that is shutting down can accept a connection and never answer it.
+			SetConnectTimeout(10 * time.Second).
 			SetKeepAlive(30 * time.Second).
 			SetWriteTimeout(30 * time.Second).
 			SetMessageChannelDepth(10000).
