@@ -6,6 +6,10 @@ package updater_test
 //
 // Each reports, next to its own rate, the rate of the part that should bound it, measured
 // in the same run on the same machine, so that the ratio means something on a noisy one.
+//
+// The broker keeps its state in memory, as internal/brokertest starts it;
+// SEALCAST_BENCH_BROKER_DATADIR=1 gives it a data directory (pebble, synced writes), as
+// sealcast serve runs it.
 
 import (
 	"bytes"
@@ -160,6 +164,10 @@ func startBench(b *testing.B, storeName string, devs []*updater.Device) *benchEn
 	be.env = brokertest.Start(b, brokertest.WithOptions(func(o *broker.Options) {
 		o.AuthKey = benchRoot.BrokerAuth()
 		o.Logger = o.Logger.Level(zerolog.WarnLevel) // one line per connection would drown the figures
+		if os.Getenv("SEALCAST_BENCH_BROKER_DATADIR") == "1" {
+			// Persistent sessions and retained messages, as sealcast serve runs the broker.
+			o.DataDir = b.TempDir()
+		}
 	}))
 	switch storeName {
 	case "bolt":
