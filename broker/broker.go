@@ -577,9 +577,7 @@ func (b *Broker) clientsEnding() bool {
 		if cl.Net.Inline {
 			continue
 		}
-		expires := cl.Properties.Clean && cl.Properties.ProtocolVersion < 5 ||
-			cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryInterval == 0
-		if !cl.Closed() || expires && !cl.IsTakenOver() {
+		if !cl.Closed() || sessionEnds(cl) && !cl.IsTakenOver() {
 			return true
 		}
 	}

@@ -1,6 +1,7 @@
 package broker_test
 
 import (
+	"fmt"
 	"testing"
 	"time"
 
@@ -270,5 +271,40 @@ func TestReleaseSessionStateNotStored(t *testing.T) {
 	subscribe(t, adm, chunkTopic, ret)
 	if m, ok := ret.next(t, 5*time.Second); !ok || string(m.Payload()) != "chunk-retained" {
 		t.Fatalf("retained chunk lost in a restart: %v", m)
+	}
+}
+
+// TestCleanSessionSubscriptionsNotRestored: the subscriptions of a clean session are not
+// brought back by a restart. mochi restores every stored subscription, so before the
+// broker kept clean sessions out of its store, the shared ack subscription of an updater
+// from before the restart became a ghost member of the group, which took its share of
+// the acks and dropped them.
+func TestCleanSessionSubscriptionsNotRestored(t *testing.T) {
+	env := brokertest.Start(t, brokertest.WithDataDir(t.TempDir()))
+	const group = "$share/updaters/sealcast/devices/+/ack"
+	old := pahoClient(t, env, "updater-old", env.Updater, true)
+	subscribe(t, old, group, newCollector())
+	old.Disconnect(100)
+
+	env.Restart(t)
+
+	got := newCollector()
+	upd := pahoClient(t, env, "updater-new", env.Updater, true)
+	defer upd.Disconnect(100)
+	subscribe(t, upd, group, got)
+	const n = 20
+	for i := range n {
+		serial := fmt.Sprintf("dev-%02d", i)
+		dev, err := pahoConnect(env, serial, env.Device(t, serial), true, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		publish(t, dev, "sealcast/devices/"+serial+"/ack", 1, false, "ack")
+		dev.Disconnect(100)
+	}
+	for i := range n {
+		if _, ok := got.next(t, 5*time.Second); !ok {
+			t.Fatalf("the live member of the group got %d of %d acks", i, n)
+		}
 	}
 }

@@ -9,6 +9,7 @@ import (
 )
 
 // connListener wraps a net.Listener for mochi's listeners.Net:
+//   - it batches what mochi writes to each connection (batchConn);
 //   - it gives every accepted connection a deadline for its CONNECT (mochi applies the
 //     keepalive deadline only after reading CONNECT, so without this a client that never
 //     sends one holds a socket and a goroutine forever);
@@ -55,7 +56,7 @@ func (l *connListener) Accept() (net.Conn, error) {
 		// with the keepalive deadline once CONNECT is read.
 		_ = c.SetDeadline(time.Now().Add(l.connectTimeout))
 		l.unread.Add(1)
-		return &trackedConn{Conn: c, l: l}, nil
+		return newBatchConn(&trackedConn{Conn: c, l: l}), nil
 	}
 }
 
@@ -87,12 +88,19 @@ func (c *trackedConn) Close() error {
 	return c.Conn.Close()
 }
 
-// netConn returns the connection a mochi client reads from, unwrapped.
+// netConn returns the connection a mochi client reads from without the broker's own
+// wrappers (a *tls.Conn on the TLS listener).
 func netConn(c net.Conn) net.Conn {
-	if t, ok := c.(*trackedConn); ok {
-		return t.Conn
+	for {
+		switch w := c.(type) {
+		case *batchConn:
+			c = w.Conn
+		case *trackedConn:
+			c = w.Conn
+		default:
+			return c
+		}
 	}
-	return c
 }
 
 func (l *connListener) Close() error {

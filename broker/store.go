@@ -40,6 +40,7 @@ type store struct {
 	// topic.
 	inflightMu sync.Mutex
 	inflight   map[inflightID]struct{}
+	persistent map[string]bool // stored sessions at start: client id -> outlives a disconnect
 }
 
 type inflightID struct {
@@ -106,11 +107,17 @@ func (s *store) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	s.with(func() { s.Hook.OnDisconnect(cl, err, expire) })
 }
 func (s *store) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []byte) {
+	if sessionEnds(cl) {
+		return // nothing of a clean session survives it, so nothing is stored
+	}
 	if pk, codes, ok := durableFilters(pk, codes); ok {
 		s.with(func() { s.Hook.OnSubscribed(cl, pk, codes) })
 	}
 }
 func (s *store) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
+	if sessionEnds(cl) {
+		return
+	}
 	if pk, _, ok := durableFilters(pk, nil); ok {
 		s.with(func() { s.Hook.OnUnsubscribed(cl, pk) })
 	}
@@ -119,7 +126,7 @@ func (s *store) OnRetainMessage(cl *mqtt.Client, pk packets.Packet, r int64) {
 	s.with(func() { s.Hook.OnRetainMessage(cl, pk, r) })
 }
 func (s *store) OnQosPublish(cl *mqtt.Client, pk packets.Packet, sent int64, resends int) {
-	if isReleaseTopic(pk.TopicName) {
+	if isReleaseTopic(pk.TopicName) || sessionEnds(cl) {
 		return
 	}
 	s.inflightMu.Lock()
@@ -157,13 +164,39 @@ func (s *store) OnRetainedExpired(filter string) {
 func (s *store) OnClientExpired(cl *mqtt.Client) {
 	s.with(func() { s.Hook.OnClientExpired(cl) })
 }
+
+// StoredClients also remembers which stored sessions outlive a disconnect: mochi
+// restores every stored subscription, also those of clean sessions that a crash left in
+// the store, and such a ghost subscriber takes its share of a shared subscription's
+// messages and drops them.
 func (s *store) StoredClients() (v []storage.Client, err error) {
 	s.with(func() { v, err = s.Hook.StoredClients() })
+	s.inflightMu.Lock()
+	s.persistent = map[string]bool{}
+	for _, c := range v {
+		ends := c.ProtocolVersion < 5 && c.Clean || c.ProtocolVersion == 5 && c.Properties.SessionExpiryInterval == 0
+		s.persistent[c.ID] = !ends
+	}
+	s.inflightMu.Unlock()
 	return
 }
+
+// StoredSubscriptions returns the stored subscriptions of the sessions that outlive a
+// disconnect (StoredClients is read first).
 func (s *store) StoredSubscriptions() (v []storage.Subscription, err error) {
 	s.with(func() { v, err = s.Hook.StoredSubscriptions() })
-	return
+	s.inflightMu.Lock()
+	defer s.inflightMu.Unlock()
+	if s.persistent == nil {
+		return v, err
+	}
+	kept := v[:0]
+	for _, sub := range v {
+		if s.persistent[sub.Client] {
+			kept = append(kept, sub)
+		}
+	}
+	return kept, err
 }
 func (s *store) StoredInflightMessages() (v []storage.Message, err error) {
 	s.with(func() { v, err = s.Hook.StoredInflightMessages() })
@@ -218,4 +251,12 @@ func durableFilters(pk packets.Packet, codes []byte) (packets.Packet, []byte, bo
 		}
 	}
 	return out, outCodes, true
+}
+
+// sessionEnds reports whether cl's session ends with its connection (clean session, or
+// an MQTT 5 session expiry of 0): nothing of it needs to survive a restart.
+func sessionEnds(cl *mqtt.Client) bool {
+	// Field by field: mochi writes other fields of Properties (the will) concurrently.
+	v := cl.Properties.ProtocolVersion
+	return v < 5 && cl.Properties.Clean || v == 5 && cl.Properties.Props.SessionExpiryInterval == 0
 }

@@ -1,6 +1,7 @@
 package keychain
 
 import (
+	"crypto/cipher"
 	"crypto/rand"
 	"encoding/binary"
 	"fmt"
@@ -24,7 +25,7 @@ type Traversal struct {
 	// Pebbles still travelling to their next place: level q and steps g left at it.
 	q []uint8
 	g []uint32
-	// hashes counts Step calls, for tests and benchmarks.
+	// hashes counts Step calls since the traversal was made or decoded (Steps).
 	hashes int
 }
 
@@ -64,10 +65,15 @@ func (t *Traversal) Current() ChainKey {
 		panic("keychain: Current on a used-up chain traversal")
 	case t.pos == t.Len():
 		// Only the first key is not held as a pebble: it is one step above z[0].
+		t.hashes++
 		return Step(t.z[0])
 	}
 	return t.z[0]
 }
+
+// Steps returns the chain steps (SHA-256 hashes) this value has computed since NewTraversal
+// or UnmarshalBinary made it: what the server actually spends on the chain.
+func (t *Traversal) Steps() int { return t.hashes }
 
 // Advance moves to the next key down (Pos()-1), spending at most about k/2 hashes.
 // It fails once the chain is used up.
@@ -204,22 +210,42 @@ func (t *Traversal) UnmarshalBinary(b []byte) error {
 // SealTraversal encrypts a traversal's state for storage, bound to the device's serial and
 // epoch, under the root secret's state-seal key (PROTOCOL.md 3.6).
 func SealTraversal(root RootSecret, serial string, epoch uint32, t *Traversal) ([]byte, error) {
+	return NewStateSealer(root).Seal(serial, epoch, t)
+}
+
+// OpenTraversal decrypts a state sealed by SealTraversal for the same serial and epoch.
+func OpenTraversal(root RootSecret, serial string, epoch uint32, sealed []byte) (*Traversal, error) {
+	return NewStateSealer(root).Open(serial, epoch, sealed)
+}
+
+// StateSealer does what SealTraversal and OpenTraversal do, with the state-seal key and
+// its cipher derived once: a server that opens a state per device per release saves an
+// HMAC and an AES key expansion each time. It is safe for concurrent use.
+type StateSealer struct {
+	aead cipher.AEAD
+}
+
+// NewStateSealer returns a StateSealer for root's state-seal key.
+func NewStateSealer(root RootSecret) *StateSealer {
+	return &StateSealer{aead: newGCM(root.StateSealKey())}
+}
+
+// Seal is SealTraversal.
+func (s *StateSealer) Seal(serial string, epoch uint32, t *Traversal) ([]byte, error) {
 	state, _ := t.MarshalBinary()
 	var nonce [12]byte
 	if _, err := rand.Read(nonce[:]); err != nil {
 		return nil, fmt.Errorf("keychain: reading random nonce: %w", err)
 	}
-	key := root.StateSealKey()
-	return newGCM(key).Seal(nonce[:], nonce[:], state, stateAD(serial, epoch)), nil
+	return s.aead.Seal(nonce[:], nonce[:], state, stateAD(serial, epoch)), nil
 }
 
-// OpenTraversal decrypts a state sealed by SealTraversal for the same serial and epoch.
-func OpenTraversal(root RootSecret, serial string, epoch uint32, sealed []byte) (*Traversal, error) {
+// Open is OpenTraversal.
+func (s *StateSealer) Open(serial string, epoch uint32, sealed []byte) (*Traversal, error) {
 	if len(sealed) < 12+TagSize {
 		return nil, fmt.Errorf("%w: sealed chain state of %d bytes", ErrMalformed, len(sealed))
 	}
-	key := root.StateSealKey()
-	state, err := newGCM(key).Open(nil, sealed[:12], sealed[12:], stateAD(serial, epoch))
+	state, err := s.aead.Open(nil, sealed[:12], sealed[12:], stateAD(serial, epoch))
 	if err != nil {
 		return nil, ErrAuth
 	}

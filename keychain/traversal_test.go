@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"sync"
 	"testing"
 )
 
@@ -116,4 +117,78 @@ func TestTraversalRejectsBadState(t *testing.T) {
 	if _, err := NewTraversal(UnitData{}, 1000); !errors.Is(err, ErrInvalidChainLength) {
 		t.Errorf("length 1000: err = %v", err)
 	}
+}
+
+// TestTraversalSteps: Steps counts what the server spends: L-1 steps to set up, one for
+// K_L (the only key not held as a pebble), at most ceil(k/2) per Advance after that, and
+// nothing for decoding a sealed state.
+func TestTraversalSteps(t *testing.T) {
+	const length = 1024
+	tr, err := NewTraversal(UnitData{9}, length)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := tr.Steps(); got != length-1 {
+		t.Fatalf("after NewTraversal: %d steps, want %d", got, length-1)
+	}
+	tr.Current()
+	if got := tr.Steps(); got != length {
+		t.Fatalf("after Current at L: %d steps, want %d", got, length)
+	}
+	for range 100 {
+		before := tr.Steps()
+		if err := tr.Advance(); err != nil {
+			t.Fatal(err)
+		}
+		tr.Current()
+		if d := tr.Steps() - before; d > 5 {
+			t.Fatalf("an Advance and Current at %d took %d steps, over ceil(log2(L)/2) = 5", tr.Pos(), d)
+		}
+	}
+	b, _ := tr.MarshalBinary()
+	var again Traversal
+	if err := again.UnmarshalBinary(b); err != nil {
+		t.Fatal(err)
+	}
+	if again.Steps() != 0 {
+		t.Fatalf("a decoded traversal starts at %d steps, want 0", again.Steps())
+	}
+}
+
+// TestStateSealerConcurrent: one StateSealer used from several goroutines at once (as the
+// updater's workers do) seals and opens correctly, and interoperates with
+// SealTraversal/OpenTraversal.
+func TestStateSealerConcurrent(t *testing.T) {
+	root := RootSecret{7}
+	s := NewStateSealer(root)
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			serial := fmt.Sprintf("dev-%d", g)
+			tr, _ := NewTraversal(UnitData{byte(g)}, 16)
+			for range 20 {
+				sealed, err := s.Seal(serial, 3, tr)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				got, err := OpenTraversal(root, serial, 3, sealed)
+				if err != nil || got.Current() != tr.Current() {
+					t.Errorf("%s: OpenTraversal of a StateSealer seal: %v", serial, err)
+					return
+				}
+				again, _ := SealTraversal(root, serial, 3, got)
+				if back, err := s.Open(serial, 3, again); err != nil || back.Pos() != tr.Pos() {
+					t.Errorf("%s: StateSealer.Open of a SealTraversal seal: %v", serial, err)
+					return
+				}
+				if _, err := s.Open("dev-other", 3, sealed); !errors.Is(err, ErrAuth) {
+					t.Errorf("%s: opened as another device: %v", serial, err)
+				}
+			}
+		}()
+	}
+	wg.Wait()
 }

@@ -61,11 +61,13 @@ func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
 		return
 	}
 	var (
-		vs    []*verdict
-		adv   []Advance
-		msgs  []protocol.Message
-		notes []Note
-		dups  []*verdict // duplicates of installed acks, answered once their result is recorded
+		vs       []*verdict
+		adv      []Advance
+		msgs     []protocol.Message // receipts
+		statuses []protocol.Message
+		notes    []Note
+		reports  = map[keychain.ReleaseID][]Result{}
+		dups     []*verdict // duplicates of installed acks, answered once their result is recorded
 	)
 	now := u.o.Now()
 	for i, in := range batch {
@@ -78,7 +80,10 @@ func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
 			vs = append(vs, v)
 			adv = append(adv, *v.advance)
 		case v.ack.Kind == keychain.AckFailed:
-			u.recordReport(ctx, v)
+			if id, r, ok := u.report(v); ok {
+				reports[id] = append(reports[id], r)
+			}
+			statuses = append(statuses, deviceStatusMessage(v.dev, protocol.DeviceFailed, protocol.Code(v.ack.Code).String(), now))
 			msgs = append(msgs, protocol.Message{Topic: protocol.ReceiptTopic(in.serial), Payload: v.receipt, Retain: true})
 			notes = append(notes, Note{Serial: in.serial, State: protocol.DeviceFailed, LastResult: protocol.Code(v.ack.Code).String(), At: now})
 		case v.ack.Kind == keychain.AckInstalled && u.isRelease(v.ack.ID):
@@ -87,6 +92,7 @@ func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
 			msgs = append(msgs, protocol.Message{Topic: protocol.ReceiptTopic(in.serial), Payload: v.receipt, Retain: true})
 		}
 	}
+	u.recordResults(ctx, reports, "recording failures")
 	// A duplicate of an installed ack records its result again (installed is final, so
 	// this counts nothing twice): the process that accepted it may have died, or lost the
 	// store, between moving the counter and recording the result. Its receipt goes out
@@ -98,8 +104,7 @@ func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
 			u.log.Error().Err(err).Int("acks", len(adv)).Msg("advancing counters; devices will re-send")
 			return
 		}
-		var installed []*verdict
-		var moved []*verdict
+		var installed, moved []*verdict
 		for i, v := range vs {
 			if !ok[i] {
 				// Another worker or updater moved this device first: this was a
@@ -124,28 +129,23 @@ func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
 			moved = append(moved, v)
 		}
 		msgs = append(msgs, u.recordInstalled(ctx, installed)...)
-		if err := u.o.Bus.Publish(ctx, msgs...); err != nil && ctx.Err() == nil {
-			u.log.Error().Err(err).Msg("publishing receipts; devices will re-send their acks")
-		}
+		u.publishReceipts(ctx, msgs)
 		msgs = nil
-		// What comes next for the moved devices, and their statuses, in two bursts: the
-		// broker persists every retained message, and a burst shares its disk syncs.
-		devs := make([]*Device, len(moved))
-		var status []protocol.Message
+		// What each moved device sees next, and its status: one store call, one publish.
+		next := make([]*Device, len(moved))
 		for i, v := range moved {
-			devs[i] = v.dev
-			status = append(status, deviceStatusMessage(v.dev, v.advance.State, v.advance.LastResult, now))
+			next[i] = v.dev
+			statuses = append(statuses, deviceStatusMessage(v.dev, v.advance.State, v.advance.LastResult, now))
 		}
-		if err := u.nextFor(ctx, devs...); err != nil && ctx.Err() == nil {
-			u.log.Error().Err(err).Int("devices", len(devs)).Msg("publishing the next keys")
+		if err := u.nextForAll(ctx, next, statuses...); err != nil && ctx.Err() == nil {
+			u.log.Error().Err(err).Int("devices", len(next)).Msg("publishing the next keys")
 		}
-		if err := u.o.Bus.Publish(ctx, status...); err != nil && ctx.Err() == nil {
-			u.log.Warn().Err(err).Msg("publishing device statuses")
-		}
+		statuses = nil
 	}
-	if len(msgs) > 0 {
-		if err := u.o.Bus.Publish(ctx, msgs...); err != nil && ctx.Err() == nil {
-			u.log.Error().Err(err).Msg("publishing receipts; devices will re-send their acks")
+	u.publishReceipts(ctx, msgs)
+	if len(statuses) > 0 {
+		if err := u.o.Bus.Publish(ctx, statuses...); err != nil && ctx.Err() == nil {
+			u.log.Warn().Err(err).Msg("publishing device statuses")
 		}
 	}
 	if len(notes) > 0 {
@@ -153,6 +153,34 @@ func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
 			u.log.Warn().Err(err).Msg("noting device reports")
 		}
 	}
+}
+
+// recordInstalled records the installed result of each ack and returns the receipts of
+// those recorded: a receipt before the result would stop the device from re-sending an
+// ack whose result could then be lost.
+func (u *Updater) recordInstalled(ctx context.Context, vs []*verdict) []protocol.Message {
+	byRelease := map[keychain.ReleaseID][]*verdict{}
+	for _, v := range vs {
+		byRelease[v.ack.ID] = append(byRelease[v.ack.ID], v)
+	}
+	var msgs []protocol.Message
+	for id, group := range byRelease {
+		rs := make([]Result, len(group))
+		for i, v := range group {
+			rs[i] = Result{Serial: v.in.serial, Result: ResultInstalled}
+		}
+		if err := u.o.Store.RecordResults(ctx, id, rs); err != nil {
+			if ctx.Err() == nil {
+				u.log.Error().Err(err).Str("release", id.String()).Int("devices", len(rs)).Msg("recording results; receipts withheld, devices will re-send")
+			}
+			continue
+		}
+		u.markDirty(id)
+		for _, v := range group {
+			msgs = append(msgs, protocol.Message{Topic: protocol.ReceiptTopic(v.in.serial), Payload: v.receipt, Retain: true})
+		}
+	}
+	return msgs
 }
 
 // judge decides what an ack does, without side effects. It returns nil for an ack that
@@ -179,13 +207,15 @@ func (u *Updater) judge(in inbound, d *Device, now time.Time) *verdict {
 		u.reject(in.serial, "stale", nil)
 		return nil
 	}
-	tr, err := keychain.OpenTraversal(u.o.Root, d.Serial, d.Epoch, d.Chain)
+	tr, err := u.sealer.Open(d.Serial, d.Epoch, d.Chain)
 	if err != nil || tr.Pos() != d.Seq {
 		u.log.Error().Err(err).Str("serial", d.Serial).Msg("device chain state unreadable")
 		u.reject(in.serial, "internal", nil)
 		return nil
 	}
 	v.key = tr.Current()
+	// Counted once the verdict is known: every path below ends with the traversal.
+	defer func() { u.stats.chainSteps.Add(int64(tr.Steps())) }()
 	if keychain.VerifyAck(in.payload, v.key, d.Serial) != nil {
 		u.reject(in.serial, "forged", nil)
 		return nil
@@ -203,7 +233,7 @@ func (u *Updater) judge(in inbound, d *Device, now time.Time) *verdict {
 					return nil
 				}
 			}
-			sealed, err := keychain.SealTraversal(u.o.Root, d.Serial, d.Epoch, tr)
+			sealed, err := u.sealer.Seal(d.Serial, d.Epoch, tr)
 			if err != nil {
 				u.reject(in.serial, "internal", err)
 				return nil
@@ -257,7 +287,7 @@ func (u *Updater) judge(in inbound, d *Device, now time.Time) *verdict {
 		adv.ChainLength = a.DeviceSeq
 		adv.State = protocol.DeviceIdle
 	}
-	sealed, err := keychain.SealTraversal(u.o.Root, d.Serial, adv.To.Epoch, tr)
+	sealed, err := u.sealer.Seal(d.Serial, adv.To.Epoch, tr)
 	if err != nil {
 		u.reject(in.serial, "internal", err)
 		return nil
@@ -265,34 +295,6 @@ func (u *Updater) judge(in inbound, d *Device, now time.Time) *verdict {
 	adv.Chain = sealed
 	v.advance = adv
 	return v
-}
-
-// recordInstalled records ResultInstalled for installed acks, per release, and returns
-// the receipts of those whose result is now stored. A receipt whose result could not be
-// recorded is withheld: the device re-sends its ack, and the duplicate records it then.
-func (u *Updater) recordInstalled(ctx context.Context, vs []*verdict) []protocol.Message {
-	byRelease := map[keychain.ReleaseID][]*verdict{}
-	for _, v := range vs {
-		byRelease[v.ack.ID] = append(byRelease[v.ack.ID], v)
-	}
-	var msgs []protocol.Message
-	for id, group := range byRelease {
-		rs := make([]Result, len(group))
-		for i, v := range group {
-			rs[i] = Result{Serial: v.in.serial, Result: ResultInstalled}
-		}
-		if err := u.o.Store.RecordResults(ctx, id, rs); err != nil {
-			if ctx.Err() == nil {
-				u.log.Error().Err(err).Str("release", id.String()).Int("devices", len(rs)).Msg("recording results; receipts withheld, devices will re-send")
-			}
-			continue
-		}
-		u.markDirty(id)
-		for _, v := range group {
-			msgs = append(msgs, protocol.Message{Topic: protocol.ReceiptTopic(v.in.serial), Payload: v.receipt, Retain: true})
-		}
-	}
-	return msgs
 }
 
 func assigned(d *Device, id keychain.ReleaseID) bool {
@@ -313,18 +315,41 @@ func (u *Updater) reject(serial, reason string, err error) {
 	ev.Str("serial", serial).Str("reason", reason).Msg("ack rejected; nothing changed")
 }
 
-// recordReport stores a device's failure report against its release ([SC-10.2] 4).
-func (u *Updater) recordReport(ctx context.Context, v *verdict) {
+// report logs a device's failure report and returns the result to record against its
+// release, if the release is one of ours ([SC-10.2] 4).
+func (u *Updater) report(v *verdict) (keychain.ReleaseID, Result, bool) {
 	u.stats.reports.Add(1)
 	code := protocol.Code(v.ack.Code)
 	u.log.Info().Str("serial", v.in.serial).Str("code", code.String()).Str("release", v.ack.ID.String()).Msg("device reported a failure")
-	if u.isRelease(v.ack.ID) {
-		if err := u.o.Store.RecordResults(ctx, v.ack.ID, []Result{{Serial: v.in.serial, Result: ResultFailed + ":" + code.String()}}); err != nil {
-			u.log.Error().Err(err).Msg("recording failure")
-		}
-		u.markDirty(v.ack.ID)
+	if !u.isRelease(v.ack.ID) {
+		return keychain.ReleaseID{}, Result{}, false
 	}
-	u.publishDeviceStatus(ctx, v.dev, protocol.DeviceFailed, code.String(), u.o.Now())
+	return v.ack.ID, Result{Serial: v.in.serial, Result: ResultFailed + ":" + code.String()}, true
+}
+
+// recordResults stores results, one store call per release, and marks the releases for
+// a status update.
+func (u *Updater) recordResults(ctx context.Context, results map[keychain.ReleaseID][]Result, what string) {
+	for id, rs := range results {
+		if err := u.o.Store.RecordResults(ctx, id, rs); err != nil {
+			u.log.Error().Err(err).Str("release", id.String()).Msg(what)
+		}
+		u.markDirty(id)
+	}
+}
+
+// publishReceipts publishes receipts and counts those the broker acknowledged.
+func (u *Updater) publishReceipts(ctx context.Context, msgs []protocol.Message) {
+	if len(msgs) == 0 {
+		return
+	}
+	if err := u.o.Bus.Publish(ctx, msgs...); err != nil {
+		if ctx.Err() == nil {
+			u.log.Error().Err(err).Msg("publishing receipts; devices will re-send their acks")
+		}
+		return
+	}
+	u.stats.receipts.Add(int64(len(msgs)))
 }
 
 func (u *Updater) isRelease(id keychain.ReleaseID) bool {

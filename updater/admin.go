@@ -253,8 +253,12 @@ func (u *Updater) provision(ctx context.Context, a protocol.ProvisionArgs) (*pro
 	u.mu.Lock()
 	u.fleetDir = true
 	u.mu.Unlock()
-	for _, d := range devs {
-		u.publishDeviceStatus(ctx, d, protocol.DeviceIdle, "", now)
+	statuses := make([]protocol.Message, len(devs))
+	for i, d := range devs {
+		statuses[i] = deviceStatusMessage(d, protocol.DeviceIdle, "", now)
+	}
+	if err := u.o.Bus.Publish(ctx, statuses...); err != nil && ctx.Err() == nil {
+		u.log.Warn().Err(err).Int("devices", len(devs)).Msg("publishing device statuses")
 	}
 	return &protocol.ProvisionResult{Devices: files}, nil
 }
@@ -269,7 +273,7 @@ func (u *Updater) newDevice(serial string, length uint32, auth keychain.BrokerAu
 	if err != nil {
 		return nil, protocol.DeviceFile{}, err
 	}
-	sealed, err := keychain.SealTraversal(u.o.Root, serial, 0, tr)
+	sealed, err := u.sealer.Seal(serial, 0, tr)
 	if err != nil {
 		return nil, protocol.DeviceFile{}, err
 	}
@@ -498,13 +502,14 @@ func (u *Updater) withdraw(ctx context.Context, rel *Release) error {
 		if err != nil {
 			return unavailable(err)
 		}
+		var held []*Device
 		for _, d := range devs {
-			if d == nil || !assigned(d, rel.ID) {
-				continue
+			if d != nil && assigned(d, rel.ID) {
+				held = append(held, d)
 			}
-			if err := u.nextFor(ctx, d); err != nil {
-				return fmt.Errorf("withdrawing the key of %s: %w", d.Serial, err)
-			}
+		}
+		if err := u.nextForAll(ctx, held); err != nil {
+			return fmt.Errorf("withdrawing the keys of release %s: %w", rel.ID, err)
 		}
 	}
 	return nil

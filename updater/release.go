@@ -5,7 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"sort"
+	"maps"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -24,6 +25,7 @@ type run struct {
 	ck      keychain.ContentKey
 	digest  [32]byte
 	targets map[string]struct{}
+	sorted  []string // the targets in order, for the fan-out
 	wrapped atomic.Int64
 	paused  atomic.Bool
 	cancel  context.CancelFunc // stops a fan-out in progress
@@ -38,6 +40,12 @@ func (u *Updater) newRun(rel *Release, targets []string) (*run, error) {
 	r := &run{rel: rel, ck: ck, digest: keychain.ManifestDigest(rel.Manifest), targets: make(map[string]struct{}, len(targets))}
 	for _, s := range targets {
 		r.targets[s] = struct{}{}
+	}
+	// Stores return targets sorted; a release to listed devices has them in the
+	// operator's order, possibly repeated.
+	r.sorted = targets
+	if !slices.IsSorted(targets) || len(r.targets) != len(targets) {
+		r.sorted = slices.Sorted(maps.Keys(r.targets))
 	}
 	r.paused.Store(rel.State == protocol.ReleasePaused)
 	return r, nil
@@ -148,11 +156,7 @@ func (u *Updater) startFanout(r *run) {
 
 // fanout wraps for all targets in batches, on Workers goroutines.
 func (u *Updater) fanout(ctx context.Context, r *run) (int, error) {
-	serials := make([]string, 0, len(r.targets))
-	for s := range r.targets {
-		serials = append(serials, s)
-	}
-	sort.Strings(serials)
+	serials := r.sorted
 	batches := make(chan []string)
 	var (
 		wg      sync.WaitGroup
@@ -211,15 +215,23 @@ func (u *Updater) wrapBatch(ctx context.Context, r *run, serials []string) (int,
 }
 
 // assignAndPublish records assignments, then publishes the key messages of those that
-// were recorded. The order matters: a key message is never out before the store knows
-// that its id was wrapped at that position, so the device's ack can always be matched.
-func (u *Updater) assignAndPublish(ctx context.Context, as []Assignment, msgs []protocol.Message) (int, error) {
-	if len(as) == 0 {
+// were recorded, followed by extra messages (which need no assignment), in one publish.
+// The order matters: a key message is never out before the store knows that its id was
+// wrapped at that position, so the device's ack can always be matched. It returns how many
+// key messages were published. If the store fails, only the extra messages are published.
+func (u *Updater) assignAndPublish(ctx context.Context, as []Assignment, msgs []protocol.Message, extra ...protocol.Message) (int, error) {
+	if len(as) == 0 && len(extra) == 0 {
 		return 0, nil
 	}
-	ok, err := u.o.Store.Assign(ctx, as)
-	if err != nil {
-		return 0, fmt.Errorf("recording assignments: %w", err)
+	var (
+		ok   []bool
+		aerr error
+	)
+	if len(as) > 0 {
+		if ok, aerr = u.o.Store.Assign(ctx, as); aerr != nil {
+			aerr = fmt.Errorf("recording assignments: %w", aerr)
+			ok = make([]bool, len(as))
+		}
 	}
 	out := msgs[:0]
 	for i, applied := range ok {
@@ -227,10 +239,15 @@ func (u *Updater) assignAndPublish(ctx context.Context, as []Assignment, msgs []
 			out = append(out, msgs[i])
 		}
 	}
-	if err := u.o.Bus.Publish(ctx, out...); err != nil {
-		return 0, fmt.Errorf("publishing key messages: %w", err)
+	keys := len(out)
+	out = append(out, extra...)
+	if len(out) == 0 {
+		return 0, aerr
 	}
-	u.stats.keys.Add(int64(len(out)))
+	if err := u.o.Bus.Publish(ctx, out...); err != nil {
+		return 0, errors.Join(aerr, fmt.Errorf("publishing key messages: %w", err))
+	}
+	u.stats.keys.Add(int64(keys))
 	u.mu.Lock()
 	for i, applied := range ok {
 		if !applied {
@@ -246,13 +263,13 @@ func (u *Updater) assignAndPublish(ctx context.Context, as []Assignment, msgs []
 		}
 	}
 	u.mu.Unlock()
-	return len(out), nil
+	return keys, aerr
 }
 
 // wrapFor builds the key message for device d at its current position: the release's
 // content key, or, at index 1, a re-key into the next chain ([SC-10.2], 10.3).
 func (u *Updater) wrapFor(d *Device, r *run) (Assignment, protocol.Message, error) {
-	tr, err := keychain.OpenTraversal(u.o.Root, d.Serial, d.Epoch, d.Chain)
+	tr, err := u.sealer.Open(d.Serial, d.Epoch, d.Chain)
 	if err != nil {
 		return Assignment{}, protocol.Message{}, fmt.Errorf("opening chain state: %w", err)
 	}
@@ -260,6 +277,7 @@ func (u *Updater) wrapFor(d *Device, r *run) (Assignment, protocol.Message, erro
 		return Assignment{}, protocol.Message{}, fmt.Errorf("chain state is at %d but the counter is at %d", tr.Pos(), d.Seq)
 	}
 	k := tr.Current()
+	u.stats.chainSteps.Add(int64(tr.Steps()))
 	if d.Seq == 1 {
 		return u.rekeyFor(d, k)
 	}
@@ -307,53 +325,65 @@ func (u *Updater) pendingFor(d *Device) *run {
 	return best
 }
 
-// nextFor publishes what each device should see on its key topic now that it has moved:
+// next returns what device d should see on its key topic now: a re-key at index 1, else
+// its pending release, else an empty retained message that clears the topic. The
+// assignment is nil for a clear.
+func (u *Updater) next(d *Device) (*Assignment, protocol.Message, error) {
+	var (
+		a   Assignment
+		m   protocol.Message
+		err error
+	)
+	r := u.pendingFor(d)
+	switch {
+	case d.Seq == 1:
+		tr, oerr := u.sealer.Open(d.Serial, d.Epoch, d.Chain)
+		if oerr != nil {
+			return nil, m, oerr
+		}
+		a, m, err = u.rekeyFor(d, tr.Current())
+		u.stats.chainSteps.Add(int64(tr.Steps()))
+	case r != nil:
+		a, m, err = u.wrapFor(d, r)
+	default:
+		return nil, protocol.Message{Topic: protocol.KeyTopic(d.Serial), Retain: true}, nil
+	}
+	if err != nil {
+		return nil, m, err
+	}
+	return &a, m, nil
+}
+
+// nextFor publishes what device d should see on its key topic now that it has moved:
 // a re-key at index 1, else its pending release, else nothing (the topic is cleared).
-// The devices' key messages go out together, so that one call costs one store write and
-// one burst of publishes however many devices moved.
-func (u *Updater) nextFor(ctx context.Context, ds ...*Device) error {
+func (u *Updater) nextFor(ctx context.Context, d *Device) error {
+	return u.nextForAll(ctx, []*Device{d})
+}
+
+// nextForAll does what nextFor does for each device, with one store call for the
+// assignments and one publish, followed by the extra messages. A device whose next
+// message cannot be built is skipped, and named in the error.
+func (u *Updater) nextForAll(ctx context.Context, devs []*Device, extra ...protocol.Message) error {
 	var (
 		as     []Assignment
-		msgs   []protocol.Message
+		keys   []protocol.Message
 		clears []protocol.Message
 		errs   []error
 	)
-	for _, d := range ds {
-		var (
-			a   Assignment
-			m   protocol.Message
-			err error
-		)
-		r := u.pendingFor(d)
+	for _, d := range devs {
+		a, m, err := u.next(d)
 		switch {
-		case d.Seq == 1:
-			tr, oerr := keychain.OpenTraversal(u.o.Root, d.Serial, d.Epoch, d.Chain)
-			if oerr != nil {
-				errs = append(errs, fmt.Errorf("%s: %w", d.Serial, oerr))
-				continue
-			}
-			a, m, err = u.rekeyFor(d, tr.Current())
-		case r != nil:
-			a, m, err = u.wrapFor(d, r)
+		case err != nil:
+			errs = append(errs, fmt.Errorf("device %s: %w", d.Serial, err))
+		case a == nil:
+			clears = append(clears, m)
 		default:
-			clears = append(clears, protocol.Message{Topic: protocol.KeyTopic(d.Serial), Retain: true})
-			continue
-		}
-		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", d.Serial, err))
-			continue
-		}
-		as, msgs = append(as, a), append(msgs, m)
-	}
-	if _, err := u.assignAndPublish(ctx, as, msgs); err != nil {
-		errs = append(errs, err)
-	}
-	if len(clears) > 0 {
-		if err := u.o.Bus.Publish(ctx, clears...); err != nil {
-			errs = append(errs, err)
+			as = append(as, *a)
+			keys = append(keys, m)
 		}
 	}
-	return errors.Join(errs...)
+	_, err := u.assignAndPublish(ctx, as, keys, append(clears, extra...)...)
+	return errors.Join(append(errs, err)...)
 }
 
 // publishImage encrypts the image once and publishes its chunks and manifest, retained.

@@ -85,6 +85,8 @@ type Updater struct {
 	pkey  ed25519.PublicKey
 	sealK [keychain.Size]byte // seals content keys and derives re-key ids
 
+	sealer *keychain.StateSealer // opens and seals chain states
+
 	acks    chan inbound
 	admin   chan []byte
 	uploads *uploads
@@ -138,6 +140,7 @@ func New(o Options) (*Updater, error) {
 		o: o, log: o.Logger,
 		pkey:   o.SigningKey.Public().(ed25519.PublicKey),
 		sealK:  o.Root.StateSealKey(),
+		sealer: keychain.NewStateSealer(o.Root),
 		acks:   make(chan inbound, 1<<16),
 		admin:  make(chan []byte, 256),
 		runs:   map[keychain.ReleaseID]*run{},
@@ -301,10 +304,16 @@ type Stats struct {
 	// Online is how many devices' retained presence says online now (always 0 with
 	// AcksOnly, which does not follow presence).
 	Online int
+	// ReceiptsPublished counts receipts the broker acknowledged.
+	ReceiptsPublished int64
+	// ChainSteps counts the hash-chain steps spent on wrapping keys and verifying acks
+	// (keychain.Traversal.Steps): a few per device and release, thanks to the pebbling.
+	ChainSteps int64
 }
 
 type counters struct {
 	keys, rekeys, accepted, dup, reports, resyncs, acksShed atomic.Int64
+	receipts, chainSteps                                    atomic.Int64
 	rejected                                                sync.Map // reason -> *atomic.Int64
 }
 
@@ -319,6 +328,7 @@ func (u *Updater) Stats() Stats {
 		KeysPublished: u.stats.keys.Load(), Rekeys: u.stats.rekeys.Load(),
 		AcksAccepted: u.stats.accepted.Load(), AcksDuplicate: u.stats.dup.Load(),
 		ReportsRecorded: u.stats.reports.Load(), AcksShed: u.stats.acksShed.Load(), Resyncs: u.stats.resyncs.Load(),
+		ReceiptsPublished: u.stats.receipts.Load(), ChainSteps: u.stats.chainSteps.Load(),
 		AcksRejected: map[string]int64{},
 	}
 	u.stats.rejected.Range(func(k, v any) bool {

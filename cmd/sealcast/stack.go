@@ -120,6 +120,19 @@ func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (_ *stac
 		publicURL = s.brokerURL
 	}
 
+	// Acks arrive through a shared subscription spread over several connections, so that
+	// a burst of acks fills several of the broker's per-client queues instead of
+	// overflowing one (mqttbus package comment). The embedded broker supports shared
+	// subscriptions; with another broker that is the operator's call (-ack-group).
+	// An external broker may allow one connection per username (Mosquitto with
+	// use_username_as_clientid, as deploy/mosquitto has it): one connection there.
+	ackGroup, subscribers, oneConn := c.ackGroup, 1, c.brokerURL != ""
+	if ackGroup == "" && c.brokerURL == "" {
+		ackGroup = "sealcast"
+	}
+	if ackGroup != "" && !oneConn {
+		subscribers = 4
+	}
 	bctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	// Unique per process start: two updaters must never take over each other's
@@ -128,6 +141,7 @@ func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (_ *stac
 	if s.bus, err = mqttbus.Dial(bctx, mqttbus.Options{
 		URL: s.brokerURL, ClientID: fmt.Sprintf("sealcast-updater-%s-%d-%s", host, os.Getpid(), rand.Text()[:8]),
 		Username: busUser, Password: busPW, TLS: busTLS, Logger: log.With().Str("component", "mqtt").Logger(),
+		Subscribers: subscribers, OneConnection: oneConn,
 	}); err != nil {
 		if c.brokerURL != "" {
 			return nil, fmt.Errorf("%w (the external broker comes from -broker or SEALCAST_BROKER; leave both unset to run the embedded broker)", err)
@@ -137,7 +151,7 @@ func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (_ *stac
 	uo := updater.Options{
 		Root: s.dir.Root, SigningKey: s.dir.SigningKey, Store: s.store, Bus: s.bus,
 		Logger: log.With().Str("component", "updater").Logger(), DataDir: c.dataDir,
-		ChainLength: uint32(c.chainLength), BrokerURL: publicURL, AckGroup: c.ackGroup, AcksOnly: c.acksOnly,
+		ChainLength: uint32(c.chainLength), BrokerURL: publicURL, AckGroup: ackGroup, AcksOnly: c.acksOnly,
 	}
 	if s.broker != nil {
 		uo.Revoker = s.broker

@@ -42,6 +42,11 @@ redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'seq', ARGV[4], 'chain_length', AR
 return 1
 `)
 
+// AdvanceScriptHash returns the SHA-1 of the script Advance runs, under which Redis caches
+// it (EVALSHA), so that its raw rate can be measured with redis-benchmark on a server
+// where Advance has run.
+func AdvanceScriptHash() string { return advanceScript.Hash() }
+
 // noteScript: KEYS[1] device; ARGV state, last result (empty: unchanged), last seen.
 var noteScript = redis.NewScript(`
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
