@@ -139,7 +139,7 @@ func provisionStore(b *testing.B, s updater.Store, devs []*updater.Device) {
 // acks arrive through a shared subscription over several connections, so that a burst of
 // acks is spread over several queues at the broker instead of overflowing one.
 const (
-	benchPublishers  = 1
+	benchPublishers  = 4
 	benchSubscribers = 4
 	benchAckGroup    = "sealcast"
 )

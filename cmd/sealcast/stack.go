@@ -133,6 +133,15 @@ func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (_ *stac
 	if ackGroup != "" && !oneConn {
 		subscribers = 4
 	}
+	// Publishes go over several connections too: the embedded broker handles each
+	// connection on its own goroutine, and with its data directory every retained key
+	// message is a synced write, which concurrent connections share (group commit). A
+	// device's messages always take the same connection, so their order holds. Measured
+	// (docs/BENCHMARKS.md): 100,000 keys in 7.3 s with four, 12.2 s with one.
+	publishers := 1
+	if !oneConn {
+		publishers = 4
+	}
 	bctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	// Unique per process start: two updaters must never take over each other's
@@ -141,7 +150,7 @@ func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (_ *stac
 	if s.bus, err = mqttbus.Dial(bctx, mqttbus.Options{
 		URL: s.brokerURL, ClientID: fmt.Sprintf("sealcast-updater-%s-%d-%s", host, os.Getpid(), rand.Text()[:8]),
 		Username: busUser, Password: busPW, TLS: busTLS, Logger: log.With().Str("component", "mqtt").Logger(),
-		Subscribers: subscribers, OneConnection: oneConn,
+		Subscribers: subscribers, Publishers: publishers, OneConnection: oneConn,
 	}); err != nil {
 		if c.brokerURL != "" {
 			return nil, fmt.Errorf("%w (the external broker comes from -broker or SEALCAST_BROKER; leave both unset to run the embedded broker)", err)
