@@ -87,7 +87,7 @@ func (u *Updater) loadRuns(ctx context.Context) error {
 
 // refreshRunsLoop keeps an acks-only updater's view of releases current.
 func (u *Updater) refreshRunsLoop(ctx context.Context) {
-	t := time.NewTicker(2 * time.Second)
+	t := time.NewTicker(u.o.RefreshInterval)
 	defer t.Stop()
 	for {
 		select {
@@ -370,16 +370,43 @@ func (u *Updater) nextForAll(ctx context.Context, devs []*Device, extra ...proto
 		clears []protocol.Message
 		errs   []error
 	)
+	var idle []*Device // nothing pending in this updater's view
 	for _, d := range devs {
 		a, m, err := u.next(d)
 		switch {
 		case err != nil:
 			errs = append(errs, fmt.Errorf("device %s: %w", d.Serial, err))
 		case a == nil:
+			idle = append(idle, d)
 			clears = append(clears, m)
 		default:
 			as = append(as, *a)
 			keys = append(keys, m)
+		}
+	}
+	if len(idle) > 0 && u.o.AcksOnly {
+		// An acks-only updater's view of the releases is refreshed now and then; a
+		// release created since may have been wrapped for a device at the index it just
+		// left, by the other updater, whose fan-out will not come back to it. Ask the
+		// store before clearing: it has every release whose wrap preceded this advance.
+		clears = clears[:0]
+		if err := u.loadRuns(ctx); err != nil {
+			// Leave the key topics as they are: a device that finds its old key there
+			// reports stale_key, and the answer publishes what is pending then.
+			errs = append(errs, fmt.Errorf("refreshing the releases before clearing %d key topics: %w", len(idle), err))
+			idle = nil
+		}
+		for _, d := range idle {
+			a, m, err := u.next(d)
+			switch {
+			case err != nil:
+				errs = append(errs, fmt.Errorf("device %s: %w", d.Serial, err))
+			case a == nil:
+				clears = append(clears, m)
+			default:
+				as = append(as, *a)
+				keys = append(keys, m)
+			}
 		}
 	}
 	_, err := u.assignAndPublish(ctx, as, keys, append(clears, extra...)...)

@@ -67,6 +67,10 @@ type Options struct {
 	// AcksOnly makes this updater process acks only, leaving admin requests and release
 	// fan-out to another one.
 	AcksOnly bool
+	// RefreshInterval is how often an AcksOnly updater reads the releases from the store
+	// (default 2 s). It also reads them whenever a device it advanced has nothing
+	// pending in its view, so a longer interval costs nothing in correctness.
+	RefreshInterval time.Duration
 	// Revoker, if set, is told of provisioned and deprovisioned serials.
 	Revoker Revoker
 	// MaxUploadSize bounds one image (default 4 GiB).
@@ -135,6 +139,9 @@ func New(o Options) (*Updater, error) {
 	}
 	if o.Now == nil {
 		o.Now = time.Now
+	}
+	if o.RefreshInterval <= 0 {
+		o.RefreshInterval = 2 * time.Second
 	}
 	u := &Updater{
 		o: o, log: o.Logger,
