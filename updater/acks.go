@@ -3,6 +3,7 @@ package updater
 import (
 	"bytes"
 	"context"
+	"math"
 	"time"
 
 	"github.com/sealcast/sealcast/keychain"
@@ -43,6 +44,7 @@ type verdict struct {
 	key     keychain.ChainKey // K_seq of the ack
 	advance *Advance          // set for an ack that moves the counter
 	receipt []byte
+	reoffer bool // a stale_key report about index C+1: publish the key message for C again
 }
 
 // processAcks applies [SC-10.2] to a batch: read the devices, verify, compare-and-set the
@@ -68,6 +70,7 @@ func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
 		notes    []Note
 		reports  = map[keychain.ReleaseID][]Result{}
 		dups     []*verdict // duplicates of installed acks, answered once their result is recorded
+		reoffer  []*Device  // devices sent an outdated key message: send the current one again
 	)
 	now := u.o.Now()
 	for i, in := range batch {
@@ -76,6 +79,8 @@ func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
 			continue
 		}
 		switch {
+		case v.reoffer:
+			reoffer = append(reoffer, v.dev)
 		case v.advance != nil:
 			vs = append(vs, v)
 			adv = append(adv, *v.advance)
@@ -93,6 +98,11 @@ func (u *Updater) processAcks(ctx context.Context, batch []inbound) {
 		}
 	}
 	u.recordResults(ctx, reports, "recording failures")
+	if len(reoffer) > 0 {
+		if err := u.nextForAll(ctx, reoffer); err != nil && ctx.Err() == nil {
+			u.log.Error().Err(err).Int("devices", len(reoffer)).Msg("publishing current key messages again")
+		}
+	}
 	// A duplicate of an installed ack records its result again (installed is final, so
 	// this counts nothing twice): the process that accepted it may have died, or lost the
 	// store, between moving the counter and recording the result. Its receipt goes out
@@ -202,7 +212,13 @@ func (u *Updater) judge(in inbound, d *Device, now time.Time) *verdict {
 		v.receipt = d.LastReceipt
 		return v
 	}
-	if a.Epoch != d.Epoch || a.Seq != d.Seq {
+	// A stale_key report about the index just above the counter, from a device at the
+	// counter: a key message for the index the device has just used reached it after
+	// the one for its current index (a fan-out that raced with its ack, and published
+	// last). [SC-10.2] 4: publish what is due at C again.
+	staleAbove := a.Kind == keychain.AckFailed && protocol.Code(a.Code) == protocol.CodeStaleKey &&
+		a.Epoch == d.Epoch && d.Seq < math.MaxUint32 && a.Seq == d.Seq+1 && a.DeviceSeq == d.Seq
+	if (a.Epoch != d.Epoch || a.Seq != d.Seq) && !staleAbove {
 		// Replays of older acks, acks from a previous epoch, or invented positions.
 		u.reject(in.serial, "stale", nil)
 		return nil
@@ -216,6 +232,15 @@ func (u *Updater) judge(in inbound, d *Device, now time.Time) *verdict {
 	v.key = tr.Current()
 	// Counted once the verdict is known: every path below ends with the traversal.
 	defer func() { u.stats.chainSteps.Add(int64(tr.Steps())) }()
+	if staleAbove {
+		if keychain.VerifyAck(in.payload, keychain.Step(v.key), d.Serial) != nil { // K_{C+1}
+			u.reject(in.serial, "forged", nil)
+			return nil
+		}
+		u.stats.reoffers.Add(1)
+		v.reoffer = true
+		return v
+	}
 	if keychain.VerifyAck(in.payload, v.key, d.Serial) != nil {
 		u.reject(in.serial, "forged", nil)
 		return nil

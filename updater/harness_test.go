@@ -174,11 +174,12 @@ type testDevice struct {
 	u    keychain.UnitData
 	d    uint32 // the device's sequence number D
 	ver  uint64
+	used map[uint32][]byte // the key message installed at each index
 }
 
 func connectDevice(t *testing.T, url string, f protocol.DeviceFile) *testDevice {
 	t.Helper()
-	d := &testDevice{t: t, file: f, keys: make(chan []byte, 16), rcpt: make(chan []byte, 16), d: f.Seq}
+	d := &testDevice{t: t, file: f, keys: make(chan []byte, 16), rcpt: make(chan []byte, 16), d: f.Seq, used: map[uint32][]byte{}}
 	copy(d.u[:], f.UnitData)
 	o := mqtt.NewClientOptions().AddBroker(url).SetClientID(f.Serial).SetUsername(f.Serial).SetPassword(f.Broker.Password).SetCleanSession(true)
 	d.c = mqtt.NewClient(o)
@@ -265,7 +266,33 @@ func (d *testDevice) install() (ack []byte, km *keychain.KeyMessage, image []byt
 		d.t.Fatal(err)
 	}
 	d.d, d.ver = km.Seq-1, m.Version
+	d.used[km.Seq] = raw
 	return ack, km, image
+}
+
+// lastKeyAt returns the key message the device installed at index n.
+func (d *testDevice) lastKeyAt(n uint32) []byte {
+	d.t.Helper()
+	raw, ok := d.used[n]
+	if !ok {
+		d.t.Fatalf("device %s installed nothing at %d", d.file.Serial, n)
+	}
+	return raw
+}
+
+// publishAsUpdater publishes a retained message with the updater's broker account.
+func (e *env) publishAsUpdater(topic string, payload []byte) {
+	e.t.Helper()
+	o := mqtt.NewClientOptions().AddBroker(e.b.URL).SetClientID("test-as-updater").
+		SetUsername(e.b.Updater.Username).SetPassword(e.b.Updater.Password).SetCleanSession(true)
+	c := mqtt.NewClient(o)
+	if tok := c.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		e.t.Fatalf("connecting as the updater: %v", tok.Error())
+	}
+	defer c.Disconnect(100)
+	if tok := c.Publish(topic, 1, true, payload); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		e.t.Fatalf("publishing %s: %v", topic, tok.Error())
+	}
 }
 
 func (d *testDevice) publishAck(ack []byte) {

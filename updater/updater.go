@@ -302,6 +302,9 @@ type Stats struct {
 	ReportsRecorded int64
 	// Resyncs counts stale_key reports that moved a counter down to meet its device.
 	Resyncs int64
+	// Reoffers counts stale_key reports about the index above the counter, answered by
+	// publishing the device's current key message again.
+	Reoffers int64
 	// AcksRejected counts acks that changed nothing, by reason: malformed, unknown_device,
 	// forged (bad MAC), stale (not at the device's position: replays, other releases),
 	// unassigned (an id never wrapped at that position).
@@ -320,7 +323,7 @@ type Stats struct {
 
 type counters struct {
 	keys, rekeys, accepted, dup, reports, resyncs, acksShed atomic.Int64
-	receipts, chainSteps                                    atomic.Int64
+	receipts, chainSteps, reoffers                          atomic.Int64
 	rejected                                                sync.Map // reason -> *atomic.Int64
 }
 
@@ -335,6 +338,7 @@ func (u *Updater) Stats() Stats {
 		KeysPublished: u.stats.keys.Load(), Rekeys: u.stats.rekeys.Load(),
 		AcksAccepted: u.stats.accepted.Load(), AcksDuplicate: u.stats.dup.Load(),
 		ReportsRecorded: u.stats.reports.Load(), AcksShed: u.stats.acksShed.Load(), Resyncs: u.stats.resyncs.Load(),
+		Reoffers:          u.stats.reoffers.Load(),
 		ReceiptsPublished: u.stats.receipts.Load(), ChainSteps: u.stats.chainSteps.Load(),
 		AcksRejected: map[string]int64{},
 	}

@@ -328,3 +328,42 @@ func TestDeviceAheadResync(t *testing.T) {
 		t.Errorf("stats %+v", s)
 	}
 }
+
+// TestOutdatedKeyReoffered: a device at index n-1 that finds a key message for index n on
+// its key topic (a fan-out published it after the message for n-1, racing with the
+// device's ack) reports stale_key at n; the server publishes the key message for n-1
+// again [SC-10.2] 4. A forged report of that kind changes nothing.
+func TestOutdatedKeyReoffered(t *testing.T) {
+	e := startEnv(t, boltOpener)
+	f := e.provision(1)[0]
+	d := connectDevice(t, e.b.URL, f)
+	e.release(randomImage(3000), 1)
+	ack, km, _ := d.install()
+	d.ackUntilReceipt(ack, keychain.Key(d.u, km.Seq))
+	rid2 := e.release(randomImage(3000), 2)
+	km2, err := keychain.ParseKeyMessage(d.next(d.keys, "release 2 key"))
+	if err != nil || km2.ID != rid2 || km2.Seq != f.Seq-1 {
+		t.Fatalf("release 2 key %+v (%v), want at %d", km2, err, f.Seq-1)
+	}
+	// The outdated message: release 1's key at n lands on the topic last.
+	old := d.lastKeyAt(f.Seq)
+	e.publishAsUpdater(protocol.KeyTopic(f.Serial), old)
+	if got := d.next(d.keys, "outdated key"); !bytes.Equal(got, old) {
+		t.Fatal("the outdated key message did not arrive")
+	}
+	// A forged report first: nothing is published.
+	forged, _ := keychain.Ack{Kind: keychain.AckFailed, Seq: f.Seq, ID: km.ID, DeviceSeq: f.Seq - 1, Code: uint16(protocol.CodeStaleKey)}.Seal(keychain.Key(d.u, f.Seq-5), f.Serial)
+	d.publishAck(forged)
+	rep, _ := keychain.Ack{Kind: keychain.AckFailed, Seq: f.Seq, ID: km.ID, DeviceSeq: f.Seq - 1, Code: uint16(protocol.CodeStaleKey)}.Seal(keychain.Key(d.u, f.Seq), f.Serial)
+	d.publishAck(rep)
+	again, err := keychain.ParseKeyMessage(d.next(d.keys, "key message published again"))
+	if err != nil || again.ID != rid2 || again.Seq != f.Seq-1 {
+		t.Fatalf("published again: %+v (%v), want release 2 at %d", again, err, f.Seq-1)
+	}
+	if s := e.u.Stats(); s.Reoffers != 1 || s.AcksRejected["forged"] != 1 {
+		t.Errorf("reoffers %d, forged %d; want 1 and 1", s.Reoffers, s.AcksRejected["forged"])
+	}
+	if got := e.device(f.Serial); got.Seq != f.Seq-1 {
+		t.Fatalf("counter %d, want %d", got.Seq, f.Seq-1)
+	}
+}

@@ -27,6 +27,7 @@ func newCollector(s *stack) *collector {
 		"shed":      d("acks_shed_total", "Acks dropped because the queue was full (devices re-send)."),
 		"reports":   d("install_failures_total", "Failure reports recorded from devices."),
 		"resyncs":   d("resyncs_total", "Counters moved down to meet a device that was ahead."),
+		"reoffers":  d("reoffers_total", "Key messages published again for a device that got an outdated one."),
 		"connected": d("broker_clients_connected", "MQTT clients connected to the embedded broker."),
 		"authfail":  d("broker_auth_failures_total", "Connections refused."),
 		"acl":       d("broker_acl_denials_total", "Subscriptions, publishes and deliveries refused."),
@@ -59,6 +60,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter("shed", st.AcksShed)
 	counter("reports", st.ReportsRecorded)
 	counter("resyncs", st.Resyncs)
+	counter("reoffers", st.Reoffers)
 	gauge("online", float64(st.Online))
 	for _, r := range []string{"malformed", "unknown_device", "forged", "stale", "unassigned", "internal"} {
 		counter("rejected", st.AcksRejected[r], r)
