@@ -60,7 +60,7 @@ func draw(in, out, title string) error {
 	}
 	p := plot.New()
 	p.Title.Text = title
-	p.X.Label.Text = "seconds since the upload started"
+	p.X.Label.Text = "seconds since release.create"
 	p.Y.Label.Text = "% of devices installed and acked"
 	p.Y.Min, p.Y.Max = 0, 100
 	// Bottom right, clear of the 0 % line: by the end of the slowest curve the others
