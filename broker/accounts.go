@@ -7,10 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 
 	"golang.org/x/crypto/bcrypt"
 
+	"github.com/sealcast/sealcast/internal/atomicfile"
 	"github.com/sealcast/sealcast/keychain"
 )
 
@@ -128,45 +128,10 @@ func SaveAccounts(path string, accounts []Account) error {
 	if err != nil {
 		return fmt.Errorf("broker: encoding accounts: %w", err)
 	}
-	if err := writeFileAtomic(path, append(b, '\n')); err != nil {
+	if err := atomicfile.Write(path, append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("broker: saving accounts: %w", err)
 	}
 	return nil
-}
-
-// writeFileAtomic replaces the file at path with data, mode 0600, so that a crash leaves
-// the old or the new content: temporary file, fsync, rename, fsync of the directory.
-func writeFileAtomic(path string, data []byte) error {
-	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+"-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name()) // no-op after a successful rename
-	if err := tmp.Chmod(0o600); err != nil {
-		tmp.Close()
-		return err
-	}
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // AddAccountToFile adds a to the accounts file at path, replacing an account of the same

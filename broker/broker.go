@@ -23,6 +23,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/rs/zerolog"
 
+	"github.com/sealcast/sealcast/internal/atomicfile"
 	"github.com/sealcast/sealcast/keychain"
 )
 
@@ -495,7 +496,7 @@ func (b *Broker) saveRevokedLocked() error {
 	}
 	slices.Sort(serials)
 	data, _ := json.Marshal(revokedDoc{Revoked: serials})
-	if err := writeFileAtomic(filepath.Join(b.dataDir, RevokedFile), append(data, '\n')); err != nil {
+	if err := atomicfile.Write(filepath.Join(b.dataDir, RevokedFile), append(data, '\n'), 0o600); err != nil {
 		return fmt.Errorf("broker: saving revoked serials: %w", err)
 	}
 	return nil

@@ -13,6 +13,7 @@ import (
 
 	"github.com/peterbourgon/ff/v3/ffcli"
 
+	"github.com/sealcast/sealcast/internal/atomicfile"
 	"github.com/sealcast/sealcast/keychain"
 	"github.com/sealcast/sealcast/protocol"
 )
@@ -244,32 +245,9 @@ func writeSecret(path string, b []byte, force bool) error {
 	if err := checkFree(path, force); err != nil {
 		return err
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".sealcast-*.tmp")
-	if err != nil {
-		return err
+	if force {
+		return atomicfile.Write(path, b, 0o600)
 	}
-	defer os.Remove(tmp.Name()) // a no-op after the rename
-	if err := tmp.Chmod(0o600); err != nil {
-		tmp.Close()
-		return err
-	}
-	if _, err := tmp.Write(b); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	if !force {
-		// Link fails if path appeared meanwhile; rename would replace it.
-		if err := os.Link(tmp.Name(), path); err != nil {
-			return fmt.Errorf("writing %s: %w", path, err)
-		}
-		return nil
-	}
-	return os.Rename(tmp.Name(), path)
+	// Not Write: a file that appeared meanwhile must not be replaced.
+	return atomicfile.WriteNew(path, b, 0o600)
 }

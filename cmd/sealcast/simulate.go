@@ -24,6 +24,7 @@ import (
 
 	"github.com/sealcast/sealcast/device"
 	"github.com/sealcast/sealcast/device/simulate"
+	"github.com/sealcast/sealcast/internal/atomicfile"
 	"github.com/sealcast/sealcast/keychain"
 	"github.com/sealcast/sealcast/operator"
 	"github.com/sealcast/sealcast/protocol"
@@ -369,28 +370,7 @@ func simWriteDeviceFile(path string, f protocol.DeviceFile) error {
 	if err != nil {
 		return err
 	}
-	b = append(b, '\n')
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if err := tmp.Chmod(0o600); err != nil {
-		tmp.Close()
-		return err
-	}
-	if _, err := tmp.Write(b); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
+	return atomicfile.Write(path, append(b, '\n'), 0o600)
 }
 
 // simShowProgress shows the fleet's progress on standard error until the returned
