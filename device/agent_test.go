@@ -19,6 +19,7 @@ import (
 	"github.com/sealcast/sealcast/device"
 	"github.com/sealcast/sealcast/device/internal/fleettest"
 	"github.com/sealcast/sealcast/device/internal/mqtttest"
+	"github.com/sealcast/sealcast/internal/devicetest"
 	"github.com/sealcast/sealcast/keychain"
 	"github.com/sealcast/sealcast/protocol"
 )
@@ -52,61 +53,9 @@ func image(n int, seed uint64) []byte {
 	return b
 }
 
-// recorder collects events.
-type recorder struct {
-	mu     sync.Mutex
-	events []device.Event
-	hook   func(device.Event)
-}
-
-func (r *recorder) on(e device.Event) {
-	r.mu.Lock()
-	r.events = append(r.events, e)
-	h := r.hook
-	r.mu.Unlock()
-	if h != nil {
-		h(e)
-	}
-}
-
-func (r *recorder) count(k device.EventKind) int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	n := 0
-	for _, e := range r.events {
-		if e.Kind == k {
-			n++
-		}
-	}
-	return n
-}
-
-func (r *recorder) fetches() map[uint32]int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	m := map[uint32]int{}
-	for _, e := range r.events {
-		if e.Kind == device.EventChunkFetch {
-			m[e.Index]++
-		}
-	}
-	return m
-}
-
-func (r *recorder) wait(t *testing.T, k device.EventKind, n int) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for r.count(k) < n {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %d %v events (have %d)", n, k, r.count(k))
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
-func (e *env) opts(v device.Vault, inst device.Installer, rec *recorder) device.Options {
+func (e *env) opts(v device.Vault, inst device.Installer, rec *devicetest.Recorder) device.Options {
 	return device.Options{
-		Vault: v, Installer: inst, OnEvent: rec.on,
+		Vault: v, Installer: inst, OnEvent: rec.On,
 		Logger:       zerolog.New(zerolog.NewTestWriter(e.t)).Level(zerolog.InfoLevel),
 		ChunkTimeout: 2 * time.Second, AckResend: 200 * time.Millisecond, AckResendMax: time.Second,
 		ReconnectMin: 20 * time.Millisecond, ReconnectMax: 200 * time.Millisecond,
@@ -204,7 +153,7 @@ func TestEndToEnd(t *testing.T) {
 	e := newEnv(t)
 	dir := t.TempDir()
 	v, inst := e.provision("dev-1", dir)
-	rec := &recorder{}
+	rec := &devicetest.Recorder{}
 	run(t, e.opts(v, inst, rec))
 
 	img := image(10*testChunk+100, 1)
@@ -250,7 +199,7 @@ func TestEndToEnd(t *testing.T) {
 func TestRekey(t *testing.T) {
 	e := newEnv(t)
 	v, inst := e.provision("dev-rk", t.TempDir())
-	rec := &recorder{}
+	rec := &devicetest.Recorder{}
 	run(t, e.opts(v, inst, rec))
 	id, err := e.srv.Rekey("dev-rk", 32)
 	if err != nil {
@@ -275,7 +224,7 @@ func TestRekey(t *testing.T) {
 func TestDropMidDownloadResumes(t *testing.T) {
 	e := newEnv(t)
 	v, inst := e.provision("dev-drop", t.TempDir())
-	rec := &recorder{}
+	rec := &devicetest.Recorder{}
 	o := e.opts(v, inst, rec)
 	o.Window = 1
 	const k = 4
@@ -293,10 +242,10 @@ func TestDropMidDownloadResumes(t *testing.T) {
 	e.srv.Wrap(r, "dev-drop")
 	waitVault(t, v, func(s device.State) bool { return s.LastAckConfirmed })
 	checkSlot(t, inst, img)
-	if rec.count(device.EventConnected) < 2 {
-		t.Fatalf("connected %d times, want a reconnect", rec.count(device.EventConnected))
+	if rec.Count(device.EventConnected) < 2 {
+		t.Fatalf("connected %d times, want a reconnect", rec.Count(device.EventConnected))
 	}
-	f := rec.fetches()
+	f := rec.Fetches()
 	t.Logf("chunk fetches per index: %v", f)
 	// Chunk k+1 was subscribed just before the drop; it is fetched again after the
 	// reconnect unless its delivery won the race with the drop (a busy machine).
@@ -311,7 +260,7 @@ func TestWindowResume(t *testing.T) {
 	// With the default window, chunks already buffered are not fetched again.
 	e := newEnv(t)
 	v, inst := e.provision("dev-w4", t.TempDir())
-	rec := &recorder{}
+	rec := &devicetest.Recorder{}
 	o := e.opts(v, inst, rec)
 	var dropped sync.Once
 	o.Faults.DropAfterChunk = func(i uint32) bool {
@@ -327,7 +276,7 @@ func TestWindowResume(t *testing.T) {
 	e.srv.Wrap(r, "dev-w4")
 	waitVault(t, v, func(s device.State) bool { return s.LastAckConfirmed })
 	checkSlot(t, inst, img)
-	f := rec.fetches()
+	f := rec.Fetches()
 	t.Logf("chunk fetches per index: %v", f)
 	for i := uint32(0); i < 20; i++ {
 		if f[i] < 1 || f[i] > 2 || (f[i] == 2 && (i <= 6 || i > 6+4)) {
@@ -340,7 +289,7 @@ func TestPowerLossBeforePersist(t *testing.T) {
 	e := newEnv(t)
 	dir := t.TempDir()
 	v, inst := e.provision("dev-pl1", dir)
-	rec := &recorder{}
+	rec := &devicetest.Recorder{}
 	o := e.opts(v, inst, rec)
 	o.Faults.CrashAfterInstall = true
 	r0 := run(t, o)
@@ -357,13 +306,13 @@ func TestPowerLossBeforePersist(t *testing.T) {
 		t.Fatal("an ack was sent before persisting")
 	}
 	// Reboot: the same vault and slots; the retained key message is redone.
-	rec2 := &recorder{}
+	rec2 := &devicetest.Recorder{}
 	run(t, e.opts(device.NewFileVault(v.Path()), inst, rec2))
 	st := waitVault(t, v, func(s device.State) bool { return s.LastAckConfirmed })
 	if st.Seq != 15 || st.Version != 1 {
 		t.Fatalf("D=%d v=%d", st.Seq, st.Version)
 	}
-	if rec2.count(device.EventCommitted) != 1 {
+	if rec2.Count(device.EventCommitted) != 1 {
 		t.Fatalf("re-install not done")
 	}
 	checkSlot(t, inst, img)
@@ -372,7 +321,7 @@ func TestPowerLossBeforePersist(t *testing.T) {
 func TestPowerLossBeforeAck(t *testing.T) {
 	e := newEnv(t)
 	v, inst := e.provision("dev-pl2", t.TempDir())
-	rec := &recorder{}
+	rec := &devicetest.Recorder{}
 	o := e.opts(v, inst, rec)
 	o.Faults.CrashAfterPersist = true
 	r0 := run(t, o)
@@ -389,10 +338,10 @@ func TestPowerLossBeforeAck(t *testing.T) {
 	if len(e.srv.Dev("dev-pl2").Acks) != 0 {
 		t.Fatal("ack sent despite the crash")
 	}
-	rec2 := &recorder{}
+	rec2 := &devicetest.Recorder{}
 	run(t, e.opts(device.NewFileVault(v.Path()), inst, rec2))
 	waitVault(t, v, func(s device.State) bool { return s.LastAckConfirmed })
-	if rec2.count(device.EventCommitted) != 0 {
+	if rec2.Count(device.EventCommitted) != 0 {
 		t.Fatal("the image was installed again; only the ack should be re-sent")
 	}
 	got, _ := e.srv.WaitAck("dev-pl2", time.Second, func(a keychain.Ack) bool { return a.Kind == keychain.AckInstalled })
@@ -406,7 +355,7 @@ func TestPowerLossMidDownload(t *testing.T) {
 	// whole image again, and the counter moves once.
 	e := newEnv(t)
 	v, inst := e.provision("dev-pl3", t.TempDir())
-	rec := &recorder{}
+	rec := &devicetest.Recorder{}
 	o := e.opts(v, inst, rec)
 	var asked []device.CrashPoint
 	var mu sync.Mutex
@@ -426,9 +375,9 @@ func TestPowerLossMidDownload(t *testing.T) {
 	if st, _ := v.Load(); st.Seq != 16 || st.LastAck != nil {
 		t.Fatalf("a crash mid-download changed the vault: D=%d", st.Seq)
 	}
-	if rec.count(device.EventCommitted) != 0 || rec.count(device.EventChunkDone) != 3 {
+	if rec.Count(device.EventCommitted) != 0 || rec.Count(device.EventChunkDone) != 3 {
 		t.Fatalf("before the crash: %d commits, %d chunks done; want 0 and 3",
-			rec.count(device.EventCommitted), rec.count(device.EventChunkDone))
+			rec.Count(device.EventCommitted), rec.Count(device.EventChunkDone))
 	}
 	mu.Lock()
 	if len(asked) != 3 {
@@ -436,7 +385,7 @@ func TestPowerLossMidDownload(t *testing.T) {
 	}
 	mu.Unlock()
 
-	rec2 := &recorder{}
+	rec2 := &devicetest.Recorder{}
 	o2 := e.opts(device.NewFileVault(v.Path()), inst, rec2)
 	o2.Faults.Crash = func(p device.CrashPoint, _ keychain.ReleaseID, _ uint32) bool {
 		mu.Lock()
@@ -449,7 +398,7 @@ func TestPowerLossMidDownload(t *testing.T) {
 	if st.Seq != 15 || st.Version != 1 {
 		t.Fatalf("D=%d v=%d", st.Seq, st.Version)
 	}
-	if n := rec2.count(device.EventChunkDone); n != 6 {
+	if n := rec2.Count(device.EventChunkDone); n != 6 {
 		t.Fatalf("after the reboot %d chunks were processed, want all 6 again", n)
 	}
 	checkSlot(t, inst, img)
@@ -505,14 +454,14 @@ func TestRefusedSubscriptionsRetried(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.srv.Wrap(r, "dev-sub")
-	rec := &recorder{}
+	rec := &devicetest.Recorder{}
 	o := e.opts(v, inst, rec)
 	o.FetchTries = 1
 	o.ChunkTimeout = 10 * time.Second
 	rn := run(t, o)
 	waitVault(t, v, func(s device.State) bool { return s.LastAckConfirmed })
 	checkSlot(t, inst, img)
-	if n := rec.count(device.EventFailed); n != 0 {
+	if n := rec.Count(device.EventFailed); n != 0 {
 		t.Fatalf("%d failures", n)
 	}
 	if got := rn.a.Stats().SubRetries; got != 3 {
@@ -526,14 +475,14 @@ func TestRefusedSubscriptionsRetried(t *testing.T) {
 func TestAckResentUntilReceipt(t *testing.T) {
 	e := newEnv(t)
 	v, inst := e.provision("dev-rs", t.TempDir())
-	rec := &recorder{}
+	rec := &devicetest.Recorder{}
 	o := e.opts(v, inst, rec)
 	o.Faults.AckDelay = 100 * time.Millisecond
 	e.srv.AnswerAcks.Store(false)
 	run(t, o)
 	r := e.release(image(2*testChunk, 8), 1)
 	e.srv.Wrap(r, "dev-rs")
-	rec.wait(t, device.EventAckSent, 3)
+	rec.Wait(t, device.EventAckSent, 3)
 	if st, _ := v.Load(); st.LastAckConfirmed {
 		t.Fatal("confirmed without a receipt")
 	}
@@ -548,10 +497,10 @@ func TestAckResentUntilReceipt(t *testing.T) {
 }
 
 // failEnv runs one device and returns the report it sends.
-func failCase(t *testing.T, e *env, serial string, setup func(v device.Vault) []byte, o func(*device.Options), hook func(*recorder)) (keychain.Ack, *recorder, device.Vault) {
+func failCase(t *testing.T, e *env, serial string, setup func(v device.Vault) []byte, o func(*device.Options), hook func(*devicetest.Recorder)) (keychain.Ack, *devicetest.Recorder, device.Vault) {
 	t.Helper()
 	v, inst := e.provision(serial, t.TempDir())
-	rec := &recorder{}
+	rec := &devicetest.Recorder{}
 	if hook != nil {
 		hook(rec)
 	}
@@ -624,7 +573,7 @@ func TestFailures(t *testing.T) {
 		if protocol.Code(a.Code) != protocol.CodeChunkCorrupt {
 			t.Fatalf("code %v", protocol.Code(a.Code))
 		}
-		if n := rec.fetches()[2]; n != 3 {
+		if n := rec.Fetches()[2]; n != 3 {
 			t.Fatalf("corrupt chunk fetched %d times, want 3", n)
 		}
 	})
@@ -646,7 +595,7 @@ func TestStaleKey(t *testing.T) {
 	st.Seq = 10 // the device already used 16..11
 	v.Save(st)
 	r := e.release(image(testChunk, 10), 1)
-	rec := &recorder{}
+	rec := &devicetest.Recorder{}
 	run(t, e.opts(v, inst, rec))
 	e.srv.Wrap(r, "f-stale2") // at C = 16
 	got, err := e.srv.WaitAck("f-stale2", 20*time.Second, func(a keychain.Ack) bool { return a.Kind == keychain.AckFailed })
@@ -667,9 +616,9 @@ func TestTamperedChunkRefetched(t *testing.T) {
 	bad := bytes.Clone(r.Chunks[3])
 	bad[0] ^= 0xff
 	e.srv.Publish(protocol.ChunkTopic(r.ID, 3), bad, true)
-	rec := &recorder{}
+	rec := &devicetest.Recorder{}
 	var fixed sync.Once
-	rec.hook = func(ev device.Event) {
+	rec.Hook = func(ev device.Event) {
 		if ev.Kind == device.EventChunkBad && ev.Index == 3 {
 			// The operator repairs the retained chunk before the device fetches it again.
 			fixed.Do(func() { e.srv.Publish(protocol.ChunkTopic(r.ID, 3), r.Chunks[3], true) })
@@ -679,8 +628,8 @@ func TestTamperedChunkRefetched(t *testing.T) {
 	e.srv.Wrap(r, "dev-tamper")
 	waitVault(t, v, func(s device.State) bool { return s.LastAckConfirmed })
 	checkSlot(t, inst, img)
-	if f := rec.fetches(); f[3] != 2 || rec.count(device.EventChunkBad) != 1 {
-		t.Fatalf("chunk 3 fetched %d times, %d bad", f[3], rec.count(device.EventChunkBad))
+	if f := rec.Fetches(); f[3] != 2 || rec.Count(device.EventChunkBad) != 1 {
+		t.Fatalf("chunk 3 fetched %d times, %d bad", f[3], rec.Count(device.EventChunkBad))
 	}
 }
 
@@ -690,7 +639,7 @@ func TestImageHashUsed(t *testing.T) {
 	v, inst := e.provision("dev-hash", t.TempDir())
 	img := image(testChunk, 12)
 	r := e.release(img, 1)
-	run(t, e.opts(v, inst, &recorder{}))
+	run(t, e.opts(v, inst, &devicetest.Recorder{}))
 	e.srv.Wrap(r, "dev-hash")
 	waitVault(t, v, func(s device.State) bool { return s.LastAckConfirmed })
 	act, _, _ := inst.Active()
@@ -712,9 +661,9 @@ func TestTransientFailureRetriedWhileConnected(t *testing.T) {
 	bad := bytes.Clone(r.Chunks[2])
 	bad[10] ^= 1
 	e.srv.Publish(protocol.ChunkTopic(r.ID, 2), bad, true)
-	rec := &recorder{}
+	rec := &devicetest.Recorder{}
 	var fixed sync.Once
-	rec.hook = func(ev device.Event) {
+	rec.Hook = func(ev device.Event) {
 		if ev.Kind == device.EventFailed && ev.Code == protocol.CodeChunkCorrupt {
 			// The operator repairs the retained chunk after the device gave up on it.
 			fixed.Do(func() { e.srv.Publish(protocol.ChunkTopic(r.ID, 2), r.Chunks[2], true) })
@@ -730,7 +679,7 @@ func TestTransientFailureRetriedWhileConnected(t *testing.T) {
 	if st.Retries != 1 || st.Disconnects != 0 || st.ReportsSent != 1 {
 		t.Fatalf("retries %d, disconnects %d, reports %d; want 1, 0, 1", st.Retries, st.Disconnects, st.ReportsSent)
 	}
-	if n := rec.count(device.EventFailed); n != 1 {
+	if n := rec.Count(device.EventFailed); n != 1 {
 		t.Fatalf("%d failures, want 1", n)
 	}
 }

@@ -40,16 +40,16 @@ func TestDropMidDownloadResumes(t *testing.T) {
 				r := runs[i]
 				converged(t, e, d, 1, 1)
 				d.checkSlot(img)
-				if c, dc := r.rec.count(device.EventConnected), r.rec.count(device.EventDisconnected); c != 2 || dc != 1 {
+				if c, dc := r.rec.Count(device.EventConnected), r.rec.Count(device.EventDisconnected); c != 2 || dc != 1 {
 					t.Fatalf("%s: connected %d times, lost the connection %d times; want 2 and 1", d.serial, c, dc)
 				}
 				inFlight := 2
-				if r.rec.before(device.EventChunkReceived, k+1, device.EventDisconnected) {
+				if r.rec.Before(device.EventChunkReceived, k+1, device.EventDisconnected) {
 					inFlight = 1 // chunk k+1 arrived before the link went down
 				} else {
 					refetched++
 				}
-				f := r.rec.fetches()
+				f := r.rec.Fetches()
 				for i := uint32(0); i < chunks; i++ {
 					want := 1
 					if i == k+1 {
@@ -118,7 +118,7 @@ func powerLossBeforePersist(t *testing.T, open updatertest.Opener) {
 	r1 := d.start(nil)
 	converged(t, e, d, 1, 1)
 	d.checkSlot(img)
-	if n := r1.rec.count(device.EventCommitted); n != 1 {
+	if n := r1.rec.Count(device.EventCommitted); n != 1 {
 		t.Fatalf("after the reboot the update was committed %d times, want 1 (redone)", n)
 	}
 	waitInstalled(t, e, rid, 1)
@@ -148,7 +148,7 @@ func powerLossBeforeAck(t *testing.T, open updatertest.Opener) {
 	}
 	r1 := d.start(nil)
 	converged(t, e, d, 1, 1)
-	if n := r1.rec.count(device.EventCommitted); n != 0 {
+	if n := r1.rec.Count(device.EventCommitted); n != 0 {
 		t.Fatalf("the image was installed again (%d); only the ack should be re-sent", n)
 	}
 	d.checkSlot(img)
@@ -172,7 +172,7 @@ func powerLossBeforeReceipt(t *testing.T, open updatertest.Opener) {
 	if err := r0.wait(t); !errors.Is(err, errPowerLost) {
 		t.Fatalf("Run = %v, want the power loss", err)
 	}
-	if r0.rec.count(device.EventAckSent) == 0 {
+	if r0.rec.Count(device.EventAckSent) == 0 {
 		t.Fatal("no ack was sent before the power loss")
 	}
 	s := d.state()
@@ -187,7 +187,7 @@ func powerLossBeforeReceipt(t *testing.T, open updatertest.Opener) {
 	r1 := d.start(nil)
 	converged(t, e, d, 1, 1)
 	eventually(t, "the re-sent ack answered as a duplicate", func() bool { return e.Updater.Stats().AcksDuplicate > dup })
-	if n := r1.rec.count(device.EventCommitted); n != 0 {
+	if n := r1.rec.Count(device.EventCommitted); n != 0 {
 		t.Fatalf("the image was installed again (%d)", n)
 	}
 	if st := e.Updater.Stats(); st.AcksAccepted != 1 || len(st.AcksRejected) != 0 {

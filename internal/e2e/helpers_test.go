@@ -17,6 +17,7 @@ import (
 
 	"github.com/sealcast/sealcast/device"
 	"github.com/sealcast/sealcast/internal/brokertest"
+	"github.com/sealcast/sealcast/internal/devicetest"
 	"github.com/sealcast/sealcast/internal/updatertest"
 	"github.com/sealcast/sealcast/keychain"
 	"github.com/sealcast/sealcast/protocol"
@@ -89,9 +90,9 @@ func provision(t *testing.T, e *updatertest.Env, chainLength uint32, serials ...
 }
 
 // options are agent options for tests: short timeouts and re-send intervals.
-func (d *dev) options(rec *recorder) device.Options {
+func (d *dev) options(rec *devicetest.Recorder) device.Options {
 	return device.Options{
-		Vault: d.vault, Installer: d.inst, OnEvent: rec.on,
+		Vault: d.vault, Installer: d.inst, OnEvent: rec.On,
 		Logger:       zerolog.New(zerolog.NewTestWriter(d.t)).Level(zerolog.WarnLevel),
 		ChunkTimeout: 2 * time.Second, AckResend: 200 * time.Millisecond, AckResendMax: time.Second,
 		ReconnectMin: 20 * time.Millisecond, ReconnectMax: 200 * time.Millisecond,
@@ -143,7 +144,7 @@ func (d *dev) checkSlot(img []byte) {
 // agent is one run of a device agent, from power-on to Run's return.
 type agent struct {
 	a      *device.Agent
-	rec    *recorder
+	rec    *devicetest.Recorder
 	cancel context.CancelFunc
 	done   chan struct{}
 	err    error
@@ -153,7 +154,7 @@ type agent struct {
 // The test's cleanup stops it.
 func (d *dev) start(tweak func(*device.Options)) *agent {
 	d.t.Helper()
-	rec := &recorder{}
+	rec := &devicetest.Recorder{}
 	o := d.options(rec)
 	if tweak != nil {
 		tweak(&o)
@@ -184,77 +185,6 @@ func (r *agent) wait(t *testing.T) error {
 func (r *agent) stop(t *testing.T) error {
 	r.cancel()
 	return r.wait(t)
-}
-
-// recorder collects an agent's events.
-type recorder struct {
-	mu     sync.Mutex
-	events []device.Event
-	hook   func(device.Event) // called on the agent's goroutine, after recording
-}
-
-func (r *recorder) on(e device.Event) {
-	r.mu.Lock()
-	r.events = append(r.events, e)
-	h := r.hook
-	r.mu.Unlock()
-	if h != nil {
-		h(e)
-	}
-}
-
-func (r *recorder) count(k device.EventKind) int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	n := 0
-	for _, e := range r.events {
-		if e.Kind == k {
-			n++
-		}
-	}
-	return n
-}
-
-// fetches counts chunk subscriptions per index.
-func (r *recorder) fetches() map[uint32]int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	m := map[uint32]int{}
-	for _, e := range r.events {
-		if e.Kind == device.EventChunkFetch {
-			m[e.Index]++
-		}
-	}
-	return m
-}
-
-// before reports whether an event of kind k for chunk index came before the first event
-// of kind then.
-func (r *recorder) before(k device.EventKind, index uint32, then device.EventKind) bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	for _, e := range r.events {
-		switch {
-		case e.Kind == then:
-			return false
-		case e.Kind == k && e.Index == index:
-			return true
-		}
-	}
-	return false
-}
-
-// codes lists the codes of the reports sent.
-func (r *recorder) codes() []protocol.Code {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	var cs []protocol.Code
-	for _, e := range r.events {
-		if e.Kind == device.EventReportSent {
-			cs = append(cs, e.Code)
-		}
-	}
-	return cs
 }
 
 // ---------------------------------------------------------------------------------------

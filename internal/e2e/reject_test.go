@@ -94,8 +94,8 @@ func (tm *tamperer) publish(topic string, payload []byte) error {
 func (re *rejectEnv) rejected(t *testing.T, r *agent, rid keychain.ReleaseID, code protocol.Code) {
 	t.Helper()
 	d, e := re.d, re.e
-	eventually(t, "a report", func() bool { return r.rec.count(device.EventReportSent) > 0 })
-	if got := r.rec.codes(); !slices.Equal(got, []protocol.Code{code}) {
+	eventually(t, "a report", func() bool { return r.rec.Count(device.EventReportSent) > 0 })
+	if got := r.rec.Codes(); !slices.Equal(got, []protocol.Code{code}) {
 		t.Fatalf("reports sent with codes %v, want [%v]", got, code)
 	}
 	if s := d.state(); s.Seq != d.file.Seq || s.Version != d.file.Version || s.LastAck != nil {
@@ -150,7 +150,7 @@ func TestTamperedChunk(t *testing.T) {
 
 			r := re.d.start(nil)
 			re.rejected(t, r, rid, protocol.CodeChunkCorrupt)
-			if f := r.rec.fetches(); f[2] != 3 || f[0] != 1 || f[5] != 1 {
+			if f := r.rec.Fetches(); f[2] != 3 || f[0] != 1 || f[5] != 1 {
 				t.Fatalf("chunk fetches %v; want chunk 2 three times, the others (up to the window) once", f)
 			}
 			if n := r.a.Stats().ChunksBad; n != 3 {
@@ -163,7 +163,7 @@ func TestTamperedChunk(t *testing.T) {
 			r2 := re.d.start(nil)
 			converged(t, re.e, re.d, 1, 1)
 			re.d.checkSlot(img)
-			if n := r2.rec.count(device.EventReportSent); n != 0 {
+			if n := r2.rec.Count(device.EventReportSent); n != 0 {
 				t.Fatalf("%d reports after the repair", n)
 			}
 			rs := re.status.releaseStatus(t, rid, "installed", func(s protocol.ReleaseStatus) bool { return s.Installed == 1 })
@@ -217,9 +217,9 @@ func TestTamperedChunkRepairedBeforeRefetch(t *testing.T) {
 	}
 	converged(t, re.e, re.d, 1, 1)
 	re.d.checkSlot(img)
-	f, nbad := r.rec.fetches(), r.rec.count(device.EventChunkBad)
-	if f[3] != 2 || nbad != 1 || r.rec.count(device.EventReportSent) != 0 {
-		t.Fatalf("chunk 3 fetched %d times, %d bad, %d reports; want 2, 1, 0", f[3], nbad, r.rec.count(device.EventReportSent))
+	f, nbad := r.rec.Fetches(), r.rec.Count(device.EventChunkBad)
+	if f[3] != 2 || nbad != 1 || r.rec.Count(device.EventReportSent) != 0 {
+		t.Fatalf("chunk 3 fetched %d times, %d bad, %d reports; want 2, 1, 0", f[3], nbad, r.rec.Count(device.EventReportSent))
 	}
 	for i := uint32(0); i < 6; i++ {
 		if i != 3 && f[i] != 1 {
@@ -244,7 +244,7 @@ func TestBadManifestSignature(t *testing.T) {
 			tm.set(t, topic, m)
 			r := re.d.start(nil)
 			re.rejected(t, r, rid, protocol.CodeBadManifest)
-			if n := r.rec.count(device.EventChunkFetch); n != 0 {
+			if n := r.rec.Count(device.EventChunkFetch); n != 0 {
 				t.Fatalf("%d chunks fetched for a rejected manifest", n)
 			}
 			nextRelease(t, re.e, re.d, 2, 1)
@@ -269,13 +269,9 @@ func TestDowngrade(t *testing.T) {
 			r := re.d.start(nil)
 			re.rejected(t, r, rid, protocol.CodeRollback)
 			var fail device.Event
-			r.rec.mu.Lock()
-			for _, ev := range r.rec.events {
-				if ev.Kind == device.EventFailed {
-					fail = ev
-				}
+			if fs := r.rec.Events(device.EventFailed); len(fs) > 0 {
+				fail = fs[len(fs)-1]
 			}
-			r.rec.mu.Unlock()
 			if fail.Version != 3 {
 				t.Fatalf("the rollback report names version %d, want 3", fail.Version)
 			}

@@ -69,7 +69,7 @@ func lostWritesSameID(t *testing.T, open updatertest.Opener) {
 	r := d.start(nil)
 	e.Release(t, image(4*1024, 20), 1)
 	converged(t, e, d, 1, 1)
-	acks := r.rec.count(device.EventAckSent)
+	acks := r.rec.Count(device.EventAckSent)
 
 	forget(t, e, d)
 	e.RestartUpdater(t)
@@ -80,10 +80,10 @@ func lostWritesSameID(t *testing.T, open updatertest.Opener) {
 	if st := e.Updater.Stats(); st.AcksAccepted != 1 || st.Resyncs != 0 || len(st.AcksRejected) != 0 {
 		t.Fatalf("updater stats %+v; want the re-sent ack accepted", st)
 	}
-	if n := r.rec.count(device.EventAckSent); n <= acks {
+	if n := r.rec.Count(device.EventAckSent); n <= acks {
 		t.Fatal("the device did not re-send its confirmed ack")
 	}
-	if n, codes := r.rec.count(device.EventCommitted), r.rec.codes(); n != 1 || len(codes) != 0 {
+	if n, codes := r.rec.Count(device.EventCommitted), r.rec.Codes(); n != 1 || len(codes) != 0 {
 		t.Fatalf("%d installs and reports %v; want one install, no report", n, codes)
 	}
 	nextRelease(t, e, d, 2, 2)
@@ -98,13 +98,13 @@ func lostWritesOtherID(t *testing.T, open updatertest.Opener) {
 
 	forget(t, e, d)
 	nextRelease(t, e, d, 2, 2) // wrapped at L first, then, after the resync, at L-1
-	if codes := r.rec.codes(); !slices.Equal(codes, []protocol.Code{protocol.CodeStaleKey}) {
+	if codes := r.rec.Codes(); !slices.Equal(codes, []protocol.Code{protocol.CodeStaleKey}) {
 		t.Fatalf("reports %v, want one stale_key", codes)
 	}
 	if st := e.Updater.Stats(); st.Resyncs != 1 || st.AcksAccepted != 2 || len(st.AcksRejected) != 0 {
 		t.Fatalf("updater stats %+v; want one resync and two accepted acks", st)
 	}
-	if n := r.rec.count(device.EventCommitted); n != 2 {
+	if n := r.rec.Count(device.EventCommitted); n != 2 {
 		t.Fatalf("%d installs, want 2", n)
 	}
 }
