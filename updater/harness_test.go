@@ -6,24 +6,20 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"fmt"
-	"path/filepath"
 	"sync"
 	"testing"
 	"time"
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
-	"github.com/redis/go-redis/v9"
 	"github.com/rs/zerolog"
 
 	"github.com/sealcast/sealcast/internal/brokertest"
-	"github.com/sealcast/sealcast/internal/redistest"
+	"github.com/sealcast/sealcast/internal/updatertest"
 	"github.com/sealcast/sealcast/keychain"
 	"github.com/sealcast/sealcast/operator"
 	"github.com/sealcast/sealcast/protocol"
 	"github.com/sealcast/sealcast/updater"
-	"github.com/sealcast/sealcast/updater/boltstore"
 	"github.com/sealcast/sealcast/updater/mqttbus"
-	"github.com/sealcast/sealcast/updater/redisstore"
 )
 
 // env is a broker, a store, a running updater and an operator client, all real.
@@ -37,27 +33,13 @@ type env struct {
 	stop   func()
 }
 
-type storeOpener func(t *testing.T) updater.Store
+type storeOpener = updatertest.Opener
 
-func redisOpener(t *testing.T) updater.Store {
-	return redisAt(t, redistest.URL(t))
-}
-
-func redisAt(t *testing.T, url string) updater.Store {
-	o, err := redis.ParseURL(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return redisstore.New(redis.NewClient(o), redisstore.Options{Prefix: redistest.Prefix(t)})
-}
-
-func boltOpener(t *testing.T) updater.Store {
-	s, err := boltstore.Open(filepath.Join(t.TempDir(), "sealcast.db"), boltstore.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return s
-}
+var (
+	boltOpener  = updatertest.Bolt
+	redisOpener = updatertest.Redis
+	redisAt     = updatertest.RedisAt
+)
 
 func startEnv(t *testing.T, open storeOpener, tweak ...func(*updater.Options)) *env {
 	t.Helper()

@@ -51,7 +51,7 @@ func releaseState(t *testing.T, e *env, id keychain.ReleaseID) *protocol.Release
 // release never completes. The same path covers a crash between the two calls.
 func TestResultRecordedAfterStoreFailure(t *testing.T) {
 	fs := &flakyStore{}
-	e := startEnv(t, func(t *testing.T) updater.Store { fs.Store = boltOpener(t); return fs })
+	e := startEnv(t, func(t testing.TB) updater.Store { fs.Store = boltOpener(t); return fs })
 	f := e.provision(1)[0]
 	d := connectDevice(t, e.b.URL, f)
 	rid := e.release(randomImage(5000), 1)
@@ -77,7 +77,7 @@ func TestResultRecordedAfterStoreFailure(t *testing.T) {
 // store is down; once it is back, the release is still found complete.
 func TestCompletionSurvivesStoreOutage(t *testing.T) {
 	fs := &flakyStore{}
-	e := startEnv(t, func(t *testing.T) updater.Store { fs.Store = boltOpener(t); return fs })
+	e := startEnv(t, func(t testing.TB) updater.Store { fs.Store = boltOpener(t); return fs })
 	f := e.provision(1)[0]
 	d := connectDevice(t, e.b.URL, f)
 	rid := e.release(randomImage(5000), 1)

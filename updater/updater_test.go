@@ -264,7 +264,7 @@ func TestAdminErrors(t *testing.T) {
 // release is half acked; nothing is lost and every counter moves exactly once.
 func TestRedisRestartMidRelease(t *testing.T) {
 	srv := redistest.Start(t, "--appendonly", "yes", "--appendfsync", "always")
-	e := startEnv(t, func(t *testing.T) updater.Store { return redisAt(t, srv.URL()) })
+	e := startEnv(t, func(t testing.TB) updater.Store { return redisAt(t, srv.URL()) })
 	files := e.provision(20)
 	devs := make([]*testDevice, len(files))
 	for i, f := range files {

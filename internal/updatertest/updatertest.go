@@ -52,7 +52,13 @@ func Bolt(t testing.TB) updater.Store {
 // redis-server started for the test (skipped when there is none, see redistest.Need).
 func Redis(t testing.TB) updater.Store {
 	t.Helper()
-	o, err := redis.ParseURL(redistest.URL(t))
+	return RedisAt(t, redistest.URL(t))
+}
+
+// RedisAt opens a Redis store on the server at url, under a key prefix of its own.
+func RedisAt(t testing.TB, url string) updater.Store {
+	t.Helper()
+	o, err := redis.ParseURL(url)
 	if err != nil {
 		t.Fatal(err)
 	}
