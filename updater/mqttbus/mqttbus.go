@@ -66,7 +66,8 @@ type Options struct {
 // Bus is the updater's link to an MQTT broker.
 type Bus struct {
 	subs   []mqtt.Client // subscriptions: shared ones on all, others on the first
-	pubs   []mqtt.Client // publishes, by device
+	pubs   []mqtt.Client // publishes, by device (the subscribing one with OneConnection)
+	all    []mqtt.Client // every connection, each once
 	log    zerolog.Logger
 	slots  chan struct{}
 	mu     sync.Mutex
@@ -151,6 +152,7 @@ func Dial(ctx context.Context, o Options) (*Bus, error) {
 		b.pubs = append(b.pubs, c)
 		clients = append(clients, c)
 	}
+	b.all = clients
 	for _, c := range clients {
 		if err := b.awaitConnect(ctx, c.Connect()); err != nil {
 			b.disconnect(clients, 0)
@@ -386,11 +388,7 @@ func (b *Bus) Close() error {
 	}
 	b.closed = true
 	b.mu.Unlock()
-	all := append([]mqtt.Client(nil), b.subs...)
-	if &b.pubs[0] != &b.subs[0] {
-		all = append(all, b.pubs...)
-	}
-	b.disconnect(all, 1000)
+	b.disconnect(b.all, 1000)
 	return nil
 }
 
