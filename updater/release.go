@@ -325,9 +325,9 @@ func (u *Updater) pendingFor(d *Device) *run {
 	return best
 }
 
-// next returns what device d should see on its key topic now: a re-key at index 1, else
-// its pending release, else an empty retained message that clears the topic. The
-// assignment is nil for a clear.
+// next returns the key message device d should see now, and its assignment: a re-key at
+// index 1, else its pending release. The assignment is nil when nothing is due (the
+// caller clears the key topic).
 func (u *Updater) next(d *Device) (*Assignment, protocol.Message, error) {
 	var (
 		a   Assignment
@@ -346,7 +346,7 @@ func (u *Updater) next(d *Device) (*Assignment, protocol.Message, error) {
 	case r != nil:
 		a, m, err = u.wrapFor(d, r)
 	default:
-		return nil, protocol.Message{Topic: protocol.KeyTopic(d.Serial), Retain: true}, nil
+		return nil, protocol.Message{}, nil
 	}
 	if err != nil {
 		return nil, m, err
@@ -365,49 +365,45 @@ func (u *Updater) nextFor(ctx context.Context, d *Device) error {
 // message cannot be built is skipped, and named in the error.
 func (u *Updater) nextForAll(ctx context.Context, devs []*Device, extra ...protocol.Message) error {
 	var (
-		as     []Assignment
-		keys   []protocol.Message
-		clears []protocol.Message
-		errs   []error
+		as   []Assignment
+		keys []protocol.Message
+		errs []error
 	)
-	var idle []*Device // nothing pending in this updater's view
-	for _, d := range devs {
-		a, m, err := u.next(d)
-		switch {
-		case err != nil:
-			errs = append(errs, fmt.Errorf("device %s: %w", d.Serial, err))
-		case a == nil:
-			idle = append(idle, d)
-			clears = append(clears, m)
-		default:
-			as = append(as, *a)
-			keys = append(keys, m)
-		}
-	}
-	if len(idle) > 0 && u.o.AcksOnly {
-		// An acks-only updater's view of the releases is refreshed now and then; a
-		// release created since may have been wrapped for a device at the index it just
-		// left, by the other updater, whose fan-out will not come back to it. Ask the
-		// store before clearing: it has every release whose wrap preceded this advance.
-		clears = clears[:0]
-		if err := u.loadRuns(ctx); err != nil {
-			// Leave the key topics as they are: a device that finds its old key there
-			// reports stale_key, and the answer publishes what is pending then.
-			errs = append(errs, fmt.Errorf("refreshing the releases before clearing %d key topics: %w", len(idle), err))
-			idle = nil
-		}
-		for _, d := range idle {
+	// place builds the key message of each device with something due and returns the
+	// devices with nothing due in this updater's view.
+	place := func(ds []*Device) (idle []*Device) {
+		for _, d := range ds {
 			a, m, err := u.next(d)
 			switch {
 			case err != nil:
 				errs = append(errs, fmt.Errorf("device %s: %w", d.Serial, err))
 			case a == nil:
-				clears = append(clears, m)
+				idle = append(idle, d)
 			default:
 				as = append(as, *a)
 				keys = append(keys, m)
 			}
 		}
+		return idle
+	}
+	idle := place(devs)
+	if len(idle) > 0 && u.o.AcksOnly {
+		// An acks-only updater's view of the releases is refreshed now and then; a
+		// release created since may have been wrapped for a device at the index it just
+		// left, by the other updater, whose fan-out will not come back to it. Ask the
+		// store before clearing: it has every release whose wrap preceded this advance.
+		if err := u.loadRuns(ctx); err != nil {
+			// Leave the key topics as they are: a device that finds its old key there
+			// reports stale_key, and the answer publishes what is pending then.
+			errs = append(errs, fmt.Errorf("refreshing the releases before clearing %d key topics: %w", len(idle), err))
+			idle = nil
+		} else {
+			idle = place(idle)
+		}
+	}
+	clears := make([]protocol.Message, 0, len(idle)+len(extra))
+	for _, d := range idle {
+		clears = append(clears, protocol.Message{Topic: protocol.KeyTopic(d.Serial), Retain: true})
 	}
 	_, err := u.assignAndPublish(ctx, as, keys, append(clears, extra...)...)
 	return errors.Join(append(errs, err)...)
