@@ -50,6 +50,13 @@ const (
 	DefaultConnectTimeout = 10 * time.Second
 	// DefaultSysInterval is how often $SYS statistics are published.
 	DefaultSysInterval = 10 * time.Second
+	// DefaultWriteDeadline is how long a client may take to accept 64 KiB of what the
+	// broker writes to it before it is disconnected as a slow consumer (NATS's default).
+	DefaultWriteDeadline = 10 * time.Second
+	// DefaultMaxPending bounds the bytes waiting to be written to one client; past it the
+	// client is disconnected as a slow consumer. It is twice the largest burst a device
+	// asks for: a window of 64 chunks of 1 MiB ([SC-9.4]).
+	DefaultMaxPending = 128 << 20
 )
 
 // ErrBadOptions wraps every error New returns for unusable Options.
@@ -98,6 +105,8 @@ type Limits struct {
 	MaxClients          int64         // 0: no limit
 	ConnectTimeout      time.Duration // DefaultConnectTimeout
 	SysInterval         time.Duration // DefaultSysInterval
+	WriteDeadline       time.Duration // DefaultWriteDeadline
+	MaxPending          int           // DefaultMaxPending
 }
 
 func (l *Limits) setDefaults() {
@@ -118,6 +127,12 @@ func (l *Limits) setDefaults() {
 	}
 	if l.SysInterval == 0 {
 		l.SysInterval = DefaultSysInterval
+	}
+	if l.WriteDeadline == 0 {
+		l.WriteDeadline = DefaultWriteDeadline
+	}
+	if l.MaxPending == 0 {
+		l.MaxPending = DefaultMaxPending
 	}
 }
 
@@ -150,7 +165,7 @@ type Broker struct {
 	closeOnce sync.Once
 	closeErr  error
 
-	authFailures, aclDenials, deviceDrops, queueDrops, willsCancelled, lateWills atomic.Int64
+	authFailures, aclDenials, deviceDrops, queueDrops, willsCancelled, lateWills, slowConsumers atomic.Int64
 }
 
 // Listener ids, also used as keys of Addr.
@@ -250,7 +265,7 @@ func (b *Broker) listen(opts Options) error {
 		if tlsConf != nil {
 			ln = tls.NewListener(ln, tlsConf)
 		}
-		cl := newConnListener(ln, b.limits.ConnectTimeout)
+		cl := newConnListener(ln, b.limits.ConnectTimeout, b.wrapConn)
 		b.listeners = append(b.listeners, cl)
 		b.addrs[id] = ln.Addr()
 		return b.srv.AddListener(listeners.NewNet(id, cl))
@@ -296,7 +311,7 @@ func (b *Broker) listen(opts Options) error {
 			return fmt.Errorf("broker: websocket listener on %s: %w", opts.WSAddr, err)
 		}
 		b.addrs[ListenerWS] = ln.Addr()
-		b.ws = newWSListener(ListenerWS, ln, b.limits.ConnectTimeout)
+		b.ws = newWSListener(ListenerWS, ln, b.limits.ConnectTimeout, b.wrapConn)
 		if err := b.srv.AddListener(b.ws); err != nil {
 			return err
 		}
@@ -313,6 +328,26 @@ func (b *Broker) listen(opts Options) error {
 		b.health = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	}
 	return nil
+}
+
+// wrapConn wraps an accepted connection for mochi (clientConn): writes that never block,
+// and slow consumers cut off.
+func (b *Broker) wrapConn(c net.Conn) *clientConn {
+	return newClientConn(c, b.limits.MaxPending, b.limits.WriteDeadline, b.slowConsumer)
+}
+
+// slowConsumer counts and logs a client cut off by its clientConn.
+func (b *Broker) slowConsumer(c *clientConn, err error) {
+	b.slowConsumers.Add(1)
+	c.mu.Lock()
+	client := c.client
+	c.mu.Unlock()
+	ev := b.log.Warn().Str("client", client).Str("remote", c.RemoteAddr().String())
+	var sc *SlowConsumerError
+	if errors.As(err, &sc) {
+		ev = ev.Str("reason", sc.Reason).Int("pending_bytes", sc.Pending)
+	}
+	ev.Msg("slow consumer disconnected: it did not read what it was sent")
 }
 
 func (b *Broker) serveHealth(w http.ResponseWriter, _ *http.Request) {
@@ -553,6 +588,9 @@ type Stats struct {
 	// already on their way, answered with "online" for the new connection.
 	WillsCancelled int64
 	LateWills      int64
+	// SlowConsumers counts clients disconnected because they did not read what they were
+	// sent (Limits.WriteDeadline, Limits.MaxPending).
+	SlowConsumers int64
 }
 
 // Stats returns the broker's counters.
@@ -568,6 +606,7 @@ func (b *Broker) Stats() Stats {
 		DeliveriesRestored: b.guard.restored.Load(),
 		WillsCancelled:     b.willsCancelled.Load(),
 		LateWills:          b.lateWills.Load(),
+		SlowConsumers:      b.slowConsumers.Load(),
 	}
 }
 

@@ -59,6 +59,9 @@ func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		return errRefused
 	}
 	h.b.idents.Store(cl, id)
+	if c, ok := cl.Net.Conn.(*clientConn); ok {
+		c.setClient(cl.ID)
+	}
 	return nil
 }
 

@@ -9,7 +9,8 @@ import (
 )
 
 // connListener wraps a net.Listener for mochi's listeners.Net:
-//   - it batches what mochi writes to each connection (batchConn);
+//   - it wraps every accepted connection in a clientConn: batched writes that never block,
+//     and slow consumers cut off;
 //   - it gives every accepted connection a deadline for its CONNECT (mochi applies the
 //     keepalive deadline only after reading CONNECT, so without this a client that never
 //     sends one holds a socket and a goroutine forever);
@@ -17,6 +18,7 @@ import (
 type connListener struct {
 	net.Listener
 	connectTimeout time.Duration
+	wrap           func(net.Conn) *clientConn
 	// unread counts accepted connections that mochi has not read from yet: until the
 	// first read, mochi's goroutine for it may not have registered with its ClientsWg,
 	// and a Close meanwhile races with that (upstream #424). Close waits for it to reach 0.
@@ -27,8 +29,8 @@ type connListener struct {
 	closeOnce sync.Once
 }
 
-func newConnListener(l net.Listener, connectTimeout time.Duration) *connListener {
-	return &connListener{Listener: l, connectTimeout: connectTimeout,
+func newConnListener(l net.Listener, connectTimeout time.Duration, wrap func(net.Conn) *clientConn) *connListener {
+	return &connListener{Listener: l, connectTimeout: connectTimeout, wrap: wrap,
 		done: make(chan struct{}), closing: make(chan struct{})}
 }
 
@@ -56,7 +58,7 @@ func (l *connListener) Accept() (net.Conn, error) {
 		// with the keepalive deadline once CONNECT is read.
 		_ = c.SetDeadline(time.Now().Add(l.connectTimeout))
 		l.unread.Add(1)
-		return newBatchConn(&trackedConn{Conn: c, l: l}), nil
+		return l.wrap(&trackedConn{Conn: c, l: l}), nil
 	}
 }
 
@@ -93,7 +95,7 @@ func (c *trackedConn) Close() error {
 func netConn(c net.Conn) net.Conn {
 	for {
 		switch w := c.(type) {
-		case *batchConn:
+		case *clientConn:
 			c = w.Conn
 		case *trackedConn:
 			c = w.Conn

@@ -41,6 +41,10 @@ func packet(typ byte, body []byte) []byte {
 }
 
 func connectPacket(clientID, user, pass string, clean bool) []byte {
+	return connectPacketKeepalive(clientID, user, pass, clean, 60)
+}
+
+func connectPacketKeepalive(clientID, user, pass string, clean bool, keepalive uint16) []byte {
 	flags := byte(0)
 	if clean {
 		flags |= 0x02
@@ -52,7 +56,8 @@ func connectPacket(clientID, user, pass string, clean bool) []byte {
 		flags |= 0x40
 	}
 	b := appendStr(nil, "MQTT")
-	b = append(b, 4, flags, 0, 60) // level 4, flags, keepalive 60 s
+	b = append(b, 4, flags) // level 4, flags
+	b = binary.BigEndian.AppendUint16(b, keepalive)
 	b = appendStr(b, clientID)
 	if user != "" {
 		b = appendStr(b, user)

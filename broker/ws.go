@@ -21,6 +21,7 @@ type wsListener struct {
 	id             string
 	ln             net.Listener
 	connectTimeout time.Duration
+	wrap           func(net.Conn) *clientConn
 	srv            *http.Server
 	upgrader       websocket.Upgrader
 	establish      listeners.EstablishFn
@@ -29,9 +30,9 @@ type wsListener struct {
 	done           chan struct{}
 }
 
-func newWSListener(id string, ln net.Listener, connectTimeout time.Duration) *wsListener {
+func newWSListener(id string, ln net.Listener, connectTimeout time.Duration, wrap func(net.Conn) *clientConn) *wsListener {
 	return &wsListener{
-		id: id, ln: ln, connectTimeout: connectTimeout, done: make(chan struct{}),
+		id: id, ln: ln, connectTimeout: connectTimeout, wrap: wrap, done: make(chan struct{}),
 		upgrader: websocket.Upgrader{
 			Subprotocols: []string{"mqtt"},
 			// Devices and tools are not browsers; a browser dashboard would be served by
@@ -60,7 +61,7 @@ func (l *wsListener) handle(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer c.Close()
-	conn := &wsConn{Conn: c.UnderlyingConn(), c: c}
+	conn := l.wrap(&wsConn{Conn: c.UnderlyingConn(), c: c})
 	_ = conn.SetDeadline(time.Now().Add(l.connectTimeout))
 	if err := l.establish(l.id, conn); err != nil {
 		l.log.Debug("websocket client ended", "error", err)
@@ -123,6 +124,17 @@ func (ws *wsConn) Read(p []byte) (int, error) {
 		}
 		return n, err
 	}
+}
+
+// SetWriteDeadline sets gorilla's deadline, which it applies to the socket on every
+// write (the socket's own would be overwritten).
+func (ws *wsConn) SetWriteDeadline(t time.Time) error { return ws.c.SetWriteDeadline(t) }
+
+func (ws *wsConn) SetDeadline(t time.Time) error {
+	if err := ws.c.SetWriteDeadline(t); err != nil {
+		return err
+	}
+	return ws.Conn.SetReadDeadline(t)
 }
 
 func (ws *wsConn) Write(p []byte) (int, error) {

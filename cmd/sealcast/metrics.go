@@ -32,6 +32,7 @@ func newCollector(s *stack) *collector {
 		"authfail":  d("broker_auth_failures_total", "Connections refused."),
 		"acl":       d("broker_acl_denials_total", "Subscriptions, publishes and deliveries refused."),
 		"dropped":   d("broker_dropped_total", "Deliveries the broker dropped, by reason.", "reason"),
+		"slow":      d("broker_slow_consumers_total", "Clients disconnected because they did not read what they were sent."),
 		"releases":  d("releases", "Releases by state.", "state"),
 		"devices":   d("devices", "Provisioned devices."),
 		"online":    d("devices_online", "Devices whose retained presence is online."),
@@ -73,6 +74,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		counter("dropped", bs.DroppedQueueFull, "queue_full")
 		counter("dropped", bs.DroppedInflight, "inflight")
 		counter("dropped", bs.DroppedDeviceQueue, "device_queue")
+		counter("slow", bs.SlowConsumers)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
