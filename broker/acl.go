@@ -13,7 +13,16 @@ const (
 	filterStatus  = "sealcast/status/#"
 	filterState   = "sealcast/devices/+/state"
 	filterPresent = "sealcast/devices/+/presence"
+	filterAck     = "sealcast/devices/+/ack"
 )
+
+// RetainAllowed reports whether a PUBLISH to topic may carry the retain flag: not on the
+// topics PROTOCOL.md 9 lists as not retained (a device's ack topic and everything under
+// sealcast/admin/), where a retained message would be garbage replayed to every new
+// subscriber. [SC-9.2]
+func RetainAllowed(topic string) bool {
+	return !filterWithin(topic, filterAck) && !filterWithin(topic, filterAdmin)
+}
 
 // Allowed reports whether a client of the given role may publish to topic (write) or
 // subscribe to, and receive from, the topic filter topic (!write). serial is the device's

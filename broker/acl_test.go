@@ -120,3 +120,22 @@ func TestAllowedDoesNotAllocate(t *testing.T) {
 		t.Fatalf("Allowed allocates %v times per call set; it runs for every delivery", n)
 	}
 }
+
+func TestRetainAllowed(t *testing.T) {
+	for topic, want := range map[string]bool{
+		"sealcast/devices/dev-1/ack":      false,
+		"sealcast/admin/requests":         false,
+		"sealcast/admin/uploads/u/3":      false,
+		"sealcast/admin/replies/r1":       false,
+		"sealcast/devices/dev-1/key":      true,
+		"sealcast/devices/dev-1/receipt":  true,
+		"sealcast/devices/dev-1/presence": true,
+		"sealcast/devices/dev-1/state":    true,
+		"sealcast/releases/x/chunks/0":    true,
+		"sealcast/status/fleet":           true,
+	} {
+		if got := RetainAllowed(topic); got != want {
+			t.Errorf("RetainAllowed(%q) = %v, want %v", topic, got, want)
+		}
+	}
+}

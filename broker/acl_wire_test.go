@@ -3,6 +3,8 @@ package broker_test
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
+	"fmt"
 	"os"
 	"os/exec"
 	"strconv"
@@ -10,6 +12,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rs/zerolog"
+
+	"github.com/sealcast/sealcast/broker"
 	"github.com/sealcast/sealcast/internal/brokertest"
 )
 
@@ -254,5 +259,99 @@ func TestAccessRulesMosquitto(t *testing.T) {
 	}
 	if !strings.Contains(out, "sealcast/devices/dev-a/ack real-ack") {
 		t.Errorf("the observer missed device A's own ack:\n%s", out)
+	}
+}
+
+// TestRetainRefused: a retained PUBLISH to a topic the protocol does not retain (a
+// device's ack topic, the admin topics) is refused like a denied publish, and nothing is
+// retained there; the same message without the retain flag goes through.
+func TestRetainRefused(t *testing.T) {
+	env := brokertest.Start(t)
+	dev := env.Device(t, "dev-a")
+	for _, tc := range []struct {
+		name, user, pass, topic string
+	}{
+		{"device ack", "dev-a", dev.Password, "sealcast/devices/dev-a/ack"},
+		{"admin request", env.Admin.Username, env.Admin.Password, "sealcast/admin/requests"},
+		{"admin upload", env.Admin.Username, env.Admin.Password, "sealcast/admin/uploads/u1/0"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			id := "c-" + tc.user
+			if tc.user == "dev-a" {
+				id = "dev-a"
+			}
+			// QoS 0: dropped. QoS 1 (MQTT 3.1.1): disconnected, not acknowledged.
+			c, code := connectRaw(t, env.Addr, id, tc.user, tc.pass, true)
+			if code != 0 {
+				t.Fatalf("CONNACK %#x", code)
+			}
+			c.send(publishPacket(tc.topic, []byte("garbage-0"), 0, 0, true))
+			c.send(publishPacket(tc.topic, []byte("garbage-1"), 1, 7, true))
+			for {
+				p, err := c.read(5 * time.Second)
+				if err != nil {
+					break // disconnected
+				}
+				if p.typ == 4 {
+					t.Fatal("retained QoS 1 publish was acknowledged")
+				}
+			}
+			// Nothing was retained: a new subscriber gets nothing.
+			sub := pahoClient(t, env, "sub-"+id, env.Updater, true)
+			got := newCollector()
+			subscribe(t, sub, tc.topic, got)
+			if m, ok := got.next(t, quiet); ok {
+				t.Fatalf("retained %q on %s", m.Payload(), tc.topic)
+			}
+			// Without the retain flag the same publish goes through.
+			c2, _ := connectRaw(t, env.Addr, id, tc.user, tc.pass, true)
+			c2.send(publishPacket(tc.topic, []byte("fine"), 1, 8, false))
+			if p := c2.expect(4); len(p.body) != 2 {
+				t.Fatalf("PUBACK %x", p.body)
+			}
+			if m, ok := got.next(t, 5*time.Second); !ok || string(m.Payload()) != "fine" {
+				t.Fatalf("plain publish not delivered: %v", m)
+			}
+		})
+	}
+}
+
+// TestRetainRefusedMQTT5: an MQTT 5 client's retained QoS 1 PUBLISH to its ack topic is
+// answered with PUBACK reason 0x87 (not authorized) and the client stays connected; the
+// refused payload appears in no log line, even at debug level, where mochi logs the
+// refused packet.
+func TestRetainRefusedMQTT5(t *testing.T) {
+	var logs syncBuffer
+	env := brokertest.Start(t, brokertest.WithOptions(func(o *broker.Options) {
+		o.Logger = zerolog.New(&logs).Level(zerolog.DebugLevel)
+	}))
+	dev := env.Device(t, "dev-a")
+	c := dialRaw(t, env.Addr)
+	// CONNECT, protocol level 5: flags (user, password, clean), keepalive 60, no properties.
+	b := appendStr(nil, "MQTT")
+	b = append(b, 5, 0xc2, 0, 60, 0)
+	b = appendStr(appendStr(appendStr(b, "dev-a"), "dev-a"), dev.Password)
+	c.send(packet(0x10, b))
+	if p := c.expect(2); len(p.body) < 2 || p.body[1] != 0 {
+		t.Fatalf("CONNACK %x", p.body)
+	}
+	const secret = "SECRET-firmware-bytes"
+	// PUBLISH QoS 1, retained, packet id 5, no properties.
+	b = binary.BigEndian.AppendUint16(appendStr(nil, "sealcast/devices/dev-a/ack"), 5)
+	c.send(packet(0x33, append(append(b, 0), secret...)))
+	p := c.expect(4)
+	if len(p.body) < 3 || binary.BigEndian.Uint16(p.body) != 5 || p.body[2] != 0x87 {
+		t.Fatalf("PUBACK %x, want id 5 and reason 0x87", p.body)
+	}
+	// Still connected: a PINGREQ is answered.
+	c.send([]byte{0xc0, 0})
+	c.expect(13)
+	env.Broker.Close()
+	if out := logs.String(); strings.Contains(out, secret) {
+		t.Fatalf("a refused payload reached the log:\n%s", out)
+	} else if !strings.Contains(out, "retained publish refused") {
+		t.Fatalf("refusal not logged:\n%s", out)
+	} else if !strings.Contains(out, fmt.Sprintf(`"packet.payload_bytes":%d`, len(secret))) {
+		t.Fatalf("mochi's log of the refused packet is missing (nothing was redacted):\n%s", out)
 	}
 }

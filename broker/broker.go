@@ -214,7 +214,7 @@ func New(opts Options) (*Broker, error) {
 	mochiLog := opts.Logger.With().Str("component", "mochi").Logger()
 	b.srv = mqtt.New(&mqtt.Options{
 		Capabilities:           caps,
-		Logger:                 slog.New(zerolog.NewSlogHandler(mochiLog)),
+		Logger:                 slog.New(redactHandler{zerolog.NewSlogHandler(mochiLog)}),
 		SysTopicResendInterval: sysInterval,
 	})
 	b.guard.b = b

@@ -32,7 +32,7 @@ func (h *hook) Provides(e byte) bool {
 	switch e {
 	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck,
 		mqtt.OnSessionEstablish, mqtt.OnSessionEstablished, mqtt.OnWill, mqtt.OnWillSent,
-		mqtt.OnDisconnect, mqtt.OnPublishDropped,
+		mqtt.OnDisconnect, mqtt.OnPublishDropped, mqtt.OnPublish,
 		mqtt.OnPacketRead, mqtt.OnPacketProcessed:
 		return true
 	}
@@ -109,6 +109,28 @@ func (h *hook) OnPublishDropped(cl *mqtt.Client, pk packets.Packet) {
 	h.b.queueDrops.Add(1)
 	h.b.log.Warn().Str("client", cl.ID).Str("topic", pk.TopicName).
 		Msg("delivery dropped: client's outbound queue is full")
+}
+
+// OnPublish refuses a retained PUBLISH where the protocol retains nothing (RetainAllowed),
+// the way a PUBLISH the access rules deny is refused: dropped at QoS 0; at QoS 1 and 2 an
+// MQTT 5 client gets "not authorized" in its PUBACK, and an MQTT 3.1.1 client, which has
+// no negative PUBACK, is disconnected. [SC-9.2]
+func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if !pk.FixedHeader.Retain || cl.Net.Inline || RetainAllowed(pk.TopicName) {
+		return pk, nil
+	}
+	h.b.aclDenials.Add(1)
+	h.b.log.Warn().Str("client", cl.ID).Str("topic", pk.TopicName).
+		Msg("retained publish refused: the protocol retains nothing on this topic")
+	switch {
+	case pk.FixedHeader.Qos == 0:
+		return pk, packets.ErrRejectPacket
+	case cl.Properties.ProtocolVersion == 5:
+		return pk, packets.ErrNotAuthorized
+	default:
+		_ = h.b.srv.DisconnectClient(cl, packets.ErrNotAuthorized)
+		return pk, packets.ErrRejectPacket
+	}
 }
 
 // OnACLCheck applies [SC-9.2]. mochi calls it with write=true for each PUBLISH a client
