@@ -24,6 +24,8 @@ const (
 	RoleMonitor Role = "monitor" // dashboards: read status, device state and presence
 	RoleUpdater Role = "updater" // the updater process: everything under sealcast/
 	RoleDevice  Role = "device"  // a device: username = client id = serial
+
+	roleHealth Role = "health" // the broker's own health probe (Check): no rights at all
 )
 
 // AccountsFile is the name of the accounts file in the broker's data directory.

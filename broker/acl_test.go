@@ -139,3 +139,11 @@ func TestRetainAllowed(t *testing.T) {
 		}
 	}
 }
+
+func TestHealthProbeHasNoRights(t *testing.T) {
+	for _, f := range []string{"#", "sealcast/#", "sealcast/status/fleet", "$SYS/#"} {
+		if Allowed(roleHealth, "", f, false) || Allowed(roleHealth, "", f, true) {
+			t.Errorf("the health probe may use %s", f)
+		}
+	}
+}

@@ -2,6 +2,7 @@ package broker
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -154,12 +155,14 @@ type Broker struct {
 	guard      pidGuard
 	superseded sync.Map // client id -> *mqtt.Client whose session a newer connection took over (takeover.go)
 
-	listeners []*connListener
-	addrs     map[string]net.Addr
-	health    *http.Server
-	healthLn  net.Listener
-	ws        *wsListener
-	wg        sync.WaitGroup // the health server goroutine
+	inline      *Inline
+	healthToken string // the password of Check's probe
+	listeners   []*connListener
+	addrs       map[string]net.Addr
+	health      *http.Server
+	healthLn    net.Listener
+	ws          *wsListener
+	wg          sync.WaitGroup // the health server goroutine
 
 	started   atomic.Bool
 	closeOnce sync.Once
@@ -191,6 +194,8 @@ func New(opts Options) (*Broker, error) {
 		revoked:  make(map[string]struct{}),
 		addrs:    make(map[string]net.Addr),
 	}
+	b.inline = &Inline{b: b, shared: make(map[string]int)}
+	b.healthToken = rand.Text()
 	for _, a := range opts.Accounts {
 		if err := b.AddAccount(a); err != nil {
 			return nil, err
@@ -214,6 +219,7 @@ func New(opts Options) (*Broker, error) {
 	mochiLog := opts.Logger.With().Str("component", "mochi").Logger()
 	b.srv = mqtt.New(&mqtt.Options{
 		Capabilities:           caps,
+		InlineClient:           true, // Inline
 		Logger:                 slog.New(redactHandler{zerolog.NewSlogHandler(mochiLog)}),
 		SysTopicResendInterval: sysInterval,
 	})

@@ -32,7 +32,7 @@ func (h *hook) Provides(e byte) bool {
 	switch e {
 	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck,
 		mqtt.OnSessionEstablish, mqtt.OnSessionEstablished, mqtt.OnWill, mqtt.OnWillSent,
-		mqtt.OnDisconnect, mqtt.OnPublishDropped, mqtt.OnPublish,
+		mqtt.OnDisconnect, mqtt.OnPublishDropped, mqtt.OnPublish, mqtt.OnSelectSubscribers,
 		mqtt.OnPacketRead, mqtt.OnPacketProcessed:
 		return true
 	}
@@ -86,6 +86,9 @@ func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, _ packets.Packet) bool {
 
 func (h *hook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 	id := h.b.identityOf(cl)
+	if id.role == roleHealth {
+		return // Check's probe, every few seconds: not worth a log line
+	}
 	h.b.log.Info().Str("client", cl.ID).Str("role", string(id.role)).Str("user", id.name).
 		Bool("cert", id.cert).Str("remote", cl.Net.Remote).Str("listener", cl.Net.Listener).
 		Bool("clean", cl.Properties.Clean).Msg("client connected")
@@ -94,8 +97,9 @@ func (h *hook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	h.b.guard.forget(cl)
 	h.b.superseded.CompareAndDelete(cl.ID, cl)
-	if _, ok := h.b.idents.LoadAndDelete(cl); !ok {
-		return // a session restored from the store, or a refused client
+	v, ok := h.b.idents.LoadAndDelete(cl)
+	if !ok || v.(identity).role == roleHealth {
+		return // a session restored from the store, a refused client, or Check's probe
 	}
 	ev := h.b.log.Info()
 	if err != nil && !errors.Is(err, packets.CodeDisconnect) {
@@ -109,6 +113,12 @@ func (h *hook) OnPublishDropped(cl *mqtt.Client, pk packets.Packet) {
 	h.b.queueDrops.Add(1)
 	h.b.log.Warn().Str("client", cl.ID).Str("topic", pk.TopicName).
 		Msg("delivery dropped: client's outbound queue is full")
+}
+
+// OnSelectSubscribers lets the in-process client take its turn in shared subscriptions.
+func (h *hook) OnSelectSubscribers(subs *mqtt.Subscribers, _ packets.Packet) *mqtt.Subscribers {
+	h.b.inline.selectShared(subs)
+	return subs
 }
 
 // OnPublish refuses a retained PUBLISH where the protocol retains nothing (RetainAllowed),
@@ -173,6 +183,9 @@ func (b *Broker) identityOf(cl *mqtt.Client) identity {
 func (b *Broker) authenticate(cl *mqtt.Client, pk packets.Packet) (identity, packets.Code, string) {
 	username := pk.Connect.Username
 	var id identity
+	if b.isHealthProbe(username, pk.Connect.Password) {
+		return identity{role: roleHealth, name: healthUser}, packets.CodeSuccess, "" // may do nothing
+	}
 	if a, ok := b.account(username); ok && pk.Connect.UsernameFlag {
 		// Account names take precedence over serials.
 		if !a.checkPassword(pk.Connect.Password) {

@@ -257,6 +257,9 @@ func durableFilters(pk packets.Packet, codes []byte) (packets.Packet, []byte, bo
 // an MQTT 5 session expiry of 0): nothing of it needs to survive a restart.
 func sessionEnds(cl *mqtt.Client) bool {
 	// Field by field: mochi writes other fields of Properties (the will) concurrently.
+	if cl.Net.Inline {
+		return true // the in-process client: its subscriptions are made anew at every start
+	}
 	v := cl.Properties.ProtocolVersion
 	return v < 5 && cl.Properties.Clean || v == 5 && cl.Properties.Props.SessionExpiryInterval == 0
 }

@@ -35,7 +35,10 @@ import (
 )
 
 // Bus is what the updater needs from MQTT: QoS 1 publishes acknowledged by the broker,
-// and subscriptions whose handlers must not block for long.
+// and subscriptions. A handler may block while the updater's queue is full; the Bus then
+// holds up what delivers to it rather than dropping messages. broker.Inline is the Bus of
+// the embedded broker, updater/mqttbus that of any MQTT broker; both pass one contract
+// suite (internal/bustest).
 type Bus interface {
 	Publish(ctx context.Context, msgs ...protocol.Message) error
 	Subscribe(ctx context.Context, filter string, handle func(topic string, payload []byte)) error
@@ -234,8 +237,10 @@ func (u *Updater) goRun(f func()) {
 	}()
 }
 
-// onAck queues an ack for the workers. When the queue is full the ack is dropped and
-// counted: the device re-sends it until it sees a receipt ([SC-10.1] step 6).
+// onAck queues an ack for the workers. When the queue is full it waits, which holds up
+// the bus (in-process, the device that sent the ack; over MQTT, the bus's connection):
+// back-pressure, not loss. Only an ack that arrives while the updater stops is dropped,
+// and counted; the device re-sends it until it sees a receipt ([SC-10.1] step 6).
 func (u *Updater) onAck(topic string, payload []byte) {
 	serial, leaf, ok := protocol.DeviceOf(topic)
 	if !ok || leaf != "ack" {
@@ -243,16 +248,16 @@ func (u *Updater) onAck(topic string, payload []byte) {
 	}
 	select {
 	case u.acks <- inbound{serial: serial, payload: append([]byte(nil), payload...)}:
-	default:
+	case <-u.ctx.Done():
 		u.stats.acksShed.Add(1)
 	}
 }
 
+// onAdmin queues an admin request; like onAck it waits while the queue is full.
 func (u *Updater) onAdmin(_ string, payload []byte) {
 	select {
 	case u.admin <- append([]byte(nil), payload...):
-	default:
-		u.log.Warn().Msg("admin queue full; request dropped (the client will time out and may retry)")
+	case <-u.ctx.Done():
 	}
 }
 
@@ -309,8 +314,11 @@ type Stats struct {
 	// forged (bad MAC), stale (not at the device's position: replays, other releases),
 	// unassigned (an id never wrapped at that position).
 	AcksRejected map[string]int64
-	// AcksShed counts acks dropped because the queue was full (devices re-send them).
+	// AcksShed counts acks dropped because they arrived while the updater stopped
+	// (devices re-send them).
 	AcksShed int64
+	// AckQueue and AdminQueue are how many acks and admin requests wait for a worker now.
+	AckQueue, AdminQueue int
 	// Online is how many devices' retained presence says online now (always 0 with
 	// AcksOnly, which does not follow presence).
 	Online int
@@ -337,7 +345,8 @@ func (u *Updater) Stats() Stats {
 	s := Stats{
 		KeysPublished: u.stats.keys.Load(), Rekeys: u.stats.rekeys.Load(),
 		AcksAccepted: u.stats.accepted.Load(), AcksDuplicate: u.stats.dup.Load(),
-		ReportsRecorded: u.stats.reports.Load(), AcksShed: u.stats.acksShed.Load(), Resyncs: u.stats.resyncs.Load(),
+		ReportsRecorded: u.stats.reports.Load(), AcksShed: u.stats.acksShed.Load(),
+		AckQueue: len(u.acks), AdminQueue: len(u.admin), Resyncs: u.stats.resyncs.Load(),
 		Reoffers:          u.stats.reoffers.Load(),
 		ReceiptsPublished: u.stats.receipts.Load(), ChainSteps: u.stats.chainSteps.Load(),
 		AcksRejected: map[string]int64{},

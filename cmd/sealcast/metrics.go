@@ -37,6 +37,7 @@ func newCollector(s *stack) *collector {
 		"devices":   d("devices", "Provisioned devices."),
 		"online":    d("devices_online", "Devices whose retained presence is online."),
 		"storelat":  d("store_latency_seconds", "Time of one store read at scrape time."),
+		"queue":     d("updater_queue_depth", "Messages waiting for the updater's workers, by queue.", "queue"),
 	}}
 }
 
@@ -63,6 +64,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter("resyncs", st.Resyncs)
 	counter("reoffers", st.Reoffers)
 	gauge("online", float64(st.Online))
+	gauge("queue", float64(st.AckQueue), "acks")
+	gauge("queue", float64(st.AdminQueue), "admin")
 	for _, r := range []string{"malformed", "unknown_device", "forged", "stale", "unassigned", "internal"} {
 		counter("rejected", st.AcksRejected[r], r)
 	}

@@ -52,7 +52,8 @@ type stack struct {
 	dir       *datadir.Dir
 	broker    *broker.Broker // nil with an external broker
 	store     store
-	bus       *mqttbus.Bus
+	bus       updater.Bus   // the broker's in-process client, or mbus
+	mbus      *mqttbus.Bus // nil with the embedded broker
 	upd       *updater.Updater
 	http      *http.Server
 	httpAddr  net.Addr
@@ -94,21 +95,13 @@ func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (_ *stac
 		s.store = bs
 	}
 
-	busUser, busPW := c.brokerUser, c.brokerPW
-	var busTLS *tls.Config
-	if c.brokerCA != "" {
-		if c.brokerURL == "" {
-			return nil, errors.New("-broker-ca is for an external broker: give -broker ssl://host:8883 too")
-		}
-		if busTLS, err = caConfig(c.brokerCA); err != nil {
-			return nil, err
-		}
+	if c.brokerCA != "" && c.brokerURL == "" {
+		return nil, errors.New("-broker-ca is for an external broker: give -broker ssl://host:8883 too")
 	}
 	if c.brokerURL == "" {
-		if busPW, err = s.startBroker(c); err != nil {
+		if err = s.startBroker(c); err != nil {
 			return nil, err
 		}
-		busUser = updaterUser
 	} else {
 		s.brokerURL = c.brokerURL
 		if c.adminPassword != "" {
@@ -120,42 +113,20 @@ func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (_ *stac
 		publicURL = s.brokerURL
 	}
 
-	// Acks arrive through a shared subscription spread over several connections, so that
-	// a burst of acks fills several of the broker's per-client queues instead of
-	// overflowing one (mqttbus package comment). The embedded broker supports shared
-	// subscriptions; with another broker that is the operator's call (-ack-group).
-	// An external broker may allow one connection per username (Mosquitto with
-	// use_username_as_clientid, as deploy/mosquitto has it): one connection there.
-	ackGroup, subscribers, oneConn := c.ackGroup, 1, c.brokerURL != ""
-	if ackGroup == "" && c.brokerURL == "" {
-		ackGroup = "sealcast"
-	}
-	if ackGroup != "" && !oneConn {
-		subscribers = 4
-	}
-	// Publishes go over several connections too: the embedded broker handles each
-	// connection on its own goroutine, and with its data directory every retained key
-	// message is a synced write, which concurrent connections share (group commit). A
-	// device's messages always take the same connection, so their order holds. Measured
-	// (docs/BENCHMARKS.md): 100,000 keys in 7.3 s with four, 12.2 s with one.
-	publishers := 1
-	if !oneConn {
-		publishers = 4
-	}
-	bctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	// Unique per process start: two updaters must never take over each other's
-	// connection, not even in containers that share a hostname and run as pid 1.
-	host, _ := os.Hostname()
-	if s.bus, err = mqttbus.Dial(bctx, mqttbus.Options{
-		URL: s.brokerURL, ClientID: fmt.Sprintf("sealcast-updater-%s-%d-%s", host, os.Getpid(), rand.Text()[:8]),
-		Username: busUser, Password: busPW, TLS: busTLS, Logger: log.With().Str("component", "mqtt").Logger(),
-		Subscribers: subscribers, Publishers: publishers, OneConnection: oneConn,
-	}); err != nil {
-		if c.brokerURL != "" {
-			return nil, fmt.Errorf("%w (the external broker comes from -broker or SEALCAST_BROKER; leave both unset to run the embedded broker)", err)
+	// With the embedded broker the updater uses its in-process client: no socket, no
+	// queue that can drop acks in a burst (broker.Inline). Its acks subscription is
+	// shared in group "sealcast" all the same, so that more updaters (-acks-only, over
+	// MQTT) can join it (docs/OPERATIONS.md 6.4).
+	ackGroup := c.ackGroup
+	if c.brokerURL == "" {
+		if ackGroup == "" {
+			ackGroup = "sealcast"
 		}
+		s.bus = s.broker.Inline()
+	} else if s.mbus, err = dialExternal(ctx, c, log); err != nil {
 		return nil, err
+	} else {
+		s.bus = s.mbus
 	}
 	uo := updater.Options{
 		Root: s.dir.Root, SigningKey: s.dir.SigningKey, Store: s.store, Bus: s.bus,
@@ -196,12 +167,37 @@ func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (_ *stac
 	return s, nil
 }
 
-const updaterUser = "sealcast-updater"
-
 // store is the updater's store, which /healthz also pings.
 type store interface {
 	updater.Store
 	Ping(context.Context) error
+}
+
+// dialExternal connects the updater to an external broker. Such a broker may allow one
+// connection per username (Mosquitto with use_username_as_clientid, as deploy/mosquitto
+// has it), so the bus uses one.
+func dialExternal(ctx context.Context, c stackConfig, log zerolog.Logger) (*mqttbus.Bus, error) {
+	var busTLS *tls.Config
+	if c.brokerCA != "" {
+		var err error
+		if busTLS, err = caConfig(c.brokerCA); err != nil {
+			return nil, err
+		}
+	}
+	bctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	// Unique per process start: two updaters must never take over each other's
+	// connection, not even in containers that share a hostname and run as pid 1.
+	host, _ := os.Hostname()
+	bus, err := mqttbus.Dial(bctx, mqttbus.Options{
+		URL: c.brokerURL, ClientID: fmt.Sprintf("sealcast-updater-%s-%d-%s", host, os.Getpid(), rand.Text()[:8]),
+		Username: c.brokerUser, Password: c.brokerPW, TLS: busTLS, Logger: log.With().Str("component", "mqtt").Logger(),
+		OneConnection: true,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("%w (the external broker comes from -broker or SEALCAST_BROKER; leave both unset to run the embedded broker)", err)
+	}
+	return bus, nil
 }
 
 // caConfig returns a TLS client configuration that trusts only the CAs in the PEM file.
@@ -217,19 +213,18 @@ func caConfig(path string) (*tls.Config, error) {
 	return &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}, nil
 }
 
-// startBroker starts the embedded broker and returns the in-memory password of the
-// updater's own account.
-func (s *stack) startBroker(c stackConfig) (string, error) {
+// startBroker starts the embedded broker.
+func (s *stack) startBroker(c stackConfig) error {
 	accountsPath := s.dir.File(broker.AccountsFile)
 	accounts, err := broker.LoadAccounts(accountsPath)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 		admin, pw, aerr := s.newAdmin(c.adminPassword)
 		if aerr != nil {
-			return "", aerr
+			return aerr
 		}
 		if err := broker.SaveAccounts(accountsPath, []broker.Account{admin}); err != nil {
-			return "", err
+			return err
 		}
 		accounts, err = []broker.Account{admin}, nil
 		if c.adminPassword == "" {
@@ -244,16 +239,16 @@ func (s *stack) startBroker(c stackConfig) (string, error) {
 		}
 		admin, _, aerr := s.newAdmin(c.adminPassword)
 		if aerr != nil {
-			return "", aerr
+			return aerr
 		}
 		if err := broker.AddAccountToFile(accountsPath, admin); err != nil {
-			return "", err
+			return err
 		}
 		accounts = append(accounts, admin)
 		s.log.Info().Str("accounts", accountsPath).Msg("the accounts file had no admin account; added one with the password of -admin-password")
 	}
 	if err != nil {
-		return "", err
+		return err
 	}
 	o := broker.Options{
 		TCPAddr: c.listen, WSAddr: c.wsListen, DataDir: filepath.Join(s.dir.Path, "broker"),
@@ -262,38 +257,27 @@ func (s *stack) startBroker(c stackConfig) (string, error) {
 	}
 	if c.tlsCert != "" || c.tlsKey != "" {
 		if o.TLSCertPEM, err = os.ReadFile(c.tlsCert); err != nil {
-			return "", fmt.Errorf("reading -tls-cert: %w", err)
+			return fmt.Errorf("reading -tls-cert: %w", err)
 		}
 		if o.TLSKeyPEM, err = os.ReadFile(c.tlsKey); err != nil {
-			return "", fmt.Errorf("reading -tls-key: %w", err)
+			return fmt.Errorf("reading -tls-key: %w", err)
 		}
 		o.TLSAddr = c.tlsListen
 		if c.clientCA != "" {
 			if o.ClientCAPEM, err = os.ReadFile(c.clientCA); err != nil {
-				return "", fmt.Errorf("reading -client-ca: %w", err)
+				return fmt.Errorf("reading -client-ca: %w", err)
 			}
 		}
 	}
 	if s.broker, err = broker.New(o); err != nil {
-		return "", err
-	}
-	pw, err := broker.GeneratePassword()
-	if err != nil {
-		return "", err
-	}
-	acct, err := broker.NewAccount(updaterUser, broker.RoleUpdater, pw)
-	if err != nil {
-		return "", err
-	}
-	if err := s.broker.AddAccount(acct); err != nil {
-		return "", err
+		return err
 	}
 	if err := s.broker.Start(); err != nil {
-		return "", err
+		return err
 	}
 	_, port, _ := net.SplitHostPort(s.broker.Addr("tcp").String())
 	s.brokerURL = "tcp://127.0.0.1:" + port
-	return pw, nil
+	return nil
 }
 
 // newAdmin returns the account "admin" with password pw, or a generated password if pw is
@@ -323,10 +307,8 @@ func (s *stack) startHTTP(addr string) error {
 			http.Error(w, "updater: starting", http.StatusServiceUnavailable)
 			return
 		}
-		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
-		defer cancel()
-		if err := s.store.Ping(ctx); err != nil {
-			http.Error(w, "store: "+err.Error(), http.StatusServiceUnavailable)
+		if err := s.check(r.Context()); err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
 			return
 		}
 		fmt.Fprintln(w, "ok")
@@ -338,6 +320,27 @@ func (s *stack) startHTTP(addr string) error {
 	s.httpAddr = l.Addr()
 	s.http = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go s.http.Serve(l)
+	return nil
+}
+
+// check is /healthz: the embedded broker answers MQTT on its listener, the updater's
+// connections to an external broker are up, and the store answers, each within 2 s.
+func (s *stack) check(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if s.broker != nil {
+		if err := s.broker.Check(ctx); err != nil {
+			return err
+		}
+	}
+	if s.mbus != nil {
+		if err := s.mbus.Check(); err != nil {
+			return fmt.Errorf("updater's broker connection: %w", err)
+		}
+	}
+	if err := s.store.Ping(ctx); err != nil {
+		return fmt.Errorf("store: %w", err)
+	}
 	return nil
 }
 
@@ -357,8 +360,8 @@ func (s *stack) close() error {
 	if s.pprof != nil {
 		s.pprof.Close()
 	}
-	if s.bus != nil {
-		s.bus.Close()
+	if s.mbus != nil {
+		s.mbus.Close()
 	}
 	if s.broker != nil {
 		errs = append(errs, s.broker.Close())

@@ -2,12 +2,17 @@ package main
 
 import (
 	"context"
+	"io"
 	"net"
+	"net/http"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/rs/zerolog"
+
+	"github.com/sealcast/sealcast/internal/redistest"
 )
 
 // TestStartStackFailsCleanly: when a late step of the start fails (here the metrics
@@ -34,4 +39,51 @@ func TestStartStackFailsCleanly(t *testing.T) {
 		t.Fatalf("the broker's address is still taken after the failed start: %v", err)
 	}
 	l.Close()
+}
+
+// TestHealthz: /healthz says ok while the broker answers MQTT and the store answers, and
+// 503 with the reason when Redis is down, and ok again when it is back.
+func TestHealthz(t *testing.T) {
+	rs := redistest.Start(t)
+	c := stackConfig{dataDir: filepath.Join(t.TempDir(), "data"), listen: "127.0.0.1:0",
+		httpAddr: "127.0.0.1:0", redisURL: rs.URL(), chainLength: 16}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	s, err := startStack(ctx, c, zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.close()
+	health := func() (int, string) {
+		resp, err := http.Get("http://" + s.httpAddr.String() + "/healthz")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, strings.TrimSpace(string(b))
+	}
+	if code, body := health(); code != http.StatusOK || body != "ok" {
+		t.Fatalf("healthy stack: %d %q", code, body)
+	}
+	rs.Kill()
+	if code, body := health(); code != http.StatusServiceUnavailable || !strings.HasPrefix(body, "store:") {
+		t.Fatalf("Redis down: %d %q, want 503 naming the store", code, body)
+	}
+	rs.Restart(t)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		code, body := health()
+		if code == http.StatusOK {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("Redis back: still %d %q", code, body)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	s.broker.Close()
+	if code, body := health(); code != http.StatusServiceUnavailable || !strings.HasPrefix(body, "broker:") {
+		t.Fatalf("broker closed: %d %q, want 503 naming the broker", code, body)
+	}
 }

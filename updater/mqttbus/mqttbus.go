@@ -379,6 +379,20 @@ func (b *Bus) Publish(ctx context.Context, msgs ...protocol.Message) error {
 	return <-result
 }
 
+// Check reports whether every connection of the Bus is up (for health checks); the error
+// names the last reason a connection attempt failed.
+func (b *Bus) Check() error {
+	for i, c := range b.all {
+		if !c.IsConnectionOpen() {
+			if last := b.lastFailure(); last != nil {
+				return fmt.Errorf("mqttbus: connection %d of %d is down (last attempt: %w)", i+1, len(b.all), last)
+			}
+			return fmt.Errorf("mqttbus: connection %d of %d is down", i+1, len(b.all))
+		}
+	}
+	return nil
+}
+
 // Close disconnects, waiting up to a second for in-flight work.
 func (b *Bus) Close() error {
 	b.mu.Lock()
