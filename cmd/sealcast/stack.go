@@ -52,7 +52,7 @@ type stack struct {
 	dir       *datadir.Dir
 	broker    *broker.Broker // nil with an external broker
 	store     store
-	bus       updater.Bus   // the broker's in-process client, or mbus
+	bus       updater.Bus  // the broker's in-process client, or mbus
 	mbus      *mqttbus.Bus // nil with the embedded broker
 	upd       *updater.Updater
 	http      *http.Server
