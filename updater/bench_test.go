@@ -9,7 +9,12 @@ package updater_test
 //
 // The broker keeps its state in memory, as internal/brokertest starts it;
 // SEALCAST_BENCH_BROKER_DATADIR=1 gives it a data directory (pebble, synced writes), as
-// sealcast serve runs it.
+// sealcast serve runs it. The updater reaches the broker through its in-process client
+// (broker.Inline), as sealcast serve runs it; SEALCAST_BENCH_BUS=mqtt makes it use
+// updater/mqttbus over TCP instead (four publishing and four subscribing connections, as
+// serve did before the in-process client), for a before/after comparison in one session.
+// The raw reference publisher (raw-pub/s, x-broker) is of the same kind as the bus: the
+// in-process client, or one paho client.
 
 import (
 	"bytes"
@@ -135,14 +140,18 @@ func provisionStore(b *testing.B, s updater.Store, devs []*updater.Device) {
 	}
 }
 
-// The updater's link to the broker, as cmd/sealcast sets it up with the embedded broker:
-// acks arrive through a shared subscription over several connections, so that a burst of
-// acks is spread over several queues at the broker instead of overflowing one.
+// With SEALCAST_BENCH_BUS=mqtt, the updater's link to the broker as cmd/sealcast set it
+// up before the in-process client: acks through a shared subscription over several
+// connections, so that a burst of acks is spread over several queues at the broker
+// instead of overflowing one. The in-process bus takes acks in the same shared group.
 const (
 	benchPublishers  = 4
 	benchSubscribers = 4
 	benchAckGroup    = "sealcast"
 )
+
+// benchMQTTBus: SEALCAST_BENCH_BUS=mqtt (see the file comment).
+var benchMQTTBus = os.Getenv("SEALCAST_BENCH_BUS") == "mqtt"
 
 // benchEnv is a broker, a store and an updater with an operator client, all real.
 type benchEnv struct {
@@ -194,12 +203,18 @@ func startBench(b *testing.B, storeName string, devs []*updater.Device) *benchEn
 
 	_, signer, _ := ed25519.GenerateKey(rand.Reader)
 	rctx, cancel := context.WithCancel(ctx)
-	bus, err := mqttbus.Dial(rctx, mqttbus.Options{URL: be.env.URL, ClientID: "bench-updater",
-		Username: be.env.Updater.Username, Password: be.env.Updater.Password,
-		Publishers: benchPublishers, Subscribers: benchSubscribers})
-	if err != nil {
-		b.Fatal(err)
+	var bus updater.Bus = be.env.Broker.Inline()
+	closeBus := func() {}
+	if benchMQTTBus {
+		mb, err := mqttbus.Dial(rctx, mqttbus.Options{URL: be.env.URL, ClientID: "bench-updater",
+			Username: be.env.Updater.Username, Password: be.env.Updater.Password,
+			Publishers: benchPublishers, Subscribers: benchSubscribers})
+		if err != nil {
+			b.Fatal(err)
+		}
+		bus, closeBus = mb, func() { mb.Close() }
 	}
+	var err error
 	be.u, err = updater.New(updater.Options{
 		Root: benchRoot, SigningKey: signer, Store: be.store, Bus: bus, DataDir: b.TempDir(),
 		ChainLength: benchChainLength, BrokerURL: be.env.URL, Revoker: be.env.Broker,
@@ -216,7 +231,7 @@ func startBench(b *testing.B, storeName string, devs []*updater.Device) *benchEn
 	b.Cleanup(func() {
 		cancel()
 		<-done
-		bus.Close()
+		closeBus()
 	})
 	be.op, err = operator.Dial(ctx, operator.Options{URL: be.env.URL, Username: be.env.Admin.Username,
 		Password: be.env.Admin.Password, Timeout: 60 * time.Second})
@@ -285,6 +300,17 @@ func (be *benchEnv) client(id string) mqtt.Client {
 	}
 	be.b.Cleanup(func() { c.Disconnect(100) })
 	return c
+}
+
+// rawPublisher returns the reference publisher of the fan-out: the broker's in-process
+// client publishing from one goroutine, or with SEALCAST_BENCH_BUS=mqtt one paho client.
+func (be *benchEnv) rawPublisher() func([]protocol.Message) error {
+	if !benchMQTTBus {
+		in := be.env.Broker.Inline()
+		return func(msgs []protocol.Message) error { return in.Publish(context.Background(), msgs...) }
+	}
+	c := be.client("bench-raw")
+	return func(msgs []protocol.Message) error { return publishAll(c, msgs, 1024) }
 }
 
 // publishAll publishes the messages with QoS 1 from one paho client, at most window
@@ -403,7 +429,7 @@ func BenchmarkFanout(b *testing.B) {
 			b.Run(fmt.Sprintf("devices=%d/store=%s", n, store), func(b *testing.B) {
 				devs, _ := benchFleet.devices(b, n)
 				be := startBench(b, store, devs)
-				rawc := be.client("bench-raw")
+				rawc := be.rawPublisher()
 				rawMsgs := make([]protocol.Message, n)
 				for i, d := range devs {
 					rawMsgs[i] = protocol.Message{Topic: protocol.KeyTopic(d.Serial), Payload: make([]byte, keychain.KeyMessageReleaseSize), Retain: true}
@@ -419,7 +445,7 @@ func BenchmarkFanout(b *testing.B) {
 				for b.Loop() {
 					b.StopTimer()
 					be.cpu.measure(b, &raw, &rawCPU, &rawRedis, func() {
-						if err := publishAll(rawc, rawMsgs, 1024); err != nil {
+						if err := rawc(rawMsgs); err != nil {
 							b.Fatal(err)
 						}
 					})
