@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"math/rand/v2"
 	"strings"
 	"sync"
@@ -47,8 +48,49 @@ func (in *Inline) running() error {
 	return nil
 }
 
-// Publish publishes the messages with QoS 1, in order.
+// publishLanes is how many goroutines one Publish spreads its messages over. With a data
+// directory every retained message is a synced write, and the store commits concurrent
+// writes together (one fsync for many): measured with 10,000 key messages, one goroutine
+// got 4,200-5,100 publishes/s, as many as the disk syncs.
+const publishLanes = 16
+
+// Publish publishes the messages with QoS 1. Messages with the same protocol.OrderKey (one
+// device's, one release's) are published in the order given; others may be published
+// concurrently.
 func (in *Inline) Publish(ctx context.Context, msgs ...protocol.Message) error {
+	if len(msgs) < 2 {
+		return in.publish(ctx, msgs)
+	}
+	lanes := make([][]protocol.Message, min(len(msgs), publishLanes))
+	for _, m := range msgs {
+		h := fnv.New32a()
+		h.Write([]byte(protocol.OrderKey(m.Topic)))
+		i := h.Sum32() % uint32(len(lanes))
+		lanes[i] = append(lanes[i], m)
+	}
+	errs := make([]error, len(lanes))
+	var wg sync.WaitGroup
+	for i, lane := range lanes {
+		if len(lane) == 0 {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = in.publish(ctx, lane)
+		}()
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// publish publishes msgs one after another.
+func (in *Inline) publish(ctx context.Context, msgs []protocol.Message) error {
 	for _, m := range msgs {
 		if err := ctx.Err(); err != nil {
 			return err

@@ -133,6 +133,21 @@ func ValidID(s string) bool {
 	return true
 }
 
+// OrderKey is what a bus keeps the order of messages by: a message is published after
+// every earlier message with the same key. It is the topic's first three levels, so all
+// messages of one device (sealcast/devices/{serial}/...) keep their order, as do those of
+// one release (sealcast/releases/{rid}/...); a shorter topic is its own key.
+func OrderKey(topic string) string {
+	if n := strings.IndexByte(topic, '/'); n >= 0 {
+		if m := strings.IndexByte(topic[n+1:], '/'); m >= 0 {
+			if e := strings.IndexByte(topic[n+1+m+1:], '/'); e >= 0 {
+				return topic[:n+1+m+1+e]
+			}
+		}
+	}
+	return topic
+}
+
 // Message is one QoS 1 publish.
 type Message struct {
 	Topic   string

@@ -254,14 +254,7 @@ func (b *Bus) publisher(topic string) mqtt.Client {
 	if len(b.pubs) == 1 {
 		return b.pubs[0]
 	}
-	key := topic
-	if n := strings.IndexByte(topic, '/'); n >= 0 {
-		if m := strings.IndexByte(topic[n+1:], '/'); m >= 0 {
-			if e := strings.IndexByte(topic[n+1+m+1:], '/'); e >= 0 {
-				key = topic[:n+1+m+1+e]
-			}
-		}
-	}
+	key := protocol.OrderKey(topic)
 	h := fnv.New32a()
 	h.Write([]byte(key))
 	return b.pubs[h.Sum32()%uint32(len(b.pubs))]
