@@ -71,3 +71,6 @@ require (
 	google.golang.org/protobuf v1.36.12 // indirect
 	gopkg.in/yaml.v3 v3.0.1 // indirect
 )
+
+// A copy of mochi v2.7.9 with one data race fixed (docs/BROKER.md, "The patched mochi").
+replace github.com/mochi-mqtt/server/v2 => ./third_party/mochi

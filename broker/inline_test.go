@@ -107,3 +107,4 @@ func TestCheck(t *testing.T) {
 		t.Fatal("Check passed on a closed broker")
 	}
 }
+

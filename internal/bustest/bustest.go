@@ -43,9 +43,9 @@ func ctx(t *testing.T) context.Context {
 	return c
 }
 
-// Client connects a paho client (MQTT 3.1.1, clean session) and subscribes it to filter,
-// sending every message to the returned channel.
-func Client(t *testing.T, env *brokertest.Env, id string, cr brokertest.Credentials, filter string) <-chan paho.Message {
+// Client connects a paho client (MQTT 3.1.1, clean session) and, unless filter is empty,
+// subscribes it to filter, sending every message to the returned channel.
+func Client(t *testing.T, env *brokertest.Env, id string, cr brokertest.Credentials, filter string) (paho.Client, <-chan paho.Message) {
 	t.Helper()
 	ch := make(chan paho.Message, 4096)
 	o := paho.NewClientOptions().AddBroker(env.URL).SetClientID(id).SetUsername(cr.Username).
@@ -62,7 +62,17 @@ func Client(t *testing.T, env *brokertest.Env, id string, cr brokertest.Credenti
 			t.Fatalf("subscribing %s: %v", id, tok.Error())
 		}
 	}
-	return ch
+	return c, ch
+}
+
+// nothing fails the test if a message arrives on ch within d.
+func nothing(t *testing.T, ch <-chan paho.Message, d time.Duration, what string) {
+	t.Helper()
+	select {
+	case m := <-ch:
+		t.Fatalf("%s: %s holds %q", what, m.Topic(), m.Payload())
+	case <-time.After(d):
+	}
 }
 
 func next(t *testing.T, ch <-chan paho.Message) paho.Message {
@@ -82,8 +92,8 @@ func next(t *testing.T, ch <-chan paho.Message) paho.Message {
 func testPublish(t *testing.T, newBus Factory) {
 	env := brokertest.Start(t)
 	bus := newBus(t, env)
-	dev := Client(t, env, "dev-1", env.Device(t, "dev-1"), protocol.KeyTopic("dev-1"))
-	mon := Client(t, env, "mon", env.Monitor, protocol.StatusFilter)
+	_, dev := Client(t, env, "dev-1", env.Device(t, "dev-1"), protocol.KeyTopic("dev-1"))
+	_, mon := Client(t, env, "mon", env.Monitor, protocol.StatusFilter)
 	var msgs []protocol.Message
 	for i := range 50 {
 		msgs = append(msgs, protocol.Message{Topic: protocol.KeyTopic("dev-1"), Payload: fmt.Appendf(nil, "key-%d", i)},
@@ -111,7 +121,7 @@ func testRetained(t *testing.T, newBus Factory) {
 	if err := bus.Publish(ctx(t), protocol.Message{Topic: key, Payload: []byte("wrapped"), Retain: true}); err != nil {
 		t.Fatal(err)
 	}
-	dev := Client(t, env, "dev-2", env.Device(t, "dev-2"), key)
+	_, dev := Client(t, env, "dev-2", env.Device(t, "dev-2"), key)
 	if m := next(t, dev); string(m.Payload()) != "wrapped" || !m.Retained() {
 		t.Fatalf("got %q retained=%v", m.Payload(), m.Retained())
 	}
@@ -132,12 +142,8 @@ func testRetained(t *testing.T, newBus Factory) {
 	if err := bus.Publish(ctx(t), protocol.Message{Topic: key, Retain: true}); err != nil {
 		t.Fatal(err)
 	}
-	dev2 := Client(t, env, "dev-2b", env.Admin, key)
-	select {
-	case m := <-dev2:
-		t.Fatalf("cleared retained topic still holds %q", m.Payload())
-	case <-time.After(300 * time.Millisecond):
-	}
+	_, dev2 := Client(t, env, "dev-2b", env.Admin, key)
+	nothing(t, dev2, 300*time.Millisecond, "a cleared retained topic")
 }
 
 // testInbound: what devices publish on their ack topics reaches the handler, each message
@@ -160,12 +166,7 @@ func testInbound(t *testing.T, newBus Factory) {
 	const devices, per = 5, 40
 	for d := range devices {
 		serial := fmt.Sprintf("dev-%d", d)
-		c := paho.NewClient(paho.NewClientOptions().AddBroker(env.URL).SetClientID(serial).
-			SetUsername(serial).SetPassword(env.Device(t, serial).Password).SetProtocolVersion(4))
-		if tok := c.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
-			t.Fatal(tok.Error())
-		}
-		t.Cleanup(func() { c.Disconnect(100) })
+		c, _ := Client(t, env, serial, env.Device(t, serial), "")
 		for i := range per {
 			c.Publish(protocol.AckTopic(serial), 1, false, fmt.Sprintf("ack-%d", i))
 		}
@@ -201,14 +202,9 @@ func testShared(t *testing.T, newBus Factory) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	other := Client(t, env, "other-updater", env.Updater, filter)
+	_, other := Client(t, env, "other-updater", env.Updater, filter)
 	otherGot := map[string]bool{}
-	c := paho.NewClient(paho.NewClientOptions().AddBroker(env.URL).SetClientID("dev-s2").
-		SetUsername("dev-s2").SetPassword(env.Device(t, "dev-s2").Password).SetProtocolVersion(4))
-	if tok := c.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
-		t.Fatal(tok.Error())
-	}
-	t.Cleanup(func() { c.Disconnect(100) })
+	c, _ := Client(t, env, "dev-s2", env.Device(t, "dev-s2"), "")
 	for i := range acks {
 		c.Publish(protocol.AckTopic("dev-s2"), 1, false, fmt.Sprintf("a%d", i)).Wait()
 	}
@@ -236,12 +232,7 @@ func testShared(t *testing.T, newBus Factory) {
 	if busN == 0 || len(otherGot) == 0 {
 		t.Fatalf("split %d / %d: a member got nothing", busN, len(otherGot))
 	}
-	// Nothing more arrives.
-	select {
-	case m := <-other:
-		t.Fatalf("extra message %q", m.Payload())
-	case <-time.After(200 * time.Millisecond):
-	}
+	nothing(t, other, 200*time.Millisecond, "after the split")
 }
 
 // testCancelled: a publish with a cancelled context fails with the context's error.
