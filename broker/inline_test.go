@@ -107,4 +107,3 @@ func TestCheck(t *testing.T) {
 		t.Fatal("Check passed on a closed broker")
 	}
 }
-
