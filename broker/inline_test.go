@@ -2,8 +2,10 @@ package broker_test
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -106,4 +108,62 @@ func TestCheck(t *testing.T) {
 	if err := env.Broker.Check(ctx); err == nil {
 		t.Fatal("Check passed on a closed broker")
 	}
+}
+
+// TestRetainedExpiryStillApplies: the patched mochi skips its expiry sweeps until a
+// message with an expiry has been seen (docs/BROKER.md, "The patched mochi"); a retained
+// message an MQTT 5 client publishes with a message expiry interval of 1 s still expires.
+func TestRetainedExpiryStillApplies(t *testing.T) {
+	env := brokertest.Start(t)
+	c := dialRaw(t, env.Addr)
+	b := appendStr(nil, "MQTT")
+	b = append(b, 5, 0xc2, 0, 60, 0) // MQTT 5, user+password+clean, keepalive 60, no properties
+	b = appendStr(appendStr(appendStr(b, "dev-x"), "dev-x"), env.Device(t, "dev-x").Password)
+	c.send(packet(0x10, b))
+	if p := c.expect(2); len(p.body) < 2 || p.body[1] != 0 {
+		t.Fatalf("CONNACK %x", p.body)
+	}
+	// PUBLISH QoS 1, retained, to its own state topic, with Message Expiry Interval 1 s.
+	b = binary.BigEndian.AppendUint16(appendStr(nil, "sealcast/devices/dev-x/state"), 3)
+	b = append(b, 5, 0x02, 0, 0, 0, 1)
+	c.send(packet(0x33, append(b, `{"v":1}`...)))
+	c.expect(4)
+	retained := func() bool {
+		got := newCollector()
+		sub := pahoClient(t, env, fmt.Sprintf("mon-%d", time.Now().UnixNano()), env.Monitor, true)
+		defer sub.Disconnect(0)
+		subscribe(t, sub, "sealcast/devices/dev-x/state", got)
+		_, ok := got.next(t, quiet)
+		return ok
+	}
+	if !retained() {
+		t.Fatal("the message was not retained")
+	}
+	eventually(t, "the retained message expires", func() bool { return !retained() })
+}
+
+// BenchmarkIdleRetained reports the CPU an idle broker spends per second holding 100,000
+// retained messages (mochi v2.7.9 copied all of them once a second; docs/BENCHMARKS.md).
+func BenchmarkIdleRetained(b *testing.B) {
+	env := brokertest.Start(b)
+	msgs := make([]protocol.Message, 100_000)
+	for i := range msgs {
+		msgs[i] = protocol.Message{Topic: protocol.DeviceStatusTopic(fmt.Sprintf("d-%06d", i)), Payload: make([]byte, 121), Retain: true}
+	}
+	if err := env.Broker.Inline().Publish(context.Background(), msgs...); err != nil {
+		b.Fatal(err)
+	}
+	var cpu time.Duration
+	for b.Loop() {
+		before := processCPU()
+		time.Sleep(3 * time.Second)
+		cpu += processCPU() - before
+	}
+	b.ReportMetric(float64(cpu.Milliseconds())/float64(3*b.N), "cpu-ms/s")
+}
+
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

@@ -144,6 +144,17 @@ type Server struct {
 	Log          *slog.Logger         // minimal no-alloc logger
 	hooks        *Hooks               // hooks contains hooks for extra functionality such as auth and persistent storage
 	inlineClient *Client              // inlineClient is a special client used for inline subscriptions and inline Publish
+
+	// mayExpire is set once a message with an expiry has been seen (Sealcast patch). Until
+	// then the once-a-second sweeps for expired retained and inflight messages can find
+	// nothing, and are skipped: each copied every retained message and every client's
+	// inflight messages.
+	mayExpire atomic.Bool
+}
+
+// sweepsNeeded reports whether a retained or inflight message can expire (Sealcast patch).
+func (s *Server) sweepsNeeded() bool {
+	return s.Options.Capabilities.MaximumMessageExpiryInterval > 0 || s.mayExpire.Load()
 }
 
 // loop contains interval tickers for the system events loop.
@@ -888,6 +899,7 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 	if expiry := minimum(s.Options.Capabilities.MaximumMessageExpiryInterval,
 		int64(pk.Properties.MessageExpiryInterval)); expiry > 0 {
 		pk.Expiry = pk.Created + expiry
+		s.mayExpire.Store(true) // Sealcast patch
 	}
 
 	if !cl.Net.Inline {
@@ -995,6 +1007,7 @@ func (s *Server) publishToSubscribers(pk packets.Packet) {
 		if expiry := minimum(s.Options.Capabilities.MaximumMessageExpiryInterval,
 			int64(pk.Properties.MessageExpiryInterval)); expiry > 0 {
 			pk.Expiry = pk.Created + expiry
+			s.mayExpire.Store(true) // Sealcast patch
 		}
 	}
 
@@ -1026,7 +1039,7 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 		return pk, nil // [MQTT-3.8.3-3]
 	}
 
-	out := pk.Copy(false)
+	out := pk.CopyShared(false) // Sealcast patch: deliveries share the payload, which nobody writes to
 	if !s.hooks.OnACLCheck(cl, pk.TopicName, false) {
 		return out, packets.ErrNotAuthorized
 	}
@@ -1538,6 +1551,7 @@ func (s *Server) sendLWT(cl *Client) {
 	if cl.Properties.Will.WillDelayInterval > 0 {
 		pk.Connect.WillProperties.WillDelayInterval = cl.Properties.Will.WillDelayInterval
 		pk.Expiry = time.Now().Unix() + int64(pk.Connect.WillProperties.WillDelayInterval)
+		s.mayExpire.Store(true) // Sealcast patch
 		s.loop.willDelayed.Add(cl.ID, pk)
 		return
 	}
@@ -1680,7 +1694,11 @@ func (s *Server) loadClients(v []storage.Client) {
 func (s *Server) loadInflight(v []storage.Message) {
 	for _, msg := range v {
 		if client, ok := s.Clients.Get(msg.Client); ok {
-			client.State.Inflight.Set(msg.ToPacket())
+			pk := msg.ToPacket()
+			if pk.Expiry > 0 {
+				s.mayExpire.Store(true) // Sealcast patch
+			}
+			client.State.Inflight.Set(pk)
 		}
 	}
 }
@@ -1688,7 +1706,11 @@ func (s *Server) loadInflight(v []storage.Message) {
 // loadRetained restores retained messages from the datastore.
 func (s *Server) loadRetained(v []storage.Message) {
 	for _, msg := range v {
-		s.Topics.RetainMessage(msg.ToPacket())
+		pk := msg.ToPacket()
+		if pk.Expiry > 0 {
+			s.mayExpire.Store(true) // Sealcast patch
+		}
+		s.Topics.RetainMessage(pk)
 	}
 }
 
@@ -1715,6 +1737,9 @@ func (s *Server) clearExpiredClients(dt int64) {
 
 // clearExpiredRetainedMessage deletes retained messages from topics if they have expired.
 func (s *Server) clearExpiredRetainedMessages(now int64) {
+	if !s.sweepsNeeded() { // Sealcast patch
+		return
+	}
 	for filter, pk := range s.Topics.Retained.GetAll() {
 		expired := pk.ProtocolVersion == 5 && pk.Expiry > 0 && pk.Expiry < now // [MQTT-3.3.2-5]
 
@@ -1732,6 +1757,9 @@ func (s *Server) clearExpiredRetainedMessages(now int64) {
 
 // clearExpiredInflights deletes any inflight messages which have expired.
 func (s *Server) clearExpiredInflights(now int64) {
+	if !s.sweepsNeeded() { // Sealcast patch
+		return
+	}
 	for _, client := range s.Clients.GetAll() {
 		if deleted := client.ClearExpiredInflights(now, s.Options.Capabilities.MaximumMessageExpiryInterval); len(deleted) > 0 {
 			for _, id := range deleted {

@@ -181,6 +181,17 @@ type Subscription struct {
 	FwdRetainedFlag   bool // true if the subscription forms part of a publish response to a client subscription and packet is retained.
 }
 
+// CopyShared is Copy, except that the copy shares pk's payload instead of copying it
+// (Sealcast patch): for a delivery, whose payload nobody writes to, one copy per
+// subscriber of every message was most of the broker's memory traffic.
+func (pk *Packet) CopyShared(allowTransfer bool) Packet {
+	src := *pk
+	src.Payload = nil
+	p := src.Copy(allowTransfer)
+	p.Payload = pk.Payload
+	return p
+}
+
 // Copy creates a new instance of a packet, but with an empty header for inheriting new QoS flags, etc.
 func (pk *Packet) Copy(allowTransfer bool) Packet {
 	p := Packet{
