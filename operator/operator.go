@@ -255,6 +255,12 @@ func (c *Client) Watch(ctx context.Context, filters []string, fn func(topic stri
 		subs[f] = 1
 	}
 	if err := c.wait(ctx, c.c.SubscribeMultiple(subs, h)); err != nil {
+		if ctx.Err() != nil {
+			// The caller stopped watching, possibly from fn: retained messages can arrive
+			// before the SUBACK is processed, and fn may have had all it wanted.
+			c.c.Unsubscribe(filters...)
+			return nil
+		}
 		return fmt.Errorf("subscribing to %s: %w", strings.Join(filters, ", "), err)
 	}
 	<-ctx.Done()
