@@ -82,11 +82,22 @@ func newClientConn(c net.Conn, maxPending int, writeDeadline time.Duration, onSl
 	cc := &clientConn{Conn: c, raw: newRawWriter(c), maxPending: maxPending,
 		writeDeadline: writeDeadline, onSlow: onSlow}
 	cc.idle.L = &cc.mu
+	// The listener's deadline for TLS and CONNECT would also end writes (tryWrite's
+	// direct ones too, which check it); from here on clientConn bounds writes itself.
+	_ = c.SetWriteDeadline(time.Time{})
 	return cc
 }
 
 // NetConn returns the wrapped connection (crypto/tls's Conn has the same method).
 func (c *clientConn) NetConn() net.Conn { return c.Conn }
+
+// SetDeadline sets the read deadline only. mochi sets its keepalive deadline with it,
+// which is about the client's input; writes are bounded by clientConn's own write
+// deadline and pending bytes.
+func (c *clientConn) SetDeadline(t time.Time) error { return c.Conn.SetReadDeadline(t) }
+
+// SetWriteDeadline does nothing, for the same reason.
+func (c *clientConn) SetWriteDeadline(time.Time) error { return nil }
 
 // setClient records the MQTT client id for logs.
 func (c *clientConn) setClient(id string) {

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -96,8 +97,9 @@ func (l *wsListener) wait() {
 // wsConn is a net.Conn over binary WebSocket messages; an MQTT packet may span messages.
 type wsConn struct {
 	net.Conn
-	c *websocket.Conn
-	r io.Reader // current message
+	c        *websocket.Conn
+	r        io.Reader                // current message
+	deadline atomic.Pointer[time.Time] // the write deadline, for Write to give gorilla
 }
 
 var errWSText = errors.New("broker: websocket text message; MQTT needs binary messages")
@@ -126,18 +128,28 @@ func (ws *wsConn) Read(p []byte) (int, error) {
 	}
 }
 
-// SetWriteDeadline sets gorilla's deadline, which it applies to the socket on every
-// write (the socket's own would be overwritten).
-func (ws *wsConn) SetWriteDeadline(t time.Time) error { return ws.c.SetWriteDeadline(t) }
+// SetWriteDeadline sets the deadline of the next writes. gorilla applies its own deadline
+// to the socket on every write, and may only be told it from the writing goroutine, so
+// the deadline is kept here for Write to pass on; it is also set on the socket at once,
+// which ends a write already blocked past it.
+func (ws *wsConn) SetWriteDeadline(t time.Time) error {
+	ws.deadline.Store(&t)
+	return ws.Conn.SetWriteDeadline(t)
+}
 
 func (ws *wsConn) SetDeadline(t time.Time) error {
-	if err := ws.c.SetWriteDeadline(t); err != nil {
+	if err := ws.SetWriteDeadline(t); err != nil {
 		return err
 	}
 	return ws.Conn.SetReadDeadline(t)
 }
 
 func (ws *wsConn) Write(p []byte) (int, error) {
+	var d time.Time
+	if t := ws.deadline.Load(); t != nil {
+		d = *t
+	}
+	_ = ws.c.SetWriteDeadline(d)
 	if err := ws.c.WriteMessage(websocket.BinaryMessage, p); err != nil {
 		return 0, err
 	}
