@@ -98,7 +98,7 @@ func (l *wsListener) wait() {
 type wsConn struct {
 	net.Conn
 	c        *websocket.Conn
-	r        io.Reader                // current message
+	r        io.Reader                 // current message
 	deadline atomic.Pointer[time.Time] // the write deadline, for Write to give gorilla
 }
 
