@@ -12,23 +12,47 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/gorilla/websocket"
 
 	"github.com/sealcast/sealcast/broker"
 	"github.com/sealcast/sealcast/internal/brokertest"
 )
 
+// smallRcvBuf dials with a 4 KiB receive buffer.
+var smallRcvBuf = net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+	var serr error
+	err := rc.Control(func(fd uintptr) {
+		serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
+	})
+	return errors.Join(err, serr)
+}}
+
 // stalledClient connects with a 4 KiB receive buffer and keepalive 0, subscribes to
-// filter, and from then on never reads: the attack of a client that stops reading.
-func stalledClient(t *testing.T, addr, clientID string, cr brokertest.Credentials, clean bool, filter string) net.Conn {
+// filter, and from then on never reads: the attack of a client that stops reading. With
+// ws it speaks MQTT over WebSocket. It returns what ends when the connection does.
+func stalledClient(t *testing.T, env *brokertest.Env, ws bool, clientID string, cr brokertest.Credentials, clean bool, filter string) net.Conn {
 	t.Helper()
-	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
-		var serr error
-		err := rc.Control(func(fd uintptr) {
-			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
-		})
-		return errors.Join(err, serr)
-	}}
-	nc, err := d.Dial("tcp", addr)
+	if ws {
+		d := websocket.Dialer{NetDialContext: smallRcvBuf.DialContext, Subprotocols: []string{"mqtt"}}
+		c, _, err := d.Dial("ws://"+env.Broker.Addr(broker.ListenerWS).String()+"/mqtt", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		exchange := func(out []byte, typ byte) {
+			if err := c.WriteMessage(websocket.BinaryMessage, out); err != nil {
+				t.Fatal(err)
+			}
+			_, in, err := c.ReadMessage()
+			if err != nil || len(in) == 0 || in[0]>>4 != typ {
+				t.Fatalf("%s: got %x, %v; want packet type %d", clientID, in, err, typ)
+			}
+		}
+		exchange(connectPacketKeepalive(clientID, cr.Username, cr.Password, clean, 0), 2)
+		exchange(subscribePacket(1, filter, 1), 9)
+		return c.UnderlyingConn()
+	}
+	nc, err := smallRcvBuf.Dial("tcp", env.Addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -54,6 +78,7 @@ func TestSlowConsumerCannotFreeze(t *testing.T) {
 	const parts, size = 128, 64 << 10 // 8 MiB: more than the socket buffers of the stalled client
 	for _, tc := range []struct {
 		name     string
+		ws       bool
 		stall    func(env *brokertest.Env) (id string, cr brokertest.Credentials, clean bool, filter string)
 		topic    string
 		receiver func(env *brokertest.Env) (id string, cr brokertest.Credentials, filter string)
@@ -79,6 +104,17 @@ func TestSlowConsumerCannotFreeze(t *testing.T) {
 			},
 		},
 		{
+			name: "monitor over WebSocket",
+			ws:   true,
+			stall: func(env *brokertest.Env) (string, brokertest.Credentials, bool, string) {
+				return "stall-ws", env.Monitor, true, "sealcast/status/#"
+			},
+			topic: "sealcast/status/releases/r%d",
+			receiver: func(env *brokertest.Env) (string, brokertest.Credentials, string) {
+				return "good-mon", env.Monitor, "sealcast/status/#"
+			},
+		},
+		{
 			name: "admin on #",
 			stall: func(env *brokertest.Env) (string, brokertest.Credentials, bool, string) {
 				return "stall-admin", env.Admin, true, "#"
@@ -92,9 +128,10 @@ func TestSlowConsumerCannotFreeze(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			env := brokertest.Start(t, brokertest.WithOptions(func(o *broker.Options) {
 				o.Limits.WriteDeadline = 4 * time.Second
+				o.WSAddr = "127.0.0.1:0"
 			}))
 			id, cr, clean, filter := tc.stall(env)
-			stalled := stalledClient(t, env.Addr, id, cr, clean, filter)
+			stalled := stalledClient(t, env, tc.ws, id, cr, clean, filter)
 
 			rid, rcr, rfilter := tc.receiver(env)
 			recv := pahoClient(t, env, rid, rcr, true)
