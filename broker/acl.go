@@ -14,6 +14,8 @@ const (
 	filterState   = "sealcast/devices/+/state"
 	filterPresent = "sealcast/devices/+/presence"
 	filterAck     = "sealcast/devices/+/ack"
+	filterKey     = "sealcast/devices/+/key"
+	filterReceipt = "sealcast/devices/+/receipt"
 )
 
 // RetainAllowed reports whether a PUBLISH to topic may carry the retain flag: not on the

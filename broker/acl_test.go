@@ -147,3 +147,19 @@ func TestHealthProbeHasNoRights(t *testing.T) {
 		}
 	}
 }
+
+func TestRepublished(t *testing.T) {
+	for topic, want := range map[string]bool{
+		"sealcast/devices/dev-1/key":      true,
+		"sealcast/devices/dev-1/receipt":  true,
+		"sealcast/devices/dev-1/presence": false,
+		"sealcast/devices/dev-1/state":    false,
+		"sealcast/status/fleet":           false,
+		"sealcast/releases/x/chunks/0":    false,
+		"sealcast/releases/x/manifest":    false,
+	} {
+		if got := republished(topic); got != want {
+			t.Errorf("republished(%q) = %v, want %v", topic, got, want)
+		}
+	}
+}

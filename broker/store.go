@@ -52,10 +52,20 @@ func newStore(dir string, log zerolog.Logger) (*store, mochipebble.Options) {
 	return &store{Hook: new(mochipebble.Hook), inflight: map[inflightID]struct{}{}}, mochipebble.Options{
 		Path: dir,
 		Mode: mochipebble.Sync,
+		// Key messages and receipts are written without their own sync: the updater
+		// publishes them again after a crash (active releases resume and re-wrap; a
+		// device re-sends its ack until it sees a receipt, PROTOCOL.md 10.4). They become
+		// durable with the next synced write. Everything else is synced.
+		RetainNoSync: republished,
 		Options: &pebbledb.Options{
 			Logger: pebbleLogger{log},
 		},
 	}
+}
+
+// republished reports whether topic is a device's key or receipt topic.
+func republished(topic string) bool {
+	return filterWithin(topic, filterKey) || filterWithin(topic, filterReceipt)
 }
 
 // pebbleLogger routes pebble's own log lines to zerolog at debug level.

@@ -71,6 +71,11 @@ type Options struct {
 	Options *pebbledb.Options
 	Mode    string `yaml:"mode" json:"mode"`
 	Path    string `yaml:"path" json:"path"`
+
+	// RetainNoSync, if set, names the topics whose retained messages are written without
+	// a sync even in Sync mode (Sealcast patch): messages the application can publish
+	// again after a crash. They become durable with the next synced write.
+	RetainNoSync func(topic string) bool `yaml:"-" json:"-"`
 }
 
 // Hook is a persistent storage hook based using pebble DB file store as a backend.
@@ -255,8 +260,14 @@ func (h *Hook) OnRetainMessage(cl *mqtt.Client, pk packets.Packet, r int64) {
 		return
 	}
 
+	mode := h.mode // Sealcast patch: Options.RetainNoSync
+	if h.config.RetainNoSync != nil && h.config.RetainNoSync(pk.TopicName) {
+		mode = pebbledb.NoSync
+	}
 	if r == -1 {
-		h.delKv(retainedKey(pk.TopicName))
+		if err := h.db.Delete([]byte(retainedKey(pk.TopicName)), mode); err != nil {
+			h.Log.Error("failed to delete data", "error", err, "key", retainedKey(pk.TopicName))
+		}
 		return
 	}
 
@@ -282,7 +293,10 @@ func (h *Hook) OnRetainMessage(cl *mqtt.Client, pk packets.Packet, r int64) {
 		},
 	}
 
-	h.setKv(in.ID, in)
+	bs, _ := in.MarshalBinary()
+	if err := h.db.Set([]byte(in.ID), bs, mode); err != nil {
+		h.Log.Error("failed to update data", "error", err, "key", in.ID)
+	}
 }
 
 // OnQosPublish adds or updates an inflight message in the store.
