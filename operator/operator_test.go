@@ -2,6 +2,7 @@ package operator_test
 
 import (
 	"context"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -34,8 +35,8 @@ func TestWatchStoppedWhileSubscribing(t *testing.T) {
 	}
 	wctx, stop = context.WithTimeout(ctx, 10*time.Second)
 	defer stop()
-	got := false
-	if err := op.Watch(wctx, []string{protocol.FleetStatusTopic}, func(string, []byte) { got = true; stop() }); err != nil || !got {
-		t.Fatalf("watch: %v (message received: %v)", err, got)
+	var got atomic.Bool
+	if err := op.Watch(wctx, []string{protocol.FleetStatusTopic}, func(string, []byte) { got.Store(true); stop() }); err != nil || !got.Load() {
+		t.Fatalf("watch: %v (message received: %v)", err, got.Load())
 	}
 }
