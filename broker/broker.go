@@ -218,8 +218,12 @@ func New(opts Options) (*Broker, error) {
 	}
 	mochiLog := opts.Logger.With().Str("component", "mochi").Logger()
 	b.srv = mqtt.New(&mqtt.Options{
-		Capabilities:           caps,
-		InlineClient:           true, // Inline
+		Capabilities: caps,
+		InlineClient: true, // Inline
+		// Every connection is a clientConn, whose Write never blocks: deliveries are
+		// written by the publishing goroutine, with no write loop or queue per client
+		// (third_party/mochi, docs/BROKER.md "The patched mochi").
+		WritesNeverBlock:       true,
 		Logger:                 slog.New(redactHandler{zerolog.NewSlogHandler(mochiLog)}),
 		SysTopicResendInterval: sysInterval,
 	})

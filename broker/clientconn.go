@@ -115,8 +115,10 @@ func (c *clientConn) Write(p []byte) (int, error) {
 		c.mu.Unlock()
 		return 0, err
 	}
-	if c.reading && !c.flushing && len(c.pending) == 0 && c.raw != nil {
+	if (c.reading || len(p) >= maxBatch) && !c.flushing && len(c.pending) == 0 && c.raw != nil {
 		// The socket is ours and nothing is queued before p: write what it takes now.
+		// (Batching is for small writes made while the reader handles input; a large one,
+		// such as a chunk delivered from the subscriber's own goroutine, goes at once.)
 		w, err := c.raw.tryWrite(p)
 		if err != nil {
 			c.failLocked(err)

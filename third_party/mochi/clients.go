@@ -172,7 +172,7 @@ func newClient(c net.Conn, o *ops) *Client {
 			open:          ctx,
 			cancelOpen:    cancel,
 			Keepalive:     defaultKeepalive,
-			outbound:      make(chan *packets.Packet, o.options.Capabilities.MaximumClientWritesPending),
+			outbound:      make(chan *packets.Packet, outboundCap(o.options)),
 		},
 		Properties: ClientProperties{
 			ProtocolVersion: defaultClientProtocolVersion, // default protocol version
@@ -189,6 +189,15 @@ func newClient(c net.Conn, o *ops) *Client {
 	}
 
 	return cl
+}
+
+// outboundCap is the capacity of a client's outbound queue: none when it is not used
+// (Options.WritesNeverBlock, Sealcast patch).
+func outboundCap(o *Options) int32 {
+	if o.WritesNeverBlock {
+		return 0
+	}
+	return o.Capabilities.MaximumClientWritesPending
 }
 
 // WriteLoop ranges over pending outbound messages and writes them to the client connection.

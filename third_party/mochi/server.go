@@ -129,6 +129,12 @@ type Options struct {
 	// Enable Inline client to allow direct subscribing and publishing from the parent codebase,
 	// with negligible performance difference (disabled by default to prevent confusion in statistics).
 	InlineClient bool `yaml:"inline_client" json:"inline_client"`
+
+	// WritesNeverBlock says that the connections the listeners give return from Write at
+	// once (Sealcast patch). Deliveries are then written by the publishing goroutine,
+	// with no per-client write loop, outbound queue or dropped deliveries: a goroutine and
+	// the queue's memory less per client, and no hand-off per delivery.
+	WritesNeverBlock bool `yaml:"-" json:"-"`
 }
 
 // Server is an MQTT broker server. It should be created with server.New()
@@ -418,7 +424,9 @@ func (s *Server) attachClient(cl *Client, listener string) error {
 	defer s.Listeners.ClientsWg.Done()
 	s.Listeners.ClientsWg.Add(1)
 
-	go cl.WriteLoop()
+	if !s.Options.WritesNeverBlock { // Sealcast patch
+		go cl.WriteLoop()
+	}
 	defer cl.Stop(nil)
 
 	pk, err := s.readConnectionPacket(cl)
@@ -1108,6 +1116,12 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 
 	if cl.Net.Conn == nil || cl.Closed() {
 		return out, packets.CodeDisconnect
+	}
+
+	if s.Options.WritesNeverBlock { // Sealcast patch
+		// A QoS 1 or 2 delivery that fails stays in flight and is sent again when the
+		// client resumes its session, as one the write loop failed to write was.
+		return out, cl.WritePacket(out)
 	}
 
 	select {
