@@ -36,9 +36,6 @@ const (
 	// DefaultMaxPacketSize is 1 MiB + 4 KiB: the largest Sealcast message is a chunk of
 	// 1 MiB + 16 bytes or an upload part of 1 MiB (PROTOCOL.md 9).
 	DefaultMaxPacketSize = 1<<20 + 4<<10
-	// DefaultClientWritesPending bounds each client's outbound queue. mochi allocates the
-	// queue up front (8 bytes a slot), so its default of 8192 costs 64 KiB per idle client.
-	DefaultClientWritesPending = 256
 	// DefaultMaxInflight bounds each session's unacknowledged QoS 1/2 deliveries. mochi drops
 	// deliveries past it silently (counted in Stats.DroppedInflight); the updater's
 	// subscription to every device's ack topic is what can reach it.
@@ -99,23 +96,19 @@ type Options struct {
 
 // Limits are per-connection and per-session limits; zero fields take the defaults above.
 type Limits struct {
-	MaxPacketSize       uint32        // DefaultMaxPacketSize
-	ClientWritesPending int32         // DefaultClientWritesPending
-	MaxInflight         uint16        // DefaultMaxInflight
-	DeviceMaxInflight   int           // DefaultDeviceMaxInflight
-	MaxClients          int64         // 0: no limit
-	ConnectTimeout      time.Duration // DefaultConnectTimeout
-	SysInterval         time.Duration // DefaultSysInterval
-	WriteDeadline       time.Duration // DefaultWriteDeadline
-	MaxPending          int           // DefaultMaxPending
+	MaxPacketSize     uint32        // DefaultMaxPacketSize
+	MaxInflight       uint16        // DefaultMaxInflight
+	DeviceMaxInflight int           // DefaultDeviceMaxInflight
+	MaxClients        int64         // 0: no limit
+	ConnectTimeout    time.Duration // DefaultConnectTimeout
+	SysInterval       time.Duration // DefaultSysInterval
+	WriteDeadline     time.Duration // DefaultWriteDeadline
+	MaxPending        int           // DefaultMaxPending
 }
 
 func (l *Limits) setDefaults() {
 	if l.MaxPacketSize == 0 {
 		l.MaxPacketSize = DefaultMaxPacketSize
-	}
-	if l.ClientWritesPending == 0 {
-		l.ClientWritesPending = DefaultClientWritesPending
 	}
 	if l.MaxInflight == 0 {
 		l.MaxInflight = DefaultMaxInflight
@@ -207,7 +200,6 @@ func New(opts Options) (*Broker, error) {
 	// and queued deliveries until acknowledged. Clients' own v5 expiry still applies.
 	caps.MaximumMessageExpiryInterval = 0
 	caps.MaximumPacketSize = opts.Limits.MaxPacketSize
-	caps.MaximumClientWritesPending = opts.Limits.ClientWritesPending
 	caps.MaximumInflight = opts.Limits.MaxInflight
 	if opts.Limits.MaxClients > 0 {
 		caps.MaximumClients = opts.Limits.MaxClients
@@ -584,8 +576,9 @@ type Stats struct {
 	Sessions     int64 // sessions known, connected or not
 	AuthFailures int64 // CONNECTs refused
 	ACLDenials   int64 // subscriptions, publishes and deliveries refused by [SC-9.2]
-	// Dropped deliveries, by cause: a client's outbound queue was full
-	// (Limits.ClientWritesPending), a session's inflight store was full (Limits.MaxInflight)
+	// Dropped deliveries, by cause: a client's outbound queue was full (always 0 now:
+	// deliveries are written directly, with no queue; docs/BROKER.md), a session's
+	// inflight store was full (Limits.MaxInflight)
 	// or packet ids ran out, a device's queue was full (Limits.DeviceMaxInflight).
 	DroppedQueueFull   int64
 	DroppedInflight    int64
