@@ -51,7 +51,9 @@ func TestSmoke(t *testing.T) {
 		if r.Confirmed != r.Devices || r.ServerInstalled != r.Devices || r.T100 <= 0 || len(r.Times) != r.Devices {
 			t.Errorf("%s: %d devices, %d confirmed, server counted %d, t100 %v", r.Key, r.Devices, r.Confirmed, r.ServerInstalled, r.T100)
 		}
-		if r.Server.CPU <= 0 || r.Server.PeakRSS <= 0 || r.Sim.PeakRSS <= 0 {
+		// CPU is counted in clock ticks (10 ms): a 50-device smoke run of a server that
+		// only wraps keys (the Mosquitto scenario) can take less than one.
+		if r.Server.CPU < 0 || r.Server.PeakRSS <= 0 || r.Sim.PeakRSS <= 0 {
 			t.Errorf("%s: no process figures: %+v %+v", r.Key, r.Server, r.Sim)
 		}
 		if len(r.Profiles) == 0 {
