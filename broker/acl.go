@@ -1,29 +1,21 @@
 package broker
 
-import "strings"
+import (
+	"strings"
 
-// Topic prefixes of PROTOCOL.md 9 that the access rules refer to.
-const (
-	topicRoot     = "sealcast/"
-	topicDevices  = "sealcast/devices/"
-	sharePrefix   = "$share/"
-	filterAll     = "sealcast/#"
-	filterRelease = "sealcast/releases/#"
-	filterAdmin   = "sealcast/admin/#"
-	filterStatus  = "sealcast/status/#"
-	filterState   = "sealcast/devices/+/state"
-	filterPresent = "sealcast/devices/+/presence"
-	filterAck     = "sealcast/devices/+/ack"
-	filterKey     = "sealcast/devices/+/key"
-	filterReceipt = "sealcast/devices/+/receipt"
+	"github.com/sealcast/sealcast/protocol"
 )
+
+// The share prefix of MQTT 5 shared subscriptions; every Sealcast topic and filter comes
+// from package protocol (PROTOCOL.md 9).
+const sharePrefix = "$share/"
 
 // RetainAllowed reports whether a PUBLISH to topic may carry the retain flag: not on the
 // topics PROTOCOL.md 9 lists as not retained (a device's ack topic and everything under
 // sealcast/admin/), where a retained message would be garbage replayed to every new
 // subscriber. [SC-9.2]
 func RetainAllowed(topic string) bool {
-	return !filterWithin(topic, filterAck) && !filterWithin(topic, filterAdmin)
+	return !filterWithin(topic, protocol.AckFilter) && !filterWithin(topic, protocol.AdminFilter)
 }
 
 // Allowed reports whether a client of the given role may publish to topic (write) or
@@ -45,11 +37,11 @@ func Allowed(role Role, serial, topic string, write bool) bool {
 	switch role {
 	case RoleUpdater:
 		// The updater MAY publish and subscribe to everything under sealcast/.
-		return filterWithin(topic, filterAll)
+		return filterWithin(topic, protocol.AllFilter)
 	case RoleAdmin:
 		// An admin MAY publish to sealcast/admin/# and subscribe to everything.
 		if write {
-			return filterWithin(topic, filterAdmin)
+			return filterWithin(topic, protocol.AdminFilter)
 		}
 		return true
 	case RoleMonitor:
@@ -57,15 +49,15 @@ func Allowed(role Role, serial, topic string, write bool) bool {
 		if write {
 			return false
 		}
-		return filterWithin(topic, filterStatus) || filterWithin(topic, filterState) ||
-			filterWithin(topic, filterPresent)
+		return filterWithin(topic, protocol.StatusFilter) || filterWithin(topic, protocol.StateFilter) ||
+			filterWithin(topic, protocol.PresenceFilter)
 	case RoleDevice:
 		if write {
 			// Only its own ack, state and presence.
 			return ownTopic(topic, serial, "ack", "state", "presence")
 		}
 		// releases/# and its own key and receipt, named literally.
-		return filterWithin(topic, filterRelease) || ownTopic(topic, serial, "key", "receipt", "")
+		return filterWithin(topic, protocol.ReleasesFilter) || ownTopic(topic, serial, "key", "receipt", "")
 	}
 	return false
 }
@@ -87,7 +79,7 @@ func stripShare(topic string) (string, bool) {
 // ownTopic reports whether topic is sealcast/devices/{serial}/{leaf} for one of the leaves
 // (an empty leaf matches nothing). Wildcards never match: they are not the serial.
 func ownTopic(topic, serial, leaf1, leaf2, leaf3 string) bool {
-	rest, ok := strings.CutPrefix(topic, topicDevices)
+	rest, ok := strings.CutPrefix(topic, protocol.DevicesPrefix)
 	if !ok || serial == "" {
 		return false
 	}

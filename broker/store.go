@@ -12,6 +12,8 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/mochi-mqtt/server/v2/system"
 	"github.com/rs/zerolog"
+
+	"github.com/sealcast/sealcast/protocol"
 )
 
 // store persists sessions, subscriptions, inflight (queued) QoS 1 deliveries and retained
@@ -65,7 +67,7 @@ func newStore(dir string, log zerolog.Logger) (*store, mochipebble.Options) {
 
 // republished reports whether topic is a device's key or receipt topic.
 func republished(topic string) bool {
-	return filterWithin(topic, filterKey) || filterWithin(topic, filterReceipt)
+	return filterWithin(topic, protocol.KeyFilter) || filterWithin(topic, protocol.ReceiptFilter)
 }
 
 // pebbleLogger routes pebble's own log lines to zerolog at debug level.
@@ -228,17 +230,15 @@ func (s *store) StoredSysInfo() (v storage.SystemInfo, err error) {
 
 // isReleaseTopic reports whether topic is a release topic (a manifest or a chunk).
 func isReleaseTopic(topic string) bool {
-	return strings.HasPrefix(topic, releasePrefix)
+	return strings.HasPrefix(topic, protocol.ReleasesPrefix)
 }
-
-const releasePrefix = "sealcast/releases/"
 
 // durableFilters returns pk without its release-topic filters (and codes without theirs,
 // when given), and whether any filter is left to store.
 func durableFilters(pk packets.Packet, codes []byte) (packets.Packet, []byte, bool) {
 	keep := 0
 	for _, f := range pk.Filters {
-		if !strings.HasPrefix(f.Filter, releasePrefix) {
+		if !strings.HasPrefix(f.Filter, protocol.ReleasesPrefix) {
 			keep++
 		}
 	}
@@ -252,7 +252,7 @@ func durableFilters(pk packets.Packet, codes []byte) (packets.Packet, []byte, bo
 	out.Filters = make(packets.Subscriptions, 0, keep)
 	var outCodes []byte
 	for i, f := range pk.Filters {
-		if strings.HasPrefix(f.Filter, releasePrefix) {
+		if strings.HasPrefix(f.Filter, protocol.ReleasesPrefix) {
 			continue
 		}
 		out.Filters = append(out.Filters, f)

@@ -3,6 +3,8 @@ package broker
 import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/sealcast/sealcast/protocol"
 )
 
 // Presence payloads (PROTOCOL.md 9): a device publishes "online" after CONNACK, and its
@@ -29,7 +31,7 @@ const (
 //     open, it publishes "online" again, as that connection.
 
 // presenceTopic reports whether topic is the presence topic of client id.
-func presenceTopic(topic, id string) bool { return topic == topicDevices+id+"/presence" }
+func presenceTopic(topic, id string) bool { return topic == protocol.PresenceTopic(id) }
 
 func (h *hook) OnSessionEstablish(cl *mqtt.Client, _ packets.Packet) {
 	if old, ok := h.b.srv.Clients.Get(cl.ID); ok && old != cl {

@@ -131,3 +131,40 @@ func TestDeviceFileJSON(t *testing.T) {
 		t.Error("bad hex accepted")
 	}
 }
+
+// TestFiltersMatchTopics: every per-device filter is its topic with the serial replaced
+// by '+', and the prefixes and multi-level filters are those of the topic functions.
+func TestFiltersMatchTopics(t *testing.T) {
+	const serial = "dev-1"
+	for filter, topic := range map[string]string{
+		AckFilter:          AckTopic(serial),
+		KeyFilter:          KeyTopic(serial),
+		ReceiptFilter:      ReceiptTopic(serial),
+		StateFilter:        StateTopic(serial),
+		PresenceFilter:     PresenceTopic(serial),
+		DeviceStatusFilter: DeviceStatusTopic(serial),
+	} {
+		if got := strings.Replace(filter, "+", serial, 1); got != topic {
+			t.Errorf("filter %s with %s is %s, want %s", filter, serial, got, topic)
+		}
+	}
+	var id keychain.ReleaseID
+	for prefix, topic := range map[string]string{
+		DevicesPrefix:                          KeyTopic(serial),
+		ReleasesPrefix:                         ManifestTopic(id),
+		ReleaseStatusPrefix:                    ReleaseStatusTopic(id),
+		DeviceStatusPrefix:                     DeviceStatusTopic(serial),
+		UploadsPrefix:                          UploadTopic("u1", 0),
+		AllFilter[:len(AllFilter)-1]:           FleetStatusTopic,
+		ReleasesFilter[:len(ReleasesFilter)-1]: ChunkTopic(id, 3),
+		AdminFilter[:len(AdminFilter)-1]:       ReplyTopic("r1"),
+		StatusFilter[:len(StatusFilter)-1]:     FleetStatusTopic,
+	} {
+		if !strings.HasPrefix(topic, prefix) {
+			t.Errorf("%s does not start with %s", topic, prefix)
+		}
+	}
+	if DeviceFilter(serial)[:len(DeviceFilter(serial))-1] != DevicesPrefix+serial+"/" || UploadBase("u1")+"/0" != UploadTopic("u1", 0) {
+		t.Errorf("DeviceFilter or UploadBase disagree with the topics: %s, %s", DeviceFilter(serial), UploadBase("u1"))
+	}
+}

@@ -25,6 +25,28 @@ const (
 	UploadFilter = Root + "/admin/uploads/+/+"
 	// StatusFilter matches all status topics, for monitors.
 	StatusFilter = Root + "/status/#"
+
+	// AllFilter matches every Sealcast topic (the updater's access, [SC-9.2]).
+	AllFilter = Root + "/#"
+	// ReleasesFilter matches every release's manifest and chunks.
+	ReleasesFilter = Root + "/releases/#"
+	// AdminFilter matches the admin requests, replies and uploads.
+	AdminFilter = Root + "/admin/#"
+	// KeyFilter, ReceiptFilter, StateFilter and PresenceFilter match that topic of every
+	// device.
+	KeyFilter      = Root + "/devices/+/key"
+	ReceiptFilter  = Root + "/devices/+/receipt"
+	StateFilter    = Root + "/devices/+/state"
+	PresenceFilter = Root + "/devices/+/presence"
+	// DeviceStatusFilter matches the updater's status of every device.
+	DeviceStatusFilter = Root + "/status/devices/+"
+
+	// Prefixes of topic families, for matching topics by prefix.
+	DevicesPrefix       = Root + "/devices/"
+	ReleasesPrefix      = Root + "/releases/"
+	ReleaseStatusPrefix = Root + "/status/releases/"
+	DeviceStatusPrefix  = Root + "/status/devices/"
+	UploadsPrefix       = Root + "/admin/uploads/"
 )
 
 // Presence payloads.
@@ -43,18 +65,25 @@ const MaxPartSize = 1 << 20
 
 // ManifestTopic is where a release's signed manifest is retained.
 func ManifestTopic(id keychain.ReleaseID) string {
-	return Root + "/releases/" + id.String() + "/manifest"
+	return ReleasesPrefix + id.String() + "/manifest"
 }
 
 // ChunkTopic is where chunk i of a release's encrypted image is retained.
 func ChunkTopic(id keychain.ReleaseID, i uint32) string {
-	return Root + "/releases/" + id.String() + "/chunks/" + strconv.FormatUint(uint64(i), 10)
+	return ReleasesPrefix + id.String() + "/chunks/" + strconv.FormatUint(uint64(i), 10)
 }
 
 // ReleaseFilter matches every retained topic of a release (manifest and chunks).
-func ReleaseFilter(id keychain.ReleaseID) string { return Root + "/releases/" + id.String() + "/#" }
+func ReleaseFilter(id keychain.ReleaseID) string { return ReleasesPrefix + id.String() + "/#" }
 
-func deviceTopic(serial, leaf string) string { return Root + "/devices/" + serial + "/" + leaf }
+// DeviceFilter matches every topic of one device.
+func DeviceFilter(serial string) string { return DevicesPrefix + serial + "/#" }
+
+// UploadBase is the topic under which the parts of an upload are published
+// (UploadTopic: UploadBase/{part}).
+func UploadBase(upload string) string { return UploadsPrefix + upload }
+
+func deviceTopic(serial, leaf string) string { return DevicesPrefix + serial + "/" + leaf }
 
 // KeyTopic is a device's key topic (retained key message).
 func KeyTopic(serial string) string { return deviceTopic(serial, "key") }
@@ -73,24 +102,24 @@ func PresenceTopic(serial string) string { return deviceTopic(serial, "presence"
 
 // ReleaseStatusTopic is the updater's retained status of a release.
 func ReleaseStatusTopic(id keychain.ReleaseID) string {
-	return Root + "/status/releases/" + id.String()
+	return ReleaseStatusPrefix + id.String()
 }
 
 // DeviceStatusTopic is the updater's retained view of a device.
-func DeviceStatusTopic(serial string) string { return Root + "/status/devices/" + serial }
+func DeviceStatusTopic(serial string) string { return DeviceStatusPrefix + serial }
 
 // ReplyTopic is where the reply to admin request id is published.
 func ReplyTopic(requestID string) string { return Root + "/admin/replies/" + requestID }
 
 // UploadTopic is where part n of an upload is published.
 func UploadTopic(upload string, part uint32) string {
-	return Root + "/admin/uploads/" + upload + "/" + strconv.FormatUint(uint64(part), 10)
+	return UploadBase(upload) + "/" + strconv.FormatUint(uint64(part), 10)
 }
 
 // DeviceOf returns the serial and leaf of a device topic such as
 // sealcast/devices/{serial}/ack, and whether topic is one.
 func DeviceOf(topic string) (serial, leaf string, ok bool) {
-	rest, ok := strings.CutPrefix(topic, Root+"/devices/")
+	rest, ok := strings.CutPrefix(topic, DevicesPrefix)
 	if !ok {
 		return "", "", false
 	}
@@ -103,7 +132,7 @@ func DeviceOf(topic string) (serial, leaf string, ok bool) {
 
 // UploadOf returns the upload id and part number of an upload topic.
 func UploadOf(topic string) (upload string, part uint32, ok bool) {
-	rest, ok := strings.CutPrefix(topic, Root+"/admin/uploads/")
+	rest, ok := strings.CutPrefix(topic, UploadsPrefix)
 	if !ok {
 		return "", 0, false
 	}

@@ -104,7 +104,7 @@ func (u *Updater) dispatch(ctx context.Context, req protocol.Request) (any, erro
 		if err != nil {
 			return nil, err
 		}
-		return protocol.UploadBeginResult{Upload: up.id, PartSize: partSize, Topic: protocol.Root + "/admin/uploads/" + up.id}, nil
+		return protocol.UploadBeginResult{Upload: up.id, PartSize: partSize, Topic: protocol.UploadBase(up.id)}, nil
 	case protocol.CmdUploadFinish:
 		var a protocol.UploadArgs
 		if err := args(req, &a); err != nil {

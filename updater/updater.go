@@ -203,7 +203,7 @@ func (u *Updater) Run(ctx context.Context) (err error) {
 		}
 	}
 	if !u.o.AcksOnly {
-		if err := u.o.Bus.Subscribe(ctx, protocol.Root+"/devices/+/presence", u.onPresence); err != nil {
+		if err := u.o.Bus.Subscribe(ctx, protocol.PresenceFilter, u.onPresence); err != nil {
 			return fmt.Errorf("updater: %w", err)
 		}
 		if err := u.o.Bus.Subscribe(ctx, protocol.UploadFilter, u.onUploadPart); err != nil {

@@ -282,7 +282,7 @@ func readDevices(ctx context.Context, op *operator.Client, timeout time.Duration
 		return nil, nil
 	}
 	statuses := 0
-	filters := []string{protocol.Root + "/status/devices/+", protocol.Root + "/devices/+/presence"}
+	filters := []string{protocol.DeviceStatusFilter, protocol.PresenceFilter}
 	err = readRetained(ctx, op, filters, timeout, func(topic string, b []byte) time.Duration {
 		if serial, leaf, ok := protocol.DeviceOf(topic); ok && leaf == "presence" {
 			on := string(b) == protocol.Online

@@ -73,8 +73,8 @@ JSON (a string for presence, null when a retained topic was cleared).
 // watchFilters are what watch subscribes to.
 var watchFilters = []string{
 	protocol.StatusFilter,
-	protocol.Root + "/devices/+/state",
-	protocol.Root + "/devices/+/presence",
+	protocol.StateFilter,
+	protocol.PresenceFilter,
 }
 
 // watchEvent is one message on a watched topic, decoded.
@@ -103,11 +103,11 @@ func decodeEvent(topic string, b []byte) (watchEvent, bool) {
 	case topic == protocol.FleetStatusTopic:
 		ev.Kind, ev.fleet = "fleet", new(protocol.FleetStatus)
 		target = ev.fleet
-	case strings.HasPrefix(topic, protocol.Root+"/status/releases/"):
+	case strings.HasPrefix(topic, protocol.ReleaseStatusPrefix):
 		ev.Kind, ev.release = "release", new(protocol.ReleaseStatus)
 		target = ev.release
-	case strings.HasPrefix(topic, protocol.Root+"/status/devices/"):
-		ev.Kind, ev.Serial = "device_status", strings.TrimPrefix(topic, protocol.Root+"/status/devices/")
+	case strings.HasPrefix(topic, protocol.DeviceStatusPrefix):
+		ev.Kind, ev.Serial = "device_status", strings.TrimPrefix(topic, protocol.DeviceStatusPrefix)
 		ev.status = new(protocol.DeviceStatus)
 		target = ev.status
 	default:

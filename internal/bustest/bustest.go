@@ -126,7 +126,7 @@ func testRetained(t *testing.T, newBus Factory) {
 		t.Fatalf("got %q retained=%v", m.Payload(), m.Retained())
 	}
 	got := make(chan string, 10)
-	if err := bus.Subscribe(ctx(t), protocol.Root+"/devices/+/key", func(topic string, p []byte) {
+	if err := bus.Subscribe(ctx(t), protocol.KeyFilter, func(topic string, p []byte) {
 		got <- topic + "=" + string(p)
 	}); err != nil {
 		t.Fatal(err)

@@ -237,7 +237,7 @@ func TestRekeyThenUpdate(t *testing.T) {
 func testRekey(t *testing.T, open updatertest.Opener) {
 	const L, L2 = 16, 32
 	e := updatertest.Start(t, open, func(o *updater.Options) { o.ChainLength = L2 })
-	keys := watch(t, e.Broker, e.Broker.Admin, protocol.Root+"/devices/+/key")
+	keys := watch(t, e.Broker, e.Broker.Admin, protocol.KeyFilter)
 	devs := provision(t, e, L, "rk-1", "rk-2", "rk-3")
 	for _, d := range devs {
 		d.start(nil)

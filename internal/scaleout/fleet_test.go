@@ -56,7 +56,7 @@ func watchKeys(t *testing.T, url string) *keyLog {
 	t.Helper()
 	kl := &keyLog{keys: map[string][][]byte{}}
 	c := connectClient(t, url, "key-watcher")
-	subscribe(t, c, protocol.Root+"/devices/+/key", func(_ mqtt.Client, m mqtt.Message) {
+	subscribe(t, c, protocol.KeyFilter, func(_ mqtt.Client, m mqtt.Message) {
 		serial, _, ok := protocol.DeviceOf(m.Topic())
 		if !ok || len(m.Payload()) == 0 { // an empty retained message clears the topic
 			return
@@ -183,8 +183,8 @@ func driveAcks(t *testing.T, url string, files []protocol.DeviceFile, version ui
 		d.files[f.Serial] = f
 	}
 	d.c = connectClient(t, url, "ack-driver")
-	subscribe(t, d.c, protocol.Root+"/devices/+/receipt", d.onReceipt)
-	subscribe(t, d.c, protocol.Root+"/devices/+/key", d.onKey)
+	subscribe(t, d.c, protocol.ReceiptFilter, d.onReceipt)
+	subscribe(t, d.c, protocol.KeyFilter, d.onKey)
 	ctx, cancel := context.WithCancel(context.Background())
 	d.cancel = cancel
 	d.wg.Add(1)

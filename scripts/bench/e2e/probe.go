@@ -134,7 +134,7 @@ func (p *probe) retained(ctx context.Context, ids []keychain.ReleaseID, serials 
 		filters = append(filters, protocol.ReleaseFilter(id), protocol.ReleaseStatusTopic(id))
 	}
 	for _, s := range serials {
-		filters = append(filters, protocol.Root+"/devices/"+s+"/#", protocol.DeviceStatusTopic(s))
+		filters = append(filters, protocol.DeviceFilter(s), protocol.DeviceStatusTopic(s))
 	}
 	// Eight filters a SUBSCRIBE: at most ~140 retained messages, under the embedded
 	// broker's 256-message queue per client.
@@ -164,7 +164,7 @@ func (p *probe) retained(ctx context.Context, ids []keychain.ReleaseID, serials 
 	for t, n := range p.walk {
 		f.Messages++
 		f.Bytes += n
-		if strings.HasPrefix(t, protocol.Root+"/releases/") {
+		if strings.HasPrefix(t, protocol.ReleasesPrefix) {
 			f.ImageBytes += n
 		}
 	}
