@@ -31,13 +31,7 @@ func (f *failure) is(epoch, seq uint32, id keychain.ReleaseID) bool {
 	return f != nil && f.epoch == epoch && f.seq == seq && f.id == id
 }
 
-func (f *failure) transient() bool {
-	switch f.code {
-	case protocol.CodeTimeout, protocol.CodeChunkCorrupt, protocol.CodeImageCorrupt, protocol.CodeInstallFailed:
-		return true
-	}
-	return false
-}
+func (f *failure) transient() bool { return f.code.Transient() }
 
 // onKey follows [SC-10.1] for one key message.
 func (a *Agent) onKey(p []byte) {

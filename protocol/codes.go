@@ -47,6 +47,17 @@ func (c Code) Permanent() bool {
 	return false
 }
 
+// Transient reports whether a device tries a key message that failed with code c again
+// (PROTOCOL.md 10.1): timeout, chunk_corrupt, image_corrupt and install_failed. ok and
+// stale_key are neither transient nor permanent: they are no failure of the download.
+func (c Code) Transient() bool {
+	switch c {
+	case CodeTimeout, CodeChunkCorrupt, CodeImageCorrupt, CodeInstallFailed:
+		return true
+	}
+	return false
+}
+
 // MarshalText implements encoding.TextMarshaler.
 func (c Code) MarshalText() ([]byte, error) { return []byte(c.String()), nil }
 

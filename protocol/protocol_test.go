@@ -168,3 +168,15 @@ func TestFiltersMatchTopics(t *testing.T) {
 		t.Errorf("DeviceFilter or UploadBase disagree with the topics: %s, %s", DeviceFilter(serial), UploadBase("u1"))
 	}
 }
+
+// TestCodeClasses: every failure code is permanent or transient, never both; ok and
+// stale_key are neither (PROTOCOL.md 10.1).
+func TestCodeClasses(t *testing.T) {
+	for c := CodeOK; c <= CodeUnsupported; c++ {
+		p, tr := c.Permanent(), c.Transient()
+		neither := c == CodeOK || c == CodeStaleKey
+		if p && tr || neither && (p || tr) || !neither && !p && !tr {
+			t.Errorf("%s: permanent %v, transient %v", c, p, tr)
+		}
+	}
+}

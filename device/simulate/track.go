@@ -135,24 +135,13 @@ func newTracker(o Options, states []device.State) *tracker {
 	return t
 }
 
-// permanent reports whether the agent does not retry a key message that failed with c
-// (PROTOCOL.md 10.1): only a new key message moves such a device on.
-func permanent(c protocol.Code) bool {
-	switch c {
-	case protocol.CodeBadMessage, protocol.CodeUnwrapFailed, protocol.CodeBadManifest,
-		protocol.CodeRollback, protocol.CodeUnsupported:
-		return true
-	}
-	return false
-}
-
 // settle updates device i's part of the settled count; t.mu is held (or t is new).
 func (t *tracker) settle(i int) {
 	if t.continuous {
 		return
 	}
 	d := &t.devs[i]
-	s := d.best >= t.target || (d.failed && permanent(d.code))
+	s := d.best >= t.target || (d.failed && d.code.Permanent())
 	if s != d.settled {
 		d.settled = s
 		if s {
@@ -282,7 +271,7 @@ func (t *tracker) summary() Summary {
 		if d := &t.devs[i]; d.failed {
 			s.Failed++
 			s.Codes[d.code.String()]++
-			if permanent(d.code) {
+			if d.code.Permanent() {
 				s.FailedForGood++
 			}
 		}
