@@ -13,6 +13,11 @@ const (
 	LabelBrokerAuth   = "sealcast/v1 broker-auth"
 	LabelMQTTPassword = "sealcast/v1 mqtt-password"
 	LabelStateSeal    = "sealcast/v1 state-seal"
+
+	// Labels under the state-seal key (server only; they predate the sealcast/v1 naming
+	// and keep their bytes, since stores hold what they sealed).
+	LabelSealedRelease = "release " // AES-GCM associated data: this, then the release id in hex
+	LabelRekeyID       = "rekey-id" // HMAC label of a re-key message's id (3.6)
 )
 
 // Message magics (PROTOCOL.md sections 5-8).

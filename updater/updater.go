@@ -278,11 +278,11 @@ func (u *Updater) onPresence(topic string, payload []byte) {
 
 // sealContentKey seals a release's content key for the store, bound to the release id.
 func (u *Updater) sealContentKey(id keychain.ReleaseID, ck keychain.ContentKey) ([]byte, error) {
-	return keychain.SealSecret(u.sealK, "release "+id.String(), ck)
+	return keychain.SealSecret(u.sealK, keychain.LabelSealedRelease+id.String(), ck)
 }
 
 func (u *Updater) openContentKey(r *Release) (keychain.ContentKey, error) {
-	k, err := keychain.OpenSecret(u.sealK, "release "+r.ID.String(), r.ContentKey)
+	k, err := keychain.OpenSecret(u.sealK, keychain.LabelSealedRelease+r.ID.String(), r.ContentKey)
 	if err != nil {
 		return keychain.ContentKey{}, fmt.Errorf("updater: opening the content key of release %s (was the root secret changed?): %w", r.ID, err)
 	}
@@ -293,7 +293,7 @@ func (u *Updater) openContentKey(r *Release) (keychain.ContentKey, error) {
 // updater re-publishes the same re-key it assigned before.
 func (u *Updater) rekeyID(serial string, epoch uint32) keychain.ReleaseID {
 	var id keychain.ReleaseID
-	sum := keychain.LabeledMAC(u.sealK, "rekey-id", []byte(serial), []byte{byte(epoch >> 24), byte(epoch >> 16), byte(epoch >> 8), byte(epoch)})
+	sum := keychain.LabeledMAC(u.sealK, keychain.LabelRekeyID, []byte(serial), []byte{byte(epoch >> 24), byte(epoch >> 16), byte(epoch >> 8), byte(epoch)})
 	copy(id[:], sum[:16])
 	return id
 }
