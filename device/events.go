@@ -56,19 +56,19 @@ type Event struct {
 
 // Stats are the agent's counters since New. All fields only grow.
 type Stats struct {
-	Connects      uint64
-	Disconnects   uint64
-	KeyMessages   uint64
-	ChunkFetches  uint64 // chunk subscriptions, including re-fetches
-	ChunksBad     uint64
-	ChunksDone    uint64
-	Installs      uint64 // images committed
-	AcksSent      uint64 // including re-sends
-	ReportsSent   uint64
-	Confirmed     uint64
-	StatePublishs uint64
-	SubRetries    uint64 // subscriptions sent again after the broker refused them
-	Retries       uint64 // transient failures tried again while connected
+	Connects       uint64
+	Disconnects    uint64
+	KeyMessages    uint64
+	ChunkFetches   uint64 // chunk subscriptions, including re-fetches
+	ChunksBad      uint64
+	ChunksDone     uint64
+	Installs       uint64 // images committed
+	AcksSent       uint64 // including re-sends
+	ReportsSent    uint64
+	Confirmed      uint64
+	StatePublishes uint64
+	SubRetries     uint64 // subscriptions sent again after the broker refused them
+	Retries        uint64 // transient failures tried again while connected
 }
 
 type counters struct {
@@ -81,7 +81,7 @@ func (c *counters) snapshot() Stats {
 		Connects: c.connects.Load(), Disconnects: c.disconnects.Load(), KeyMessages: c.keyMessages.Load(),
 		ChunkFetches: c.chunkFetches.Load(), ChunksBad: c.chunksBad.Load(), ChunksDone: c.chunksDone.Load(),
 		Installs: c.installs.Load(), AcksSent: c.acksSent.Load(), ReportsSent: c.reportsSent.Load(),
-		Confirmed: c.confirmed.Load(), StatePublishs: c.statePublishes.Load(), SubRetries: c.subRetries.Load(),
+		Confirmed: c.confirmed.Load(), StatePublishes: c.statePublishes.Load(), SubRetries: c.subRetries.Load(),
 		Retries: c.retries.Load(),
 	}
 }

@@ -354,14 +354,10 @@ func (u *Updater) next(d *Device) (*Assignment, protocol.Message, error) {
 	return &a, m, nil
 }
 
-// nextFor publishes what device d should see on its key topic now that it has moved:
-// a re-key at index 1, else its pending release, else nothing (the topic is cleared).
-func (u *Updater) nextFor(ctx context.Context, d *Device) error {
-	return u.nextForAll(ctx, []*Device{d})
-}
-
-// nextForAll does what nextFor does for each device, with one store call for the
-// assignments and one publish, followed by the extra messages. A device whose next
+// nextForAll publishes what each device should see on its key topic now that it has
+// moved: a re-key at index 1, else its pending release, else nothing (the topic is
+// cleared). One store call for the assignments and one publish, followed by the extra
+// messages. A device whose next
 // message cannot be built is skipped, and named in the error.
 func (u *Updater) nextForAll(ctx context.Context, devs []*Device, extra ...protocol.Message) error {
 	var (
@@ -443,14 +439,3 @@ func (u *Updater) publishImage(ctx context.Context, img io.Reader, id keychain.R
 	}
 	return m, mb, nil
 }
-
-// clearRelease removes a release's retained image topics.
-func (u *Updater) clearRelease(ctx context.Context, rel *Release) error {
-	msgs := []protocol.Message{{Topic: protocol.ManifestTopic(rel.ID), Retain: true}}
-	for i := uint32(0); i < rel.ChunkCount; i++ {
-		msgs = append(msgs, protocol.Message{Topic: protocol.ChunkTopic(rel.ID, i), Retain: true})
-	}
-	return u.o.Bus.Publish(ctx, msgs...)
-}
-
-var errStopped = errors.New("updater stopped")

@@ -37,13 +37,6 @@ func deviceStatusMessage(d *Device, state, result string, now time.Time) protoco
 	return protocol.Message{Topic: protocol.DeviceStatusTopic(d.Serial), Payload: b, Retain: true}
 }
 
-// publishDeviceStatus publishes deviceStatusMessage.
-func (u *Updater) publishDeviceStatus(ctx context.Context, d *Device, state, result string, now time.Time) {
-	if err := u.o.Bus.Publish(ctx, deviceStatusMessage(d, state, result, now)); err != nil && ctx.Err() == nil {
-		u.log.Warn().Err(err).Str("serial", d.Serial).Msg("publishing device status")
-	}
-}
-
 func (u *Updater) releaseStatus(ctx context.Context, rel *Release) protocol.ReleaseStatus {
 	// Counts come from the store so that every updater sharing it publishes the same.
 	if fresh, err := u.o.Store.Release(ctx, rel.ID); err == nil {

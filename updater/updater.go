@@ -6,7 +6,7 @@
 // # Wiring
 //
 // An Updater needs a [Store] (updater/redisstore or updater/boltstore), a [Bus] to an MQTT
-// broker (updater/mqttbus, or the embedded broker's in-process bus), the fleet root secret
+// broker (updater/mqttbus over MQTT, or broker.Inline in-process), the fleet root secret
 // and the release-signing key. Run subscribes to acks, admin requests and uploads, resumes
 // the releases that were active when it last stopped, and returns when its context ends.
 //

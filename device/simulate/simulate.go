@@ -262,7 +262,7 @@ func addStats(sum *device.Stats, st device.Stats) {
 	sum.AcksSent += st.AcksSent
 	sum.ReportsSent += st.ReportsSent
 	sum.Confirmed += st.Confirmed
-	sum.StatePublishs += st.StatePublishs
+	sum.StatePublishes += st.StatePublishes
 }
 
 // faults is one device's fault plan for the release it is working on. It lives across

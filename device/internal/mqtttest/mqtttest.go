@@ -1,7 +1,8 @@
-// Package mqtttest starts an in-process MQTT broker (mochi) on 127.0.0.1 for tests of the
-// device package: real TCP, real MQTT 3.1.1, every client allowed.
-//
-// It stands in until the broker package's own test helper is merged into this branch.
+// Package mqtttest starts a plain MQTT broker (mochi, the same patched copy the Sealcast
+// broker embeds) on 127.0.0.1 for tests of the device package: real TCP, real MQTT 3.1.1,
+// every client allowed, so that a test of the agent's MQTT handling needs no fleet keys.
+// Tests of the agent against the Sealcast broker and updater, with real credentials and
+// access rules, are in internal/e2e.
 package mqtttest
 
 import (
