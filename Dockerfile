@@ -19,6 +19,8 @@ FROM golang:${GO_VERSION}-bookworm AS build
 WORKDIR /src
 # Modules first, so that editing the code does not re-download them.
 COPY go.mod go.sum ./
+# go.mod replaces mochi with the patched copy in third_party/mochi (docs/BROKER.md).
+COPY third_party/mochi/go.mod third_party/mochi/go.sum ./third_party/mochi/
 RUN --mount=type=cache,target=/go/pkg/mod go mod download
 COPY . .
 RUN --mount=type=cache,target=/go/pkg/mod --mount=type=cache,target=/root/.cache/go-build \

@@ -32,7 +32,7 @@ ulimit -n "$(ulimit -Hn)"
 
 # 1. The binary under test, and the benchmark tool (scripts/bench/e2e).
 go build -o bin/sealcast ./cmd/sealcast
-go build -o bin/bench-e2e ./scripts/bench/e2e
+(cd scripts/bench && go build -o ../../bin/bench-e2e ./e2e) # its own module
 
 # 2. End to end, three scenarios one after another on fresh data directories: the
 #    Sealcast envelope on the embedded broker, the per-device-image baseline, and the
@@ -49,7 +49,8 @@ for s in envelope perdevice mosquitto; do
 done
 
 # 4. The plot of time to installed, one line per scenario.
-go run ./scripts/bench/plot -in "$out/e2e.csv" -out "$out/e2e.png"
+root="$(pwd)"
+(cd scripts/bench && go run ./plot -in "$root/$out/e2e.csv" -out "$root/$out/e2e.png")
 
 # 5. Memory per idle device connection in the embedded broker (the clients are held by a
 #    child process, so each side needs one descriptor per connection).

@@ -50,6 +50,8 @@ unformatted="$(gofmt -l .)"
 if [ -n "$unformatted" ]; then echo "gofmt needed on:" >&2; echo "$unformatted" >&2; exit 1; fi
 
 go vet ./...
+# The benchmark tools are their own module (scripts/bench/go.mod).
+(cd scripts/bench && go vet ./...)
 
 # A second, independent implementation (JavaScript, written from docs/PROTOCOL.md alone)
 # checks the protocol's test vectors.
@@ -60,3 +62,9 @@ elif [ "${SEALCAST_REQUIRE_TOOLS:-}" = 1 ]; then
 fi
 
 go test -race -count=1 -timeout 30m ./... "$@"
+
+# The benchmark tools' smoke test (50 devices through the real binary, about 20 s), once,
+# when the whole suite runs.
+if [ $# -eq 0 ]; then
+	(cd scripts/bench && go test -count=1 -timeout 10m ./...)
+fi

@@ -13,16 +13,19 @@ import (
 // what the run observed, not how fast it was.
 func TestSmoke(t *testing.T) {
 	dir := t.TempDir()
-	bin := func(name, pkg string) string {
+	// moduleDir is where pkg is built: sealcast in its own module (the repository root),
+	// as scripts/bench.sh builds it, and this tool here.
+	bin := func(name, moduleDir, pkg string) string {
 		out := filepath.Join(dir, name)
 		cmd := exec.Command("go", "build", "-o", out, pkg)
+		cmd.Dir = moduleDir
 		if b, err := cmd.CombinedOutput(); err != nil {
 			t.Fatalf("go build %s: %v\n%s", pkg, err, b)
 		}
 		return out
 	}
-	sealcast := bin("sealcast", "github.com/sealcast/sealcast/cmd/sealcast")
-	e2e := bin("e2e", "github.com/sealcast/sealcast/scripts/bench/e2e")
+	sealcast := bin("sealcast", "../../..", "./cmd/sealcast")
+	e2e := bin("e2e", ".", ".")
 	scenarios := "envelope,perdevice,mosquitto"
 	if _, err := findMosquitto("mosquitto"); err != nil {
 		if os.Getenv("SEALCAST_REQUIRE_TOOLS") == "1" {
