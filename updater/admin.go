@@ -470,7 +470,7 @@ func (u *Updater) releaseCommand(ctx context.Context, cmd string, id keychain.Re
 	}
 	switch cmd {
 	case protocol.CmdReleaseResume:
-		r.rel = rel
+		r.rel.Store(rel)
 		r.paused.Store(false)
 		u.startFanout(r)
 	case protocol.CmdReleaseCancel:
@@ -481,7 +481,7 @@ func (u *Updater) releaseCommand(ctx context.Context, cmd string, id keychain.Re
 			return nil, err
 		}
 	default:
-		r.rel = rel
+		r.rel.Store(rel)
 	}
 	u.mu.Lock()
 	u.dirty[id] = true

@@ -21,7 +21,9 @@ const batchSize = 512
 // run is an active or paused release held in memory: its targets, its content key, and
 // the fan-out that wraps that key for each target.
 type run struct {
-	rel     *Release
+	// rel is the release as last recorded: replaced whole (Store), never changed in
+	// place, so that the fan-out, the ack workers and admin commands can read it at once.
+	rel     atomic.Pointer[Release]
 	ck      keychain.ContentKey
 	digest  [32]byte
 	targets map[string]struct{}
@@ -32,12 +34,16 @@ type run struct {
 	done    chan struct{}      // closed when the fan-out ends
 }
 
+// release returns the release as last recorded; the caller must not change it.
+func (r *run) release() *Release { return r.rel.Load() }
+
 func (u *Updater) newRun(rel *Release, targets []string) (*run, error) {
 	ck, err := u.openContentKey(rel)
 	if err != nil {
 		return nil, err
 	}
-	r := &run{rel: rel, ck: ck, digest: keychain.ManifestDigest(rel.Manifest), targets: make(map[string]struct{}, len(targets))}
+	r := &run{ck: ck, digest: keychain.ManifestDigest(rel.Manifest), targets: make(map[string]struct{}, len(targets))}
+	r.rel.Store(rel)
 	for _, s := range targets {
 		r.targets[s] = struct{}{}
 	}
@@ -65,7 +71,7 @@ func (u *Updater) loadRuns(ctx context.Context) error {
 		u.mu.Lock()
 		old := u.runs[rel.ID]
 		u.mu.Unlock()
-		if old != nil && old.rel.State == rel.State {
+		if old != nil && old.release().State == rel.State {
 			runs[rel.ID] = old
 			continue
 		}
@@ -112,23 +118,24 @@ func (u *Updater) resumeRuns(ctx context.Context) {
 	}
 	u.mu.Unlock()
 	for _, r := range rs {
-		if r.rel.State == protocol.ReleasePublishing {
+		if rel := *r.release(); rel.State == protocol.ReleasePublishing {
 			// The image was not completely published before a crash: the release
 			// cannot be trusted to be whole, so it is cancelled; the operator re-creates it.
-			u.log.Warn().Str("release", r.rel.ID.String()).Msg("release was still publishing at the last stop; cancelling it")
-			r.rel.State = protocol.ReleaseCancelled
-			if err := u.o.Store.PutRelease(ctx, r.rel); err != nil {
+			u.log.Warn().Str("release", rel.ID.String()).Msg("release was still publishing at the last stop; cancelling it")
+			rel.State = protocol.ReleaseCancelled
+			r.rel.Store(&rel)
+			if err := u.o.Store.PutRelease(ctx, &rel); err != nil {
 				u.log.Error().Err(err).Msg("cancelling half-published release")
 			}
 			u.mu.Lock()
-			delete(u.runs, r.rel.ID)
-			u.dirty[r.rel.ID] = true
+			delete(u.runs, r.release().ID)
+			u.dirty[r.release().ID] = true
 			u.mu.Unlock()
 			continue
 		}
 		// The last process may have recorded the last results and died before it
 		// noticed that the release is complete: look again.
-		u.markDirty(r.rel.ID)
+		u.markDirty(r.release().ID)
 		if !r.paused.Load() {
 			u.startFanout(r)
 		}
@@ -150,7 +157,7 @@ func (u *Updater) startFanout(r *run) {
 		if err != nil && ctx.Err() == nil {
 			ev = u.log.Error().Err(err)
 		}
-		ev.Str("release", r.rel.ID.String()).Int("wrapped", n).Dur("took", time.Since(start)).Msg("key fan-out finished")
+		ev.Str("release", r.release().ID.String()).Int("wrapped", n).Dur("took", time.Since(start)).Msg("key fan-out finished")
 	})
 }
 
@@ -200,7 +207,7 @@ func (u *Updater) wrapBatch(ctx context.Context, r *run, serials []string) (int,
 		msgs []protocol.Message
 	)
 	for _, d := range devs {
-		if d == nil || d.Version >= r.rel.Version {
+		if d == nil || d.Version >= r.release().Version {
 			continue
 		}
 		a, m, err := u.wrapFor(d, r)
@@ -259,7 +266,7 @@ func (u *Updater) assignAndPublish(ctx context.Context, as []Assignment, msgs []
 		}
 		if r := u.runs[as[i].ID]; r != nil {
 			r.wrapped.Add(1)
-			u.dirty[r.rel.ID] = true
+			u.dirty[r.release().ID] = true
 		}
 	}
 	u.mu.Unlock()
@@ -281,12 +288,12 @@ func (u *Updater) wrapFor(d *Device, r *run) (Assignment, protocol.Message, erro
 	if d.Seq == 1 {
 		return u.rekeyFor(d, k)
 	}
-	m := keychain.KeyMessage{Kind: keychain.KindRelease, Epoch: d.Epoch, Seq: d.Seq, ID: r.rel.ID, ManifestDigest: r.digest}
+	m := keychain.KeyMessage{Kind: keychain.KindRelease, Epoch: d.Epoch, Seq: d.Seq, ID: r.release().ID, ManifestDigest: r.digest}
 	b, err := keychain.SealKeyMessage(m, k, d.Serial, r.ck)
 	if err != nil {
 		return Assignment{}, protocol.Message{}, err
 	}
-	return Assignment{Serial: d.Serial, From: d.Pos(), ID: r.rel.ID, State: protocol.DeviceWrapped},
+	return Assignment{Serial: d.Serial, From: d.Pos(), ID: r.release().ID, State: protocol.DeviceWrapped},
 		protocol.Message{Topic: protocol.KeyTopic(d.Serial), Payload: b, Retain: true}, nil
 }
 
@@ -312,13 +319,13 @@ func (u *Updater) pendingFor(d *Device) *run {
 	defer u.mu.Unlock()
 	var best *run
 	for _, r := range u.runs {
-		if r.paused.Load() || r.rel.State != protocol.ReleaseActive || r.rel.Version <= d.Version {
+		if r.paused.Load() || r.release().State != protocol.ReleaseActive || r.release().Version <= d.Version {
 			continue
 		}
 		if _, ok := r.targets[d.Serial]; !ok {
 			continue
 		}
-		if best == nil || r.rel.Version > best.rel.Version {
+		if best == nil || r.release().Version > best.release().Version {
 			best = r
 		}
 	}
