@@ -178,6 +178,9 @@ func New(opts Options) (*Broker, error) {
 	if opts.AuthKey == (keychain.BrokerAuthKey{}) {
 		return nil, fmt.Errorf("%w: AuthKey is zero; set it to keychain.RootSecret.BrokerAuth()", ErrBadOptions)
 	}
+	if opts.Limits.WriteDeadline < 0 || opts.Limits.MaxPending < 0 {
+		return nil, fmt.Errorf("%w: Limits.WriteDeadline and Limits.MaxPending must not be negative (0 takes the default)", ErrBadOptions)
+	}
 	opts.Limits.setDefaults()
 	b := &Broker{
 		log:      opts.Logger.With().Str("component", "broker").Logger(),

@@ -186,3 +186,18 @@ func TestSlowConsumerCannotFreeze(t *testing.T) {
 		})
 	}
 }
+
+// TestSlowConsumerLimitsChecked: negative limits are refused with ErrBadOptions.
+func TestSlowConsumerLimitsChecked(t *testing.T) {
+	env := brokertest.Start(t)
+	for _, l := range []broker.Limits{{WriteDeadline: -time.Second}, {MaxPending: -1}} {
+		o := env.Options
+		o.TCPAddr, o.Limits = "127.0.0.1:0", l
+		if b, err := broker.New(o); !errors.Is(err, broker.ErrBadOptions) {
+			if b != nil {
+				b.Close()
+			}
+			t.Errorf("limits %+v: %v, want ErrBadOptions", l, err)
+		}
+	}
+}

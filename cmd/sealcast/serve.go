@@ -30,6 +30,8 @@ func serveCommand(e *env) *ffcli.Command {
 	fs.StringVar(&c.ackGroup, "ack-group", "", "share acks with other updaters in this group ($share/<group>/...)")
 	fs.BoolVar(&c.acksOnly, "acks-only", false, "process acks only; another updater handles admin requests and releases")
 	fs.StringVar(&c.adminPassword, "admin-password", "", "password of the admin account when serve creates it (first start); prefer the environment, SEALCAST_ADMIN_PASSWORD (default: generated and printed once)")
+	fs.DurationVar(&c.writeDeadline, "write-deadline", broker.DefaultWriteDeadline, "disconnect a client of the embedded broker that takes no part of 64 KiB written to it within this long (a slow consumer; raise it for very slow links)")
+	fs.IntVar(&c.maxPending, "max-pending", broker.DefaultMaxPending, "disconnect a client of the embedded broker once this many bytes wait to be written to it (a slow consumer)")
 	fs.StringVar(&c.pprofAddr, "pprof", "", "serve Go profiles on this address at /debug/pprof/ (off when empty; keep it on loopback, e.g. 127.0.0.1:6060)")
 	return &ffcli.Command{
 		Name:       "serve",
@@ -47,6 +49,9 @@ so that port 0 works: -listen 127.0.0.1:0.`,
 		Exec: func(ctx context.Context, args []string) error {
 			if len(args) > 0 {
 				return fmt.Errorf("serve takes no arguments (got %q)", args)
+			}
+			if c.writeDeadline < 0 || c.maxPending < 0 {
+				return fmt.Errorf("-write-deadline and -max-pending must not be negative")
 			}
 			log := e.logger()
 			s, err := startStack(ctx, c, log)

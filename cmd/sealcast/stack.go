@@ -45,6 +45,10 @@ type stackConfig struct {
 	// accounts file, instead of a generated one.
 	adminPassword string
 	pprofAddr     string
+	// writeDeadline and maxPending are the embedded broker's slow-consumer limits
+	// (broker.Limits); zero takes the broker's defaults.
+	writeDeadline time.Duration
+	maxPending    int
 }
 
 // stack is a running service.
@@ -254,6 +258,7 @@ func (s *stack) startBroker(c stackConfig) error {
 		TCPAddr: c.listen, WSAddr: c.wsListen, DataDir: filepath.Join(s.dir.Path, "broker"),
 		AuthKey: s.dir.Root.BrokerAuth(), Accounts: accounts,
 		Logger: s.log, // the broker names its own components
+		Limits: broker.Limits{WriteDeadline: c.writeDeadline, MaxPending: c.maxPending},
 	}
 	if c.tlsCert != "" || c.tlsKey != "" {
 		if o.TLSCertPEM, err = os.ReadFile(c.tlsCert); err != nil {
