@@ -56,7 +56,8 @@ const publishLanes = 16
 
 // Publish publishes the messages with QoS 1. Messages with the same protocol.OrderKey (one
 // device's, one release's) are published in the order given; others may be published
-// concurrently.
+// concurrently. Deliveries still queued share the payloads (the patched mochi does not
+// copy them per subscriber): the caller must not change a payload after Publish.
 func (in *Inline) Publish(ctx context.Context, msgs ...protocol.Message) error {
 	if len(msgs) < 2 {
 		return in.publish(ctx, msgs)
