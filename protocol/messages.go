@@ -106,21 +106,27 @@ type ReleaseListResult struct {
 	Releases []ReleaseStatus `json:"releases"`
 }
 
+// ReleaseState is a release's state (PROTOCOL.md 12.2).
+type ReleaseState string
+
 // Release states (PROTOCOL.md 12.2).
 const (
-	ReleasePublishing = "publishing"
-	ReleaseActive     = "active"
-	ReleasePaused     = "paused"
-	ReleaseCompleted  = "completed"
-	ReleaseCancelled  = "cancelled"
+	ReleasePublishing ReleaseState = "publishing"
+	ReleaseActive     ReleaseState = "active"
+	ReleasePaused     ReleaseState = "paused"
+	ReleaseCompleted  ReleaseState = "completed"
+	ReleaseCancelled  ReleaseState = "cancelled"
 )
+
+// ReleaseStates lists every release state, in lifecycle order.
+var ReleaseStates = []ReleaseState{ReleasePublishing, ReleaseActive, ReleasePaused, ReleaseCompleted, ReleaseCancelled}
 
 // FleetStatus is retained on FleetStatusTopic (PROTOCOL.md 13.1).
 type FleetStatus struct {
-	Devices  int            `json:"devices"`
-	Online   int            `json:"online"`
-	Releases map[string]int `json:"releases"`
-	Updated  time.Time      `json:"updated"`
+	Devices  int                  `json:"devices"`
+	Online   int                  `json:"online"`
+	Releases map[ReleaseState]int `json:"releases"`
+	Updated  time.Time            `json:"updated"`
 }
 
 // ReleaseStatus is retained on ReleaseStatusTopic (PROTOCOL.md 13.2).
@@ -128,7 +134,7 @@ type ReleaseStatus struct {
 	Release    keychain.ReleaseID `json:"release"`
 	Version    uint64             `json:"version"`
 	Label      string             `json:"label,omitempty"`
-	State      string             `json:"state"`
+	State      ReleaseState       `json:"state"`
 	Targets    int                `json:"targets"`
 	Wrapped    int                `json:"wrapped"`
 	Installed  int                `json:"installed"`

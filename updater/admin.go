@@ -404,11 +404,15 @@ func (u *Updater) createRelease(ctx context.Context, a protocol.ReleaseCreateArg
 	}
 	m, mb, err := u.publishImage(ctx, up.reader(), id, ck, a.Version, a.ChunkSize)
 	if err != nil {
-		rel.State = protocol.ReleaseCancelled
-		u.o.Store.PutRelease(ctx, rel)
+		if terr := transition(rel, protocol.ReleaseCancelled); terr == nil {
+			u.o.Store.PutRelease(ctx, rel)
+		}
 		return nil, protocol.Errorf(protocol.ErrUnavailable, "%v; the release was cancelled, create it again", err)
 	}
-	rel.Manifest, rel.ImageSize, rel.ChunkCount, rel.State = mb, m.ImageSize, m.ChunkCount, protocol.ReleaseActive
+	rel.Manifest, rel.ImageSize, rel.ChunkCount = mb, m.ImageSize, m.ChunkCount
+	if err := transition(rel, protocol.ReleaseActive); err != nil {
+		return nil, protocol.Errorf(protocol.ErrInternal, "%v", err)
+	}
 	if err := u.o.Store.PutRelease(ctx, rel); err != nil {
 		return nil, unavailable(err)
 	}
@@ -441,25 +445,24 @@ func (u *Updater) releaseCommand(ctx context.Context, cmd string, id keychain.Re
 	conflict := func() error {
 		return protocol.Errorf(protocol.ErrConflict, "release %s is %s; %s is not possible", id, rel.State, cmd)
 	}
-	switch cmd {
-	case protocol.CmdReleasePause:
-		if rel.State != protocol.ReleaseActive || r == nil {
-			return nil, conflict()
-		}
-		r.paused.Store(true)
-		rel.State = protocol.ReleasePaused
-	case protocol.CmdReleaseResume:
-		if rel.State != protocol.ReleasePaused || r == nil {
-			return nil, conflict()
-		}
-		rel.State = protocol.ReleaseActive
-	case protocol.CmdReleaseCancel:
-		if rel.State != protocol.ReleaseActive && rel.State != protocol.ReleasePaused {
-			return nil, conflict()
-		}
-		rel.State = protocol.ReleaseCancelled
-	case protocol.CmdReleaseGet:
+	if cmd == protocol.CmdReleaseGet {
 		return u.releaseStatus(ctx, rel), nil
+	}
+	to := map[string]protocol.ReleaseState{
+		protocol.CmdReleasePause:  protocol.ReleasePaused,
+		protocol.CmdReleaseResume: protocol.ReleaseActive,
+		protocol.CmdReleaseCancel: protocol.ReleaseCancelled,
+	}[cmd]
+	// A release still publishing belongs to the release.create publishing it; pause and
+	// resume need it running in this updater.
+	if rel.State == protocol.ReleasePublishing || cmd != protocol.CmdReleaseCancel && r == nil {
+		return nil, conflict()
+	}
+	if err := transition(rel, to); err != nil {
+		return nil, conflict()
+	}
+	if cmd == protocol.CmdReleasePause {
+		r.paused.Store(true)
 	}
 	if r != nil && r.cancel != nil && cmd != protocol.CmdReleaseResume {
 		r.cancel()

@@ -122,7 +122,7 @@ func (u *Updater) resumeRuns(ctx context.Context) {
 			// The image was not completely published before a crash: the release
 			// cannot be trusted to be whole, so it is cancelled; the operator re-creates it.
 			u.log.Warn().Str("release", rel.ID.String()).Msg("release was still publishing at the last stop; cancelling it")
-			rel.State = protocol.ReleaseCancelled
+			_ = transition(&rel, protocol.ReleaseCancelled) // publishing -> cancelled is allowed
 			r.rel.Store(&rel)
 			if err := u.o.Store.PutRelease(ctx, &rel); err != nil {
 				u.log.Error().Err(err).Msg("cancelling half-published release")

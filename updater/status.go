@@ -111,8 +111,7 @@ func (u *Updater) flushStatus(ctx context.Context, fleet bool) {
 			continue
 		}
 		st := u.releaseStatus(ctx, rel)
-		if st.State == protocol.ReleaseActive && u.settled(ctx, rel, st) {
-			rel.State = protocol.ReleaseCompleted
+		if st.State == protocol.ReleaseActive && u.settled(ctx, rel, st) && transition(rel, protocol.ReleaseCompleted) == nil {
 			if err := u.o.Store.PutRelease(ctx, rel); err == nil {
 				st.State = protocol.ReleaseCompleted
 				u.mu.Lock()
@@ -183,7 +182,7 @@ func (u *Updater) fleetStatus(ctx context.Context) (protocol.FleetStatus, error)
 	if err != nil {
 		return protocol.FleetStatus{}, err
 	}
-	fs := protocol.FleetStatus{Devices: len(serials), Releases: map[string]int{}, Updated: u.o.Now()}
+	fs := protocol.FleetStatus{Devices: len(serials), Releases: map[protocol.ReleaseState]int{}, Updated: u.o.Now()}
 	for _, r := range rels {
 		fs.Releases[r.State]++
 	}

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/sealcast/sealcast/keychain"
+	"github.com/sealcast/sealcast/protocol"
 )
 
 // Store is the durable state of the updater: devices with their sequence counters, and
@@ -143,8 +144,8 @@ type Release struct {
 	ID       keychain.ReleaseID
 	Version  uint64
 	Label    string
-	State    string // protocol.Release* state
-	All      bool   // targets every device provisioned at creation
+	State    protocol.ReleaseState
+	All      bool // targets every device provisioned at creation
 	Created  time.Time
 	Manifest []byte // the signed manifest
 	// ContentKey is the content key sealed under the root secret (SealContentKey).

@@ -5,6 +5,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sealcast/sealcast/protocol"
 )
 
 // collector exposes the updater's and broker's counters to Prometheus, read at scrape
@@ -87,12 +89,12 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		gauge("devices", float64(len(serials)))
 	}
 	if rels, err := c.s.store.Releases(ctx); err == nil {
-		by := map[string]int{"publishing": 0, "active": 0, "paused": 0, "completed": 0, "cancelled": 0}
+		by := map[protocol.ReleaseState]int{}
 		for _, r := range rels {
 			by[r.State]++
 		}
-		for state, n := range by {
-			gauge("releases", float64(n), state)
+		for _, state := range protocol.ReleaseStates {
+			gauge("releases", float64(by[state]), string(state))
 		}
 	}
 }

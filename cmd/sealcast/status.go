@@ -108,7 +108,7 @@ func showStatus(ctx context.Context, e *env, op *operator.Client, timeout time.D
 	} else {
 		f := out.Fleet
 		fmt.Fprintf(e.stdout, "fleet: %d devices, %d online", f.Devices, f.Online)
-		for _, s := range []string{protocol.ReleasePublishing, protocol.ReleaseActive, protocol.ReleasePaused, protocol.ReleaseCompleted, protocol.ReleaseCancelled} {
+		for _, s := range protocol.ReleaseStates {
 			if n := f.Releases[s]; n > 0 {
 				fmt.Fprintf(e.stdout, ", %d %s", n, s)
 			}

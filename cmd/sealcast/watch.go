@@ -243,7 +243,7 @@ func (v *linesView) tick(final bool) {
 
 func fleetLine(f protocol.FleetStatus) string {
 	s := fmt.Sprintf("fleet: %d devices, %d online", f.Devices, f.Online)
-	for _, st := range []string{protocol.ReleasePublishing, protocol.ReleaseActive, protocol.ReleasePaused, protocol.ReleaseCompleted, protocol.ReleaseCancelled} {
+	for _, st := range protocol.ReleaseStates {
 		if n := f.Releases[st]; n > 0 {
 			s += fmt.Sprintf(", %d %s", n, st)
 		}

@@ -105,7 +105,7 @@ func TestLinesView(t *testing.T) {
 	var out bytes.Buffer
 	v := &linesView{w: &out, printed: map[string]time.Time{}, lines: map[string]string{}}
 	id := keychain.ReleaseID{9}
-	rel := func(state string, installed int) watchEvent {
+	rel := func(state protocol.ReleaseState, installed int) watchEvent {
 		b, _ := json.Marshal(protocol.ReleaseStatus{Release: id, State: state, Targets: 10, Installed: installed})
 		ev, _ := decodeEvent(protocol.ReleaseStatusTopic(id), b)
 		return ev

@@ -111,7 +111,7 @@ func (re *rejectEnv) rejected(t *testing.T, r *agent, rid keychain.ReleaseID, co
 	if code.Permanent() {
 		want = protocol.ReleaseCompleted
 	}
-	rs := re.status.releaseStatus(t, rid, "one failure, "+want, func(s protocol.ReleaseStatus) bool { return s.Failed == 1 && s.State == want })
+	rs := re.status.releaseStatus(t, rid, "one failure, "+string(want), func(s protocol.ReleaseStatus) bool { return s.Failed == 1 && s.State == want })
 	if rs.Installed != 0 || rs.Targets != 1 {
 		t.Fatalf("release status %+v", rs)
 	}

@@ -39,6 +39,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/sealcast/sealcast/keychain"
+	"github.com/sealcast/sealcast/protocol"
 	"github.com/sealcast/sealcast/updater"
 )
 
@@ -123,18 +124,18 @@ type deviceRecord struct {
 
 // releaseRecord is the stored form of a release; the id is the key.
 type releaseRecord struct {
-	Version    uint64    `json:"version"`
-	Label      string    `json:"label,omitempty"`
-	State      string    `json:"state,omitempty"`
-	All        bool      `json:"all,omitempty"`
-	Created    time.Time `json:"created"`
-	Manifest   []byte    `json:"manifest,omitempty"`
-	ContentKey []byte    `json:"content_key,omitempty"`
-	ImageSize  uint64    `json:"image_size"`
-	ChunkSize  uint32    `json:"chunk_size"`
-	ChunkCount uint32    `json:"chunk_count"`
-	Installed  int       `json:"installed"`
-	Failed     int       `json:"failed"`
+	Version    uint64                `json:"version"`
+	Label      string                `json:"label,omitempty"`
+	State      protocol.ReleaseState `json:"state,omitempty"`
+	All        bool                  `json:"all,omitempty"`
+	Created    time.Time             `json:"created"`
+	Manifest   []byte                `json:"manifest,omitempty"`
+	ContentKey []byte                `json:"content_key,omitempty"`
+	ImageSize  uint64                `json:"image_size"`
+	ChunkSize  uint32                `json:"chunk_size"`
+	ChunkCount uint32                `json:"chunk_count"`
+	Installed  int                   `json:"installed"`
+	Failed     int                   `json:"failed"`
 }
 
 func getDevice(b *bolt.Bucket, serial string) (*deviceRecord, error) {

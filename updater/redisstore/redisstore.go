@@ -83,6 +83,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/sealcast/sealcast/keychain"
+	"github.com/sealcast/sealcast/protocol"
 	"github.com/sealcast/sealcast/updater"
 )
 
@@ -450,7 +451,7 @@ func (s *Store) PutRelease(ctx context.Context, r *updater.Release) error {
 		all = "1"
 	}
 	err := s.rdb.HSet(ctx, s.relKey(r.ID),
-		"version", u64(r.Version), "label", r.Label, "state", r.State, "all", all,
+		"version", u64(r.Version), "label", r.Label, "state", string(r.State), "all", all,
 		"created", timeText(r.Created), "manifest", r.Manifest, "content_key", r.ContentKey,
 		"image_size", u64(r.ImageSize), "chunk_size", u32(r.ChunkSize), "chunk_count", u32(r.ChunkCount),
 	).Err()
@@ -469,7 +470,7 @@ func parseRelease(id keychain.ReleaseID, h map[string]string) (*updater.Release,
 		ID:         id,
 		Version:    f.uint("version", 64),
 		Label:      h["label"],
-		State:      h["state"],
+		State:      protocol.ReleaseState(h["state"]),
 		All:        h["all"] == "1",
 		Created:    f.time("created"),
 		Manifest:   f.bytes("manifest"),
