@@ -147,20 +147,24 @@ type ReleaseStatus struct {
 	Updated    time.Time          `json:"updated"`
 }
 
+// DeviceStatusState is a device's state as the server sees it, the state of a
+// DeviceStatus (PROTOCOL.md 13.4). DeviceState, by contrast, is what a device says of itself.
+type DeviceStatusState string
+
 // Device states as the server sees them (PROTOCOL.md 13.4).
 const (
-	DevicePending   = "pending"
-	DeviceWrapped   = "wrapped"
-	DeviceInstalled = "installed"
-	DeviceFailed    = "failed"
-	DeviceRekeying  = "rekeying"
-	DeviceIdle      = "idle"
+	DevicePending   DeviceStatusState = "pending"
+	DeviceWrapped   DeviceStatusState = "wrapped"
+	DeviceInstalled DeviceStatusState = "installed"
+	DeviceFailed    DeviceStatusState = "failed"
+	DeviceRekeying  DeviceStatusState = "rekeying"
+	DeviceIdle      DeviceStatusState = "idle"
 )
 
 // DeviceStatus is retained on DeviceStatusTopic (PROTOCOL.md 13.4).
 type DeviceStatus struct {
 	Serial     string              `json:"serial"`
-	State      string              `json:"state"`
+	State      DeviceStatusState   `json:"state"`
 	Version    uint64              `json:"version"`
 	Epoch      uint32              `json:"epoch"`
 	Seq        uint32              `json:"seq"`

@@ -692,7 +692,7 @@ return 1`, nil, keys).Err()
 		args := []string{"-h", host, "-p", port, "-n", "200000", "-r", strconv.Itoa(keys), "-c", "50",
 			"-P", strconv.Itoa(pipeline), "--csv", "EVALSHA", sha, "1", "raw:dev:{__rand_int__}",
 			"0", "1024", "0", "1024", "1024", "2", strings.Repeat("c", 355), strings.Repeat("a", keychain.AckSize),
-			strings.Repeat("r", keychain.ReceiptSize), protocol.DeviceInstalled, "ok", time.Now().UTC().Format(time.RFC3339Nano)}
+			strings.Repeat("r", keychain.ReceiptSize), string(protocol.DeviceInstalled), "ok", time.Now().UTC().Format(time.RFC3339Nano)}
 		out, err := exec.Command(bin, args...).CombinedOutput()
 		if err != nil {
 			return 0, fmt.Errorf("%v: %s", err, out)

@@ -15,7 +15,7 @@ import (
 // enough for a person watching, rarely enough to cost nothing during a large fan-out.
 const statusInterval = 250 * time.Millisecond
 
-func deviceStatus(d *Device, state, result string, now time.Time) protocol.DeviceStatus {
+func deviceStatus(d *Device, state protocol.DeviceStatusState, result string, now time.Time) protocol.DeviceStatus {
 	s := protocol.DeviceStatus{Serial: d.Serial, State: state, Version: d.Version, Epoch: d.Epoch, Seq: d.Seq, LastResult: result, Updated: now}
 	if n := len(d.Assigned); n > 0 {
 		id := d.Assigned[n-1]
@@ -30,7 +30,7 @@ func deviceStatus(d *Device, state, result string, now time.Time) protocol.Devic
 
 // deviceStatusMessage is the retained message of the server's view of a device
 // ([SC-9.1], PROTOCOL.md 13.4).
-func deviceStatusMessage(d *Device, state, result string, now time.Time) protocol.Message {
+func deviceStatusMessage(d *Device, state protocol.DeviceStatusState, result string, now time.Time) protocol.Message {
 	st := deviceStatus(d, state, result, now)
 	st.LastSeen = &now
 	b, _ := json.Marshal(st)

@@ -80,7 +80,7 @@ type Device struct {
 	LastAck     []byte
 	LastReceipt []byte
 
-	State       string // protocol.Device* state
+	State       protocol.DeviceStatusState
 	LastResult  string // "ok" or a report code name
 	LastSeen    time.Time
 	Provisioned time.Time
@@ -100,7 +100,7 @@ type Assignment struct {
 	Serial string
 	From   Position
 	ID     keychain.ReleaseID
-	State  string
+	State  protocol.DeviceStatusState
 }
 
 // Advance moves Serial from From to To after a confirmed ack.
@@ -113,7 +113,7 @@ type Advance struct {
 	Version     uint64
 	LastAck     []byte
 	LastReceipt []byte
-	State       string
+	State       protocol.DeviceStatusState
 	LastResult  string
 	At          time.Time
 }
@@ -121,8 +121,8 @@ type Advance struct {
 // Note is non-critical news about a device.
 type Note struct {
 	Serial     string
-	State      string // empty: unchanged
-	LastResult string // empty: unchanged
+	State      protocol.DeviceStatusState // empty: unchanged
+	LastResult string                     // empty: unchanged
 	At         time.Time
 }
 

@@ -108,18 +108,18 @@ func (s *Store) Ping(context.Context) error {
 
 // deviceRecord is the stored form of a device; the serial is the key.
 type deviceRecord struct {
-	Epoch       uint32               `json:"epoch"`
-	Seq         uint32               `json:"seq"`
-	ChainLength uint32               `json:"chain_length"`
-	Version     uint64               `json:"version"`
-	Chain       []byte               `json:"chain,omitempty"`
-	Assigned    []keychain.ReleaseID `json:"assigned,omitempty"`
-	LastAck     []byte               `json:"last_ack,omitempty"`
-	LastReceipt []byte               `json:"last_receipt,omitempty"`
-	State       string               `json:"state,omitempty"`
-	LastResult  string               `json:"last_result,omitempty"`
-	LastSeen    time.Time            `json:"last_seen"`
-	Provisioned time.Time            `json:"provisioned"`
+	Epoch       uint32                     `json:"epoch"`
+	Seq         uint32                     `json:"seq"`
+	ChainLength uint32                     `json:"chain_length"`
+	Version     uint64                     `json:"version"`
+	Chain       []byte                     `json:"chain,omitempty"`
+	Assigned    []keychain.ReleaseID       `json:"assigned,omitempty"`
+	LastAck     []byte                     `json:"last_ack,omitempty"`
+	LastReceipt []byte                     `json:"last_receipt,omitempty"`
+	State       protocol.DeviceStatusState `json:"state,omitempty"`
+	LastResult  string                     `json:"last_result,omitempty"`
+	LastSeen    time.Time                  `json:"last_seen"`
+	Provisioned time.Time                  `json:"provisioned"`
 }
 
 // releaseRecord is the stored form of a release; the id is the key.

@@ -214,7 +214,7 @@ func (s *Store) CreateDevices(ctx context.Context, devs []*updater.Device) ([]st
 		calls[i] = call{keys: []string{s.devKey(d.Serial)}, args: []any{
 			"epoch", u32(d.Epoch), "seq", u32(d.Seq), "chain_length", u32(d.ChainLength),
 			"version", u64(d.Version), "chain", d.Chain, "assigned", assigned,
-			"last_ack", d.LastAck, "last_receipt", d.LastReceipt, "state", d.State,
+			"last_ack", d.LastAck, "last_receipt", d.LastReceipt, "state", string(d.State),
 			"last_result", d.LastResult, "last_seen", timeText(d.LastSeen),
 			"provisioned", timeText(d.Provisioned),
 		}}
@@ -353,7 +353,7 @@ func parseDevice(serial string, h map[string]string) (*updater.Device, error) {
 		Chain:       f.bytes("chain"),
 		LastAck:     f.bytes("last_ack"),
 		LastReceipt: f.bytes("last_receipt"),
-		State:       h["state"],
+		State:       protocol.DeviceStatusState(h["state"]),
 		LastResult:  h["last_result"],
 		LastSeen:    f.time("last_seen"),
 		Provisioned: f.time("provisioned"),
@@ -405,7 +405,7 @@ func oks(vs []int64) []bool {
 func (s *Store) Assign(ctx context.Context, as []updater.Assignment) ([]bool, error) {
 	calls := make([]call, len(as))
 	for i, a := range as {
-		calls[i] = call{keys: []string{s.devKey(a.Serial)}, args: []any{u32(a.From.Epoch), u32(a.From.Seq), a.ID[:], a.State}}
+		calls[i] = call{keys: []string{s.devKey(a.Serial)}, args: []any{u32(a.From.Epoch), u32(a.From.Seq), a.ID[:], string(a.State)}}
 	}
 	vs, err := s.runScript(ctx, assignScript, calls)
 	if err != nil {
@@ -421,7 +421,7 @@ func (s *Store) Advance(ctx context.Context, as []updater.Advance) ([]bool, erro
 		calls[i] = call{keys: []string{s.devKey(a.Serial)}, args: []any{
 			u32(a.From.Epoch), u32(a.From.Seq), u32(a.To.Epoch), u32(a.To.Seq),
 			u32(a.ChainLength), u64(a.Version), a.Chain, a.LastAck, a.LastReceipt,
-			a.State, a.LastResult, timeText(a.At),
+			string(a.State), a.LastResult, timeText(a.At),
 		}}
 	}
 	vs, err := s.runScript(ctx, advanceScript, calls)
@@ -435,7 +435,7 @@ func (s *Store) Advance(ctx context.Context, as []updater.Advance) ([]bool, erro
 func (s *Store) Note(ctx context.Context, notes []updater.Note) error {
 	calls := make([]call, len(notes))
 	for i, n := range notes {
-		calls[i] = call{keys: []string{s.devKey(n.Serial)}, args: []any{n.State, n.LastResult, timeText(n.At)}}
+		calls[i] = call{keys: []string{s.devKey(n.Serial)}, args: []any{string(n.State), n.LastResult, timeText(n.At)}}
 	}
 	if _, err := s.runScript(ctx, noteScript, calls); err != nil {
 		return wrap("note", err)
