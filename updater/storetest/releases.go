@@ -1,0 +1,307 @@
+package storetest
+
+// Releases, their targets and their results.
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/sealcast/sealcast/keychain"
+	"github.com/sealcast/sealcast/updater"
+)
+
+// NewRelease returns a release with every field PutRelease takes set.
+func NewRelease(id keychain.ReleaseID, created time.Time) *updater.Release {
+	return &updater.Release{
+		ID:         id,
+		Version:    1<<64 - 1,
+		Label:      "spring \"fixes\" ✓",
+		State:      "active",
+		All:        true,
+		Created:    created,
+		Manifest:   []byte{0, 1, 0xff, '{'},
+		ContentKey: bytes.Repeat([]byte{0, 0x80}, 30),
+		ImageSize:  1<<40 + 3,
+		ChunkSize:  1<<32 - 1,
+		ChunkCount: 77,
+	}
+}
+
+func diffRelease(got, want *updater.Release) string {
+	if got == nil {
+		return "got nil"
+	}
+	var d []string
+	add := func(field string, g, w any) { d = append(d, fmt.Sprintf("%s = %v, want %v", field, g, w)) }
+	if got.ID != want.ID {
+		add("ID", got.ID, want.ID)
+	}
+	if got.Version != want.Version {
+		add("Version", got.Version, want.Version)
+	}
+	if got.Label != want.Label {
+		add("Label", got.Label, want.Label)
+	}
+	if got.State != want.State {
+		add("State", got.State, want.State)
+	}
+	if got.All != want.All {
+		add("All", got.All, want.All)
+	}
+	if !sameTime(got.Created, want.Created) {
+		add("Created", got.Created, want.Created)
+	}
+	if !bytes.Equal(got.Manifest, want.Manifest) {
+		add("Manifest", got.Manifest, want.Manifest)
+	}
+	if !bytes.Equal(got.ContentKey, want.ContentKey) {
+		add("ContentKey", got.ContentKey, want.ContentKey)
+	}
+	if got.ImageSize != want.ImageSize {
+		add("ImageSize", got.ImageSize, want.ImageSize)
+	}
+	if got.ChunkSize != want.ChunkSize {
+		add("ChunkSize", got.ChunkSize, want.ChunkSize)
+	}
+	if got.ChunkCount != want.ChunkCount {
+		add("ChunkCount", got.ChunkCount, want.ChunkCount)
+	}
+	if got.Installed != want.Installed || got.Failed != want.Failed {
+		add("Installed/Failed", [2]int{got.Installed, got.Failed}, [2]int{want.Installed, want.Failed})
+	}
+	if len(d) == 0 {
+		return ""
+	}
+	return fmt.Sprint(d)
+}
+
+func checkRelease(t *testing.T, s updater.Store, want *updater.Release) {
+	t.Helper()
+	got, err := s.Release(t.Context(), want.ID)
+	if err != nil {
+		t.Fatalf("Release(%v): %v", want.ID, err)
+	}
+	if diff := diffRelease(got, want); diff != "" {
+		t.Errorf("release %v: %s", want.ID, diff)
+	}
+}
+
+func testRelease(t *testing.T, s updater.Store) {
+	ctx := t.Context()
+	r := NewRelease(rid(1), t0.Add(123456789*time.Nanosecond))
+	if err := s.PutRelease(ctx, r); err != nil {
+		t.Fatal(err)
+	}
+	checkRelease(t, s, r)
+	bare := &updater.Release{ID: rid(2)}
+	if err := s.PutRelease(ctx, bare); err != nil {
+		t.Fatal(err)
+	}
+	checkRelease(t, s, bare)
+
+	// Replacing keeps the counts, which PutRelease ignores.
+	if err := s.RecordResults(ctx, r.ID, []updater.Result{{Serial: "a", Result: updater.ResultInstalled}, {Serial: "b", Result: "failed:x"}}); err != nil {
+		t.Fatal(err)
+	}
+	r2 := NewRelease(r.ID, r.Created)
+	r2.State, r2.Label, r2.Manifest, r2.Installed, r2.Failed = "paused", "", nil, 50, 60
+	if err := s.PutRelease(ctx, r2); err != nil {
+		t.Fatal(err)
+	}
+	r2.Installed, r2.Failed = 1, 1
+	checkRelease(t, s, r2)
+	if got, err := s.Results(ctx, r.ID, []string{"a", "b"}); err != nil || !slices.Equal(got, []string{"installed", "failed:x"}) {
+		t.Errorf("Results after PutRelease = %q, %v", got, err)
+	}
+}
+
+func testReleases(t *testing.T, s updater.Store) {
+	ctx := t.Context()
+	rs, err := s.Releases(ctx)
+	if err != nil || len(rs) != 0 {
+		t.Fatalf("Releases on an empty store = %v, %v; want none", rs, err)
+	}
+	// Put out of order; ids sort differently from creation times.
+	created := []time.Duration{3 * time.Hour, time.Hour, 2 * time.Hour, 0}
+	for i, c := range created {
+		if err := s.PutRelease(ctx, NewRelease(rid(byte(10-i)), t0.Add(c))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.RecordResults(ctx, rid(9), []updater.Result{{Serial: "s", Result: "failed:x"}}); err != nil {
+		t.Fatal(err)
+	}
+	rs, err = s.Releases(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantIDs := []keychain.ReleaseID{rid(7), rid(9), rid(8), rid(10)}
+	if len(rs) != len(wantIDs) {
+		t.Fatalf("Releases returned %d, want %d", len(rs), len(wantIDs))
+	}
+	for i, r := range rs {
+		if r.ID != wantIDs[i] {
+			t.Errorf("Releases[%d] = %v, want %v (oldest first)", i, r.ID, wantIDs[i])
+		}
+	}
+	want := NewRelease(rid(9), t0.Add(time.Hour))
+	want.Failed = 1
+	if diff := diffRelease(rs[1], want); diff != "" {
+		t.Errorf("Releases[1]: %s", diff)
+	}
+}
+
+func testTargets(t *testing.T, s updater.Store) {
+	ctx := t.Context()
+	id := rid(1)
+	if err := s.PutRelease(ctx, NewRelease(id, t0)); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.Targets(ctx, id); err != nil || len(got) != 0 {
+		t.Fatalf("Targets of a new release = %q, %v; want none", got, err)
+	}
+	if err := s.AddTargets(ctx, id, []string{"q", "b", "q", "a"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.AddTargets(ctx, id, []string{"b", "c", "A"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.AddTargets(ctx, id, nil); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.Targets(ctx, id)
+	if want := []string{"A", "a", "b", "c", "q"}; err != nil || !slices.Equal(got, want) {
+		t.Errorf("Targets = %q, %v; want %q", got, err, want)
+	}
+	// Targets are per release.
+	if err := s.PutRelease(ctx, NewRelease(rid(2), t0)); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.Targets(ctx, rid(2)); err != nil || len(got) != 0 {
+		t.Errorf("Targets of another release = %q, %v; want none", got, err)
+	}
+}
+
+func testRecordResults(t *testing.T, s updater.Store) {
+	ctx := t.Context()
+	id := rid(1)
+	r := NewRelease(id, t0)
+	if err := s.PutRelease(ctx, r); err != nil {
+		t.Fatal(err)
+	}
+	step := func(rs []updater.Result, installed, failed int) {
+		t.Helper()
+		if err := s.RecordResults(ctx, id, rs); err != nil {
+			t.Fatalf("RecordResults(%v): %v", rs, err)
+		}
+		r.Installed, r.Failed = installed, failed
+		checkRelease(t, s, r)
+	}
+	step([]updater.Result{{Serial: "a", Result: updater.ResultInstalled}}, 1, 0)
+	step([]updater.Result{{Serial: "a", Result: updater.ResultInstalled}}, 1, 0)                       // repeated
+	step([]updater.Result{{Serial: "b", Result: "failed:hash_mismatch"}}, 1, 1)                        // first failure
+	step([]updater.Result{{Serial: "b", Result: "failed:unwrap_failed"}}, 1, 1)                        // repeated failure counts once
+	step([]updater.Result{{Serial: "b", Result: updater.ResultInstalled}}, 2, 0)                       // failed -> installed
+	step([]updater.Result{{Serial: "a", Result: "failed:stale_key"}}, 2, 0)                            // installed is final
+	step([]updater.Result{{Serial: "c", Result: "failed:x"}, {Serial: "c", Result: "failed:y"}}, 2, 1) // in one batch
+	step([]updater.Result{{Serial: "d", Result: "failed:x"}, {Serial: "d", Result: updater.ResultInstalled}, {Serial: "e", Result: "failed:z"}}, 3, 2)
+
+	got, err := s.Results(ctx, id, []string{"a", "b", "c", "d", "e", "none", "a"})
+	want := []string{"installed", "installed", "failed:y", "installed", "failed:z", updater.ResultNone, "installed"}
+	if err != nil || !slices.Equal(got, want) {
+		t.Errorf("Results = %q, %v; want %q", got, err, want)
+	}
+
+	// Results are per release.
+	if err := s.PutRelease(ctx, NewRelease(rid(2), t0)); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.Results(ctx, rid(2), []string{"a"}); err != nil || !slices.Equal(got, []string{updater.ResultNone}) {
+		t.Errorf("Results of another release = %q, %v", got, err)
+	}
+
+	// A malformed result is rejected and nothing of its batch is recorded.
+	for _, bad := range []string{"", "ok", "failedx", "installed:"} {
+		err := s.RecordResults(ctx, id, []updater.Result{{Serial: "f", Result: "failed:x"}, {Serial: "g", Result: bad}})
+		if err == nil {
+			t.Errorf("RecordResults with result %q: no error", bad)
+		}
+	}
+	checkRelease(t, s, r)
+	if got, err := s.Results(ctx, id, []string{"f"}); err != nil || got[0] != updater.ResultNone {
+		t.Errorf("Results(f) after a rejected batch = %q, %v; want none", got, err)
+	}
+}
+
+func testRecordResultsConcurrent(t *testing.T, s updater.Store) {
+	const workers, perWorker = 20, 25
+	id := rid(1)
+	if err := s.PutRelease(t.Context(), NewRelease(id, t0)); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 2*workers)
+	for w := range workers {
+		wg.Go(func() {
+			var rs []updater.Result
+			for i := range perWorker {
+				res := updater.ResultInstalled
+				if i%5 == 0 {
+					res = "failed:x"
+				}
+				rs = append(rs, updater.Result{Serial: fmt.Sprintf("w%d-%d", w, i), Result: res})
+			}
+			// And every worker reports the same two devices: one fails, one fails then installs.
+			rs = append(rs, updater.Result{Serial: "shared-failed", Result: fmt.Sprintf("failed:w%d", w)},
+				updater.Result{Serial: "shared-installed", Result: "failed:x"})
+			if err := s.RecordResults(context.Background(), id, rs); err != nil {
+				errs <- err
+			}
+			if err := s.RecordResults(context.Background(), id, []updater.Result{{Serial: "shared-installed", Result: updater.ResultInstalled}}); err != nil {
+				errs <- err
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatalf("RecordResults: %v", err)
+	}
+	r, err := s.Release(t.Context(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantFailed := workers*perWorker/5 + 1
+	wantInstalled := workers*perWorker - workers*perWorker/5 + 1
+	if r.Installed != wantInstalled || r.Failed != wantFailed {
+		t.Errorf("counts = %d installed, %d failed; want %d, %d", r.Installed, r.Failed, wantInstalled, wantFailed)
+	}
+}
+
+func testUnknownRelease(t *testing.T, s updater.Store) {
+	ctx := t.Context()
+	id := rid(99)
+	check := func(method string, err error) {
+		t.Helper()
+		if !errors.Is(err, updater.ErrNotFound) {
+			t.Errorf("%s of an unknown release: error %v, want one wrapping ErrNotFound", method, err)
+		}
+	}
+	_, err := s.Release(ctx, id)
+	check("Release", err)
+	check("AddTargets", s.AddTargets(ctx, id, []string{"a"}))
+	_, err = s.Targets(ctx, id)
+	check("Targets", err)
+	check("RecordResults", s.RecordResults(ctx, id, []updater.Result{{Serial: "a", Result: updater.ResultInstalled}}))
+	_, err = s.Results(ctx, id, []string{"a"})
+	check("Results", err)
+	if rs, err := s.Releases(ctx); err != nil || len(rs) != 0 {
+		t.Errorf("Releases after calls for an unknown release = %v, %v; want none", rs, err)
+	}
+}
