@@ -2,7 +2,9 @@ package updater
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/sealcast/sealcast/keychain"
@@ -157,4 +159,43 @@ type Release struct {
 	// Counts maintained by RecordResults; read-only for PutRelease.
 	Installed int
 	Failed    int
+}
+
+// releaseMeta is the one mapping of release records that every store keeps: what
+// PutRelease writes, that is everything but the id (the record's key) and the counts
+// (RecordResults keeps those). A new release field is one line here and a storetest case.
+type releaseMeta struct {
+	Version    uint64                `json:"version"`
+	Label      string                `json:"label,omitempty"`
+	State      protocol.ReleaseState `json:"state"`
+	All        bool                  `json:"all,omitempty"`
+	Created    time.Time             `json:"created"`
+	Manifest   []byte                `json:"manifest,omitempty"`
+	ContentKey []byte                `json:"content_key,omitempty"`
+	ImageSize  uint64                `json:"image_size"`
+	ChunkSize  uint32                `json:"chunk_size"`
+	ChunkCount uint32                `json:"chunk_count"`
+}
+
+// MarshalReleaseMeta encodes what a store keeps of r besides its id and counts (JSON).
+func MarshalReleaseMeta(r *Release) ([]byte, error) {
+	return json.Marshal(releaseMeta{
+		Version: r.Version, Label: r.Label, State: r.State, All: r.All, Created: r.Created.UTC(),
+		Manifest: r.Manifest, ContentKey: r.ContentKey, ImageSize: r.ImageSize,
+		ChunkSize: r.ChunkSize, ChunkCount: r.ChunkCount,
+	})
+}
+
+// UnmarshalReleaseMeta decodes what MarshalReleaseMeta encoded into the release id; the
+// store adds the counts.
+func UnmarshalReleaseMeta(id keychain.ReleaseID, b []byte) (*Release, error) {
+	var m releaseMeta
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, fmt.Errorf("release %v: corrupt record: %w", id, err)
+	}
+	return &Release{
+		ID: id, Version: m.Version, Label: m.Label, State: m.State, All: m.All, Created: m.Created,
+		Manifest: m.Manifest, ContentKey: m.ContentKey, ImageSize: m.ImageSize,
+		ChunkSize: m.ChunkSize, ChunkCount: m.ChunkCount,
+	}, nil
 }

@@ -206,7 +206,9 @@ func testShared(t *testing.T, newBus Factory) {
 	otherGot := map[string]bool{}
 	c, _ := Client(t, env, "dev-s2", env.Device(t, "dev-s2"), "")
 	for i := range acks {
-		c.Publish(protocol.AckTopic("dev-s2"), 1, false, fmt.Sprintf("a%d", i)).Wait()
+		if tok := c.Publish(protocol.AckTopic("dev-s2"), 1, false, fmt.Sprintf("a%d", i)); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+			t.Fatalf("publish %d not acknowledged: %v", i, tok.Error())
+		}
 	}
 	deadline := time.After(10 * time.Second)
 	for {

@@ -124,18 +124,9 @@ type deviceRecord struct {
 
 // releaseRecord is the stored form of a release; the id is the key.
 type releaseRecord struct {
-	Version    uint64                `json:"version"`
-	Label      string                `json:"label,omitempty"`
-	State      protocol.ReleaseState `json:"state,omitempty"`
-	All        bool                  `json:"all,omitempty"`
-	Created    time.Time             `json:"created"`
-	Manifest   []byte                `json:"manifest,omitempty"`
-	ContentKey []byte                `json:"content_key,omitempty"`
-	ImageSize  uint64                `json:"image_size"`
-	ChunkSize  uint32                `json:"chunk_size"`
-	ChunkCount uint32                `json:"chunk_count"`
-	Installed  int                   `json:"installed"`
-	Failed     int                   `json:"failed"`
+	Meta      json.RawMessage `json:"meta"` // updater.MarshalReleaseMeta
+	Installed int             `json:"installed"`
+	Failed    int             `json:"failed"`
 }
 
 func getDevice(b *bolt.Bucket, serial string) (*deviceRecord, error) {
@@ -342,7 +333,6 @@ func getRelease(tx *bolt.Tx, id keychain.ReleaseID) (*releaseRecord, error) {
 }
 
 func putRelease(tx *bolt.Tx, id keychain.ReleaseID, r *releaseRecord) error {
-	r.Created = r.Created.UTC()
 	v, err := json.Marshal(r)
 	if err != nil {
 		return err
@@ -350,22 +340,23 @@ func putRelease(tx *bolt.Tx, id keychain.ReleaseID, r *releaseRecord) error {
 	return tx.Bucket(bucketReleases).Put(id[:], v)
 }
 
-func (r *releaseRecord) release(id keychain.ReleaseID) *updater.Release {
-	return &updater.Release{
-		ID: id, Version: r.Version, Label: r.Label, State: r.State, All: r.All, Created: r.Created,
-		Manifest: r.Manifest, ContentKey: r.ContentKey, ImageSize: r.ImageSize,
-		ChunkSize: r.ChunkSize, ChunkCount: r.ChunkCount, Installed: r.Installed, Failed: r.Failed,
+func (r *releaseRecord) release(id keychain.ReleaseID) (*updater.Release, error) {
+	rel, err := updater.UnmarshalReleaseMeta(id, r.Meta)
+	if err != nil {
+		return nil, err
 	}
+	rel.Installed, rel.Failed = r.Installed, r.Failed
+	return rel, nil
 }
 
 // PutRelease implements updater.Store; the counts of an existing release are kept.
 func (s *Store) PutRelease(ctx context.Context, rel *updater.Release) error {
 	return s.update(ctx, "put release", func(tx *bolt.Tx) error {
-		r := &releaseRecord{
-			Version: rel.Version, Label: rel.Label, State: rel.State, All: rel.All, Created: rel.Created,
-			Manifest: rel.Manifest, ContentKey: rel.ContentKey, ImageSize: rel.ImageSize,
-			ChunkSize: rel.ChunkSize, ChunkCount: rel.ChunkCount,
+		meta, err := updater.MarshalReleaseMeta(rel)
+		if err != nil {
+			return err
 		}
+		r := &releaseRecord{Meta: meta}
 		if old, err := getRelease(tx, rel.ID); err == nil {
 			r.Installed, r.Failed = old.Installed, old.Failed
 		} else if !errors.Is(err, updater.ErrNotFound) {
@@ -383,8 +374,8 @@ func (s *Store) Release(ctx context.Context, id keychain.ReleaseID) (*updater.Re
 		if err != nil {
 			return err
 		}
-		out = r.release(id)
-		return nil
+		out, err = r.release(id)
+		return err
 	})
 	return out, err
 }
@@ -400,7 +391,11 @@ func (s *Store) Releases(ctx context.Context) ([]*updater.Release, error) {
 			if err := json.Unmarshal(v, &r); err != nil {
 				return fmt.Errorf("release %v: corrupt record: %w", id, err)
 			}
-			out = append(out, r.release(id))
+			rel, err := r.release(id)
+			if err != nil {
+				return err
+			}
+			out = append(out, rel)
 			return nil
 		})
 	})

@@ -9,7 +9,8 @@
 //	                            assigned, last_ack, last_receipt, state, last_result,
 //	                            last_seen, provisioned)
 //	P:serials                   set: every provisioned serial
-//	P:rel:{rid}                 hash: a release's metadata and its counts installed, failed
+//	P:rel:{rid}                 hash: meta (updater.MarshalReleaseMeta, JSON) and the counts
+//	                            installed, failed (RecordResults)
 //	P:rel:{rid}:targets         set: the release's target serials
 //	P:rel:{rid}:results         hash: serial -> result
 //	P:releases                  set: every release id (hex)
@@ -446,16 +447,11 @@ func (s *Store) Note(ctx context.Context, notes []updater.Note) error {
 // PutRelease implements updater.Store; it never writes the counts. The metadata goes
 // first, then the id into the set of releases, so a retry repairs an interruption.
 func (s *Store) PutRelease(ctx context.Context, r *updater.Release) error {
-	all := "0"
-	if r.All {
-		all = "1"
-	}
-	err := s.rdb.HSet(ctx, s.relKey(r.ID),
-		"version", u64(r.Version), "label", r.Label, "state", string(r.State), "all", all,
-		"created", timeText(r.Created), "manifest", r.Manifest, "content_key", r.ContentKey,
-		"image_size", u64(r.ImageSize), "chunk_size", u32(r.ChunkSize), "chunk_count", u32(r.ChunkCount),
-	).Err()
+	meta, err := updater.MarshalReleaseMeta(r)
 	if err != nil {
+		return wrap("put release", err)
+	}
+	if err := s.rdb.HSet(ctx, s.relKey(r.ID), "meta", meta).Err(); err != nil {
 		return wrap("put release", err)
 	}
 	if err := s.rdb.SAdd(ctx, s.releasesKey(), r.ID.String()).Err(); err != nil {
@@ -465,22 +461,12 @@ func (s *Store) PutRelease(ctx context.Context, r *updater.Release) error {
 }
 
 func parseRelease(id keychain.ReleaseID, h map[string]string) (*updater.Release, error) {
-	f := &fields{h: h, what: "release " + id.String()}
-	r := &updater.Release{
-		ID:         id,
-		Version:    f.uint("version", 64),
-		Label:      h["label"],
-		State:      protocol.ReleaseState(h["state"]),
-		All:        h["all"] == "1",
-		Created:    f.time("created"),
-		Manifest:   f.bytes("manifest"),
-		ContentKey: f.bytes("content_key"),
-		ImageSize:  f.uint("image_size", 64),
-		ChunkSize:  uint32(f.uint("chunk_size", 32)),
-		ChunkCount: uint32(f.uint("chunk_count", 32)),
-		Installed:  f.int("installed"),
-		Failed:     f.int("failed"),
+	r, err := updater.UnmarshalReleaseMeta(id, []byte(h["meta"]))
+	if err != nil {
+		return nil, err
 	}
+	f := &fields{h: h, what: "release " + id.String()}
+	r.Installed, r.Failed = f.int("installed"), f.int("failed")
 	return r, f.err
 }
 
