@@ -145,6 +145,8 @@ type Broker struct {
 	dataDir  string
 
 	idents     sync.Map // *mqtt.Client -> identity, for connected clients
+	connsMu    sync.Mutex
+	conns      map[*clientConn]struct{} // open connections, for Close (closeConns)
 	guard      pidGuard
 	superseded sync.Map // client id -> *mqtt.Client whose session a newer connection took over (takeover.go)
 
@@ -189,6 +191,7 @@ func New(opts Options) (*Broker, error) {
 		accounts: make(map[string]Account),
 		revoked:  make(map[string]struct{}),
 		addrs:    make(map[string]net.Addr),
+		conns:    make(map[*clientConn]struct{}),
 	}
 	b.inline = &Inline{b: b, shared: make(map[string]int)}
 	b.healthToken = rand.Text()
@@ -338,7 +341,35 @@ func (b *Broker) listen(opts Options) error {
 // wrapConn wraps an accepted connection for mochi (clientConn): writes that never block,
 // and slow consumers cut off.
 func (b *Broker) wrapConn(c net.Conn) *clientConn {
-	return newClientConn(c, b.limits.MaxPending, b.limits.WriteDeadline, b.slowConsumer)
+	cc := newClientConn(c, b.limits.MaxPending, b.limits.WriteDeadline, b.slowConsumer)
+	b.connsMu.Lock()
+	b.conns[cc] = struct{}{}
+	b.connsMu.Unlock()
+	cc.onClose = func() {
+		b.connsMu.Lock()
+		delete(b.conns, cc)
+		b.connsMu.Unlock()
+	}
+	return cc
+}
+
+// closeConns closes the socket of every connection still open. Close calls it once the
+// clients were asked to go: a connection that mochi no longer lists (seen once in a
+// reconnect storm before a shutdown) would otherwise keep its reader, and mochi's Close
+// waits for every reader.
+func (b *Broker) closeConns() {
+	b.connsMu.Lock()
+	left := make([]*clientConn, 0, len(b.conns))
+	for cc := range b.conns {
+		left = append(left, cc)
+	}
+	b.connsMu.Unlock()
+	for _, cc := range left {
+		_ = cc.Conn.Close()
+	}
+	if len(left) > 0 {
+		b.log.Warn().Int("connections", len(left)).Msg("closed connections that had not ended at shutdown")
+	}
 }
 
 // slowConsumer counts and logs a client cut off by its clientConn.
@@ -426,6 +457,7 @@ func (b *Broker) Close() error {
 			for b.clientsEnding() && time.Now().Before(deadline) {
 				time.Sleep(5 * time.Millisecond)
 			}
+			b.closeConns()
 		}
 		// mochi closes its listeners (already closed), disconnects clients (none left)
 		// and waits for their goroutines, then stops the hooks (closing the store).

@@ -40,6 +40,8 @@ type clientConn struct {
 	maxPending    int
 	writeDeadline time.Duration
 	onSlow        func(c *clientConn, err error) // told once, after the connection is closed
+	onClose       func()                         // told once, by Close
+	closeOnce     sync.Once
 
 	mu       sync.Mutex // guards the fields below; never held during a blocking system call
 	idle     sync.Cond  // signalled when flushing ends
@@ -307,5 +309,8 @@ func (c *clientConn) Close() error {
 		c.err = net.ErrClosed
 	}
 	c.mu.Unlock()
+	if c.onClose != nil {
+		c.closeOnce.Do(c.onClose)
+	}
 	return c.Conn.Close()
 }

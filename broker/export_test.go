@@ -32,3 +32,7 @@ func WillSent(b *Broker, old *mqtt.Client, topic, payload string) {
 		h.OnWillSent(old, packets.Packet{TopicName: topic, Payload: []byte(payload)})
 	}
 }
+
+// ForgetClient removes a client from mochi's list without ending its connection, the
+// state a shutdown once found a connection in.
+func ForgetClient(b *Broker, id string) { b.srv.Clients.Delete(id) }

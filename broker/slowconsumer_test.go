@@ -201,3 +201,28 @@ func TestSlowConsumerLimitsChecked(t *testing.T) {
 		}
 	}
 }
+
+// TestCloseEndsUnlistedConnections: Close ends a connection that mochi no longer lists
+// (seen once at shutdown after a reconnect storm); before, mochi's Close waited for its
+// reader for ever.
+func TestCloseEndsUnlistedConnections(t *testing.T) {
+	env := brokertest.Start(t)
+	c, code := connectRaw(t, env.Addr, "dev-u", "dev-u", env.Device(t, "dev-u").Password, false)
+	if code != 0 {
+		t.Fatalf("CONNACK %#x", code)
+	}
+	broker.ForgetClient(env.Broker, "dev-u")
+	done := make(chan struct{})
+	go func() {
+		env.Broker.Close()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("Close waits for a connection mochi no longer lists")
+	}
+	if _, err := c.read(5 * time.Second); err == nil {
+		t.Fatal("the connection is still open")
+	}
+}

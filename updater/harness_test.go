@@ -145,7 +145,7 @@ func eventually(t *testing.T, what string, cond func() bool) {
 
 // testDevice speaks the device side of the protocol with the keychain package, so that
 // these tests can observe and forge every message. The real agent lives in package device
-// and is tested against this updater in internal/e2e.
+// and is tested against this updater in tests/e2e.
 type testDevice struct {
 	t    *testing.T
 	file protocol.DeviceFile

@@ -2,7 +2,7 @@
 // broker embeds) on 127.0.0.1 for tests of the device package: real TCP, real MQTT 3.1.1,
 // every client allowed, so that a test of the agent's MQTT handling needs no fleet keys.
 // Tests of the agent against the Sealcast broker and updater, with real credentials and
-// access rules, are in internal/e2e.
+// access rules, are in tests/e2e.
 package mqtttest
 
 import (

@@ -20,8 +20,8 @@
 //
 // # Running
 //
-//	go test -race ./internal/e2e                              # about 20 s
-//	SEALCAST_HEAVY=1 go test -race -run TestFleet ./internal/e2e  # 2,000 devices, minutes
+//	go test -race ./tests/e2e                              # about 20 s
+//	SEALCAST_HEAVY=1 go test -race -run TestFleet ./tests/e2e  # 2,000 devices, minutes
 //
 // Tests that need redis-server skip without it (internal/redistest). The package has no
 // code besides this comment; everything is in its _test.go files.

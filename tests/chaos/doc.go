@@ -1,5 +1,5 @@
 // Package chaos is the end-to-end fault suite (issue 7). It holds only tests: `go test
-// ./internal/chaos` builds cmd/sealcast, runs `sealcast serve` as a separate process on
+// ./tests/chaos` builds cmd/sealcast, runs `sealcast serve` as a separate process on
 // 127.0.0.1 with its store in a real redis-server (append-only file on), and updates a
 // fleet of simulated devices (device/simulate, in the test process) while it breaks
 // things:

@@ -6,7 +6,7 @@
 //
 // Run them with
 //
-//	go test -race -count=1 ./internal/scaleout/
+//	go test -race -count=1 ./tests/scaleout/
 //
 // They need mosquitto and redis-server, and skip without them (fail under
 // SEALCAST_REQUIRE_TOOLS=1).
