@@ -441,10 +441,10 @@ func (b *Broker) Close() error {
 				b.ws.wait()
 			}
 		}
-		// Disconnect every client and wait for their goroutines before mochi's Close:
-		// mochi v2.7.9's Clients.GetByListener takes its read lock twice, so a clean
-		// session ending (Clients.Delete waiting for the write lock) in between
-		// deadlocks Close. With no client left, nothing writes to the map meanwhile.
+		// Disconnect every client and wait for their goroutines before mochi's Close,
+		// so that clean sessions have ended and nothing writes to mochi's client map
+		// while it closes. (Upstream v2.7.9's Clients.GetByListener took its read lock
+		// twice and deadlocked against such a write; third_party/mochi fixes it.)
 		if b.started.Load() {
 			for _, cl := range b.srv.Clients.GetAll() {
 				if !cl.Net.Inline && !cl.Closed() {
