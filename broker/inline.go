@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"hash/fnv"
 	"math/rand/v2"
 	"strings"
 	"sync"
@@ -64,9 +63,7 @@ func (in *Inline) Publish(ctx context.Context, msgs ...protocol.Message) error {
 	}
 	lanes := make([][]protocol.Message, min(len(msgs), publishLanes))
 	for _, m := range msgs {
-		h := fnv.New32a()
-		h.Write([]byte(protocol.OrderKey(m.Topic)))
-		i := h.Sum32() % uint32(len(lanes))
+		i := protocol.OrderLane(m.Topic, len(lanes))
 		lanes[i] = append(lanes[i], m)
 	}
 	errs := make([]error, len(lanes))

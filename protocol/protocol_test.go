@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"strings"
 	"testing"
 
@@ -178,5 +179,24 @@ func TestCodeClasses(t *testing.T) {
 		if p && tr || neither && (p || tr) || !neither && !p && !tr {
 			t.Errorf("%s: permanent %v, transient %v", c, p, tr)
 		}
+	}
+}
+
+// TestOrderLane: OrderLane is FNV-1a of the OrderKey modulo n, the same for every topic of
+// one device, and allocates nothing.
+func TestOrderLane(t *testing.T) {
+	for _, n := range []int{1, 4, 16} {
+		h := fnv.New32a()
+		h.Write([]byte(OrderKey(KeyTopic("dev-7"))))
+		want := int(h.Sum32() % uint32(n))
+		for _, topic := range []string{KeyTopic("dev-7"), ReceiptTopic("dev-7"), AckTopic("dev-7")} {
+			if got := OrderLane(topic, n); got != want {
+				t.Errorf("OrderLane(%s, %d) = %d, want %d", topic, n, got, want)
+			}
+		}
+	}
+	topic := KeyTopic("dev-7")
+	if a := testing.AllocsPerRun(100, func() { OrderLane(topic, 16) }); a != 0 {
+		t.Errorf("OrderLane allocates %v times", a)
 	}
 }

@@ -177,6 +177,18 @@ func OrderKey(topic string) string {
 	return topic
 }
 
+// OrderLane returns which of n lanes (connections, goroutines) a bus publishes topic on,
+// so that messages with the same OrderKey take the same lane and keep their order: the
+// 32-bit FNV-1a hash of the key, modulo n. It does not allocate.
+func OrderLane(topic string, n int) int {
+	h := uint32(2166136261)
+	for _, c := range []byte(OrderKey(topic)) {
+		h ^= uint32(c)
+		h *= 16777619
+	}
+	return int(h % uint32(n))
+}
+
 // Message is one QoS 1 publish.
 type Message struct {
 	Topic   string

@@ -25,7 +25,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"hash/fnv"
 	"strings"
 	"sync"
 	"time"
@@ -254,10 +253,7 @@ func (b *Bus) publisher(topic string) mqtt.Client {
 	if len(b.pubs) == 1 {
 		return b.pubs[0]
 	}
-	key := protocol.OrderKey(topic)
-	h := fnv.New32a()
-	h.Write([]byte(key))
-	return b.pubs[h.Sum32()%uint32(len(b.pubs))]
+	return b.pubs[protocol.OrderLane(topic, len(b.pubs))]
 }
 
 // onConnect restores the subscriptions of a subscribing connection: all of them on the
