@@ -1,13 +1,11 @@
 package broker
 
 import (
-	"bufio"
 	"context"
 	"crypto/rand"
 	"crypto/subtle"
 	"crypto/tls"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -24,7 +22,7 @@ const healthUser = "$health"
 // when the broker does not accept connections or does not answer them, within ctx.
 func (b *Broker) Check(ctx context.Context) error {
 	if !b.started.Load() {
-		return errors.New("broker: not running")
+		return ErrClosed
 	}
 	addr, secure := b.addrs[ListenerTCP], false
 	if addr == nil {
@@ -66,7 +64,7 @@ func (b *Broker) Check(ctx context.Context) error {
 		return fmt.Errorf("broker: writing to %s: %w", target, err)
 	}
 	var in [6]byte // CONNACK (4 bytes), PINGRESP (2)
-	if _, err := io.ReadFull(bufio.NewReader(c), in[:]); err != nil {
+	if _, err := io.ReadFull(c, in[:]); err != nil {
 		return fmt.Errorf("broker: no answer from %s: %w", target, err)
 	}
 	if in[0] != 0x20 || in[3] != 0 || in[4] != 0xd0 {

@@ -1,6 +1,7 @@
 package updater
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 
@@ -18,7 +19,7 @@ var releaseTransitions = map[protocol.ReleaseState][]protocol.ReleaseState{
 }
 
 // ErrTransition is wrapped by every error for a state change the lifecycle does not allow.
-var ErrTransition = fmt.Errorf("updater: illegal release state change")
+var ErrTransition = errors.New("updater: illegal release state change")
 
 // transition moves rel to state to, or returns an error wrapping ErrTransition and leaves
 // rel as it was.
