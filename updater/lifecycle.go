@@ -1,10 +1,13 @@
 package updater
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"slices"
+	"sync"
 
+	"github.com/sealcast/sealcast/keychain"
 	"github.com/sealcast/sealcast/protocol"
 )
 
@@ -24,9 +27,61 @@ var ErrTransition = errors.New("updater: illegal release state change")
 // transition moves rel to state to, or returns an error wrapping ErrTransition and leaves
 // rel as it was.
 func transition(rel *Release, to protocol.ReleaseState) error {
-	if !slices.Contains(releaseTransitions[rel.State], to) {
+	if !canTransition(rel.State, to) {
 		return fmt.Errorf("%w: release %s is %s and cannot become %s", ErrTransition, rel.ID, rel.State, to)
 	}
 	rel.State = to
+	return nil
+}
+
+// canTransition reports whether the lifecycle allows a release in state from to become to.
+func canTransition(from, to protocol.ReleaseState) bool {
+	return slices.Contains(releaseTransitions[from], to)
+}
+
+// lifecycle is the one writer of release states: every change reads the release's
+// record, checks the transition, and stores it, one change at a time, so that a
+// completion and a cancel never overwrite each other. A held run's record is replaced
+// by the stored one.
+type lifecycle struct {
+	store Store
+	runs  *registry
+	mu    sync.Mutex
+}
+
+// change moves release id to state to. It returns the stored record, an error wrapping
+// ErrNotFound for an unknown release, or one wrapping ErrTransition, with nothing
+// changed, when the release's current state cannot become to.
+func (l *lifecycle) change(ctx context.Context, id keychain.ReleaseID, to protocol.ReleaseState) (*Release, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	rel, err := l.store.Release(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	return rel, l.put(ctx, rel, to)
+}
+
+// record moves rel, which the caller holds alone (a release being created), to state to
+// and stores it.
+func (l *lifecycle) record(ctx context.Context, rel *Release, to protocol.ReleaseState) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.put(ctx, rel, to)
+}
+
+func (l *lifecycle) put(ctx context.Context, rel *Release, to protocol.ReleaseState) error {
+	from := rel.State
+	if err := transition(rel, to); err != nil {
+		return err
+	}
+	if err := l.store.PutRelease(ctx, rel); err != nil {
+		rel.State = from
+		return err
+	}
+	if r := l.runs.get(rel.ID); r != nil {
+		stored := *rel
+		r.rel.Store(&stored)
+	}
 	return nil
 }

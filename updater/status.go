@@ -5,7 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"strings"
+	"sync"
 	"time"
+
+	"github.com/rs/zerolog"
 
 	"github.com/sealcast/sealcast/keychain"
 	"github.com/sealcast/sealcast/protocol"
@@ -37,32 +40,92 @@ func deviceStatusMessage(d *Device, state protocol.DeviceStatusState, result str
 	return protocol.Message{Topic: protocol.DeviceStatusTopic(d.Serial), Payload: b, Retain: true}
 }
 
-func (u *Updater) releaseStatus(ctx context.Context, rel *Release) protocol.ReleaseStatus {
-	// Counts come from the store so that every updater sharing it publishes the same.
-	if fresh, err := u.o.Store.Release(ctx, rel.ID); err == nil {
+// statusPublisher publishes the retained release and fleet statuses (PROTOCOL.md 13),
+// coalescing changes over statusInterval, and completes the releases whose targets have
+// all settled. It is the one owner of what changed since the last round and of the
+// devices online.
+type statusPublisher struct {
+	store Store
+	bus   Bus
+	runs  *registry
+	life  *lifecycle
+	log   zerolog.Logger
+	now   func() time.Time
+
+	mu     sync.Mutex
+	dirty  map[keychain.ReleaseID]bool // release statuses to publish
+	fleet  bool                        // the fleet status changed
+	online map[string]bool
+}
+
+func newStatusPublisher(store Store, bus Bus, runs *registry, life *lifecycle, log zerolog.Logger, now func() time.Time) *statusPublisher {
+	return &statusPublisher{
+		store: store, bus: bus, runs: runs, life: life, log: log, now: now,
+		dirty: map[keychain.ReleaseID]bool{}, online: map[string]bool{},
+	}
+}
+
+// releaseChanged marks a release's status for the next round.
+func (s *statusPublisher) releaseChanged(id keychain.ReleaseID) {
+	s.mu.Lock()
+	s.dirty[id] = true
+	s.mu.Unlock()
+}
+
+// fleetChanged marks the fleet status (devices or release states changed) for the next round.
+func (s *statusPublisher) fleetChanged() {
+	s.mu.Lock()
+	s.fleet = true
+	s.mu.Unlock()
+}
+
+// onPresence follows the devices' retained presence ([SC-9.3]).
+func (s *statusPublisher) onPresence(topic string, payload []byte) {
+	serial, _, ok := protocol.DeviceOf(topic)
+	if !ok {
+		return
+	}
+	s.mu.Lock()
+	if string(payload) == protocol.Online {
+		s.online[serial] = true
+	} else {
+		delete(s.online, serial)
+	}
+	s.fleet = true
+	s.mu.Unlock()
+}
+
+// onlineCount is how many devices' presence says online now.
+func (s *statusPublisher) onlineCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.online)
+}
+
+// releaseStatus is the status of rel, with counts read from the store so that every
+// updater sharing it publishes the same.
+func (s *statusPublisher) releaseStatus(ctx context.Context, rel *Release) protocol.ReleaseStatus {
+	if fresh, err := s.store.Release(ctx, rel.ID); err == nil {
 		rel = fresh
 	}
-	u.mu.Lock()
-	r := u.runs[rel.ID]
-	u.mu.Unlock()
 	st := protocol.ReleaseStatus{
 		Release: rel.ID, Version: rel.Version, Label: rel.Label, State: rel.State,
 		Installed: rel.Installed, Failed: rel.Failed, ChunkSize: rel.ChunkSize, ChunkCount: rel.ChunkCount,
-		ImageSize: rel.ImageSize, Created: rel.Created, Updated: u.o.Now(),
+		ImageSize: rel.ImageSize, Created: rel.Created, Updated: s.now(),
 	}
-	if r != nil {
+	if r := s.runs.get(rel.ID); r != nil {
 		st.Targets = len(r.targets)
 		st.Wrapped = int(r.wrapped.Load())
-	} else if ts, err := u.o.Store.Targets(ctx, rel.ID); err == nil {
+	} else if ts, err := s.store.Targets(ctx, rel.ID); err == nil {
 		st.Targets = len(ts)
 	}
 	st.Pending = max(0, st.Targets-st.Installed-st.Failed)
 	return st
 }
 
-// statusLoop publishes the statuses that changed, and completes releases whose targets
-// have all installed.
-func (u *Updater) statusLoop(ctx context.Context) {
+// loop publishes the statuses that changed every statusInterval, and every release's
+// at least every 5 s, until ctx ends; then it publishes once more.
+func (s *statusPublisher) loop(ctx context.Context) {
 	t := time.NewTicker(statusInterval)
 	defer t.Stop()
 	lastFleet := time.Time{}
@@ -71,12 +134,12 @@ func (u *Updater) statusLoop(ctx context.Context) {
 		case <-ctx.Done():
 			// One last round with a fresh context so the final numbers are out.
 			fctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-			u.flushStatus(fctx, true)
+			s.flush(fctx, true)
 			cancel()
 			return
 		case <-t.C:
 			force := time.Since(lastFleet) > 5*time.Second
-			u.flushStatus(ctx, force)
+			s.flush(ctx, force)
 			if force {
 				lastFleet = time.Now()
 			}
@@ -84,78 +147,92 @@ func (u *Updater) statusLoop(ctx context.Context) {
 	}
 }
 
-func (u *Updater) flushStatus(ctx context.Context, fleet bool) {
-	u.mu.Lock()
-	if fleet {
-		// Acks that another updater of the ack group processed mark nothing dirty here:
-		// look at every release now and then, so that it completes all the same.
-		for id := range u.runs {
-			u.dirty[id] = true
-		}
+// take returns the releases to publish and whether the fleet status is due, and starts
+// a new round. all marks every held release: acks that another updater of the ack group
+// processed mark nothing here, so every release is looked at now and then, and completes
+// all the same.
+func (s *statusPublisher) take(all bool) ([]keychain.ReleaseID, bool) {
+	var held []*run
+	if all {
+		held = s.runs.all()
 	}
-	ids := make([]keychain.ReleaseID, 0, len(u.dirty))
-	for id := range u.dirty {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, r := range held {
+		s.dirty[r.release().ID] = true
+	}
+	ids := make([]keychain.ReleaseID, 0, len(s.dirty))
+	for id := range s.dirty {
 		ids = append(ids, id)
 	}
-	u.dirty = map[keychain.ReleaseID]bool{}
-	fleet = fleet || u.fleetDir
-	u.fleetDir = false
-	u.mu.Unlock()
+	s.dirty = map[keychain.ReleaseID]bool{}
+	fleet := all || s.fleet
+	s.fleet = false
+	return ids, fleet
+}
+
+func (s *statusPublisher) flush(ctx context.Context, all bool) {
+	ids, fleet := s.take(all)
 	var msgs []protocol.Message
 	for _, id := range ids {
-		rel, err := u.o.Store.Release(ctx, id)
+		rel, err := s.store.Release(ctx, id)
 		if err != nil {
 			if !errors.Is(err, ErrNotFound) {
-				u.markDirty(id) // the store is down: try again, or a completion is never noticed
+				s.releaseChanged(id) // the store is down: try again, or a completion is never noticed
 			}
 			continue
 		}
-		st := u.releaseStatus(ctx, rel)
-		if st.State == protocol.ReleaseActive && u.settled(ctx, rel, st) && transition(rel, protocol.ReleaseCompleted) == nil {
-			if err := u.o.Store.PutRelease(ctx, rel); err == nil {
-				st.State = protocol.ReleaseCompleted
-				u.mu.Lock()
-				delete(u.runs, id)
-				u.mu.Unlock()
-				u.log.Info().Str("release", id.String()).Int("installed", st.Installed).Int("failed", st.Failed).Msg("release completed")
-				fleet = true
-			} else {
-				u.log.Warn().Err(err).Str("release", id.String()).Msg("marking the release completed; will retry")
-				u.markDirty(id)
-			}
+		st := s.releaseStatus(ctx, rel)
+		if st.State == protocol.ReleaseActive && s.settled(ctx, rel, st) && s.complete(ctx, st) {
+			st.State = protocol.ReleaseCompleted
+			fleet = true
 		}
 		b, _ := json.Marshal(st)
 		msgs = append(msgs, protocol.Message{Topic: protocol.ReleaseStatusTopic(id), Payload: b, Retain: true})
 	}
 	if fleet {
-		if fs, err := u.fleetStatus(ctx); err == nil {
+		if fs, err := s.fleetStatus(ctx); err == nil {
 			b, _ := json.Marshal(fs)
 			msgs = append(msgs, protocol.Message{Topic: protocol.FleetStatusTopic, Payload: b, Retain: true})
 		}
 	}
 	if len(msgs) > 0 {
-		if err := u.o.Bus.Publish(ctx, msgs...); err != nil && ctx.Err() == nil {
-			u.log.Warn().Err(err).Msg("publishing status")
+		if err := s.bus.Publish(ctx, msgs...); err != nil && ctx.Err() == nil {
+			s.log.Warn().Err(err).Msg("publishing status")
 		}
 	}
+}
+
+// complete marks a settled release completed and reports whether it is.
+func (s *statusPublisher) complete(ctx context.Context, st protocol.ReleaseStatus) bool {
+	if _, err := s.life.change(ctx, st.Release, protocol.ReleaseCompleted); err != nil {
+		if !errors.Is(err, ErrTransition) && !errors.Is(err, ErrNotFound) { // else paused, cancelled or gone meanwhile
+			s.log.Warn().Err(err).Str("release", st.Release.String()).Msg("marking the release completed; will retry")
+			s.releaseChanged(st.Release)
+		}
+		return false
+	}
+	s.runs.remove(st.Release)
+	s.log.Info().Str("release", st.Release.String()).Int("installed", st.Installed).Int("failed", st.Failed).Msg("release completed")
+	return true
 }
 
 // settled reports whether every target of rel has installed it or failed permanently, so
 // that the release is completed ([SC-12.2]). st holds the release's counts. A target
 // whose failure is transient (the device retries) keeps the release active.
-func (u *Updater) settled(ctx context.Context, rel *Release, st protocol.ReleaseStatus) bool {
+func (s *statusPublisher) settled(ctx context.Context, rel *Release, st protocol.ReleaseStatus) bool {
 	if st.Targets == 0 || st.Installed+st.Failed < st.Targets {
 		return false
 	}
 	if st.Failed == 0 {
 		return true
 	}
-	targets, err := u.o.Store.Targets(ctx, rel.ID)
+	targets, err := s.store.Targets(ctx, rel.ID)
 	if err != nil {
 		return false // checked again at the next report
 	}
 	for i := 0; i < len(targets); i += batchSize {
-		results, err := u.o.Store.Results(ctx, rel.ID, targets[i:min(i+batchSize, len(targets))])
+		results, err := s.store.Results(ctx, rel.ID, targets[i:min(i+batchSize, len(targets))])
 		if err != nil {
 			return false
 		}
@@ -173,21 +250,18 @@ func (u *Updater) settled(ctx context.Context, rel *Release, st protocol.Release
 	return true
 }
 
-func (u *Updater) fleetStatus(ctx context.Context) (protocol.FleetStatus, error) {
-	serials, err := u.o.Store.Serials(ctx)
+func (s *statusPublisher) fleetStatus(ctx context.Context) (protocol.FleetStatus, error) {
+	serials, err := s.store.Serials(ctx)
 	if err != nil {
 		return protocol.FleetStatus{}, err
 	}
-	rels, err := u.o.Store.Releases(ctx)
+	rels, err := s.store.Releases(ctx)
 	if err != nil {
 		return protocol.FleetStatus{}, err
 	}
-	fs := protocol.FleetStatus{Devices: len(serials), Releases: map[protocol.ReleaseState]int{}, Updated: u.o.Now()}
+	fs := protocol.FleetStatus{Devices: len(serials), Releases: map[protocol.ReleaseState]int{}, Updated: s.now(), Online: s.onlineCount()}
 	for _, r := range rels {
 		fs.Releases[r.State]++
 	}
-	u.mu.Lock()
-	fs.Online = len(u.online)
-	u.mu.Unlock()
 	return fs, nil
 }

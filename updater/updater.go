@@ -85,54 +85,82 @@ type Options struct {
 }
 
 // Updater is the release and ack server. Its methods are safe for concurrent use.
+//
+// It is wired from parts that each own their state: the registry (releases held in
+// memory), the lifecycle (release states), the placer (what is wrapped for which
+// device), the ack engine, the status publisher, and the admin service with its MQTT
+// transport.
 type Updater struct {
 	o     Options
 	log   zerolog.Logger
 	stats counters
-	pkey  ed25519.PublicKey
-	sealK [keychain.Size]byte // seals content keys and derives re-key ids
+	keys  *keys
 
-	sealer *keychain.StateSealer // opens and seals chain states
+	runs    *registry
+	life    *lifecycle
+	status  *statusPublisher
+	place   *placer
+	acks    *ackEngine
+	admin   *Admin
+	mqtt    *mqttAdmin // nil with AcksOnly
+	uploads *uploads   // nil with AcksOnly
 
-	acks    chan inbound
-	admin   chan []byte
-	uploads *uploads
-
-	mu       sync.Mutex
-	runs     map[keychain.ReleaseID]*run // active or paused releases, in memory
-	dirty    map[keychain.ReleaseID]bool // release statuses to publish
-	online   map[string]bool
-	fleetDir bool
-
-	ctx   context.Context
 	wg    sync.WaitGroup
 	ready chan struct{} // closed when Run has subscribed to everything
 }
 
-type inbound struct {
-	serial  string
-	payload []byte
-}
-
 // New checks the options and returns an Updater; Run starts it.
 func New(o Options) (*Updater, error) {
+	o, err := o.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	u := &Updater{o: o, log: o.Logger, keys: newKeys(o.Root, o.SigningKey, o.ChainLength), ready: make(chan struct{})}
+	if !o.AcksOnly {
+		if u.uploads, err = newUploads(o.DataDir, o.MaxUploadSize); err != nil {
+			return nil, err
+		}
+	}
+	u.runs = newRegistry(o.Store, u.keys)
+	u.life = &lifecycle{store: o.Store, runs: u.runs}
+	u.status = newStatusPublisher(o.Store, o.Bus, u.runs, u.life, u.log, o.Now)
+	u.place = (&placer{
+		store: o.Store, bus: o.Bus, keys: u.keys, runs: u.runs, status: u.status, stats: &u.stats,
+		log: u.log, workers: o.Workers, acksOnly: o.AcksOnly,
+	}).init()
+	u.acks = &ackEngine{
+		store: o.Store, bus: o.Bus, keys: u.keys, runs: u.runs, place: u.place, status: u.status,
+		stats: &u.stats, log: u.log, now: o.Now, queue: make(chan inbound, 1<<16),
+	}
+	u.admin = &Admin{
+		store: o.Store, bus: o.Bus, keys: u.keys, runs: u.runs, life: u.life, place: u.place,
+		status: u.status, uploads: u.uploads, revoker: o.Revoker, log: u.log, now: o.Now,
+		workers: o.Workers, brokerURL: o.BrokerURL,
+	}
+	if !o.AcksOnly {
+		u.mqtt = newMQTTAdmin(u.admin, o.Bus, u.log)
+	}
+	return u, nil
+}
+
+func (o Options) withDefaults() (Options, error) {
 	switch {
 	case o.Store == nil:
-		return nil, errors.New("updater: Options.Store is required")
+		return o, errors.New("updater: Options.Store is required")
 	case o.Bus == nil:
-		return nil, errors.New("updater: Options.Bus is required")
+		return o, errors.New("updater: Options.Bus is required")
 	case len(o.SigningKey) != ed25519.PrivateKeySize:
-		return nil, errors.New("updater: Options.SigningKey must be an Ed25519 private key")
+		return o, errors.New("updater: Options.SigningKey must be an Ed25519 private key")
 	case o.Root == keychain.RootSecret{}:
-		return nil, errors.New("updater: Options.Root is the zero root secret")
+		return o, errors.New("updater: Options.Root is the zero root secret")
 	case !o.AcksOnly && o.DataDir == "":
-		return nil, errors.New("updater: Options.DataDir is required to receive uploads")
+		return o, errors.New("updater: Options.DataDir is required to receive uploads")
 	}
 	if o.ChainLength == 0 {
 		o.ChainLength = keychain.DefaultChainLength
 	}
 	if !keychain.ValidChainLength(o.ChainLength) {
-		return nil, fmt.Errorf("updater: %w: %d", keychain.ErrInvalidChainLength, o.ChainLength)
+		return o, fmt.Errorf("updater: %w: %d", keychain.ErrInvalidChainLength, o.ChainLength)
 	}
 	if o.MaxUploadSize == 0 {
 		o.MaxUploadSize = 4 << 30
@@ -146,54 +174,64 @@ func New(o Options) (*Updater, error) {
 	if o.RefreshInterval <= 0 {
 		o.RefreshInterval = 2 * time.Second
 	}
-	u := &Updater{
-		o: o, log: o.Logger,
-		pkey:   o.SigningKey.Public().(ed25519.PublicKey),
-		sealK:  o.Root.StateSealKey(),
-		sealer: keychain.NewStateSealer(o.Root),
-		acks:   make(chan inbound, 1<<16),
-		admin:  make(chan []byte, 256),
-		runs:   map[keychain.ReleaseID]*run{},
-		dirty:  map[keychain.ReleaseID]bool{},
-		online: map[string]bool{},
-		ready:  make(chan struct{}),
-	}
-	if !o.AcksOnly {
-		var err error
-		if u.uploads, err = newUploads(o.DataDir, o.MaxUploadSize); err != nil {
-			return nil, err
-		}
-	}
-	return u, nil
+	return o, nil
 }
 
 // ReleasePublicKey is the public half of the release-signing key; devices hold it.
-func (u *Updater) ReleasePublicKey() ed25519.PublicKey { return u.pkey }
+func (u *Updater) ReleasePublicKey() ed25519.PublicKey { return u.keys.public }
+
+// Admin is the admin service, for callers in the same process (an HTTP API, a test). It
+// is nil with AcksOnly. Its fan-outs run until Run returns.
+func (u *Updater) Admin() *Admin {
+	if u.o.AcksOnly {
+		return nil
+	}
+	return u.admin
+}
 
 // Run serves until ctx is done, then waits for its goroutines and returns ctx's error.
 func (u *Updater) Run(ctx context.Context) (err error) {
 	ctx, cancel := context.WithCancel(ctx)
-	u.ctx = ctx
 	defer func() {
 		cancel() // on an early error too: nothing started here outlives Run
 		u.wg.Wait()
+		u.place.close()
+		if u.uploads != nil {
+			u.uploads.close()
+		}
 	}()
 	ackFilter := protocol.AckFilter
 	if u.o.AckGroup != "" {
 		ackFilter = "$share/" + u.o.AckGroup + "/" + protocol.AckFilter
 	}
 	for i := 0; i < u.o.Workers; i++ {
-		u.goRun(func() { u.ackWorker(ctx) })
+		u.goRun(func() { u.acks.worker(ctx) })
 	}
-	if err := u.o.Bus.Subscribe(ctx, ackFilter, u.onAck); err != nil {
+	if err := u.o.Bus.Subscribe(ctx, ackFilter, func(t string, p []byte) { u.acks.onAck(ctx, t, p) }); err != nil {
 		return fmt.Errorf("updater: %w", err)
 	}
-	// The store may be down at start (a Redis restart): wait for it rather than stop,
-	// which would take the broker down with the process.
+	if err := u.loadReleases(ctx); err != nil {
+		return err
+	}
+	if u.o.AcksOnly {
+		u.goRun(func() { u.refreshLoop(ctx) })
+	} else if err := u.serveAdmin(ctx); err != nil {
+		return err
+	}
+	u.log.Info().Bool("acks_only", u.o.AcksOnly).Str("ack_filter", ackFilter).Msg("updater running")
+	close(u.ready)
+	<-ctx.Done()
+	return ctx.Err()
+}
+
+// loadReleases reads the releases from the store. The store may be down at start (a
+// Redis restart): it waits for it rather than stop, which would take the broker down
+// with the process.
+func (u *Updater) loadReleases(ctx context.Context) error {
 	for backoff := 500 * time.Millisecond; ; backoff = min(2*backoff, 10*time.Second) {
-		err := u.loadRuns(ctx)
+		err := u.runs.load(ctx)
 		if err == nil {
-			break
+			return nil
 		}
 		u.log.Warn().Err(err).Dur("retry_in", backoff).Msg("reading releases from the store; retrying")
 		select {
@@ -202,26 +240,45 @@ func (u *Updater) Run(ctx context.Context) (err error) {
 		case <-time.After(backoff):
 		}
 	}
-	if !u.o.AcksOnly {
-		if err := u.o.Bus.Subscribe(ctx, protocol.PresenceFilter, u.onPresence); err != nil {
-			return fmt.Errorf("updater: %w", err)
-		}
-		if err := u.o.Bus.Subscribe(ctx, protocol.UploadFilter, u.onUploadPart); err != nil {
-			return fmt.Errorf("updater: %w", err)
-		}
-		u.goRun(func() { u.adminLoop(ctx) })
-		if err := u.o.Bus.Subscribe(ctx, protocol.AdminRequests, u.onAdmin); err != nil {
-			return fmt.Errorf("updater: %w", err)
-		}
-		u.goRun(func() { u.statusLoop(ctx) })
-		u.resumeRuns(ctx)
-	} else {
-		u.goRun(func() { u.refreshRunsLoop(ctx) })
+}
+
+// serveAdmin follows presence and uploads, serves admin requests, publishes statuses and
+// resumes the releases that were active at the last stop.
+func (u *Updater) serveAdmin(ctx context.Context) error {
+	if err := u.o.Bus.Subscribe(ctx, protocol.PresenceFilter, u.status.onPresence); err != nil {
+		return fmt.Errorf("updater: %w", err)
 	}
-	u.log.Info().Bool("acks_only", u.o.AcksOnly).Str("ack_filter", ackFilter).Msg("updater running")
-	close(u.ready)
-	<-ctx.Done()
-	return ctx.Err()
+	err := u.o.Bus.Subscribe(ctx, protocol.UploadFilter, func(t string, p []byte) {
+		if err := u.uploads.receive(t, p); err != nil {
+			u.log.Warn().Err(err).Msg("upload part ignored")
+		}
+	})
+	if err != nil {
+		return fmt.Errorf("updater: %w", err)
+	}
+	u.goRun(func() { u.mqtt.loop(ctx) })
+	if err := u.o.Bus.Subscribe(ctx, protocol.AdminRequests, func(_ string, p []byte) { u.mqtt.onRequest(ctx, p) }); err != nil {
+		return fmt.Errorf("updater: %w", err)
+	}
+	u.goRun(func() { u.status.loop(ctx) })
+	u.admin.resume(ctx)
+	return nil
+}
+
+// refreshLoop keeps an acks-only updater's view of the releases current.
+func (u *Updater) refreshLoop(ctx context.Context) {
+	t := time.NewTicker(u.o.RefreshInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if err := u.runs.load(ctx); err != nil && ctx.Err() == nil {
+				u.log.Warn().Err(err).Msg("refreshing releases")
+			}
+		}
+	}
 }
 
 // Ready is closed once Run has subscribed to acks, admin requests and uploads: from then
@@ -235,67 +292,6 @@ func (u *Updater) goRun(f func()) {
 		defer u.wg.Done()
 		f()
 	}()
-}
-
-// onAck queues an ack for the workers. When the queue is full it waits, which holds up
-// the bus (in-process, the device that sent the ack; over MQTT, the bus's connection):
-// back-pressure, not loss. Only an ack that arrives while the updater stops is dropped,
-// and counted; the device re-sends it until it sees a receipt ([SC-10.1] step 6).
-func (u *Updater) onAck(topic string, payload []byte) {
-	serial, leaf, ok := protocol.DeviceOf(topic)
-	if !ok || leaf != "ack" {
-		return
-	}
-	select {
-	case u.acks <- inbound{serial: serial, payload: append([]byte(nil), payload...)}:
-	case <-u.ctx.Done():
-		u.stats.acksShed.Add(1)
-	}
-}
-
-// onAdmin queues an admin request; like onAck it waits while the queue is full.
-func (u *Updater) onAdmin(_ string, payload []byte) {
-	select {
-	case u.admin <- append([]byte(nil), payload...):
-	case <-u.ctx.Done():
-	}
-}
-
-func (u *Updater) onPresence(topic string, payload []byte) {
-	serial, _, ok := protocol.DeviceOf(topic)
-	if !ok {
-		return
-	}
-	u.mu.Lock()
-	if string(payload) == protocol.Online {
-		u.online[serial] = true
-	} else {
-		delete(u.online, serial)
-	}
-	u.fleetDir = true
-	u.mu.Unlock()
-}
-
-// sealContentKey seals a release's content key for the store, bound to the release id.
-func (u *Updater) sealContentKey(id keychain.ReleaseID, ck keychain.ContentKey) ([]byte, error) {
-	return keychain.SealSecret(u.sealK, keychain.LabelSealedRelease+id.String(), ck)
-}
-
-func (u *Updater) openContentKey(r *Release) (keychain.ContentKey, error) {
-	k, err := keychain.OpenSecret(u.sealK, keychain.LabelSealedRelease+r.ID.String(), r.ContentKey)
-	if err != nil {
-		return keychain.ContentKey{}, fmt.Errorf("updater: opening the content key of release %s (was the root secret changed?): %w", r.ID, err)
-	}
-	return keychain.ContentKey(k), nil
-}
-
-// rekeyID is the id of the re-key of serial out of epoch: derived, so that a restarted
-// updater re-publishes the same re-key it assigned before.
-func (u *Updater) rekeyID(serial string, epoch uint32) keychain.ReleaseID {
-	var id keychain.ReleaseID
-	sum := keychain.LabeledMAC(u.sealK, keychain.LabelRekeyID, []byte(serial), []byte{byte(epoch >> 24), byte(epoch >> 16), byte(epoch >> 8), byte(epoch)})
-	copy(id[:], sum[:16])
-	return id
 }
 
 // Stats are the updater's counters since start.
@@ -346,7 +342,7 @@ func (u *Updater) Stats() Stats {
 		KeysPublished: u.stats.keys.Load(), Rekeys: u.stats.rekeys.Load(),
 		AcksAccepted: u.stats.accepted.Load(), AcksDuplicate: u.stats.dup.Load(),
 		ReportsRecorded: u.stats.reports.Load(), AcksShed: u.stats.acksShed.Load(),
-		AckQueue: len(u.acks), AdminQueue: len(u.admin), Resyncs: u.stats.resyncs.Load(),
+		AckQueue: len(u.acks.queue), Resyncs: u.stats.resyncs.Load(),
 		Reoffers:          u.stats.reoffers.Load(),
 		ReceiptsPublished: u.stats.receipts.Load(), ChainSteps: u.stats.chainSteps.Load(),
 		AcksRejected: map[string]int64{},
@@ -355,8 +351,9 @@ func (u *Updater) Stats() Stats {
 		s.AcksRejected[k.(string)] = v.(*atomic.Int64).Load()
 		return true
 	})
-	u.mu.Lock()
-	s.Online = len(u.online)
-	u.mu.Unlock()
+	if u.mqtt != nil {
+		s.AdminQueue = len(u.mqtt.queue)
+	}
+	s.Online = u.status.onlineCount()
 	return s
 }

@@ -191,12 +191,11 @@ func (us *uploads) close() {
 	}
 }
 
-func (u *Updater) onUploadPart(topic string, payload []byte) {
+// receive stores a part published on an upload topic (PROTOCOL.md 12.3).
+func (us *uploads) receive(topic string, payload []byte) error {
 	id, n, ok := protocol.UploadOf(topic)
 	if !ok {
-		return
+		return fmt.Errorf("%q is not an upload part topic", topic)
 	}
-	if err := u.uploads.part(id, n, payload); err != nil {
-		u.log.Warn().Err(err).Msg("upload part ignored")
-	}
+	return us.part(id, n, payload)
 }

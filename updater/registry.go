@@ -1,0 +1,150 @@
+package updater
+
+import (
+	"context"
+	"fmt"
+	"maps"
+	"slices"
+	"sync"
+	"sync/atomic"
+
+	"github.com/sealcast/sealcast/keychain"
+	"github.com/sealcast/sealcast/protocol"
+)
+
+// run is an active or paused release held in memory: its targets, its content key, and
+// the fan-out that wraps that key for each target. Its targets never change; its release
+// record is replaced whole, never changed in place, so that the fan-out, the ack workers,
+// admin commands and the status publisher read it at once without a lock.
+type run struct {
+	rel     atomic.Pointer[Release]
+	ck      keychain.ContentKey
+	digest  [32]byte
+	targets map[string]struct{}
+	sorted  []string // the targets in order, for the fan-out
+	wrapped atomic.Int64
+	paused  atomic.Bool
+
+	// cancel stops the fan-out in progress and done is closed when it ends. Only the
+	// admin service, one command at a time, starts and stops fan-outs.
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// release returns the release as last recorded; the caller must not change it.
+func (r *run) release() *Release { return r.rel.Load() }
+
+func newRun(k *keys, rel *Release, targets []string) (*run, error) {
+	ck, err := k.openContentKey(rel)
+	if err != nil {
+		return nil, err
+	}
+	r := &run{ck: ck, digest: keychain.ManifestDigest(rel.Manifest), targets: make(map[string]struct{}, len(targets))}
+	r.rel.Store(rel)
+	for _, s := range targets {
+		r.targets[s] = struct{}{}
+	}
+	// Stores return targets sorted; a release to listed devices has them in the
+	// operator's order, possibly repeated.
+	r.sorted = targets
+	if !slices.IsSorted(targets) || len(r.targets) != len(targets) {
+		r.sorted = slices.Sorted(maps.Keys(r.targets))
+	}
+	r.paused.Store(rel.State == protocol.ReleasePaused)
+	return r, nil
+}
+
+// registry is the one owner of the releases held in memory: those publishing, active or
+// paused. Everything else reads them through it.
+type registry struct {
+	store Store
+	keys  *keys
+
+	mu   sync.Mutex
+	runs map[keychain.ReleaseID]*run
+}
+
+func newRegistry(store Store, k *keys) *registry {
+	return &registry{store: store, keys: k, runs: map[keychain.ReleaseID]*run{}}
+}
+
+func (g *registry) get(id keychain.ReleaseID) *run {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.runs[id]
+}
+
+func (g *registry) has(id keychain.ReleaseID) bool { return g.get(id) != nil }
+
+func (g *registry) add(r *run) {
+	g.mu.Lock()
+	g.runs[r.release().ID] = r
+	g.mu.Unlock()
+}
+
+func (g *registry) remove(id keychain.ReleaseID) {
+	g.mu.Lock()
+	delete(g.runs, id)
+	g.mu.Unlock()
+}
+
+// all returns the runs held now, in no order.
+func (g *registry) all() []*run {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return slices.Collect(maps.Values(g.runs))
+}
+
+// pendingFor returns the release device d should be offered next: the newest active
+// release that targets it with a version above what it runs.
+func (g *registry) pendingFor(d *Device) *run {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	var best *run
+	for _, r := range g.runs {
+		rel := r.release()
+		if r.paused.Load() || rel.State != protocol.ReleaseActive || rel.Version <= d.Version {
+			continue
+		}
+		if _, ok := r.targets[d.Serial]; !ok {
+			continue
+		}
+		if best == nil || rel.Version > best.release().Version {
+			best = r
+		}
+	}
+	return best
+}
+
+// load reads the publishing, active and paused releases from the store and holds them in
+// place of those held before. A run whose state did not change is kept (with its
+// fan-out and counts).
+func (g *registry) load(ctx context.Context) error {
+	rels, err := g.store.Releases(ctx)
+	if err != nil {
+		return fmt.Errorf("updater: loading releases: %w", err)
+	}
+	runs := map[keychain.ReleaseID]*run{}
+	for _, rel := range rels {
+		if rel.State != protocol.ReleaseActive && rel.State != protocol.ReleasePaused && rel.State != protocol.ReleasePublishing {
+			continue
+		}
+		if old := g.get(rel.ID); old != nil && old.release().State == rel.State {
+			runs[rel.ID] = old
+			continue
+		}
+		targets, err := g.store.Targets(ctx, rel.ID)
+		if err != nil {
+			return fmt.Errorf("updater: loading targets of release %s: %w", rel.ID, err)
+		}
+		r, err := newRun(g.keys, rel, targets)
+		if err != nil {
+			return err
+		}
+		runs[rel.ID] = r
+	}
+	g.mu.Lock()
+	g.runs = runs
+	g.mu.Unlock()
+	return nil
+}

@@ -1,0 +1,300 @@
+package updater
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/sealcast/sealcast/keychain"
+	"github.com/sealcast/sealcast/protocol"
+)
+
+// CreateRelease encrypts a finished upload once, publishes it, and starts wrapping its
+// content key for every target (release.create).
+func (a *Admin) CreateRelease(ctx context.Context, args protocol.ReleaseCreateArgs) (*protocol.ReleaseCreateResult, error) {
+	if err := checkCreate(&args); err != nil {
+		return nil, err
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	up, err := a.uploads.get(args.Upload)
+	if err != nil {
+		return nil, err
+	}
+	targets, err := a.targets(ctx, args)
+	if err != nil {
+		return nil, err
+	}
+	id, err := keychain.NewReleaseID()
+	if err != nil {
+		return nil, err
+	}
+	ck, err := keychain.NewContentKey()
+	if err != nil {
+		return nil, err
+	}
+	sealed, err := a.keys.sealContentKey(id, ck)
+	if err != nil {
+		return nil, err
+	}
+	rel := &Release{ID: id, Version: args.Version, Label: args.Label, State: protocol.ReleasePublishing, All: args.All, Created: a.now(), ContentKey: sealed, ChunkSize: args.ChunkSize}
+	// The release is recorded as publishing before anything is published, so that a
+	// crash half way leaves a release that the restart cancels, not orphan topics.
+	if err := a.store.PutRelease(ctx, rel); err != nil {
+		return nil, unavailable(err)
+	}
+	if err := a.store.AddTargets(ctx, id, targets); err != nil {
+		return nil, unavailable(err)
+	}
+	m, mb, err := publishImage(ctx, a.bus, a.keys, a.now(), up.reader(), id, ck, args.Version, args.ChunkSize)
+	if err != nil {
+		_ = a.life.record(ctx, rel, protocol.ReleaseCancelled)
+		return nil, protocol.Errorf(protocol.ErrUnavailable, "%v; the release was cancelled, create it again", err)
+	}
+	rel.Manifest, rel.ImageSize, rel.ChunkCount = mb, m.ImageSize, m.ChunkCount
+	if err := a.life.record(ctx, rel, protocol.ReleaseActive); errors.Is(err, ErrTransition) {
+		return nil, protocol.Errorf(protocol.ErrInternal, "%v", err)
+	} else if err != nil {
+		return nil, unavailable(err)
+	}
+	r, err := newRun(a.keys, rel, targets)
+	if err != nil {
+		return nil, err
+	}
+	a.runs.add(r)
+	a.status.releaseChanged(id)
+	a.status.fleetChanged()
+	a.log.Info().Str("release", id.String()).Uint64("version", args.Version).Int("targets", len(targets)).Uint32("chunks", m.ChunkCount).Msg("release created")
+	// The image is published; its upload would otherwise hold a copy on disk for a day.
+	a.uploads.remove(args.Upload)
+	a.place.start(r)
+	return &protocol.ReleaseCreateResult{Release: id, Targets: len(targets)}, nil
+}
+
+// checkCreate checks a release.create request's own fields and fills in the defaults.
+func checkCreate(a *protocol.ReleaseCreateArgs) error {
+	if a.Version == 0 {
+		return protocol.Errorf(protocol.ErrBadRequest, "version must be a positive integer")
+	}
+	if a.All == (len(a.Devices) > 0) {
+		return protocol.Errorf(protocol.ErrBadRequest, "give either devices or all: true")
+	}
+	if a.ChunkSize == 0 {
+		a.ChunkSize = keychain.DefaultChunkSize
+	}
+	if a.ChunkSize < keychain.MinChunkSize || a.ChunkSize > keychain.MaxChunkSize {
+		return protocol.Errorf(protocol.ErrBadRequest, "chunk_size %d must be from %d to %d", a.ChunkSize, keychain.MinChunkSize, keychain.MaxChunkSize)
+	}
+	if len(a.Label) > 64 {
+		return protocol.Errorf(protocol.ErrBadRequest, "label is over 64 characters")
+	}
+	return nil
+}
+
+// targets checks that args' version is newer than every release not cancelled, and
+// returns the serials the release targets: every provisioned device, or the listed ones
+// (each once, all known).
+func (a *Admin) targets(ctx context.Context, args protocol.ReleaseCreateArgs) ([]string, error) {
+	rels, err := a.store.Releases(ctx)
+	if err != nil {
+		return nil, unavailable(err)
+	}
+	for _, r := range rels {
+		if r.Version >= args.Version && r.State != protocol.ReleaseCancelled {
+			return nil, protocol.Errorf(protocol.ErrVersionNotNewer, "version %d is not newer than release %s (version %d); versions only go up", args.Version, r.ID, r.Version)
+		}
+	}
+	if args.All {
+		targets, err := a.store.Serials(ctx)
+		if err != nil {
+			return nil, unavailable(err)
+		}
+		if len(targets) == 0 {
+			return nil, protocol.Errorf(protocol.ErrNotFound, "no device is provisioned")
+		}
+		return targets, nil
+	}
+	devs, err := a.store.Devices(ctx, args.Devices)
+	if err != nil {
+		return nil, unavailable(err)
+	}
+	var targets, unknown []string
+	seen := map[string]bool{}
+	for i, d := range devs {
+		if d == nil {
+			unknown = append(unknown, args.Devices[i])
+		} else if !seen[d.Serial] {
+			seen[d.Serial] = true
+			targets = append(targets, d.Serial)
+		}
+	}
+	if len(unknown) > 0 {
+		return nil, protocol.Errorf(protocol.ErrNotFound, "unknown devices: %s", strings.Join(first(unknown, 10), ", "))
+	}
+	return targets, nil
+}
+
+// publishImage encrypts the image once and publishes its chunks and manifest, retained.
+func publishImage(ctx context.Context, bus Bus, k *keys, now time.Time, img io.Reader, id keychain.ReleaseID, ck keychain.ContentKey, version uint64, chunkSize uint32) (*keychain.Manifest, []byte, error) {
+	pk := ck.PayloadKey(id)
+	// Chunks are published in bursts so that the broker's inbound queue stays short.
+	const burst = 16
+	var pending []protocol.Message
+	flush := func() error {
+		err := bus.Publish(ctx, pending...)
+		pending = pending[:0]
+		return err
+	}
+	sum, err := keychain.EncryptChunks(img, pk, chunkSize, func(i uint32, c []byte) error {
+		pending = append(pending, protocol.Message{Topic: protocol.ChunkTopic(id, i), Payload: append([]byte(nil), c...), Retain: true})
+		if len(pending) == burst {
+			return flush()
+		}
+		return nil
+	})
+	if err == nil {
+		err = flush()
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("publishing the encrypted image: %w", err)
+	}
+	m := keychain.NewManifest(id, version, now, sum)
+	mb, err := m.Sign(k.signing)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := bus.Publish(ctx, protocol.Message{Topic: protocol.ManifestTopic(id), Payload: mb, Retain: true}); err != nil {
+		return nil, nil, fmt.Errorf("publishing the manifest: %w", err)
+	}
+	return m, mb, nil
+}
+
+// PauseRelease stops offering a release; devices that have its key may still install it
+// (release.pause).
+func (a *Admin) PauseRelease(ctx context.Context, id keychain.ReleaseID) (protocol.ReleaseStatus, error) {
+	return a.setState(ctx, id, protocol.ReleasePaused, protocol.CmdReleasePause)
+}
+
+// ResumeRelease offers a paused release again (release.resume).
+func (a *Admin) ResumeRelease(ctx context.Context, id keychain.ReleaseID) (protocol.ReleaseStatus, error) {
+	return a.setState(ctx, id, protocol.ReleaseActive, protocol.CmdReleaseResume)
+}
+
+// CancelRelease ends a release and withdraws its keys from the devices that have not
+// used them (release.cancel).
+func (a *Admin) CancelRelease(ctx context.Context, id keychain.ReleaseID) (protocol.ReleaseStatus, error) {
+	return a.setState(ctx, id, protocol.ReleaseCancelled, protocol.CmdReleaseCancel)
+}
+
+// setState moves a release to state to, for the command cmd, and starts, stops or
+// withdraws its fan-out to match.
+func (a *Admin) setState(ctx context.Context, id keychain.ReleaseID, to protocol.ReleaseState, cmd string) (protocol.ReleaseStatus, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	rel, err := findRelease(ctx, a.store, id)
+	if err != nil {
+		return protocol.ReleaseStatus{}, err
+	}
+	conflict := protocol.Errorf(protocol.ErrConflict, "release %s is %s; %s is not possible", id, rel.State, cmd)
+	r := a.runs.get(id)
+	running := r != nil && !r.paused.Load()
+	// A release still publishing belongs to the release.create publishing it; pause and
+	// resume need it running in this updater.
+	if rel.State == protocol.ReleasePublishing || to != protocol.ReleaseCancelled && r == nil || !canTransition(rel.State, to) {
+		return protocol.ReleaseStatus{}, conflict
+	}
+	if to == protocol.ReleasePaused {
+		r.paused.Store(true)
+	}
+	if r != nil && to != protocol.ReleaseActive {
+		a.place.halt(r)
+	}
+	if rel, err = a.life.change(ctx, id, to); err != nil {
+		if running {
+			// Nothing changed: the fan-out goes on.
+			r.paused.Store(false)
+			a.place.start(r)
+		}
+		if errors.Is(err, ErrTransition) {
+			return protocol.ReleaseStatus{}, conflict
+		}
+		return protocol.ReleaseStatus{}, unavailable(err)
+	}
+	switch to {
+	case protocol.ReleaseActive:
+		r.paused.Store(false)
+		a.place.start(r)
+	case protocol.ReleaseCancelled:
+		a.runs.remove(id)
+		if err := a.place.withdraw(ctx, id); err != nil {
+			return protocol.ReleaseStatus{}, err
+		}
+	}
+	a.status.releaseChanged(id)
+	a.status.fleetChanged()
+	return a.status.releaseStatus(ctx, rel), nil
+}
+
+// Release returns a release's status (release.get).
+func (a *Admin) Release(ctx context.Context, id keychain.ReleaseID) (protocol.ReleaseStatus, error) {
+	rel, err := findRelease(ctx, a.store, id)
+	if err != nil {
+		return protocol.ReleaseStatus{}, err
+	}
+	return a.status.releaseStatus(ctx, rel), nil
+}
+
+// findRelease reads a release, with the admin error for a missing one.
+func findRelease(ctx context.Context, store Store, id keychain.ReleaseID) (*Release, error) {
+	rel, err := store.Release(ctx, id)
+	if errors.Is(err, ErrNotFound) {
+		return nil, protocol.Errorf(protocol.ErrNotFound, "no release %s", id)
+	} else if err != nil {
+		return nil, unavailable(err)
+	}
+	return rel, nil
+}
+
+// Releases returns every release's status, oldest first (release.list).
+func (a *Admin) Releases(ctx context.Context) (protocol.ReleaseListResult, error) {
+	rels, err := a.store.Releases(ctx)
+	if err != nil {
+		return protocol.ReleaseListResult{}, unavailable(err)
+	}
+	out := protocol.ReleaseListResult{Releases: []protocol.ReleaseStatus{}}
+	for _, r := range rels {
+		out.Releases = append(out.Releases, a.status.releaseStatus(ctx, r))
+	}
+	return out, nil
+}
+
+// resume restarts the fan-out of every active release after a restart: wrapping is
+// idempotent at a given position, so devices that already have their key get the same
+// key again and nothing else changes. A release still publishing at the last stop is
+// cancelled.
+func (a *Admin) resume(ctx context.Context) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, r := range a.runs.all() {
+		id := r.release().ID
+		a.status.releaseChanged(id)
+		if r.release().State == protocol.ReleasePublishing {
+			// The image was not completely published before a crash: the release
+			// cannot be trusted to be whole, so it is cancelled; the operator re-creates it.
+			a.log.Warn().Str("release", id.String()).Msg("release was still publishing at the last stop; cancelling it")
+			if _, err := a.life.change(ctx, id, protocol.ReleaseCancelled); err != nil {
+				a.log.Error().Err(err).Msg("cancelling half-published release")
+			}
+			a.runs.remove(id)
+			continue
+		}
+		// The last process may have recorded the last results and died before it
+		// noticed that the release is complete: the status publisher looks again.
+		if !r.paused.Load() {
+			a.place.start(r)
+		}
+	}
+}
