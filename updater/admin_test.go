@@ -1,0 +1,144 @@
+package updater_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"sync"
+	"testing"
+
+	"github.com/sealcast/sealcast/keychain"
+	"github.com/sealcast/sealcast/protocol"
+	"github.com/sealcast/sealcast/updater"
+)
+
+// TestAdminService drives a release through the Go admin service, beside the MQTT
+// transport over the same service: what one does, the other sees, and both answer with
+// the same protocol error codes.
+func TestAdminService(t *testing.T) {
+	e := startEnv(t, boltOpener)
+	ctx := context.Background()
+	admin := e.u.Admin()
+
+	res, err := admin.Provision(ctx, protocol.ProvisionArgs{Count: 2, Prefix: "go-"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Devices) != 2 || res.Devices[0].Serial != "go-000001" {
+		t.Fatalf("provisioned %+v", res.Devices)
+	}
+	// The MQTT transport sees the devices the Go call made, and the reverse.
+	if _, err := e.op.Provision(ctx, []string{"go-000002"}, 0); protocol.CodeOf(err) != protocol.ErrConflict {
+		t.Fatalf("provisioning a device again over MQTT: %v, want conflict", err)
+	}
+	if st, err := admin.Device(ctx, "go-000001"); err != nil || st.State != protocol.DeviceIdle || st.Seq != 16 {
+		t.Fatalf("device.get: %+v, %v", st, err)
+	}
+
+	img := randomImage(5000)
+	upload, err := e.op.Upload(ctx, bytes.NewReader(img), int64(len(img)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	created, err := admin.CreateRelease(ctx, protocol.ReleaseCreateArgs{Upload: upload, Version: 1, All: true, ChunkSize: 1024})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := connectDevice(t, e.b.URL, res.Devices[0])
+	ack, km, got := d.install()
+	if km.ID != created.Release || !bytes.Equal(got, img) {
+		t.Fatalf("the device installed release %s, want %s (image equal: %v)", km.ID, created.Release, bytes.Equal(got, img))
+	}
+	d.ackUntilReceipt(ack, keychain.Key(d.u, km.Seq))
+	eventually(t, "one install counted", func() bool {
+		st, err := admin.Release(ctx, created.Release)
+		return err == nil && st.Installed == 1 && st.Targets == 2
+	})
+
+	if st, err := admin.PauseRelease(ctx, created.Release); err != nil || st.State != protocol.ReleasePaused {
+		t.Fatalf("pause: %+v, %v", st, err)
+	}
+	st, err := e.op.ReleaseStatus(ctx, created.Release)
+	if err != nil || st.State != protocol.ReleasePaused {
+		t.Fatalf("release.get over MQTT after a pause through Go: %+v, %v", st, err)
+	}
+	if _, err := admin.PauseRelease(ctx, created.Release); protocol.CodeOf(err) != protocol.ErrConflict {
+		t.Fatalf("pausing a paused release: %v, want conflict", err)
+	}
+	if _, err := admin.ResumeRelease(ctx, created.Release); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := admin.CancelRelease(ctx, created.Release); err != nil || st.State != protocol.ReleaseCancelled {
+		t.Fatalf("cancel: %+v, %v", st, err)
+	}
+	if _, err := admin.ResumeRelease(ctx, created.Release); protocol.CodeOf(err) != protocol.ErrConflict {
+		t.Fatalf("resuming a cancelled release: %v, want conflict", err)
+	}
+	if _, err := admin.Release(ctx, keychain.ReleaseID{1}); protocol.CodeOf(err) != protocol.ErrNotFound {
+		t.Fatalf("an unknown release: %v, want not_found", err)
+	}
+	if _, err := admin.CreateRelease(ctx, protocol.ReleaseCreateArgs{Upload: upload, Version: 2, All: true}); protocol.CodeOf(err) != protocol.ErrNotFound {
+		t.Fatalf("a release from an upload already used: %v, want not_found", err)
+	}
+	list, err := admin.Releases(ctx)
+	if err != nil || len(list.Releases) != 1 || list.Releases[0].State != protocol.ReleaseCancelled {
+		t.Fatalf("release.list: %+v, %v", list, err)
+	}
+	if err := admin.Deprovision(ctx, "go-000002"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.Device(ctx, "go-000002"); protocol.CodeOf(err) != protocol.ErrNotFound {
+		t.Fatalf("a deprovisioned device: %v, want not_found", err)
+	}
+}
+
+// TestAdminCommandsOneAtATime: the same devices provisioned at once through the Go
+// service and the MQTT transport are provisioned exactly once; every other request is
+// refused with conflict.
+func TestAdminCommandsOneAtATime(t *testing.T) {
+	e := startEnv(t, boltOpener)
+	ctx := context.Background()
+	serials := make([]string, 50)
+	for i := range serials {
+		serials[i] = fmt.Sprintf("race-%03d", i)
+	}
+	const tries = 6
+	errs := make([]error, tries)
+	var wg sync.WaitGroup
+	for i := range tries {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if i%2 == 0 {
+				_, errs[i] = e.u.Admin().Provision(ctx, protocol.ProvisionArgs{Serials: serials})
+			} else {
+				_, errs[i] = e.op.Provision(ctx, serials, 0)
+			}
+		}()
+	}
+	wg.Wait()
+	ok := 0
+	for _, err := range errs {
+		switch protocol.CodeOf(err) {
+		case protocol.ErrConflict:
+		default:
+			if err != nil {
+				t.Fatalf("unexpected error: %v", err)
+			}
+			ok++
+		}
+	}
+	if ok != 1 {
+		t.Fatalf("%d of %d concurrent provision requests succeeded, want exactly 1: %v", ok, tries, errs)
+	}
+}
+
+// TestAdminNilWhenAcksOnly: an acks-only updater has no admin service.
+func TestAdminNilWhenAcksOnly(t *testing.T) {
+	e := startEnv(t, boltOpener)
+	e.stop()
+	e.startUpdater(func(o *updater.Options) { o.AcksOnly = true })
+	if e.u.Admin() != nil {
+		t.Fatal("an acks-only updater has an admin service")
+	}
+}
