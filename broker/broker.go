@@ -201,30 +201,7 @@ func New(opts Options) (*Broker, error) {
 		}
 	}
 
-	caps := mqtt.NewDefaultServerCapabilities() // a partial literal would make mochi refuse clients
-	// 0 disables mochi's forced expiry: retained images and keys must live until replaced,
-	// and queued deliveries until acknowledged. Clients' own v5 expiry still applies.
-	caps.MaximumMessageExpiryInterval = 0
-	caps.MaximumPacketSize = opts.Limits.MaxPacketSize
-	caps.MaximumInflight = opts.Limits.MaxInflight
-	if opts.Limits.MaxClients > 0 {
-		caps.MaximumClients = opts.Limits.MaxClients
-	}
-	sysInterval := int64(opts.Limits.SysInterval / time.Second)
-	if sysInterval < 1 {
-		sysInterval = 1
-	}
-	mochiLog := opts.Logger.With().Str("component", "mochi").Logger()
-	b.srv = mqtt.New(&mqtt.Options{
-		Capabilities: caps,
-		InlineClient: true, // Inline
-		// Every connection is a clientConn, whose Write never blocks: deliveries are
-		// written by the publishing goroutine, with no write loop or queue per client
-		// (third_party/mochi, docs/BROKER.md "The patched mochi").
-		WritesNeverBlock:       true,
-		Logger:                 slog.New(redactHandler{zerolog.NewSlogHandler(mochiLog)}),
-		SysTopicResendInterval: sysInterval,
-	})
+	b.srv = newMochi(opts)
 	b.guard.b = b
 
 	ok := false
@@ -241,20 +218,9 @@ func New(opts Options) (*Broker, error) {
 		return nil, fmt.Errorf("broker: adding auth hook: %w", err)
 	}
 	if opts.DataDir != "" {
-		if err := os.MkdirAll(opts.DataDir, 0o700); err != nil {
-			return nil, fmt.Errorf("broker: creating data directory: %w", err)
-		}
-		revoked, err := loadRevoked(opts.DataDir)
-		if err != nil {
+		if err := b.openStore(opts.DataDir); err != nil {
 			return nil, err
 		}
-		b.revoked = revoked
-		b.dataDir = opts.DataDir
-		st, cfg := newStore(filepath.Join(opts.DataDir, "mqtt"), b.log)
-		if err := b.srv.AddHook(st, &cfg); err != nil {
-			return nil, fmt.Errorf("broker: opening session store in %s (is another broker using it?): %w", opts.DataDir, err)
-		}
-		b.store = st
 	}
 
 	if err := b.listen(opts); err != nil {
@@ -262,6 +228,53 @@ func New(opts Options) (*Broker, error) {
 	}
 	ok = true
 	return b, nil
+}
+
+// newMochi is the MQTT server the broker wraps, configured from opts.
+func newMochi(opts Options) *mqtt.Server {
+	caps := mqtt.NewDefaultServerCapabilities() // a partial literal would make mochi refuse clients
+	// 0 disables mochi's forced expiry: retained images and keys must live until replaced,
+	// and queued deliveries until acknowledged. Clients' own v5 expiry still applies.
+	caps.MaximumMessageExpiryInterval = 0
+	caps.MaximumPacketSize = opts.Limits.MaxPacketSize
+	caps.MaximumInflight = opts.Limits.MaxInflight
+	if opts.Limits.MaxClients > 0 {
+		caps.MaximumClients = opts.Limits.MaxClients
+	}
+	sysInterval := int64(opts.Limits.SysInterval / time.Second)
+	if sysInterval < 1 {
+		sysInterval = 1
+	}
+	mochiLog := opts.Logger.With().Str("component", "mochi").Logger()
+	return mqtt.New(&mqtt.Options{
+		Capabilities: caps,
+		InlineClient: true, // Inline
+		// Every connection is a clientConn, whose Write never blocks: deliveries are
+		// written by the publishing goroutine, with no write loop or queue per client
+		// (third_party/mochi, docs/BROKER.md "The patched mochi").
+		WritesNeverBlock:       true,
+		Logger:                 slog.New(redactHandler{zerolog.NewSlogHandler(mochiLog)}),
+		SysTopicResendInterval: sysInterval,
+	})
+}
+
+// openStore loads the revocations kept in dir and opens the session store there.
+func (b *Broker) openStore(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("broker: creating data directory: %w", err)
+	}
+	revoked, err := loadRevoked(dir)
+	if err != nil {
+		return err
+	}
+	b.revoked = revoked
+	b.dataDir = dir
+	st, cfg := newStore(filepath.Join(dir, "mqtt"), b.log)
+	if err := b.srv.AddHook(st, &cfg); err != nil {
+		return fmt.Errorf("broker: opening session store in %s (is another broker using it?): %w", dir, err)
+	}
+	b.store = st
+	return nil
 }
 
 func (b *Broker) listen(opts Options) error {

@@ -84,69 +84,15 @@ func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (_ *stac
 	if s.dir.Created {
 		log.Info().Str("data", c.dataDir).Msg("created a new data directory: back up root.key and release.key; losing them strands every device")
 	}
-
-	if c.redisURL != "" {
-		rs, err := redisstore.Open(c.redisURL)
-		if err != nil {
-			return nil, err
-		}
-		s.store = rs
-	} else {
-		bs, err := boltstore.Open(s.dir.File("sealcast.db"), boltstore.Options{})
-		if err != nil {
-			return nil, err
-		}
-		s.store = bs
-	}
-
-	if c.brokerCA != "" && c.brokerURL == "" {
-		return nil, errors.New("-broker-ca is for an external broker: give -broker ssl://host:8883 too")
-	}
-	if c.brokerURL == "" {
-		if err = s.startBroker(c); err != nil {
-			return nil, err
-		}
-	} else {
-		s.brokerURL = c.brokerURL
-		if c.adminPassword != "" {
-			log.Warn().Msg("-admin-password is ignored with -broker: it sets the embedded broker's admin account; create accounts on the external broker")
-		}
-	}
-	publicURL := c.publicURL
-	if publicURL == "" {
-		publicURL = s.brokerURL
-	}
-
-	// With the embedded broker the updater uses its in-process client: no socket, no
-	// queue that can drop acks in a burst (broker.Inline). Its acks subscription is
-	// shared in group "sealcast" all the same, so that more updaters (-acks-only, over
-	// MQTT) can join it (docs/OPERATIONS.md 6.4).
-	ackGroup := c.ackGroup
-	if c.brokerURL == "" {
-		if ackGroup == "" {
-			ackGroup = "sealcast"
-		}
-		s.bus = s.broker.Inline()
-	} else if s.mbus, err = dialExternal(ctx, c, log); err != nil {
-		return nil, err
-	} else {
-		s.bus = s.mbus
-	}
-	uo := updater.Options{
-		Root: s.dir.Root, SigningKey: s.dir.SigningKey, Store: s.store, Bus: s.bus,
-		Logger: log.With().Str("component", "updater").Logger(), DataDir: c.dataDir,
-		ChainLength: uint32(c.chainLength), BrokerURL: publicURL, AckGroup: ackGroup, AcksOnly: c.acksOnly,
-	}
-	if s.broker != nil {
-		uo.Revoker = s.broker
-	}
-	if s.upd, err = updater.New(uo); err != nil {
+	if err := s.openStore(c); err != nil {
 		return nil, err
 	}
-	rctx, rcancel := context.WithCancel(context.Background())
-	s.cancel = rcancel
-	go func() { s.done <- s.upd.Run(rctx) }()
-
+	if err := s.connectBroker(ctx, c); err != nil {
+		return nil, err
+	}
+	if err := s.startUpdater(c); err != nil {
+		return nil, err
+	}
 	if c.httpAddr != "" {
 		if err := s.startHTTP(c.httpAddr); err != nil {
 			return nil, err
@@ -169,6 +115,80 @@ func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (_ *stac
 		return nil, ctx.Err()
 	}
 	return s, nil
+}
+
+// openStore opens Redis if named, else the embedded store in the data directory.
+func (s *stack) openStore(c stackConfig) error {
+	if c.redisURL != "" {
+		rs, err := redisstore.Open(c.redisURL)
+		if err != nil {
+			return err
+		}
+		s.store = rs
+		return nil
+	}
+	bs, err := boltstore.Open(s.dir.File("sealcast.db"), boltstore.Options{})
+	if err != nil {
+		return err
+	}
+	s.store = bs
+	return nil
+}
+
+// connectBroker starts the embedded broker, with its in-process client as the updater's
+// bus, or connects to the external broker named.
+func (s *stack) connectBroker(ctx context.Context, c stackConfig) (err error) {
+	if c.brokerCA != "" && c.brokerURL == "" {
+		return errors.New("-broker-ca is for an external broker: give -broker ssl://host:8883 too")
+	}
+	if c.brokerURL == "" {
+		if err = s.startBroker(c); err != nil {
+			return err
+		}
+		// With the embedded broker the updater uses its in-process client: no socket,
+		// no queue that can drop acks in a burst (broker.Inline).
+		s.bus = s.broker.Inline()
+		return nil
+	}
+	s.brokerURL = c.brokerURL
+	if c.adminPassword != "" {
+		s.log.Warn().Msg("-admin-password is ignored with -broker: it sets the embedded broker's admin account; create accounts on the external broker")
+	}
+	if s.mbus, err = dialExternal(ctx, c, s.log); err != nil {
+		return err
+	}
+	s.bus = s.mbus
+	return nil
+}
+
+// startUpdater starts the updater over the store and the bus.
+func (s *stack) startUpdater(c stackConfig) (err error) {
+	publicURL := c.publicURL
+	if publicURL == "" {
+		publicURL = s.brokerURL
+	}
+	// With the embedded broker, the acks subscription is shared in group "sealcast" all
+	// the same, so that more updaters (-acks-only, over MQTT) can join it
+	// (docs/OPERATIONS.md 6.4).
+	ackGroup := c.ackGroup
+	if c.brokerURL == "" && ackGroup == "" {
+		ackGroup = "sealcast"
+	}
+	uo := updater.Options{
+		Root: s.dir.Root, SigningKey: s.dir.SigningKey, Store: s.store, Bus: s.bus,
+		Logger: s.log.With().Str("component", "updater").Logger(), DataDir: c.dataDir,
+		ChainLength: uint32(c.chainLength), BrokerURL: publicURL, AckGroup: ackGroup, AcksOnly: c.acksOnly,
+	}
+	if s.broker != nil {
+		uo.Revoker = s.broker
+	}
+	if s.upd, err = updater.New(uo); err != nil {
+		return err
+	}
+	rctx, rcancel := context.WithCancel(context.Background())
+	s.cancel = rcancel
+	go func() { s.done <- s.upd.Run(rctx) }()
+	return nil
 }
 
 // store is the updater's store, which /healthz also pings.

@@ -69,6 +69,43 @@ func testLargeBatch(t *testing.T, s updater.Store) {
 		t.Fatalf("Targets: %d, %v; want the %d serials", len(targets), err, n)
 	}
 
+	advs, results := applyLargeBatch(t, s, id, devs)
+	got, err := s.Devices(ctx, serials)
+	if err != nil || len(got) != n {
+		t.Fatalf("Devices: %d, %v", len(got), err)
+	}
+	for i, d := range got {
+		want := clone(devs[i])
+		want.Assigned, want.State = []keychain.ReleaseID{id}, "wrapped"
+		if i%3 != 0 {
+			applyAdvance(want, advs[i])
+		}
+		want.LastResult, want.LastSeen = "ok", t0
+		if diff := diffDevice(d, want); diff != "" {
+			t.Fatalf("device %s: %s", want.Serial, diff)
+		}
+	}
+	res, err := s.Results(ctx, id, serials)
+	if err != nil || len(res) != n {
+		t.Fatalf("Results: %d, %v", len(res), err)
+	}
+	for i := range res {
+		if res[i] != results[i].Result {
+			t.Fatalf("Results[%d] = %q, want %q", i, res[i], results[i].Result)
+		}
+	}
+	r, err := s.Release(ctx, id)
+	if err != nil || r.Installed != n-n/3 || r.Failed != n/3 {
+		t.Fatalf("Release counts = %+v, %v; want %d installed, %d failed", r, err, n-n/3, n/3)
+	}
+}
+
+// applyLargeBatch assigns id to every device, advances two thirds of them (the others'
+// advances are stale), notes them all and records their results, each in one call. It
+// returns the advances and results it applied.
+func applyLargeBatch(t *testing.T, s updater.Store, id keychain.ReleaseID, devs []*updater.Device) ([]updater.Advance, []updater.Result) {
+	ctx := t.Context()
+	n := len(devs)
 	as := make([]updater.Assignment, n)
 	advs := make([]updater.Advance, n)
 	notes := make([]updater.Note, n)
@@ -102,32 +139,5 @@ func testLargeBatch(t *testing.T, s updater.Store) {
 	if err := s.RecordResults(ctx, id, results); err != nil {
 		t.Fatal(err)
 	}
-	got, err := s.Devices(ctx, serials)
-	if err != nil || len(got) != n {
-		t.Fatalf("Devices: %d, %v", len(got), err)
-	}
-	for i, d := range got {
-		want := clone(devs[i])
-		want.Assigned, want.State = []keychain.ReleaseID{id}, "wrapped"
-		if i%3 != 0 {
-			applyAdvance(want, advs[i])
-		}
-		want.LastResult, want.LastSeen = "ok", t0
-		if diff := diffDevice(d, want); diff != "" {
-			t.Fatalf("device %s: %s", want.Serial, diff)
-		}
-	}
-	res, err := s.Results(ctx, id, serials)
-	if err != nil || len(res) != n {
-		t.Fatalf("Results: %d, %v", len(res), err)
-	}
-	for i := range res {
-		if res[i] != results[i].Result {
-			t.Fatalf("Results[%d] = %q, want %q", i, res[i], results[i].Result)
-		}
-	}
-	r, err := s.Release(ctx, id)
-	if err != nil || r.Installed != n-n/3 || r.Failed != n/3 {
-		t.Fatalf("Release counts = %+v, %v; want %d installed, %d failed", r, err, n-n/3, n/3)
-	}
+	return advs, results
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"io/fs"
 	"math/rand/v2"
 	"os"
@@ -72,10 +73,16 @@ func runScenario(ctx context.Context, c config, sc scenario, img []byte) (res *r
 	if err != nil {
 		return nil, err
 	}
-	var children []*child
+	r := &scenarioRun{c: c, sc: sc, dir: dir, users: map[string]string{}}
 	defer func() {
-		for i := len(children) - 1; i >= 0; i-- {
-			children[i].stop(30 * time.Second)
+		for i := len(r.children) - 1; i >= 0; i-- {
+			r.children[i].stop(30 * time.Second)
+		}
+		if r.simIn != nil {
+			r.simIn.Close()
+		}
+		if r.op != nil {
+			r.op.Close()
 		}
 		if err != nil {
 			os.RemoveAll(filepath.Join(dir, "data")) // gigabytes after the baseline
@@ -84,231 +91,286 @@ func runScenario(ctx context.Context, c config, sc scenario, img []byte) (res *r
 			os.RemoveAll(dir)
 		}
 	}()
-	res = &result{Key: sc.key, Title: sc.title, Devices: sc.devices, ImageSize: len(img), BytesIn: -1}
-
-	// 1. The broker (Mosquitto, or the one embedded in serve) and the server.
-	brokerPort, err := freePort()
-	if err != nil {
+	r.res = &result{Key: sc.key, Title: sc.title, Devices: sc.devices, ImageSize: len(img), BytesIn: -1}
+	if err := r.startServers(ctx); err != nil {
 		return nil, err
 	}
-	pprofPort, err := freePort()
-	if err != nil {
+	if err := r.startDevices(ctx); err != nil {
 		return nil, err
 	}
-	brokerURL := fmt.Sprintf("tcp://127.0.0.1:%d", brokerPort)
-	brokerAddr := fmt.Sprintf("127.0.0.1:%d", brokerPort)
-	args := []string{"serve", "-data", filepath.Join(dir, "data"), "-http", "", "-log-level", "warn",
-		"-pprof", fmt.Sprintf("127.0.0.1:%d", pprofPort)}
-	adminPW := ""
-	var mq *child
-	users := map[string]string{}
-	if sc.mosquitto != "" {
-		users[updaterUser], users["admin"] = randomPassword(), randomPassword()
-		adminPW = users["admin"]
-		if err := writePasswords(dir, users, nil); err != nil {
-			return nil, err
-		}
-		conf, err := mosquittoConf(dir, brokerPort)
-		if err != nil {
-			return nil, err
-		}
-		if mq, err = startChild("mosquitto", exec.Command(sc.mosquitto, "-c", conf), filepath.Join(dir, "mosquitto.log"), nil); err != nil {
-			return nil, err
-		}
-		children = append(children, mq)
-		if err := waitPort(ctx, brokerAddr, mq); err != nil {
-			return nil, err
-		}
-		args = append(args, "-broker", brokerURL, "-broker-user", updaterUser, "-broker-password", users[updaterUser])
-	} else {
-		args = append(args, "-listen", brokerAddr)
-	}
-	serveLog := filepath.Join(dir, "serve.log")
-	srv, err := startChild("sealcast serve", exec.Command(c.sealcast, args...), serveLog, nil)
-	if err != nil {
-		return nil, err
-	}
-	children = append(children, srv)
-	if mq == nil {
-		if err := waitPort(ctx, brokerAddr, srv); err != nil {
-			return nil, err
-		}
-		// serve prints the admin password it created once, on standard error.
-		for adminPW == "" {
-			b, _ := os.ReadFile(serveLog)
-			if m := adminPasswordRE.FindSubmatch(b); m != nil {
-				adminPW = string(m[1])
-			} else if srv.exited() {
-				return nil, fmt.Errorf("sealcast serve exited: %v", srv.err)
-			} else if err := sleep(ctx, 50*time.Millisecond); err != nil {
-				return nil, err
-			}
-		}
-	}
-	op, err := operator.Dial(ctx, operator.Options{URL: brokerURL, Username: "admin", Password: adminPW, Timeout: 5 * time.Minute})
-	if err != nil {
-		return nil, err
-	}
-	defer op.Close()
-	if err := waitUpdater(ctx, op, srv); err != nil {
-		return nil, err
-	}
-
-	// 2. Devices: provisioned through the admin topic, run by the simulator child.
-	serials := make([]string, sc.devices)
-	for i := range serials {
-		serials[i] = fmt.Sprintf("bench-%06d", i+1)
-	}
-	files, err := op.Provision(ctx, serials, 0)
-	if err != nil {
-		return nil, fmt.Errorf("provisioning: %w", err)
-	}
-	if mq != nil {
-		if err := writePasswords(dir, users, files); err != nil {
-			return nil, err
-		}
-		if err := reloadMosquitto(mq); err != nil {
-			return nil, err
-		}
-	}
-	cfgPath := filepath.Join(dir, "sim-config.json")
-	simOut := filepath.Join(dir, "sim-result.json")
-	b, _ := json.Marshal(simConfig{Devices: files, Out: simOut})
-	if err := os.WriteFile(cfgPath, b, 0o600); err != nil {
-		return nil, err
-	}
-	self, err := os.Executable()
-	if err != nil {
-		return nil, err
-	}
-	ready, done := make(chan struct{}), make(chan struct{})
-	var once [2]sync.Once
-	simCmd := exec.Command(self, "-role", "sim", "-sim-config", cfgPath)
-	simIn, err := simCmd.StdinPipe() // closing it lets the child exit
-	if err != nil {
-		return nil, err
-	}
-	defer simIn.Close()
-	connStart := time.Now()
-	sim, err := startChild("simulator", simCmd, filepath.Join(dir, "sim.log"), func(line string) {
-		switch line {
-		case "ready":
-			once[0].Do(func() { close(ready) })
-		case "done":
-			once[1].Do(func() { close(done) })
-		}
-	})
-	if err != nil {
-		return nil, err
-	}
-	children = append(children, sim)
-	if err := waitSignal(ctx, ready, sim, 10*time.Minute); err != nil {
-		return nil, fmt.Errorf("waiting for every device to connect: %w", err)
-	}
-	res.Connect = time.Since(connStart).Seconds()
-	c.log("scenario %s: %d devices connected in %.1f s", sc.key, sc.devices, res.Connect)
-
 	// The operator's uploads come first and are not measured: the operator uploads each
 	// image the scheme needs (one, or one per device for the baseline, since an upload
 	// serves one release) before the clock starts.
-	uploads, err := uploadImages(ctx, op, img, sc.perDevice, len(serials))
+	uploads, err := uploadImages(ctx, r.op, img, sc.perDevice, len(r.serials))
 	if err != nil {
 		return nil, err
 	}
-
-	// 3. The release, measured from a fresh $SYS tick.
-	pr, err := dialProbe(ctx, brokerURL, "admin", adminPW)
+	pr, err := dialProbe(ctx, r.brokerURL, "admin", r.adminPW)
 	if err != nil {
 		return nil, err
 	}
 	defer pr.close()
-	bytes0 := int64(-1)
-	if c.sysTicks {
-		bytes0 = pr.freshBytesIn(ctx, time.Now())
-	}
-	procs := map[string]*child{"server": srv, "sim": sim}
-	if mq != nil {
-		procs["mosquitto"] = mq
-	}
-	before := map[string]usage{}
-	for k, p := range procs {
-		if before[k], err = readUsage(p.pid()); err != nil {
-			return nil, err
-		}
-	}
-	var prof *profiler
-	if c.pprof {
-		prof = startProfiler(fmt.Sprintf("127.0.0.1:%d", pprofPort), filepath.Join(c.out, "pprof"), sc.key, c.pprofSeconds)
-	}
-	t0 := time.Now()
-	ids, err := release(ctx, op, uploads, serials, sc.perDevice, uint32(c.chunkSize))
-	if err != nil {
+	if err := r.measureRelease(ctx, pr, uploads); err != nil {
 		return nil, err
 	}
-	res.Releases = len(ids)
-	res.Published = time.Since(t0).Seconds()
-	c.log("scenario %s: %d release(s) created in %.1f s", sc.key, len(ids), res.Published)
-	if err := waitSignal(ctx, done, sim, 0); err != nil {
-		return nil, fmt.Errorf("waiting for every device to install: %w", err)
+	if err := r.collect(ctx, pr); err != nil {
+		return nil, err
 	}
-	after := map[string]usage{}
-	for k, p := range procs {
-		if after[k], err = readUsage(p.pid()); err != nil {
-			return nil, err
-		}
+	if r.res.Confirmed < sc.devices {
+		return r.res, fmt.Errorf("only %d of %d devices confirmed (%s)", r.res.Confirmed, sc.devices, r.res.SimSummary)
 	}
-	fig := func(k string) procFigures {
-		return procFigures{CPU: after[k].CPU - before[k].CPU, PeakRSS: after[k].PeakRSS}
-	}
-	res.Server, res.Sim = fig("server"), fig("sim")
-	if mq != nil {
-		f := fig("mosquitto")
-		res.Mosquitto = &f
-	}
-	if prof != nil {
-		res.Profiles = prof.stop()
-	}
+	return r.res, nil
+}
 
-	// 4. What the devices saw, what the server counted, what the broker holds.
+// scenarioRun is the state of one scenario as its steps go.
+type scenarioRun struct {
+	c        config
+	sc       scenario
+	dir      string
+	res      *result
+	children []*child // stopped in reverse order
+
+	brokerURL string
+	pprofPort int
+	users     map[string]string // Mosquitto's accounts
+	adminPW   string
+	mq, srv   *child // mq is nil with the embedded broker
+	op        *operator.Client
+
+	serials   []string
+	sim       *child
+	simIn     io.WriteCloser // closing it lets the simulator exit
+	simOut    string
+	simDone   chan struct{}
+	t0        time.Time // the first release.create
+	releases  []keychain.ReleaseID
+	bytesIn0  int64
+	before    map[string]usage
+	profiling *profiler
+}
+
+// startServers starts the broker (Mosquitto, or the one embedded in serve) and the
+// server, and connects the operator.
+func (r *scenarioRun) startServers(ctx context.Context) error {
+	brokerPort, err := freePort()
+	if err != nil {
+		return err
+	}
+	if r.pprofPort, err = freePort(); err != nil {
+		return err
+	}
+	r.brokerURL = fmt.Sprintf("tcp://127.0.0.1:%d", brokerPort)
+	brokerAddr := fmt.Sprintf("127.0.0.1:%d", brokerPort)
+	args := []string{"serve", "-data", filepath.Join(r.dir, "data"), "-http", "", "-log-level", "warn",
+		"-pprof", fmt.Sprintf("127.0.0.1:%d", r.pprofPort)}
+	if r.sc.mosquitto != "" {
+		r.users[updaterUser], r.users["admin"] = randomPassword(), randomPassword()
+		r.adminPW = r.users["admin"]
+		if err := writePasswords(r.dir, r.users, nil); err != nil {
+			return err
+		}
+		conf, err := mosquittoConf(r.dir, brokerPort)
+		if err != nil {
+			return err
+		}
+		if r.mq, err = startChild("mosquitto", exec.Command(r.sc.mosquitto, "-c", conf), filepath.Join(r.dir, "mosquitto.log"), nil); err != nil {
+			return err
+		}
+		r.children = append(r.children, r.mq)
+		if err := waitPort(ctx, brokerAddr, r.mq); err != nil {
+			return err
+		}
+		args = append(args, "-broker", r.brokerURL, "-broker-user", updaterUser, "-broker-password", r.users[updaterUser])
+	} else {
+		args = append(args, "-listen", brokerAddr)
+	}
+	serveLog := filepath.Join(r.dir, "serve.log")
+	if r.srv, err = startChild("sealcast serve", exec.Command(r.c.sealcast, args...), serveLog, nil); err != nil {
+		return err
+	}
+	r.children = append(r.children, r.srv)
+	if r.mq == nil {
+		if err := waitPort(ctx, brokerAddr, r.srv); err != nil {
+			return err
+		}
+		if r.adminPW, err = readAdminPassword(ctx, serveLog, r.srv); err != nil {
+			return err
+		}
+	}
+	if r.op, err = operator.Dial(ctx, operator.Options{URL: r.brokerURL, Username: "admin", Password: r.adminPW, Timeout: 5 * time.Minute}); err != nil {
+		return err
+	}
+	return waitUpdater(ctx, r.op, r.srv)
+}
+
+// readAdminPassword reads the admin password that serve prints once, on standard error.
+func readAdminPassword(ctx context.Context, serveLog string, srv *child) (string, error) {
+	for {
+		b, _ := os.ReadFile(serveLog)
+		if m := adminPasswordRE.FindSubmatch(b); m != nil {
+			return string(m[1]), nil
+		} else if srv.exited() {
+			return "", fmt.Errorf("sealcast serve exited: %v", srv.err)
+		} else if err := sleep(ctx, 50*time.Millisecond); err != nil {
+			return "", err
+		}
+	}
+}
+
+// startDevices provisions the devices through the admin topic and starts the simulator
+// child that runs them; it returns once every device is connected.
+func (r *scenarioRun) startDevices(ctx context.Context) error {
+	r.serials = make([]string, r.sc.devices)
+	for i := range r.serials {
+		r.serials[i] = fmt.Sprintf("bench-%06d", i+1)
+	}
+	files, err := r.op.Provision(ctx, r.serials, 0)
+	if err != nil {
+		return fmt.Errorf("provisioning: %w", err)
+	}
+	if r.mq != nil {
+		if err := writePasswords(r.dir, r.users, files); err != nil {
+			return err
+		}
+		if err := reloadMosquitto(r.mq); err != nil {
+			return err
+		}
+	}
+	cfgPath := filepath.Join(r.dir, "sim-config.json")
+	r.simOut = filepath.Join(r.dir, "sim-result.json")
+	b, _ := json.Marshal(simConfig{Devices: files, Out: r.simOut})
+	if err := os.WriteFile(cfgPath, b, 0o600); err != nil {
+		return err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	ready := make(chan struct{})
+	r.simDone = make(chan struct{})
+	var once [2]sync.Once
+	simCmd := exec.Command(self, "-role", "sim", "-sim-config", cfgPath)
+	if r.simIn, err = simCmd.StdinPipe(); err != nil {
+		return err
+	}
+	connStart := time.Now()
+	r.sim, err = startChild("simulator", simCmd, filepath.Join(r.dir, "sim.log"), func(line string) {
+		switch line {
+		case "ready":
+			once[0].Do(func() { close(ready) })
+		case "done":
+			once[1].Do(func() { close(r.simDone) })
+		}
+	})
+	if err != nil {
+		return err
+	}
+	r.children = append(r.children, r.sim)
+	if err := waitSignal(ctx, ready, r.sim, 10*time.Minute); err != nil {
+		return fmt.Errorf("waiting for every device to connect: %w", err)
+	}
+	r.res.Connect = time.Since(connStart).Seconds()
+	r.c.log("scenario %s: %d devices connected in %.1f s", r.sc.key, r.sc.devices, r.res.Connect)
+	return nil
+}
+
+// procs are the processes whose CPU and memory the scenario measures.
+func (r *scenarioRun) procs() map[string]*child {
+	procs := map[string]*child{"server": r.srv, "sim": r.sim}
+	if r.mq != nil {
+		procs["mosquitto"] = r.mq
+	}
+	return procs
+}
+
+// measureRelease creates the release(s), measured from a fresh $SYS tick, and waits for
+// every device to install.
+func (r *scenarioRun) measureRelease(ctx context.Context, pr *probe, uploads []string) (err error) {
+	r.bytesIn0 = -1
+	if r.c.sysTicks {
+		r.bytesIn0 = pr.freshBytesIn(ctx, time.Now())
+	}
+	r.before = map[string]usage{}
+	for k, p := range r.procs() {
+		if r.before[k], err = readUsage(p.pid()); err != nil {
+			return err
+		}
+	}
+	if r.c.pprof {
+		r.profiling = startProfiler(fmt.Sprintf("127.0.0.1:%d", r.pprofPort), filepath.Join(r.c.out, "pprof"), r.sc.key, r.c.pprofSeconds)
+	}
+	r.t0 = time.Now()
+	if r.releases, err = release(ctx, r.op, uploads, r.serials, r.sc.perDevice, uint32(r.c.chunkSize)); err != nil {
+		return err
+	}
+	r.res.Releases = len(r.releases)
+	r.res.Published = time.Since(r.t0).Seconds()
+	r.c.log("scenario %s: %d release(s) created in %.1f s", r.sc.key, len(r.releases), r.res.Published)
+	if err := waitSignal(ctx, r.simDone, r.sim, 0); err != nil {
+		return fmt.Errorf("waiting for every device to install: %w", err)
+	}
+	for k, p := range r.procs() {
+		after, err := readUsage(p.pid())
+		if err != nil {
+			return err
+		}
+		f := procFigures{CPU: after.CPU - r.before[k].CPU, PeakRSS: after.PeakRSS}
+		switch k {
+		case "server":
+			r.res.Server = f
+		case "sim":
+			r.res.Sim = f
+		case "mosquitto":
+			r.res.Mosquitto = &f
+		}
+	}
+	if r.profiling != nil {
+		r.res.Profiles = r.profiling.stop()
+	}
+	return nil
+}
+
+// collect reads what the devices saw, what the server counted and what the broker holds.
+func (r *scenarioRun) collect(ctx context.Context, pr *probe) error {
+	res := r.res
 	var sr simResult
-	if b, err := os.ReadFile(simOut); err != nil {
-		return nil, err
+	if b, err := os.ReadFile(r.simOut); err != nil {
+		return err
 	} else if err := json.Unmarshal(b, &sr); err != nil {
-		return nil, err
+		return err
 	}
 	res.Confirmed, res.Failed, res.SimSummary = len(sr.Confirmed), sr.Failed, sr.Summary
 	for _, t := range sr.Confirmed {
-		res.Times = append(res.Times, time.Unix(0, t).Sub(t0).Seconds())
+		res.Times = append(res.Times, time.Unix(0, t).Sub(r.t0).Seconds())
 	}
 	slices.Sort(res.Times)
-	res.T50, res.T90, res.T100 = quantile(res.Times, sc.devices, 0.5), quantile(res.Times, sc.devices, 0.9), quantile(res.Times, sc.devices, 1)
-	if bytes0 >= 0 {
+	n := r.sc.devices
+	res.T50, res.T90, res.T100 = quantile(res.Times, n, 0.5), quantile(res.Times, n, 0.9), quantile(res.Times, n, 1)
+	if r.bytesIn0 >= 0 {
 		if bytes1 := pr.freshBytesIn(ctx, time.Now()); bytes1 >= 0 {
-			res.BytesIn = bytes1 - bytes0
+			res.BytesIn = bytes1 - r.bytesIn0
 		}
 	}
 	var list protocol.ReleaseListResult
-	if err := op.Do(ctx, protocol.CmdReleaseList, nil, &list); err != nil {
-		return nil, fmt.Errorf("listing releases: %w", err)
+	if err := r.op.Do(ctx, protocol.CmdReleaseList, nil, &list); err != nil {
+		return fmt.Errorf("listing releases: %w", err)
 	}
-	for _, r := range list.Releases {
-		res.ServerInstalled += r.Installed
+	for _, rel := range list.Releases {
+		res.ServerInstalled += rel.Installed
 	}
-	if res.Retained, err = pr.retained(ctx, ids, serials); err != nil {
-		return nil, err
+	var err error
+	if res.Retained, err = pr.retained(ctx, r.releases, r.serials); err != nil {
+		return err
 	}
-	res.BrokerDisk = duBytes(filepath.Join(dir, "data", "broker"))
-	if prof != nil {
-		if p, err := prof.heap(ctx); err == nil {
+	res.BrokerDisk = duBytes(filepath.Join(r.dir, "data", "broker"))
+	if r.profiling != nil {
+		if p, err := r.profiling.heap(ctx); err == nil {
 			res.Profiles = append(res.Profiles, p)
 		} else {
-			c.log("heap profile: %v", err)
+			r.c.log("heap profile: %v", err)
 		}
 	}
-	if res.Confirmed < sc.devices {
-		return res, fmt.Errorf("only %d of %d devices confirmed (%s)", res.Confirmed, sc.devices, sr.Summary)
-	}
-	return res, nil
+	return nil
 }
 
 // uploadImages uploads the image once for the Sealcast release, or once per device for
