@@ -15,7 +15,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/sealcast/sealcast/broker"
-	"github.com/sealcast/sealcast/internal/brokertest"
+	"github.com/sealcast/sealcast/internal/testkit/brokertest"
 )
 
 const quiet = 300 * time.Millisecond // how long "nothing arrives" is watched

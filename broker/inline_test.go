@@ -10,8 +10,8 @@ import (
 	"time"
 
 	"github.com/sealcast/sealcast/broker"
-	"github.com/sealcast/sealcast/internal/brokertest"
-	"github.com/sealcast/sealcast/internal/bustest"
+	"github.com/sealcast/sealcast/internal/testkit/brokertest"
+	"github.com/sealcast/sealcast/internal/testkit/bustest"
 	"github.com/sealcast/sealcast/protocol"
 )
 

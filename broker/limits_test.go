@@ -20,7 +20,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/sealcast/sealcast/broker"
-	"github.com/sealcast/sealcast/internal/brokertest"
+	"github.com/sealcast/sealcast/internal/testkit/brokertest"
 )
 
 func heapInUse() uint64 {

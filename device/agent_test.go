@@ -19,7 +19,7 @@ import (
 	"github.com/sealcast/sealcast/device"
 	"github.com/sealcast/sealcast/device/internal/fleettest"
 	"github.com/sealcast/sealcast/device/internal/mqtttest"
-	"github.com/sealcast/sealcast/internal/devicetest"
+	"github.com/sealcast/sealcast/internal/testkit/devicetest"
 	"github.com/sealcast/sealcast/keychain"
 	"github.com/sealcast/sealcast/protocol"
 )

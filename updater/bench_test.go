@@ -7,7 +7,7 @@ package updater_test
 // Each reports, next to its own rate, the rate of the part that should bound it, measured
 // in the same run on the same machine, so that the ratio means something on a noisy one.
 //
-// The broker keeps its state in memory, as internal/brokertest starts it;
+// The broker keeps its state in memory, as internal/testkit/brokertest starts it;
 // SEALCAST_BENCH_BROKER_DATADIR=1 gives it a data directory (pebble, synced writes), as
 // sealcast serve runs it. The updater reaches the broker through its in-process client
 // (broker.Inline), as sealcast serve runs it; SEALCAST_BENCH_BUS=mqtt makes it use
@@ -43,8 +43,8 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/sealcast/sealcast/broker"
-	"github.com/sealcast/sealcast/internal/brokertest"
-	"github.com/sealcast/sealcast/internal/redistest"
+	"github.com/sealcast/sealcast/internal/testkit/brokertest"
+	"github.com/sealcast/sealcast/internal/testkit/redistest"
 	"github.com/sealcast/sealcast/keychain"
 	"github.com/sealcast/sealcast/operator"
 	"github.com/sealcast/sealcast/protocol"

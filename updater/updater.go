@@ -38,7 +38,7 @@ import (
 // and subscriptions. A handler may block while the updater's queue is full; the Bus then
 // holds up what delivers to it rather than dropping messages. broker.Inline is the Bus of
 // the embedded broker, updater/mqttbus that of any MQTT broker; both pass one contract
-// suite (internal/bustest).
+// suite (internal/testkit/bustest).
 type Bus interface {
 	Publish(ctx context.Context, msgs ...protocol.Message) error
 	Subscribe(ctx context.Context, filter string, handle func(topic string, payload []byte)) error

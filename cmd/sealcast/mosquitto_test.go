@@ -21,7 +21,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/sealcast/sealcast/device/simulate"
-	"github.com/sealcast/sealcast/internal/redistest"
+	"github.com/sealcast/sealcast/internal/testkit/redistest"
 	"github.com/sealcast/sealcast/operator"
 	"github.com/sealcast/sealcast/protocol"
 )

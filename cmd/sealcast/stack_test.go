@@ -12,7 +12,7 @@ import (
 
 	"github.com/rs/zerolog"
 
-	"github.com/sealcast/sealcast/internal/redistest"
+	"github.com/sealcast/sealcast/internal/testkit/redistest"
 )
 
 // TestStartStackFailsCleanly: when a late step of the start fails (here the metrics

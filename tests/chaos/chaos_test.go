@@ -19,8 +19,8 @@ import (
 
 	"github.com/sealcast/sealcast/device"
 	"github.com/sealcast/sealcast/device/simulate"
-	"github.com/sealcast/sealcast/internal/mqttproxy"
-	"github.com/sealcast/sealcast/internal/redistest"
+	"github.com/sealcast/sealcast/internal/testkit/mqttproxy"
+	"github.com/sealcast/sealcast/internal/testkit/redistest"
 	"github.com/sealcast/sealcast/keychain"
 	"github.com/sealcast/sealcast/operator"
 	"github.com/sealcast/sealcast/protocol"

@@ -8,7 +8,7 @@
 //     again on the same data directory and the same Redis;
 //   - Redis is killed and started again on the same port and directory;
 //   - 10 % of the other devices lose their connection in the middle of the download;
-//   - some devices sit behind internal/mqttproxy, which flips one byte of the first chunk
+//   - some devices sit behind internal/testkit/mqttproxy, which flips one byte of the first chunk
 //     it forwards to each of them: real bytes on a real socket;
 //   - duplicate, forged and replayed acks are published with real device credentials.
 //

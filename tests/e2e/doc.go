@@ -1,8 +1,8 @@
 // Package e2e holds end-to-end tests of the device agent against the real updater: a real
-// broker (internal/brokertest) on 127.0.0.1, the updater with both stores (boltstore, and
+// broker (internal/testkit/brokertest) on 127.0.0.1, the updater with both stores (boltstore, and
 // redisstore on a real redis-server), the operator client driving it through the admin
 // protocol, and real device agents (package device, and fleets of them through
-// device/simulate) connecting over TCP with paho. internal/updatertest starts the stack.
+// device/simulate) connecting over TCP with paho. internal/testkit/updatertest starts the stack.
 //
 // The device package's own tests run the agent against a simplified test updater,
 // because device may not import updater; the tests here close that gap:
@@ -23,6 +23,6 @@
 //	go test -race ./tests/e2e                              # about 20 s
 //	SEALCAST_HEAVY=1 go test -race -run TestFleet ./tests/e2e  # 2,000 devices, minutes
 //
-// Tests that need redis-server skip without it (internal/redistest). The package has no
+// Tests that need redis-server skip without it (internal/testkit/redistest). The package has no
 // code besides this comment; everything is in its _test.go files.
 package e2e

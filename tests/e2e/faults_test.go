@@ -6,7 +6,7 @@ import (
 	"testing"
 
 	"github.com/sealcast/sealcast/device"
-	"github.com/sealcast/sealcast/internal/updatertest"
+	"github.com/sealcast/sealcast/internal/testkit/updatertest"
 )
 
 // TestDropMidDownloadResumes: four devices, each holding a window of one chunk

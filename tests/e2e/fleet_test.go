@@ -12,7 +12,7 @@ import (
 
 	"github.com/sealcast/sealcast/device"
 	"github.com/sealcast/sealcast/device/simulate"
-	"github.com/sealcast/sealcast/internal/updatertest"
+	"github.com/sealcast/sealcast/internal/testkit/updatertest"
 	"github.com/sealcast/sealcast/keychain"
 	"github.com/sealcast/sealcast/protocol"
 	"github.com/sealcast/sealcast/updater"

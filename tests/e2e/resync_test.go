@@ -7,7 +7,7 @@ import (
 	"time"
 
 	"github.com/sealcast/sealcast/device"
-	"github.com/sealcast/sealcast/internal/updatertest"
+	"github.com/sealcast/sealcast/internal/testkit/updatertest"
 	"github.com/sealcast/sealcast/keychain"
 	"github.com/sealcast/sealcast/protocol"
 	"github.com/sealcast/sealcast/updater"

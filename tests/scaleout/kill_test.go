@@ -13,8 +13,8 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/sealcast/sealcast/device/simulate"
-	"github.com/sealcast/sealcast/internal/mosquittotest"
-	"github.com/sealcast/sealcast/internal/redistest"
+	"github.com/sealcast/sealcast/internal/testkit/mosquittotest"
+	"github.com/sealcast/sealcast/internal/testkit/redistest"
 	"github.com/sealcast/sealcast/protocol"
 	"github.com/sealcast/sealcast/updater/redisstore"
 )

@@ -6,8 +6,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sealcast/sealcast/internal/mosquittotest"
-	"github.com/sealcast/sealcast/internal/redistest"
+	"github.com/sealcast/sealcast/internal/testkit/mosquittotest"
+	"github.com/sealcast/sealcast/internal/testkit/redistest"
 	"github.com/sealcast/sealcast/protocol"
 )
 

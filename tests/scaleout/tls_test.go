@@ -17,10 +17,10 @@ import (
 
 	"github.com/sealcast/sealcast/broker"
 	"github.com/sealcast/sealcast/device/simulate"
-	"github.com/sealcast/sealcast/internal/brokertest"
-	"github.com/sealcast/sealcast/internal/mosquittotest"
-	"github.com/sealcast/sealcast/internal/redistest"
-	"github.com/sealcast/sealcast/internal/testca"
+	"github.com/sealcast/sealcast/internal/testkit/brokertest"
+	"github.com/sealcast/sealcast/internal/testkit/mosquittotest"
+	"github.com/sealcast/sealcast/internal/testkit/redistest"
+	"github.com/sealcast/sealcast/internal/testkit/testca"
 	"github.com/sealcast/sealcast/operator"
 	"github.com/sealcast/sealcast/protocol"
 )

@@ -3,8 +3,8 @@ package mqttbus_test
 import (
 	"testing"
 
-	"github.com/sealcast/sealcast/internal/brokertest"
-	"github.com/sealcast/sealcast/internal/bustest"
+	"github.com/sealcast/sealcast/internal/testkit/brokertest"
+	"github.com/sealcast/sealcast/internal/testkit/bustest"
 )
 
 // TestContract: mqttbus passes the contract suite that the embedded broker's in-process

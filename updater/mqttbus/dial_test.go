@@ -11,8 +11,8 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/sealcast/sealcast/broker"
-	"github.com/sealcast/sealcast/internal/brokertest"
-	"github.com/sealcast/sealcast/internal/testca"
+	"github.com/sealcast/sealcast/internal/testkit/brokertest"
+	"github.com/sealcast/sealcast/internal/testkit/testca"
 	"github.com/sealcast/sealcast/protocol"
 	"github.com/sealcast/sealcast/updater/mqttbus"
 )

@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sealcast/sealcast/internal/brokertest"
+	"github.com/sealcast/sealcast/internal/testkit/brokertest"
 	"github.com/sealcast/sealcast/protocol"
 	"github.com/sealcast/sealcast/updater/mqttbus"
 )

@@ -12,7 +12,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/sealcast/sealcast/internal/redistest"
+	"github.com/sealcast/sealcast/internal/testkit/redistest"
 	"github.com/sealcast/sealcast/keychain"
 	"github.com/sealcast/sealcast/updater"
 	"github.com/sealcast/sealcast/updater/redisstore"

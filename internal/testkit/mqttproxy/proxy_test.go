@@ -12,7 +12,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/mochi-mqtt/server/v2/packets"
 
-	"github.com/sealcast/sealcast/internal/brokertest"
+	"github.com/sealcast/sealcast/internal/testkit/brokertest"
 )
 
 func dial(t *testing.T, url, id string, c brokertest.Credentials) paho.Client {

@@ -7,7 +7,7 @@ import (
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 
-	"github.com/sealcast/sealcast/internal/mosquittotest"
+	"github.com/sealcast/sealcast/internal/testkit/mosquittotest"
 )
 
 func connect(t *testing.T, url, id string, cfg *tls.Config) mqtt.Client {
