@@ -78,8 +78,8 @@ func (k *keys) newDevice(serial string, length uint32, brokerURL string, now tim
 	return d, f, nil
 }
 
-// newDevices derives the devices' unit data, chain states and device files, on workers
-// goroutines.
+// newDevices derives the devices' unit data, chain states and device files, on as many
+// goroutines as workers.
 func (k *keys) newDevices(serials []string, length uint32, brokerURL string, now time.Time, workers int) ([]*Device, []protocol.DeviceFile, error) {
 	devs := make([]*Device, len(serials))
 	files := make([]protocol.DeviceFile, len(serials))

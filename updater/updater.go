@@ -193,9 +193,11 @@ func (u *Updater) Admin() *Admin {
 func (u *Updater) Run(ctx context.Context) (err error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer func() {
-		cancel() // on an early error too: nothing started here outlives Run
+		// On an early error too: nothing started here outlives Run.
+		cancel()
+		u.place.stop() // the fan-outs end with the rest...
 		u.wg.Wait()
-		u.place.close()
+		u.place.close() // ...and are waited for once no admin command can start one
 		if u.uploads != nil {
 			u.uploads.close()
 		}

@@ -75,14 +75,14 @@ func runScenario(ctx context.Context, c config, sc scenario, img []byte) (res *r
 	}
 	r := &scenarioRun{c: c, sc: sc, dir: dir, users: map[string]string{}}
 	defer func() {
-		for i := len(r.children) - 1; i >= 0; i-- {
-			r.children[i].stop(30 * time.Second)
-		}
 		if r.simIn != nil {
-			r.simIn.Close()
+			r.simIn.Close() // the simulator exits when its standard input closes
 		}
 		if r.op != nil {
 			r.op.Close()
+		}
+		for i := len(r.children) - 1; i >= 0; i-- {
+			r.children[i].stop(30 * time.Second)
 		}
 		if err != nil {
 			os.RemoveAll(filepath.Join(dir, "data")) // gigabytes after the baseline
