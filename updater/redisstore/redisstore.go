@@ -98,9 +98,9 @@ type Options struct {
 // Store is an updater.Store in Redis. Its methods are safe for concurrent use, from one
 // or several processes.
 type Store struct {
-	rdb    redis.UniversalClient
-	prefix string
-	owned  bool
+	rdb   redis.UniversalClient
+	keys  keyspace
+	owned bool
 }
 
 var _ updater.Store = (*Store)(nil)
@@ -121,10 +121,9 @@ func New(rdb redis.UniversalClient, opts Options) *Store {
 	if strings.ContainsAny(p, "{}") {
 		panic(fmt.Sprintf("redisstore: prefix %q contains a brace, which would break Redis Cluster hash tags", p))
 	}
-	return &Store{rdb: rdb, prefix: p}
+	return &Store{rdb: rdb, keys: keyspace(p)}
 }
 
-// Close closes the client if Open created it.
 // Ping checks that Redis answers, for health checks.
 func (s *Store) Ping(ctx context.Context) error {
 	if err := s.rdb.Ping(ctx).Err(); err != nil {
@@ -133,6 +132,7 @@ func (s *Store) Ping(ctx context.Context) error {
 	return nil
 }
 
+// Close closes the client if Open created it.
 func (s *Store) Close() error {
 	if s.owned {
 		return s.rdb.Close()
@@ -140,14 +140,18 @@ func (s *Store) Close() error {
 	return nil
 }
 
-func (s *Store) devKey(serial string) string { return s.prefix + ":dev:{" + serial + "}" }
-func (s *Store) serialsKey() string          { return s.prefix + ":serials" }
-func (s *Store) releasesKey() string         { return s.prefix + ":releases" }
-func (s *Store) relKey(id keychain.ReleaseID) string {
-	return s.prefix + ":rel:{" + id.String() + "}"
+// keyspace names the store's keys under its prefix. A device's keys and a release's keys
+// each share one hash tag, so that Redis Cluster keeps them on one slot.
+type keyspace string
+
+func (k keyspace) dev(serial string) string { return string(k) + ":dev:{" + serial + "}" }
+func (k keyspace) serials() string          { return string(k) + ":serials" }
+func (k keyspace) releases() string         { return string(k) + ":releases" }
+func (k keyspace) rel(id keychain.ReleaseID) string {
+	return string(k) + ":rel:{" + id.String() + "}"
 }
-func (s *Store) targetsKey(id keychain.ReleaseID) string { return s.relKey(id) + ":targets" }
-func (s *Store) resultsKey(id keychain.ReleaseID) string { return s.relKey(id) + ":results" }
+func (k keyspace) targets(id keychain.ReleaseID) string { return k.rel(id) + ":targets" }
+func (k keyspace) results(id keychain.ReleaseID) string { return k.rel(id) + ":results" }
 
 func u64(v uint64) string { return strconv.FormatUint(v, 10) }
 func u32(v uint32) string { return strconv.FormatUint(uint64(v), 10) }
@@ -165,12 +169,12 @@ type call struct {
 // runScript runs calls in order, batchSize per pipeline, and returns each call's integer
 // reply. It sends EVALSHA; calls that fail with NOSCRIPT (the script cache was flushed,
 // or this is a new node) are repeated with EVAL, which also caches the script.
-func (s *Store) runScript(ctx context.Context, sc *redis.Script, calls []call) ([]int64, error) {
+func runScript(ctx context.Context, rdb redis.UniversalClient, sc *redis.Script, calls []call) ([]int64, error) {
 	out := make([]int64, len(calls))
 	for start := 0; start < len(calls); start += batchSize {
 		chunk := calls[start:min(start+batchSize, len(calls))]
 		cmds := make([]*redis.Cmd, len(chunk))
-		pipe := s.rdb.Pipeline()
+		pipe := rdb.Pipeline()
 		for i, c := range chunk {
 			cmds[i] = sc.EvalSha(ctx, pipe, c.keys, c.args...)
 		}
@@ -184,7 +188,7 @@ func (s *Store) runScript(ctx context.Context, sc *redis.Script, calls []call) (
 		if len(retry) > 0 {
 			// Only after a SCRIPT FLUSH racing this pipeline could a later call of the
 			// chunk have run before an earlier one retried here.
-			pipe := s.rdb.Pipeline()
+			pipe := rdb.Pipeline()
 			for _, i := range retry {
 				cmds[i] = sc.Eval(ctx, pipe, chunk[i].keys, chunk[i].args...)
 			}
@@ -212,7 +216,7 @@ func (s *Store) CreateDevices(ctx context.Context, devs []*updater.Device) ([]st
 		for _, id := range d.Assigned {
 			assigned = append(assigned, id[:]...)
 		}
-		calls[i] = call{keys: []string{s.devKey(d.Serial)}, args: []any{
+		calls[i] = call{keys: []string{s.keys.dev(d.Serial)}, args: []any{
 			"epoch", u32(d.Epoch), "seq", u32(d.Seq), "chain_length", u32(d.ChainLength),
 			"version", u64(d.Version), "chain", d.Chain, "assigned", assigned,
 			"last_ack", d.LastAck, "last_receipt", d.LastReceipt, "state", string(d.State),
@@ -220,7 +224,7 @@ func (s *Store) CreateDevices(ctx context.Context, devs []*updater.Device) ([]st
 			"provisioned", timeText(d.Provisioned),
 		}}
 	}
-	created, err := s.runScript(ctx, createScript, calls)
+	created, err := runScript(ctx, s.rdb, createScript, calls)
 	if err != nil {
 		return nil, wrap("create devices", err)
 	}
@@ -236,18 +240,18 @@ func (s *Store) CreateDevices(ctx context.Context, devs []*updater.Device) ([]st
 	for i, d := range devs {
 		serials[i] = d.Serial
 	}
-	if err := s.addToSet(ctx, s.serialsKey(), serials); err != nil {
+	if err := addToSet(ctx, s.rdb, s.keys.serials(), serials); err != nil {
 		return nil, wrap("create devices: add to serials", err)
 	}
 	return existing, nil
 }
 
 // addToSet adds members to a set, batchSize per SADD, in one pipeline.
-func (s *Store) addToSet(ctx context.Context, key string, members []any) error {
+func addToSet(ctx context.Context, rdb redis.UniversalClient, key string, members []any) error {
 	if len(members) == 0 {
 		return nil
 	}
-	_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+	_, err := rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for start := 0; start < len(members); start += batchSize {
 			p.SAdd(ctx, key, members[start:min(start+batchSize, len(members))]...)
 		}
@@ -264,7 +268,7 @@ func (s *Store) Devices(ctx context.Context, serials []string) ([]*updater.Devic
 		cmds := make([]*redis.MapStringStringCmd, len(chunk))
 		_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 			for i, serial := range chunk {
-				cmds[i] = p.HGetAll(ctx, s.devKey(serial))
+				cmds[i] = p.HGetAll(ctx, s.keys.dev(serial))
 			}
 			return nil
 		})
@@ -373,7 +377,7 @@ func parseDevice(serial string, h map[string]string) (*updater.Device, error) {
 
 // Serials implements updater.Store.
 func (s *Store) Serials(ctx context.Context) ([]string, error) {
-	ss, err := s.rdb.SMembers(ctx, s.serialsKey()).Result()
+	ss, err := s.rdb.SMembers(ctx, s.keys.serials()).Result()
 	if err != nil {
 		return nil, wrap("serials", err)
 	}
@@ -384,11 +388,11 @@ func (s *Store) Serials(ctx context.Context) ([]string, error) {
 // DeleteDevice implements updater.Store. The device goes first, then its serial, so that
 // an interrupted delete leaves at worst a serial without a device, which a retry removes.
 func (s *Store) DeleteDevice(ctx context.Context, serial string) (bool, error) {
-	n, err := s.rdb.Del(ctx, s.devKey(serial)).Result()
+	n, err := s.rdb.Del(ctx, s.keys.dev(serial)).Result()
 	if err != nil {
 		return false, wrap("delete device", err)
 	}
-	if err := s.rdb.SRem(ctx, s.serialsKey(), serial).Err(); err != nil {
+	if err := s.rdb.SRem(ctx, s.keys.serials(), serial).Err(); err != nil {
 		return false, wrap("delete device", err)
 	}
 	return n == 1, nil
@@ -406,9 +410,9 @@ func oks(vs []int64) []bool {
 func (s *Store) Assign(ctx context.Context, as []updater.Assignment) ([]bool, error) {
 	calls := make([]call, len(as))
 	for i, a := range as {
-		calls[i] = call{keys: []string{s.devKey(a.Serial)}, args: []any{u32(a.From.Epoch), u32(a.From.Seq), a.ID[:], string(a.State)}}
+		calls[i] = call{keys: []string{s.keys.dev(a.Serial)}, args: []any{u32(a.From.Epoch), u32(a.From.Seq), a.ID[:], string(a.State)}}
 	}
-	vs, err := s.runScript(ctx, assignScript, calls)
+	vs, err := runScript(ctx, s.rdb, assignScript, calls)
 	if err != nil {
 		return nil, wrap("assign", err)
 	}
@@ -419,13 +423,13 @@ func (s *Store) Assign(ctx context.Context, as []updater.Assignment) ([]bool, er
 func (s *Store) Advance(ctx context.Context, as []updater.Advance) ([]bool, error) {
 	calls := make([]call, len(as))
 	for i, a := range as {
-		calls[i] = call{keys: []string{s.devKey(a.Serial)}, args: []any{
+		calls[i] = call{keys: []string{s.keys.dev(a.Serial)}, args: []any{
 			u32(a.From.Epoch), u32(a.From.Seq), u32(a.To.Epoch), u32(a.To.Seq),
 			u32(a.ChainLength), u64(a.Version), a.Chain, a.LastAck, a.LastReceipt,
 			string(a.State), a.LastResult, timeText(a.At),
 		}}
 	}
-	vs, err := s.runScript(ctx, advanceScript, calls)
+	vs, err := runScript(ctx, s.rdb, advanceScript, calls)
 	if err != nil {
 		return nil, wrap("advance", err)
 	}
@@ -436,9 +440,9 @@ func (s *Store) Advance(ctx context.Context, as []updater.Advance) ([]bool, erro
 func (s *Store) Note(ctx context.Context, notes []updater.Note) error {
 	calls := make([]call, len(notes))
 	for i, n := range notes {
-		calls[i] = call{keys: []string{s.devKey(n.Serial)}, args: []any{string(n.State), n.LastResult, timeText(n.At)}}
+		calls[i] = call{keys: []string{s.keys.dev(n.Serial)}, args: []any{string(n.State), n.LastResult, timeText(n.At)}}
 	}
-	if _, err := s.runScript(ctx, noteScript, calls); err != nil {
+	if _, err := runScript(ctx, s.rdb, noteScript, calls); err != nil {
 		return wrap("note", err)
 	}
 	return nil
@@ -451,10 +455,10 @@ func (s *Store) PutRelease(ctx context.Context, r *updater.Release) error {
 	if err != nil {
 		return wrap("put release", err)
 	}
-	if err := s.rdb.HSet(ctx, s.relKey(r.ID), "meta", meta).Err(); err != nil {
+	if err := s.rdb.HSet(ctx, s.keys.rel(r.ID), "meta", meta).Err(); err != nil {
 		return wrap("put release", err)
 	}
-	if err := s.rdb.SAdd(ctx, s.releasesKey(), r.ID.String()).Err(); err != nil {
+	if err := s.rdb.SAdd(ctx, s.keys.releases(), r.ID.String()).Err(); err != nil {
 		return wrap("put release", err)
 	}
 	return nil
@@ -476,7 +480,7 @@ func notFound(op string, id keychain.ReleaseID) error {
 
 // Release implements updater.Store.
 func (s *Store) Release(ctx context.Context, id keychain.ReleaseID) (*updater.Release, error) {
-	h, err := s.rdb.HGetAll(ctx, s.relKey(id)).Result()
+	h, err := s.rdb.HGetAll(ctx, s.keys.rel(id)).Result()
 	if err != nil {
 		return nil, wrap("release", err)
 	}
@@ -492,7 +496,7 @@ func (s *Store) Release(ctx context.Context, id keychain.ReleaseID) (*updater.Re
 
 // Releases implements updater.Store: oldest first, ties by id.
 func (s *Store) Releases(ctx context.Context) ([]*updater.Release, error) {
-	ids, err := s.rdb.SMembers(ctx, s.releasesKey()).Result()
+	ids, err := s.rdb.SMembers(ctx, s.keys.releases()).Result()
 	if err != nil {
 		return nil, wrap("releases", err)
 	}
@@ -503,10 +507,10 @@ func (s *Store) Releases(ctx context.Context) ([]*updater.Release, error) {
 		for i, hex := range ids {
 			id, err := keychain.ParseReleaseID(hex)
 			if err != nil {
-				return fmt.Errorf("member %q of %s is not a release id: %w", hex, s.releasesKey(), err)
+				return fmt.Errorf("member %q of %s is not a release id: %w", hex, s.keys.releases(), err)
 			}
 			rids[i] = id
-			cmds[i] = p.HGetAll(ctx, s.relKey(id))
+			cmds[i] = p.HGetAll(ctx, s.keys.rel(id))
 		}
 		return nil
 	})
@@ -529,7 +533,7 @@ func (s *Store) Releases(ctx context.Context) ([]*updater.Release, error) {
 }
 
 func (s *Store) releaseExists(ctx context.Context, op string, id keychain.ReleaseID) error {
-	n, err := s.rdb.Exists(ctx, s.relKey(id)).Result()
+	n, err := s.rdb.Exists(ctx, s.keys.rel(id)).Result()
 	if err != nil {
 		return wrap(op, err)
 	}
@@ -548,7 +552,7 @@ func (s *Store) AddTargets(ctx context.Context, id keychain.ReleaseID, serials [
 	for i, serial := range serials {
 		members[i] = serial
 	}
-	if err := s.addToSet(ctx, s.targetsKey(id), members); err != nil {
+	if err := addToSet(ctx, s.rdb, s.keys.targets(id), members); err != nil {
 		return wrap("add targets", err)
 	}
 	return nil
@@ -559,8 +563,8 @@ func (s *Store) Targets(ctx context.Context, id keychain.ReleaseID) ([]string, e
 	var exists *redis.IntCmd
 	var members *redis.StringSliceCmd
 	_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
-		exists = p.Exists(ctx, s.relKey(id))
-		members = p.SMembers(ctx, s.targetsKey(id))
+		exists = p.Exists(ctx, s.keys.rel(id))
+		members = p.SMembers(ctx, s.keys.targets(id))
 		return nil
 	})
 	if err != nil {
@@ -583,14 +587,14 @@ func validResult(r string) bool {
 // release's slot.
 func (s *Store) RecordResults(ctx context.Context, id keychain.ReleaseID, rs []updater.Result) error {
 	calls := make([]call, len(rs))
-	keys := []string{s.relKey(id), s.resultsKey(id)}
+	keys := []string{s.keys.rel(id), s.keys.results(id)}
 	for i, r := range rs {
 		if !validResult(r.Result) {
 			return fmt.Errorf("redisstore: record results of release %v: device %q: result %q is neither %q nor %q followed by a code; nothing recorded", id, r.Serial, r.Result, updater.ResultInstalled, updater.ResultFailed+":")
 		}
 		calls[i] = call{keys: keys, args: []any{r.Serial, r.Result}}
 	}
-	vs, err := s.runScript(ctx, recordScript, calls)
+	vs, err := runScript(ctx, s.rdb, recordScript, calls)
 	if err != nil {
 		return wrap("record results", err)
 	}
@@ -606,9 +610,9 @@ func (s *Store) Results(ctx context.Context, id keychain.ReleaseID, serials []st
 	var exists *redis.IntCmd
 	cmds := make([]*redis.SliceCmd, 0, len(serials)/batchSize+1)
 	_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
-		exists = p.Exists(ctx, s.relKey(id))
+		exists = p.Exists(ctx, s.keys.rel(id))
 		for start := 0; start < len(serials); start += batchSize {
-			cmds = append(cmds, p.HMGet(ctx, s.resultsKey(id), serials[start:min(start+batchSize, len(serials))]...))
+			cmds = append(cmds, p.HMGet(ctx, s.keys.results(id), serials[start:min(start+batchSize, len(serials))]...))
 		}
 		return nil
 	})
