@@ -188,6 +188,12 @@ func (e *ackEngine) sort(t *triage, v *verdict, now time.Time) {
 // receipts due so far, and each moved device's status and what it sees next. It returns
 // false if the store failed (the devices re-send).
 func (e *ackEngine) advance(ctx context.Context, t *triage, now time.Time) bool {
+	mismatches, err := versionsFor(ctx, newVersionBook(e.store, e.runs), t.advances)
+	if err != nil {
+		e.log.Error().Err(err).Int("acks", len(t.advances)).Msg("devices will re-send")
+		return false
+	}
+	e.stats.versionClaims.Add(int64(mismatches))
 	adv := make([]Advance, len(t.advances))
 	for i, v := range t.advances {
 		adv[i] = *v.advance

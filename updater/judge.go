@@ -44,7 +44,9 @@ func (v *verdict) moved() *Device {
 }
 
 // judge decides what an ack from device d (nil if unknown) does ([SC-10.2]). It has no
-// side effects: the caller counts, logs and applies the verdict.
+// side effects: the caller counts, logs and applies the verdict. An advance keeps the
+// device's recorded version: the version a device claims is never believed, and the
+// caller sets the version the server knows ([SC-10.2] 2 and 4, versionsFor).
 func judge(k *keys, in inbound, d *Device, now time.Time) verdict {
 	a, err := keychain.ParseAck(in.payload)
 	v := verdict{in: in, ack: a, dev: d}
@@ -120,7 +122,7 @@ func (v *verdict) judgeReport(k *keys, tr *keychain.Traversal, key keychain.Chai
 	}
 	v.advance = &Advance{
 		Serial: d.Serial, From: d.Pos(), To: Position{d.Epoch, a.DeviceSeq}, ChainLength: d.ChainLength,
-		Chain: sealed, Version: max(d.Version, a.Version), LastAck: d.LastAck, LastReceipt: d.LastReceipt,
+		Chain: sealed, Version: d.Version, LastAck: d.LastAck, LastReceipt: d.LastReceipt,
 		State: protocol.DeviceIdle, LastResult: protocol.CodeStaleKey.String(), At: now,
 	}
 }
@@ -143,7 +145,7 @@ func (v *verdict) judgeConfirm(k *keys, tr *keychain.Traversal, key keychain.Cha
 			return
 		}
 		err = tr.Advance()
-		adv.To, adv.Version, adv.State = Position{d.Epoch, d.Seq - 1}, max(d.Version, a.Version), protocol.DeviceInstalled
+		adv.To, adv.State = Position{d.Epoch, d.Seq - 1}, protocol.DeviceInstalled
 	case keychain.AckRekeyed:
 		if a.ID != rekey || d.Seq != 1 || !keychain.ValidChainLength(a.DeviceSeq) {
 			*v = v.rejected(rejectUnassigned, nil)

@@ -322,6 +322,10 @@ type Stats struct {
 	Online int
 	// ReceiptsPublished counts receipts the broker acknowledged.
 	ReceiptsPublished int64
+	// VersionClaims counts installed acks and stale_key reports whose version differs
+	// from the one the server recorded: the release's it wrapped, or the highest it
+	// released to the device ([SC-10.2]). The claim is never believed.
+	VersionClaims int64
 	// ChainSteps counts the hash-chain steps spent on wrapping keys and verifying acks
 	// (keychain.Traversal.Steps): a few per device and release, thanks to the pebbling.
 	ChainSteps int64
@@ -329,7 +333,7 @@ type Stats struct {
 
 type counters struct {
 	keys, rekeys, accepted, dup, reports, resyncs, acksShed atomic.Int64
-	receipts, chainSteps, reoffers                          atomic.Int64
+	receipts, chainSteps, reoffers, versionClaims           atomic.Int64
 	rejected                                                sync.Map // reason -> *atomic.Int64
 }
 
@@ -347,7 +351,8 @@ func (u *Updater) Stats() Stats {
 		AckQueue: len(u.acks.queue), Resyncs: u.stats.resyncs.Load(),
 		Reoffers:          u.stats.reoffers.Load(),
 		ReceiptsPublished: u.stats.receipts.Load(), ChainSteps: u.stats.chainSteps.Load(),
-		AcksRejected: map[string]int64{},
+		VersionClaims: u.stats.versionClaims.Load(),
+		AcksRejected:  map[string]int64{},
 	}
 	u.stats.rejected.Range(func(k, v any) bool {
 		s.AcksRejected[k.(string)] = v.(*atomic.Int64).Load()
