@@ -519,6 +519,13 @@ func (b *Broker) AddAccount(a Account) error {
 	return nil
 }
 
+// IsAccount reports whether name is the name of an account (not a device), so that the
+// updater provisions no device under it (PROTOCOL.md [SC-2.2]).
+func (b *Broker) IsAccount(name string) bool {
+	_, ok := b.account([]byte(name))
+	return ok
+}
+
 func (b *Broker) account(username []byte) (Account, bool) {
 	b.mu.RLock()
 	a, ok := b.accounts[string(username)]

@@ -200,3 +200,14 @@ func TestOrderLane(t *testing.T) {
 		t.Errorf("OrderLane allocates %v times", a)
 	}
 }
+
+func TestReserved(t *testing.T) {
+	for name, want := range map[string]bool{
+		"admin": true, "monitor": true, "updater": true, "sealcast": true, "sealcast-updater-2": true,
+		"Admin": false, "admins": false, "dev-admin": false, "sensor-0001": false, "seal": false,
+	} {
+		if got := Reserved(name); got != want {
+			t.Errorf("Reserved(%q) = %v, want %v", name, got, want)
+		}
+	}
+}

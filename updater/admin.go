@@ -35,6 +35,7 @@ type Admin struct {
 	status    *statusPublisher
 	uploads   *uploads
 	revoker   Revoker
+	accounts  Accounts
 	log       zerolog.Logger
 	now       func() time.Time
 	workers   int
@@ -52,6 +53,13 @@ func (a *Admin) Provision(ctx context.Context, args protocol.ProvisionArgs) (*pr
 	serials, length, err := provisionList(args, a.keys.chainLength)
 	if err != nil {
 		return nil, err
+	}
+	if a.accounts != nil {
+		for _, s := range serials {
+			if a.accounts.IsAccount(s) {
+				return nil, protocol.Errorf(protocol.ErrConflict, "serial %q is the name of a broker account; a device cannot share it (PROTOCOL.md [SC-2.2])", s)
+			}
+		}
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -127,6 +135,9 @@ func provisionList(a protocol.ProvisionArgs, def uint32) ([]string, uint32, erro
 	for _, s := range serials {
 		if err := keychain.CheckSerial(s); err != nil {
 			return nil, 0, protocol.Errorf(protocol.ErrBadRequest, "%v", err)
+		}
+		if protocol.Reserved(s) {
+			return nil, 0, protocol.Errorf(protocol.ErrBadRequest, "serial %q is reserved for broker accounts (%s, and names beginning with %q; PROTOCOL.md [SC-2.2])", s, strings.Join(protocol.ReservedNames, ", "), protocol.ReservedPrefix)
 		}
 		if seen[s] {
 			return nil, 0, protocol.Errorf(protocol.ErrBadRequest, "serial %q is listed twice", s)

@@ -142,3 +142,32 @@ func TestAdminNilWhenAcksOnly(t *testing.T) {
 		t.Fatal("an acks-only updater has an admin service")
 	}
 }
+
+// TestReservedNames: no device takes a name reserved for broker accounts, nor the name of
+// an account the broker has ([SC-2.2]); a malformed serial among a release's devices is a
+// bad request, not an unknown device.
+func TestReservedNames(t *testing.T) {
+	e := startEnv(t, boltOpener, func(o *updater.Options) { o.Accounts = accountSet{"ops-alice": true} })
+	ctx := context.Background()
+	for _, s := range []string{"admin", "monitor", "updater", "sealcast", "sealcast-updater-2"} {
+		if _, err := e.op.Provision(ctx, []string{"ok-1", s}, 0); protocol.CodeOf(err) != protocol.ErrBadRequest {
+			t.Errorf("provisioning %q: %v, want bad_request", s, err)
+		}
+	}
+	if _, err := e.op.Provision(ctx, []string{"ops-alice"}, 0); protocol.CodeOf(err) != protocol.ErrConflict {
+		t.Errorf("provisioning the name of a broker account: %v, want conflict", err)
+	}
+	if _, err := e.u.Admin().Device(ctx, "ok-1"); protocol.CodeOf(err) != protocol.ErrNotFound {
+		t.Errorf("a refused request provisioned ok-1: %v", err)
+	}
+	e.provision(1)
+	img := randomImage(100)
+	_, err := e.op.Release(ctx, bytes.NewReader(img), int64(len(img)), protocol.ReleaseCreateArgs{Version: 1, Devices: []string{"dev-0000", "bad serial"}})
+	if protocol.CodeOf(err) != protocol.ErrBadRequest {
+		t.Errorf("a release to a malformed serial: %v, want bad_request", err)
+	}
+}
+
+type accountSet map[string]bool
+
+func (s accountSet) IsAccount(name string) bool { return s[name] }

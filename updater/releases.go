@@ -117,6 +117,11 @@ func (a *Admin) targets(ctx context.Context, args protocol.ReleaseCreateArgs) ([
 		}
 		return targets, nil
 	}
+	for _, s := range args.Devices {
+		if err := keychain.CheckSerial(s); err != nil {
+			return nil, protocol.Errorf(protocol.ErrBadRequest, "devices: %v", err)
+		}
+	}
 	devs, err := a.store.Devices(ctx, args.Devices)
 	if err != nil {
 		return nil, unavailable(err)

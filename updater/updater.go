@@ -51,6 +51,12 @@ type Revoker interface {
 	Unrevoke(serial string) error
 }
 
+// Accounts tells which names the broker gives to accounts other than devices, so that
+// no device is provisioned under one ([SC-2.2]). broker.Broker is one. Optional.
+type Accounts interface {
+	IsAccount(name string) bool
+}
+
 // Options configure an Updater. Root, SigningKey, Store and Bus are required.
 type Options struct {
 	Root       keychain.RootSecret
@@ -76,6 +82,8 @@ type Options struct {
 	RefreshInterval time.Duration
 	// Revoker, if set, is told of provisioned and deprovisioned serials.
 	Revoker Revoker
+	// Accounts, if set, names the broker's accounts; provisioning refuses their names.
+	Accounts Accounts
 	// MaxUploadSize bounds one image (default 4 GiB).
 	MaxUploadSize uint64
 	// Workers is how many goroutines wrap keys and verify acks (default GOMAXPROCS).
@@ -134,7 +142,7 @@ func New(o Options) (*Updater, error) {
 	}
 	u.admin = &Admin{
 		store: o.Store, bus: o.Bus, keys: u.keys, runs: u.runs, life: u.life, place: u.place,
-		status: u.status, uploads: u.uploads, revoker: o.Revoker, log: u.log, now: o.Now,
+		status: u.status, uploads: u.uploads, revoker: o.Revoker, accounts: o.Accounts, log: u.log, now: o.Now,
 		workers: o.Workers, brokerURL: o.BrokerURL,
 	}
 	if !o.AcksOnly {

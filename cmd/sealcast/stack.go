@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/sealcast/sealcast/broker"
 	"github.com/sealcast/sealcast/internal/datadir"
+	"github.com/sealcast/sealcast/protocol"
 	"github.com/sealcast/sealcast/updater"
 	"github.com/sealcast/sealcast/updater/boltstore"
 	"github.com/sealcast/sealcast/updater/mqttbus"
@@ -180,7 +182,9 @@ func (s *stack) startUpdater(c stackConfig) (err error) {
 		ChainLength: uint32(c.chainLength), BrokerURL: publicURL, AckGroup: ackGroup, AcksOnly: c.acksOnly,
 	}
 	if s.broker != nil {
-		uo.Revoker = s.broker
+		uo.Revoker, uo.Accounts = s.broker, s.broker
+	} else if c.brokerUser != "" {
+		uo.Accounts = accountNames{c.brokerUser: true}
 	}
 	if s.upd, err = updater.New(uo); err != nil {
 		return err
@@ -237,6 +241,32 @@ func caConfig(path string) (*tls.Config, error) {
 	return &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}, nil
 }
 
+// accountNames are the broker accounts the updater knows of when the broker is external:
+// its own.
+type accountNames map[string]bool
+
+func (n accountNames) IsAccount(name string) bool { return n[name] }
+
+// checkAccounts refuses broker accounts named like a provisioned device: the broker would
+// take the device for the account (PROTOCOL.md [SC-2.2]).
+func checkAccounts(ctx context.Context, st updater.Store, accounts []broker.Account) error {
+	names := make([]string, len(accounts))
+	for i, a := range accounts {
+		names[i] = a.Username
+	}
+	devs, err := st.Devices(ctx, names)
+	if err != nil {
+		return fmt.Errorf("checking the account names against the provisioned devices: %w", err)
+	}
+	for _, d := range devs {
+		if d != nil {
+			return fmt.Errorf("account %q has the name of a provisioned device; rename the account (names reserved for accounts: %s, and names beginning with %q)",
+				d.Serial, strings.Join(protocol.ReservedNames, ", "), protocol.ReservedPrefix)
+		}
+	}
+	return nil
+}
+
 // startBroker starts the embedded broker.
 func (s *stack) startBroker(c stackConfig) error {
 	accountsPath := s.dir.File(broker.AccountsFile)
@@ -273,6 +303,9 @@ func (s *stack) startBroker(c stackConfig) error {
 	}
 	if err != nil {
 		return err
+	}
+	if err := checkAccounts(context.Background(), s.store, accounts); err != nil {
+		return fmt.Errorf("%s: %w", accountsPath, err)
 	}
 	o := broker.Options{
 		TCPAddr: c.listen, WSAddr: c.wsListen, DataDir: filepath.Join(s.dir.Path, "broker"),

@@ -11,8 +11,11 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/crypto/bcrypt"
 
+	"github.com/sealcast/sealcast/broker"
 	"github.com/sealcast/sealcast/internal/testkit/redistest"
+	"github.com/sealcast/sealcast/protocol"
 )
 
 // TestStartStackFailsCleanly: when a late step of the start fails (here the metrics
@@ -85,5 +88,36 @@ func TestHealthz(t *testing.T) {
 	s.broker.Close()
 	if code, body := health(); code != http.StatusServiceUnavailable || !strings.HasPrefix(body, "broker:") {
 		t.Fatalf("broker closed: %d %q, want 503 naming the broker", code, body)
+	}
+}
+
+// TestAccountNamedLikeADevice: serve refuses to start with a broker account named like a
+// provisioned device, which the broker would take for the account ([SC-2.2]).
+func TestAccountNamedLikeADevice(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	c := stackConfig{dataDir: dir, listen: freeAddr(t), chainLength: 16}
+	s, err := startStack(context.Background(), c, zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.upd.Admin().Provision(context.Background(), protocol.ProvisionArgs{Serials: []string{"ops-alice"}}); err != nil {
+		t.Fatal(err)
+	}
+	s.close()
+	h, err := bcrypt.GenerateFromPassword([]byte("pw"), bcrypt.MinCost)
+	if err != nil {
+		t.Fatal(err)
+	}
+	accounts := filepath.Join(dir, broker.AccountsFile)
+	if err := broker.AddAccountToFile(accounts, broker.Account{Username: "ops-alice", Role: broker.RoleMonitor, PasswordHash: string(h)}); err != nil {
+		t.Fatal(err)
+	}
+	s, err = startStack(context.Background(), c, zerolog.Nop())
+	if err == nil {
+		s.close()
+		t.Fatal("serve started with an account named like a provisioned device")
+	}
+	if !strings.Contains(err.Error(), `account "ops-alice" has the name of a provisioned device`) {
+		t.Fatalf("error %q does not name the account", err)
 	}
 }
