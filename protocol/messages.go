@@ -33,8 +33,10 @@ const (
 	CmdReleasePause  = "release.pause"
 	CmdReleaseResume = "release.resume"
 	CmdReleaseCancel = "release.cancel"
+	CmdReleaseRetire = "release.retire"
 	CmdReleaseGet    = "release.get"
 	CmdReleaseList   = "release.list"
+	CmdFleetGet      = "fleet.get"
 )
 
 // ProvisionArgs are the arguments of device.provision: Serials, or Count devices named
@@ -88,7 +90,14 @@ type ReleaseCreateArgs struct {
 	All       bool     `json:"all,omitempty"`
 	ChunkSize uint32   `json:"chunk_size,omitempty"`
 	Label     string   `json:"label,omitempty"`
+	// AllowJump lets Version be more than MaxVersionJump above the version floor.
+	AllowJump bool `json:"allow_jump,omitempty"`
 }
+
+// MaxVersionJump is how far above the version floor (the highest version of a release
+// neither cancelled nor retired) release.create accepts a version without allow_jump:
+// a guard against a mistyped version that would block every later release.
+const MaxVersionJump = 1 << 32
 
 // ReleaseCreateResult is the result of release.create.
 type ReleaseCreateResult struct {
@@ -116,10 +125,13 @@ const (
 	ReleasePaused     ReleaseState = "paused"
 	ReleaseCompleted  ReleaseState = "completed"
 	ReleaseCancelled  ReleaseState = "cancelled"
+	// ReleaseRetired is a completed or cancelled release taken out of the version floor
+	// (release.retire): a later release may have a lower version.
+	ReleaseRetired ReleaseState = "retired"
 )
 
 // ReleaseStates lists every release state, in lifecycle order.
-var ReleaseStates = []ReleaseState{ReleasePublishing, ReleaseActive, ReleasePaused, ReleaseCompleted, ReleaseCancelled}
+var ReleaseStates = []ReleaseState{ReleasePublishing, ReleaseActive, ReleasePaused, ReleaseCompleted, ReleaseCancelled, ReleaseRetired}
 
 // FleetStatus is retained on FleetStatusTopic (PROTOCOL.md 13.1).
 type FleetStatus struct {

@@ -27,6 +27,9 @@ func TestAdminService(t *testing.T) {
 	if len(res.Devices) != 2 || res.Devices[0].Serial != "go-000001" {
 		t.Fatalf("provisioned %+v", res.Devices)
 	}
+	if fs, err := admin.Fleet(ctx); err != nil || fs.Devices != 2 {
+		t.Fatalf("fleet.get right after provisioning: %+v, %v; want 2 devices", fs, err)
+	}
 	// The MQTT transport sees the devices the Go call made, and the reverse.
 	if _, err := e.op.Provision(ctx, []string{"go-000002"}, 0); protocol.CodeOf(err) != protocol.ErrConflict {
 		t.Fatalf("provisioning a device again over MQTT: %v, want conflict", err)

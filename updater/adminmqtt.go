@@ -44,10 +44,14 @@ func newMQTTAdmin(svc *Admin, bus Bus, log zerolog.Logger) *mqttAdmin {
 		protocol.CmdReleasePause:  withRelease(svc.PauseRelease),
 		protocol.CmdReleaseResume: withRelease(svc.ResumeRelease),
 		protocol.CmdReleaseCancel: withRelease(svc.CancelRelease),
+		protocol.CmdReleaseRetire: withRelease(svc.RetireRelease),
 		protocol.CmdReleaseGet:    withRelease(svc.Release),
 		protocol.CmdReleaseList: func(ctx context.Context, _ protocol.Request) (any, error) {
 			return svc.Releases(ctx)
 		},
+		protocol.CmdFleetGet: withArgs(func(ctx context.Context, _ struct{}) (protocol.FleetStatus, error) {
+			return svc.Fleet(ctx)
+		}),
 	}
 	return m
 }

@@ -1,6 +1,7 @@
 package updater_test
 
 import (
+	"bytes"
 	"context"
 	"testing"
 
@@ -82,4 +83,68 @@ func TestStaleKeyReportCannotRaiseVersion(t *testing.T) {
 		st, err := e.op.ReleaseStatus(context.Background(), rel2)
 		return err == nil && st.Installed == 1
 	})
+}
+
+// TestRetireRelease: a release with a mistyped version is refused unless meant; one that
+// was meant, and blocks every later release, is retired, and later releases go out with
+// lower versions; the device that runs the retired version counts as rollback, so the
+// next release completes ([SC-12.2a]).
+func TestRetireRelease(t *testing.T) {
+	e := startEnv(t, boltOpener)
+	ctx := context.Background()
+	files := e.provision(2)
+	img := randomImage(3000)
+	create := func(args protocol.ReleaseCreateArgs) (keychain.ReleaseID, error) {
+		args.ChunkSize = 1024
+		res, err := e.op.Release(ctx, bytes.NewReader(img), int64(len(img)), args)
+		if err != nil {
+			return keychain.ReleaseID{}, err
+		}
+		return res.Release, nil
+	}
+	top := ^uint64(0)
+	if _, err := create(protocol.ReleaseCreateArgs{Version: top, Devices: []string{files[0].Serial}}); protocol.CodeOf(err) != protocol.ErrBadRequest {
+		t.Fatalf("a version 2^64-1 without allow_jump: %v, want bad_request", err)
+	}
+	high, err := create(protocol.ReleaseCreateArgs{Version: top, Devices: []string{files[0].Serial}, AllowJump: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d0 := connectDevice(t, e.b.URL, files[0])
+	ack, km, _ := d0.install()
+	d0.ackUntilReceipt(ack, keychain.Key(d0.u, km.Seq))
+	eventually(t, "the high release completed", func() bool {
+		st, err := e.u.Admin().Release(ctx, high)
+		return err == nil && st.State == protocol.ReleaseCompleted
+	})
+	if _, err := create(protocol.ReleaseCreateArgs{Version: 2, All: true}); protocol.CodeOf(err) != protocol.ErrVersionNotNewer {
+		t.Fatalf("a release under the high one: %v, want version_not_newer", err)
+	}
+	if _, err := e.u.Admin().CancelRelease(ctx, high); protocol.CodeOf(err) != protocol.ErrConflict {
+		t.Fatalf("cancelling a completed release: %v, want conflict", err)
+	}
+	var st protocol.ReleaseStatus
+	if err := e.op.Do(ctx, protocol.CmdReleaseRetire, protocol.ReleaseArgs{Release: high}, &st); err != nil || st.State != protocol.ReleaseRetired {
+		t.Fatalf("release.retire: %+v, %v", st, err)
+	}
+	if _, err := e.u.Admin().RetireRelease(ctx, high); protocol.CodeOf(err) != protocol.ErrConflict {
+		t.Fatalf("retiring twice: %v, want conflict", err)
+	}
+	rel2, err := create(protocol.ReleaseCreateArgs{Version: 2, All: true})
+	if err != nil {
+		t.Fatalf("a release after the high one was retired: %v", err)
+	}
+	d1 := connectDevice(t, e.b.URL, files[1])
+	ack, km, _ = d1.install()
+	if km.ID != rel2 {
+		t.Fatalf("device 1 was offered %s, want %s", km.ID, rel2)
+	}
+	d1.ackUntilReceipt(ack, keychain.Key(d1.u, km.Seq))
+	eventually(t, "release 2 completed: one install, one device already newer", func() bool {
+		st, err := e.u.Admin().Release(ctx, rel2)
+		return err == nil && st.State == protocol.ReleaseCompleted && st.Installed == 1 && st.Failed == 1
+	})
+	if got := e.device(files[0].Serial); got.Version != top {
+		t.Fatalf("device 0 is recorded at version %d; it keeps %d", got.Version, top)
+	}
 }

@@ -12,13 +12,16 @@ import (
 )
 
 // releaseTransitions is the release lifecycle (PROTOCOL.md 12.2), in one table: the states
-// a release may move to from each state. completed and cancelled are final. Every change
-// of a release's state goes through transition.
+// a release may move to from each state; retired is final, and completed and cancelled
+// may only be retired. Every change of a release's state goes through transition.
 var releaseTransitions = map[protocol.ReleaseState][]protocol.ReleaseState{
 	// The image is being published; a crash or a failed publish cancels it.
 	protocol.ReleasePublishing: {protocol.ReleaseActive, protocol.ReleaseCancelled},
 	protocol.ReleaseActive:     {protocol.ReleasePaused, protocol.ReleaseCompleted, protocol.ReleaseCancelled},
 	protocol.ReleasePaused:     {protocol.ReleaseActive, protocol.ReleaseCancelled},
+	// Retiring takes a finished release out of the version floor (release.retire).
+	protocol.ReleaseCompleted: {protocol.ReleaseRetired},
+	protocol.ReleaseCancelled: {protocol.ReleaseRetired},
 }
 
 // ErrTransition is wrapped by every error for a state change the lifecycle does not allow.

@@ -9,8 +9,8 @@ import (
 )
 
 // TestReleaseLifecycle: every state change the table allows happens, every other one is
-// an ErrTransition that leaves the release as it was, and completed and cancelled are
-// final.
+// an ErrTransition that leaves the release as it was; retired is final, and completed and
+// cancelled may only be retired ([SC-12.2a]).
 func TestReleaseLifecycle(t *testing.T) {
 	for _, from := range protocol.ReleaseStates {
 		for _, to := range protocol.ReleaseStates {
@@ -25,9 +25,12 @@ func TestReleaseLifecycle(t *testing.T) {
 			}
 		}
 	}
-	for _, final := range []protocol.ReleaseState{protocol.ReleaseCompleted, protocol.ReleaseCancelled} {
-		if len(releaseTransitions[final]) != 0 {
-			t.Errorf("%s is not final", final)
+	if len(releaseTransitions[protocol.ReleaseRetired]) != 0 {
+		t.Error("retired is not final")
+	}
+	for _, done := range []protocol.ReleaseState{protocol.ReleaseCompleted, protocol.ReleaseCancelled} {
+		if !slices.Equal(releaseTransitions[done], []protocol.ReleaseState{protocol.ReleaseRetired}) {
+			t.Errorf("%s may become %v; want retired only", done, releaseTransitions[done])
 		}
 	}
 }

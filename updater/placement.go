@@ -121,10 +121,14 @@ func (p *placer) wrapBatch(ctx context.Context, r *run, serials []string) (int, 
 		return 0, fmt.Errorf("reading devices: %w", err)
 	}
 	var (
-		as   []Assignment
-		msgs []protocol.Message
+		as      []Assignment
+		msgs    []protocol.Message
+		skipped []string
 	)
 	for _, d := range devs {
+		if d != nil && d.Version >= r.release().Version {
+			skipped = append(skipped, d.Serial)
+		}
 		if d == nil || d.Version >= r.release().Version {
 			continue
 		}
@@ -136,7 +140,38 @@ func (p *placer) wrapBatch(ctx context.Context, r *run, serials []string) (int, 
 		as = append(as, a)
 		msgs = append(msgs, m)
 	}
+	if err := p.newerAlready(ctx, r.release().ID, skipped); err != nil {
+		return 0, err
+	}
 	return p.assignAndPublish(ctx, as, msgs)
+}
+
+// newerAlready records the result rollback for the devices that run the release's version
+// or a newer one and have not installed the release: they would refuse it (a cancelled or
+// retired release of that version or above reached them), so that the release completes
+// ([SC-12.2a]).
+func (p *placer) newerAlready(ctx context.Context, id keychain.ReleaseID, serials []string) error {
+	if len(serials) == 0 {
+		return nil
+	}
+	results, err := p.store.Results(ctx, id, serials)
+	if err != nil {
+		return fmt.Errorf("reading results: %w", err)
+	}
+	var rs []Result
+	for i, res := range results {
+		if res == ResultNone {
+			rs = append(rs, Result{Serial: serials[i], Result: ResultFailed + ":" + protocol.CodeRollback.String()})
+		}
+	}
+	if len(rs) == 0 {
+		return nil
+	}
+	if err := p.store.RecordResults(ctx, id, rs); err != nil {
+		return fmt.Errorf("recording %d devices that run a newer version: %w", len(rs), err)
+	}
+	p.status.releaseChanged(id)
+	return nil
 }
 
 // assignAndPublish records assignments, then publishes the key messages of those that

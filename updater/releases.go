@@ -76,8 +76,8 @@ func (a *Admin) CreateRelease(ctx context.Context, args protocol.ReleaseCreateAr
 
 // checkCreate checks a release.create request's own fields and fills in the defaults.
 func checkCreate(a *protocol.ReleaseCreateArgs) error {
-	if a.Version == 0 {
-		return protocol.Errorf(protocol.ErrBadRequest, "version must be a positive integer")
+	if err := protocol.CheckVersion(a.Version, a.AllowJump, nil); err != nil {
+		return err
 	}
 	if a.All == (len(a.Devices) > 0) {
 		return protocol.Errorf(protocol.ErrBadRequest, "give either devices or all: true")
@@ -102,10 +102,12 @@ func (a *Admin) targets(ctx context.Context, args protocol.ReleaseCreateArgs) ([
 	if err != nil {
 		return nil, unavailable(err)
 	}
-	for _, r := range rels {
-		if r.Version >= args.Version && r.State != protocol.ReleaseCancelled {
-			return nil, protocol.Errorf(protocol.ErrVersionNotNewer, "version %d is not newer than release %s (version %d); versions only go up", args.Version, r.ID, r.Version)
-		}
+	existing := make([]protocol.ReleaseVersion, len(rels))
+	for i, r := range rels {
+		existing[i] = protocol.ReleaseVersion{Release: r.ID, Version: r.Version, State: r.State}
+	}
+	if err := protocol.CheckVersion(args.Version, args.AllowJump, existing); err != nil {
+		return nil, err
 	}
 	if args.All {
 		targets, err := a.store.Serials(ctx)
@@ -194,6 +196,13 @@ func (a *Admin) CancelRelease(ctx context.Context, id keychain.ReleaseID) (proto
 	return a.setState(ctx, id, protocol.ReleaseCancelled, protocol.CmdReleaseCancel)
 }
 
+// RetireRelease takes a completed or cancelled release out of the version floor, so that
+// a later release may have a lower version (release.retire). Devices keep their own
+// floor: one that installed the retired release refuses a lower version.
+func (a *Admin) RetireRelease(ctx context.Context, id keychain.ReleaseID) (protocol.ReleaseStatus, error) {
+	return a.setState(ctx, id, protocol.ReleaseRetired, protocol.CmdReleaseRetire)
+}
+
 // setState moves a release to state to, for the command cmd, and starts, stops or
 // withdraws its fan-out to match.
 func (a *Admin) setState(ctx context.Context, id keychain.ReleaseID, to protocol.ReleaseState, cmd string) (protocol.ReleaseStatus, error) {
@@ -208,7 +217,8 @@ func (a *Admin) setState(ctx context.Context, id keychain.ReleaseID, to protocol
 	running := r != nil && !r.paused.Load()
 	// A release still publishing belongs to the release.create publishing it; pause and
 	// resume need it running in this updater.
-	if rel.State == protocol.ReleasePublishing || to != protocol.ReleaseCancelled && r == nil || !canTransition(rel.State, to) {
+	held := to == protocol.ReleasePaused || to == protocol.ReleaseActive
+	if rel.State == protocol.ReleasePublishing || held && r == nil || !canTransition(rel.State, to) {
 		return protocol.ReleaseStatus{}, conflict
 	}
 	if to == protocol.ReleasePaused {
@@ -274,6 +284,17 @@ func (a *Admin) Releases(ctx context.Context) (protocol.ReleaseListResult, error
 		out.Releases = append(out.Releases, a.status.releaseStatus(ctx, r))
 	}
 	return out, nil
+}
+
+// Fleet returns the fleet status as the store has it now (fleet.get): what the retained
+// fleet status (13.1) shows within a moment, read at once, so that an operator who just
+// provisioned sees the devices.
+func (a *Admin) Fleet(ctx context.Context) (protocol.FleetStatus, error) {
+	fs, err := a.status.fleetStatus(ctx)
+	if err != nil {
+		return protocol.FleetStatus{}, unavailable(err)
+	}
+	return fs, nil
 }
 
 // resume restarts the fan-out of every active release after a restart: wrapping is

@@ -9,7 +9,7 @@ import (
 	"github.com/sealcast/sealcast/protocol"
 )
 
-// controlCommand is pause, resume or cancel: one admin request on one release.
+// controlCommand is pause, resume, cancel or retire: one admin request on one release.
 func controlCommand(e *env, verb string) *ffcli.Command {
 	fs := newFlags(verb, e)
 	var cf clientFlags
@@ -19,6 +19,7 @@ func controlCommand(e *env, verb string) *ffcli.Command {
 		"pause":  protocol.CmdReleasePause,
 		"resume": protocol.CmdReleaseResume,
 		"cancel": protocol.CmdReleaseCancel,
+		"retire": protocol.CmdReleaseRetire,
 	}[verb], map[string]string{
 		"pause": `Pauses an active release: no more keys are wrapped for devices not yet wrapped. Keys
 already published stay, so devices that have one may still install.`,
@@ -26,6 +27,10 @@ already published stay, so devices that have one may still install.`,
 		"cancel": `Cancels an active or paused release: the key topics of its targets that have not
 installed it are cleared, and they are offered whatever else is pending. Devices that
 installed it keep it. A cancelled release's version may be released again.`,
+		"retire": `Retires a completed or cancelled release: its version no longer bounds the
+versions of later releases (a release created with a mistyped version, cancel it first
+if it is active). Devices keep their own floor: a device that installed the retired
+release refuses any lower version.`,
 	}[verb]
 	return &ffcli.Command{
 		Name:       verb,

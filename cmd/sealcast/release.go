@@ -30,6 +30,7 @@ func releaseCommand(e *env) *ffcli.Command {
 	fs.BoolVar(&r.all, "all", false, "target every provisioned device")
 	fs.UintVar(&r.chunkSize, "chunk-size", 0, fmt.Sprintf("chunk size in bytes, %d to %d (default: the service's, %d)", keychain.MinChunkSize, keychain.MaxChunkSize, keychain.DefaultChunkSize))
 	fs.StringVar(&r.label, "label", "", "a name for people, e.g. 2.1.0 (at most 64 characters)")
+	fs.BoolVar(&r.allowJump, "allow-jump", false, fmt.Sprintf("allow a version more than %d above the highest release's (a guard against a mistyped version)", uint64(protocol.MaxVersionJump)))
 	fs.BoolVar(&r.wait, "wait", false, "show progress until every target installed or failed; exit non-zero if any failed or the release was cancelled")
 	return &ffcli.Command{
 		Name:       "release",
@@ -62,14 +63,14 @@ a line every few seconds otherwise. Interrupting the wait does not stop the rele
 type releaseFlags struct {
 	image, devices, label string
 	version               uint64
-	all, wait             bool
+	all, wait, allowJump  bool
 	chunkSize             uint
 }
 
 // check validates the flags without the network and returns the request and the open
 // image.
 func (r *releaseFlags) check() (protocol.ReleaseCreateArgs, *os.File, int64, error) {
-	a := protocol.ReleaseCreateArgs{Version: r.version, All: r.all, ChunkSize: uint32(r.chunkSize), Label: r.label}
+	a := protocol.ReleaseCreateArgs{Version: r.version, All: r.all, ChunkSize: uint32(r.chunkSize), Label: r.label, AllowJump: r.allowJump}
 	if r.image == "" {
 		return a, nil, 0, errors.New("give the image with -image FILE")
 	}
@@ -160,11 +161,12 @@ func precheckRelease(ctx context.Context, op *operator.Client, a protocol.Releas
 	if err := op.Do(ctx, protocol.CmdReleaseList, nil, &list); err != nil {
 		return adminError(err)
 	}
-	for _, r := range list.Releases {
-		if r.Version >= a.Version && r.State != protocol.ReleaseCancelled {
-			return adminError(protocol.Errorf(protocol.ErrVersionNotNewer,
-				"version %d is not newer than release %s (version %d, %s); versions only go up", a.Version, r.Release, r.Version, r.State))
-		}
+	existing := make([]protocol.ReleaseVersion, len(list.Releases))
+	for i, r := range list.Releases {
+		existing[i] = protocol.ReleaseVersion{Release: r.Release, Version: r.Version, State: r.State}
+	}
+	if err := protocol.CheckVersion(a.Version, a.AllowJump, existing); err != nil {
+		return adminError(err)
 	}
 	var unknown []string
 	for _, s := range a.Devices {

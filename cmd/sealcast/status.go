@@ -96,10 +96,8 @@ func showStatus(ctx context.Context, e *env, op *operator.Client, timeout time.D
 	}
 	slices.SortFunc(list.Releases, func(a, b protocol.ReleaseStatus) int { return cmp.Compare(a.Version, b.Version) })
 	out := statusJSON{Releases: list.Releases}
-	// The updater retains the fleet status within a moment of starting; the release
-	// list answered, so it is running.
 	var fleetErr error
-	out.Fleet, fleetErr = readFleet(ctx, op, timeout)
+	out.Fleet, fleetErr = getFleet(ctx, op, timeout)
 	if asJSON {
 		return printJSON(e.stdout, out)
 	}
@@ -127,6 +125,21 @@ func showStatus(ctx context.Context, e *env, op *operator.Client, timeout time.D
 			r.Targets, r.Installed, r.Failed, r.Pending, r.Created.Local().Format(time.DateTime))
 	}
 	return w.Flush()
+}
+
+// getFleet asks the service for the fleet status now (fleet.get), so that what a command
+// just changed shows; from a service that does not know fleet.get, it reads the retained
+// fleet status, which follows within a moment.
+func getFleet(ctx context.Context, op *operator.Client, timeout time.Duration) (*protocol.FleetStatus, error) {
+	var f protocol.FleetStatus
+	err := op.Do(ctx, protocol.CmdFleetGet, nil, &f)
+	if protocol.CodeOf(err) == protocol.ErrUnknownCommand {
+		return readFleet(ctx, op, timeout)
+	}
+	if err != nil {
+		return nil, adminError(err)
+	}
+	return &f, nil
 }
 
 // readFleet reads the retained fleet status.
@@ -267,7 +280,7 @@ const (
 // readDevices collects the retained device statuses and presences. It knows from the
 // fleet status how many devices there are, and stops once it has them all.
 func readDevices(ctx context.Context, op *operator.Client, timeout time.Duration) ([]deviceJSON, error) {
-	fleet, err := readFleet(ctx, op, timeout)
+	fleet, err := getFleet(ctx, op, timeout)
 	if err != nil {
 		return nil, err
 	}
