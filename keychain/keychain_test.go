@@ -3,7 +3,9 @@ package keychain
 import (
 	"bytes"
 	"crypto/ed25519"
+	"crypto/hmac"
 	"crypto/rand"
+	"crypto/sha256"
 	"errors"
 	"io"
 	"strings"
@@ -455,5 +457,31 @@ func TestSealSecret(t *testing.T) {
 	}
 	if _, err := OpenSecret(key, "release x", b[:10]); !errors.Is(err, ErrMalformed) {
 		t.Error("short input accepted")
+	}
+}
+
+// TestRekeyID: re-key ids come from a key of their own, not the AES-GCM state-seal key
+// ([SC-3.6]); they are deterministic per serial and epoch and differ otherwise.
+func TestRekeyID(t *testing.T) {
+	var root RootSecret
+	root[0] = 7
+	k := root.RekeyIDKey()
+	if k == root.StateSealKey() {
+		t.Fatal("the re-key id key is the state-seal key")
+	}
+	a, b := RekeyID(k, "dev-1", 0), RekeyID(k, "dev-1", 0)
+	if a != b {
+		t.Fatal("RekeyID is not deterministic")
+	}
+	for _, o := range []ReleaseID{RekeyID(k, "dev-1", 1), RekeyID(k, "dev-2", 0), RekeyID(root.StateSealKey(), "dev-1", 0)} {
+		if o == a {
+			t.Fatalf("two re-key ids collide: %s", a)
+		}
+	}
+	// HMAC(key, S || be32(e)), first 16 bytes.
+	m := hmac.New(sha256.New, k[:])
+	m.Write([]byte("dev-1\x00\x00\x00\x00"))
+	if !bytes.Equal(m.Sum(nil)[:16], a[:]) {
+		t.Fatal("RekeyID is not the first 16 bytes of HMAC(key, S || be32(e))")
 	}
 }

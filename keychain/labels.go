@@ -13,11 +13,12 @@ const (
 	LabelBrokerAuth   = "sealcast/v1 broker-auth"
 	LabelMQTTPassword = "sealcast/v1 mqtt-password"
 	LabelStateSeal    = "sealcast/v1 state-seal"
+	LabelRekeyID      = "sealcast/v1 rekey-id" // the key that derives re-key ids (3.6)
 
-	// Labels under the state-seal key (server only; they predate the sealcast/v1 naming
-	// and keep their bytes, since stores hold what they sealed).
-	LabelSealedRelease = "release " // AES-GCM associated data: this, then the release id in hex
-	LabelRekeyID       = "rekey-id" // HMAC label of a re-key message's id (3.6)
+	// AES-GCM associated data of a release's content key sealed under the state-seal key
+	// (server only): this, then the release id in hex. It predates the sealcast/v1 naming
+	// and keeps its bytes, since stores hold what it sealed.
+	LabelSealedRelease = "release "
 )
 
 // Message magics (PROTOCOL.md sections 5-8).

@@ -1,7 +1,10 @@
 package keychain
 
 import (
+	"crypto/hmac"
 	"crypto/rand"
+	"crypto/sha256"
+	"encoding/binary"
 	"fmt"
 )
 
@@ -30,8 +33,20 @@ func OpenSecret(key [Size]byte, context string, sealed []byte) ([Size]byte, erro
 	return out, nil
 }
 
-// LabeledMAC returns HMAC-SHA256(key, label || parts...), for server-side derivations
-// that devices never see.
-func LabeledMAC(key [Size]byte, label string, parts ...[]byte) [Size]byte {
-	return hmacLabel(key[:], label, parts...)
+// RekeyIDKey returns HMAC(R, LabelRekeyID), the key that derives re-key ids: an HMAC key
+// of its own, apart from the state-seal key, which is an AES-GCM key (3.6, 2.1).
+func (r RootSecret) RekeyIDKey() [Size]byte { return hmacLabel(r[:], LabelRekeyID) }
+
+// RekeyID returns the id of the re-key of serial out of epoch: the first 16 bytes of
+// HMAC(key, serial || be32(epoch)), with key from RekeyIDKey. It is derived, so that a
+// restarted server re-publishes the same re-key; devices treat it as opaque.
+func RekeyID(key [Size]byte, serial string, epoch uint32) ReleaseID {
+	var e [4]byte
+	binary.BigEndian.PutUint32(e[:], epoch)
+	m := hmac.New(sha256.New, key[:])
+	m.Write([]byte(serial))
+	m.Write(e[:])
+	var id ReleaseID
+	copy(id[:], m.Sum(nil))
+	return id
 }

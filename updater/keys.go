@@ -14,7 +14,8 @@ import (
 // is read-only after New, so every part of the updater may share it.
 type keys struct {
 	root        keychain.RootSecret
-	sealK       [keychain.Size]byte    // seals content keys and derives re-key ids
+	sealK       [keychain.Size]byte    // seals content keys (AES-GCM)
+	rekeyK      [keychain.Size]byte    // derives re-key ids (HMAC)
 	sealer      *keychain.StateSealer  // opens and seals chain states
 	auth        keychain.BrokerAuthKey // derives device passwords
 	signing     ed25519.PrivateKey
@@ -24,7 +25,7 @@ type keys struct {
 
 func newKeys(root keychain.RootSecret, signing ed25519.PrivateKey, chainLength uint32) *keys {
 	return &keys{
-		root: root, sealK: root.StateSealKey(), sealer: keychain.NewStateSealer(root), auth: root.BrokerAuth(),
+		root: root, sealK: root.StateSealKey(), rekeyK: root.RekeyIDKey(), sealer: keychain.NewStateSealer(root), auth: root.BrokerAuth(),
 		signing: signing, public: signing.Public().(ed25519.PublicKey), chainLength: chainLength,
 	}
 }
@@ -45,10 +46,7 @@ func (k *keys) openContentKey(r *Release) (keychain.ContentKey, error) {
 // rekeyID is the id of the re-key of serial out of epoch: derived, so that a restarted
 // updater re-publishes the same re-key it assigned before.
 func (k *keys) rekeyID(serial string, epoch uint32) keychain.ReleaseID {
-	var id keychain.ReleaseID
-	sum := keychain.LabeledMAC(k.sealK, keychain.LabelRekeyID, []byte(serial), []byte{byte(epoch >> 24), byte(epoch >> 16), byte(epoch >> 8), byte(epoch)})
-	copy(id[:], sum[:16])
-	return id
+	return keychain.RekeyID(k.rekeyK, serial, epoch)
 }
 
 // newDevice derives a device's unit data and first chain state, and its device file.
