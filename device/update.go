@@ -93,7 +93,7 @@ func (a *Agent) onKey(p []byte) {
 // device can use to authenticate the report [SC-6.1].
 func (a *Agent) badKeyMessage(p []byte, err error) {
 	a.log.Warn().Err(err).Int("bytes", len(p)).Msg("malformed key message")
-	if len(p) < 29 || string(p[:4]) != "SCK1" {
+	if len(p) < 29 || string(p[:4]) != keychain.MagicKey {
 		a.publishState()
 		return
 	}
@@ -160,7 +160,7 @@ func (a *Agent) rekey(km *keychain.KeyMessage, k keychain.ChainKey, secret [keyc
 		return
 	}
 	ns := a.st.Clone()
-	ns.UnitData = keychain.UnitData(secret)
+	ns.UnitData = keychain.NextUnitData(a.st.UnitData, secret) // [SC-3.2a]
 	ns.Epoch = km.Epoch + 1
 	ns.Seq, ns.ChainLength = km.NewLength, km.NewLength
 	ns.LastAck, ns.LastAckConfirmed, ns.LastAckKey = raw, false, k
@@ -453,7 +453,7 @@ func (a *Agent) onManifest(p []byte) {
 	if len(p) == 0 {
 		return // cleared; keep waiting until the timeout
 	}
-	if len(p) != keychain.ManifestSize || string(p[:4]) != "SCM1" {
+	if len(p) != keychain.ManifestSize || string(p[:4]) != keychain.MagicManifest {
 		a.failJob(protocol.CodeBadMessage, fmt.Sprintf("manifest of %d bytes is not a manifest", len(p)))
 		return
 	}

@@ -86,7 +86,7 @@ func (a Ack) Seal(k ChainKey, serial string) ([]byte, error) {
 		return nil, err
 	}
 	b := make([]byte, 0, AckSize)
-	b = append(b, magicAck...)
+	b = append(b, MagicAck...)
 	b = append(b, byte(a.Kind))
 	b = binary.BigEndian.AppendUint32(b, a.Epoch)
 	b = binary.BigEndian.AppendUint32(b, a.Seq)
@@ -102,8 +102,8 @@ func (a Ack) Seal(k ChainKey, serial string) ([]byte, error) {
 // Seq to find the key, then calls VerifyAck.
 func ParseAck(b []byte) (Ack, error) {
 	var a Ack
-	if len(b) != AckSize || string(b[:4]) != magicAck {
-		return a, fmt.Errorf("%w: ack must be %d bytes starting %q", ErrMalformed, AckSize, magicAck)
+	if len(b) != AckSize || string(b[:4]) != MagicAck {
+		return a, fmt.Errorf("%w: ack must be %d bytes starting %q", ErrMalformed, AckSize, MagicAck)
 	}
 	a.Kind = AckKind(b[4])
 	a.Epoch = binary.BigEndian.Uint32(b[5:])
@@ -163,7 +163,7 @@ func (r Receipt) Seal(k ChainKey, serial string) ([]byte, error) {
 		return nil, err
 	}
 	b := make([]byte, 0, ReceiptSize)
-	b = append(b, magicReceipt...)
+	b = append(b, MagicReceipt...)
 	b = append(b, byte(r.Kind))
 	b = binary.BigEndian.AppendUint32(b, r.Epoch)
 	b = binary.BigEndian.AppendUint32(b, r.Seq)
@@ -176,8 +176,8 @@ func (r Receipt) Seal(k ChainKey, serial string) ([]byte, error) {
 // ParseReceipt decodes a receipt without checking its MAC ([SC-8.1]).
 func ParseReceipt(b []byte) (Receipt, error) {
 	var r Receipt
-	if len(b) != ReceiptSize || string(b[:4]) != magicReceipt {
-		return r, fmt.Errorf("%w: receipt must be %d bytes starting %q", ErrMalformed, ReceiptSize, magicReceipt)
+	if len(b) != ReceiptSize || string(b[:4]) != MagicReceipt {
+		return r, fmt.Errorf("%w: receipt must be %d bytes starting %q", ErrMalformed, ReceiptSize, MagicReceipt)
 	}
 	r.Kind = AckKind(b[4])
 	r.Epoch = binary.BigEndian.Uint32(b[5:])

@@ -359,20 +359,21 @@ func TestKeyMessage(t *testing.T) {
 			t.Fatalf("byte %d flipped: %v", i, err)
 		}
 	}
-	for _, bad := range [][]byte{nil, b[:120], append(append([]byte{}, b...), 0), []byte("SCK1\x09" + strings.Repeat("\x00", 116))} {
+	for _, bad := range [][]byte{nil, b[:120], append(append([]byte{}, b...), 0), []byte("SCK2\x09" + strings.Repeat("\x00", 116)), []byte("SCK1\x01" + strings.Repeat("\x00", 116))} {
 		if _, err := ParseKeyMessage(bad); !errors.Is(err, ErrMalformed) {
 			t.Errorf("malformed %d bytes accepted: %v", len(bad), err)
 		}
 	}
 	// Re-key.
 	u1, _ := DeriveUnitData(root, "dev-a", 1)
-	rb, err := SealKeyMessage(KeyMessage{Kind: KindRekey, Epoch: 0, Seq: 1, NewLength: 2048}, Key(u, 1), "dev-a", u1)
+	t1, _ := RekeySecret(root, "dev-a", 1)
+	rb, err := SealKeyMessage(KeyMessage{Kind: KindRekey, Epoch: 0, Seq: 1, NewLength: 2048}, Key(u, 1), "dev-a", t1)
 	if err != nil || len(rb) != KeyMessageRekeySize {
 		t.Fatalf("rekey: %d bytes %v", len(rb), err)
 	}
 	rm, _ := ParseKeyMessage(rb)
 	next, err := rm.Open(Key(u, 1), "dev-a")
-	if err != nil || UnitData(next) != u1 || rm.NewLength != 2048 {
+	if err != nil || NextUnitData(u, next) != u1 || rm.NewLength != 2048 {
 		t.Fatalf("rekey open: %v", err)
 	}
 	if _, err := SealKeyMessage(KeyMessage{Kind: KindRekey, Seq: 1, NewLength: 1000}, k, "dev-a", u1); !errors.Is(err, ErrInvalidChainLength) {

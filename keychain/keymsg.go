@@ -91,7 +91,7 @@ func sealKeyMessage(m KeyMessage, k ChainKey, serial string, secret [Size]byte, 
 		return nil, err
 	}
 	b := make([]byte, 0, KeyMessageReleaseSize)
-	b = append(b, magicKey...)
+	b = append(b, MagicKey...)
 	b = append(b, byte(m.Kind))
 	b = binary.BigEndian.AppendUint32(b, m.Epoch)
 	b = binary.BigEndian.AppendUint32(b, m.Seq)
@@ -110,8 +110,8 @@ func sealKeyMessage(m KeyMessage, k ChainKey, serial string, secret [Size]byte, 
 // ParseKeyMessage decodes the fields of a key message without opening it ([SC-6.1]).
 // The fields are not authenticated until Open succeeds.
 func ParseKeyMessage(b []byte) (*KeyMessage, error) {
-	if len(b) < keyHeaderSize || string(b[:4]) != magicKey {
-		return nil, fmt.Errorf("%w: key message of %d bytes does not start with %q", ErrMalformed, len(b), magicKey)
+	if len(b) < keyHeaderSize || string(b[:4]) != MagicKey {
+		return nil, fmt.Errorf("%w: key message of %d bytes does not start with %q", ErrMalformed, len(b), MagicKey)
 	}
 	m := &KeyMessage{Kind: KeyKind(b[4])}
 	want := 0

@@ -100,21 +100,44 @@ func ValidChainLength(l uint32) bool {
 	return l >= MinChainLength && l <= MaxChainLength && bits.OnesCount32(l) == 1
 }
 
-// DeriveUnitData returns U_e = HMAC(R, LabelUnitData || 0x00 || be32(e) || serial)
-// (PROTOCOL.md 3.2, claim 8).
+// DeriveUnitData returns the unit data U_e of a device in chain epoch e (PROTOCOL.md 3.2,
+// claim 8): U_0 = HMAC(R, LabelUnitData || 0x00 || be32(0) || serial), and for e >= 1
+// U_e = NextUnitData(U_{e-1}, RekeySecret(R, serial, e)). It costs e+1 HMACs.
 func DeriveUnitData(root RootSecret, serial string, epoch uint32) (UnitData, error) {
 	if err := CheckSerial(serial); err != nil {
 		return UnitData{}, err
 	}
-	m := hmac.New(sha256.New, root[:])
-	m.Write([]byte(LabelUnitData))
+	u := UnitData(rootDerived(root, serial, 0))
+	for e := uint32(1); e <= epoch && e != 0; e++ {
+		u = NextUnitData(u, rootDerived(root, serial, e))
+	}
+	return u, nil
+}
+
+// RekeySecret returns T_e = HMAC(R, LabelUnitData || 0x00 || be32(e) || serial), the
+// secret a re-key message into epoch e >= 1 carries (6.3). The device combines it with
+// the unit data it holds (NextUnitData), so that T_e alone, which a leaked K_1 reveals
+// from the recorded re-key message, does not give U_e.
+func RekeySecret(root RootSecret, serial string, epoch uint32) ([Size]byte, error) {
+	if err := CheckSerial(serial); err != nil {
+		return [Size]byte{}, err
+	}
+	if epoch == 0 {
+		return [Size]byte{}, errors.New("keychain: epoch 0 has no re-key secret")
+	}
+	return rootDerived(root, serial, epoch), nil
+}
+
+// NextUnitData returns U_{e+1} = HMAC(U_e, LabelRekey || T_{e+1}): the unit data of the
+// next epoch, from the current one and the re-key secret (PROTOCOL.md 3.2, [SC-3.2a]).
+func NextUnitData(u UnitData, secret [Size]byte) UnitData {
+	return UnitData(hmacLabel(u[:], LabelRekey, secret[:]))
+}
+
+func rootDerived(root RootSecret, serial string, epoch uint32) [Size]byte {
 	var b [5]byte
 	binary.BigEndian.PutUint32(b[1:], epoch)
-	m.Write(b[:])
-	m.Write([]byte(serial))
-	var u UnitData
-	m.Sum(u[:0])
-	return u, nil
+	return hmacLabel(root[:], LabelUnitData, b[:], []byte(serial))
 }
 
 // Step is the key-generation step: SHA256(LabelChainStep || k) (PROTOCOL.md 3.3).

@@ -14,6 +14,7 @@ const (
 	LabelMQTTPassword = "sealcast/v1 mqtt-password"
 	LabelStateSeal    = "sealcast/v1 state-seal"
 	LabelRekeyID      = "sealcast/v1 rekey-id" // the key that derives re-key ids (3.6)
+	LabelRekey        = "sealcast/v2 rekey"    // the next unit data from the current one and the re-key secret (3.2)
 
 	// AES-GCM associated data of a release's content key sealed under the state-seal key
 	// (server only): this, then the release id in hex. It predates the sealcast/v1 naming
@@ -21,10 +22,14 @@ const (
 	LabelSealedRelease = "release "
 )
 
+// ProtocolVersion is the major version of the wire (PROTOCOL.md 1): the fourth byte of
+// every magic is its ASCII digit.
+const ProtocolVersion = 2
+
 // Message magics (PROTOCOL.md sections 5-8).
 const (
-	magicManifest = "SCM1"
-	magicKey      = "SCK1"
-	magicAck      = "SCA1"
-	magicReceipt  = "SCR1"
+	MagicManifest = "SCM2"
+	MagicKey      = "SCK2"
+	MagicAck      = "SCA2"
+	MagicReceipt  = "SCR2"
 )

@@ -56,7 +56,7 @@ func (m *Manifest) check() error {
 
 func (m *Manifest) body() []byte {
 	b := make([]byte, 0, ManifestSize)
-	b = append(b, magicManifest...)
+	b = append(b, MagicManifest...)
 	b = append(b, m.Release[:]...)
 	b = binary.BigEndian.AppendUint64(b, m.Version)
 	b = binary.BigEndian.AppendUint64(b, uint64(m.Created.Unix()))
@@ -90,8 +90,8 @@ func (m *Manifest) Sign(key ed25519.PrivateKey) ([]byte, error) {
 // A bad signature is ErrAuth; a malformed manifest is ErrMalformed. Anti-rollback is the
 // caller's check: compare Version with the installed version.
 func ParseManifest(b []byte, pub ed25519.PublicKey) (*Manifest, error) {
-	if len(b) != ManifestSize || string(b[:4]) != magicManifest {
-		return nil, fmt.Errorf("%w: manifest must be %d bytes starting %q", ErrMalformed, ManifestSize, magicManifest)
+	if len(b) != ManifestSize || string(b[:4]) != MagicManifest {
+		return nil, fmt.Errorf("%w: manifest must be %d bytes starting %q", ErrMalformed, ManifestSize, MagicManifest)
 	}
 	if len(pub) != ed25519.PublicKeySize {
 		return nil, fmt.Errorf("keychain: release public key is %d bytes, want %d", len(pub), ed25519.PublicKeySize)

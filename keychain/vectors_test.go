@@ -72,10 +72,13 @@ type Vectors struct {
 		NewLength uint32 `json:"new_length"`
 		Nonce     string `json:"nonce"`
 		Secret    string `json:"secret"`
-		Message   string `json:"message"`
+		// NextUnitData is U_{e+1} = HMAC(U_e, "sealcast/v2 rekey" || secret) (3.2).
+		NextUnitData string `json:"next_unit_data"`
+		Message      string `json:"message"`
 	} `json:"key_message_rekey"`
 	Ack             ackVector     `json:"ack_installed"`
 	Report          ackVector     `json:"report_failed"`
+	ReportStaleKey  ackVector     `json:"report_stale_key"`
 	AckRekeyed      ackVector     `json:"ack_rekeyed"`
 	ReceiptAccepted receiptVector `json:"receipt_accepted"`
 	ReceiptRecorded receiptVector `json:"receipt_recorded"`
@@ -144,7 +147,7 @@ func seqBytes(n int, start byte) []byte {
 func makeVectors(t *testing.T) *Vectors {
 	t.Helper()
 	h := hex.EncodeToString
-	v := &Vectors{Comment: "Sealcast protocol v1 test vectors; see docs/PROTOCOL.md section 11. Regenerate: go test ./keychain -run TestVectors -update"}
+	v := &Vectors{Comment: "Sealcast protocol v2 test vectors; see docs/PROTOCOL.md section 11. Regenerate: go test ./keychain -run TestVectors -update"}
 	var root RootSecret
 	copy(root[:], seqBytes(32, 0x00))
 	v.Root = h(root[:])
@@ -224,17 +227,25 @@ func makeVectors(t *testing.T) *Vectors {
 	var nonce2 [12]byte
 	copy(nonce2[:], seqBytes(12, 0xe0))
 	u1, _ := DeriveUnitData(root, v.Serial, 1)
+	t1, _ := RekeySecret(root, v.Serial, 1)
+	if NextUnitData(u0, t1) != u1 {
+		t.Fatal("U_1 is not NextUnitData(U_0, T_1)")
+	}
 	rkm := KeyMessage{Kind: KindRekey, Epoch: 0, Seq: 1, ID: rid, NewLength: 1024}
-	rb, err := sealKeyMessage(rkm, Key(u0, 1), v.Serial, u1, nonce2)
+	rb, err := sealKeyMessage(rkm, Key(u0, 1), v.Serial, t1, nonce2)
 	if err != nil {
 		t.Fatal(err)
 	}
-	v.Rekey.Epoch, v.Rekey.Seq, v.Rekey.RekeyID, v.Rekey.NewLength, v.Rekey.Nonce, v.Rekey.Secret, v.Rekey.Message = 0, 1, h(rid[:]), 1024, h(nonce2[:]), h(u1[:]), h(rb)
+	v.Rekey.Epoch, v.Rekey.Seq, v.Rekey.RekeyID, v.Rekey.NewLength, v.Rekey.Nonce, v.Rekey.Secret, v.Rekey.Message = 0, 1, h(rid[:]), 1024, h(nonce2[:]), h(t1[:]), h(rb)
+	v.Rekey.NextUnitData = h(u1[:])
 
 	ack := Ack{Kind: AckInstalled, Epoch: 0, Seq: n, ID: id, Version: 7, DeviceSeq: n - 1}
 	v.Ack = ackVectorOf(t, ack, k, v.Serial)
 	rep := Ack{Kind: AckFailed, Epoch: 0, Seq: n, ID: id, Version: 7, DeviceSeq: n, Code: 5}
 	v.Report = ackVectorOf(t, rep, k, v.Serial)
+	// A stale_key report (10.1 step 2): the device at D = n-3 answers a key message for n.
+	stale := Ack{Kind: AckFailed, Epoch: 0, Seq: n, ID: id, Version: 7, DeviceSeq: n - 3, Code: 8}
+	v.ReportStaleKey = ackVectorOf(t, stale, k, v.Serial)
 	v.AckRekeyed = ackVectorOf(t, Ack{Kind: AckRekeyed, Epoch: 0, Seq: 1, ID: rid, DeviceSeq: 1024}, Key(u0, 1), v.Serial)
 	v.ReceiptAccepted = receiptVectorOf(t, ReceiptFor(ack, ReceiptAccepted), k, v.Serial)
 	v.ReceiptRecorded = receiptVectorOf(t, ReceiptFor(rep, ReceiptRecorded), k, v.Serial)
@@ -300,11 +311,12 @@ func TestVectors(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	u1, err := rk.Open(Key(u0, rk.Seq), v.Serial)
-	if err != nil || hex.EncodeToString(u1[:]) != v.UnitData[1].UnitData {
+	t1, err := rk.Open(Key(u0, rk.Seq), v.Serial)
+	u1 := NextUnitData(u0, t1)
+	if err != nil || hex.EncodeToString(u1[:]) != v.UnitData[1].UnitData || v.Rekey.NextUnitData != v.UnitData[1].UnitData {
 		t.Fatalf("re-key did not yield U_1 (%v)", err)
 	}
-	for _, av := range []ackVector{v.Ack, v.Report, v.AckRekeyed} {
+	for _, av := range []ackVector{v.Ack, v.Report, v.ReportStaleKey, v.AckRekeyed} {
 		b := mustHex(t, av.Message)
 		a, err := ParseAck(b)
 		if err != nil {

@@ -249,7 +249,7 @@ func (p *placer) wrapFor(d *Device, r *run) (Assignment, protocol.Message, error
 }
 
 func (p *placer) rekeyFor(d *Device, k1 keychain.ChainKey) (Assignment, protocol.Message, error) {
-	next, err := keychain.DeriveUnitData(p.keys.root, d.Serial, d.Epoch+1)
+	next, err := keychain.RekeySecret(p.keys.root, d.Serial, d.Epoch+1)
 	if err != nil {
 		return Assignment{}, protocol.Message{}, err
 	}

@@ -1,4 +1,4 @@
-// Independent second implementation of the Sealcast v1 protocol (docs/PROTOCOL.md), written
+// Independent second implementation of the Sealcast v2 protocol (docs/PROTOCOL.md), written
 // from the document alone, checked against keychain/testdata/vectors.json (section 11).
 // Run from the repository root:  node --test scripts/interop/check-vectors.mjs
 // Node 20, standard library only.
@@ -40,13 +40,21 @@ const L = {
   wrap: ascii('sealcast/v1 wrap'), ack: ascii('sealcast/v1 ack'), receipt: ascii('sealcast/v1 receipt'),
   payload: ascii('sealcast/v1 payload'), manifest: ascii('sealcast/v1 manifest'),
   brokerAuth: ascii('sealcast/v1 broker-auth'), mqttPassword: ascii('sealcast/v1 mqtt-password'),
+  rekey: ascii('sealcast/v2 rekey'),
 };
 
 // [SC-2.1] serial syntax
 const serialOK = (s) => /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/.test(s);
 
 // ---- 3. Key derivation ---------------------------------------------------------------------
-const unitData = (R, e, S) => hmac(R, L.unitData, [0], be32(e), ascii(S));           // 3.2
+// 3.2: U_0 from R; U_e = HMAC(U_{e-1}, "sealcast/v2 rekey" || T_e), T_e the re-key secret.
+const rekeySecret = (R, e, S) => hmac(R, L.unitData, [0], be32(e), ascii(S));
+const nextUnitData = (U, T) => hmac(U, L.rekey, T);
+function unitData(R, e, S) {
+  let U = rekeySecret(R, 0, S);
+  for (let i = 1; i <= e; i++) U = nextUnitData(U, rekeySecret(R, i, S));
+  return U;
+}
 function chainKey(U, n) {                                                            // 3.3
   let k = Buffer.from(U);
   for (let i = 0; i < n; i++) k = sha256(L.chainStep, k);
@@ -86,13 +94,13 @@ function decryptImage(PK, chunks, cs, count) {
 
 // ---- 5. Manifest --------------------------------------------------------------------------
 function manifestBody(m) { // bytes[0:116]
-  const b = cat(ascii('SCM1'), m.releaseId, be64(m.version), be64(m.created), be64(m.imageSize),
+  const b = cat(ascii('SCM2'), m.releaseId, be64(m.version), be64(m.created), be64(m.imageSize),
     be32(m.chunkSize), be32(m.chunkCount), m.imageSha256, m.cipherSha256);
   assert.equal(b.length, 116);
   return b;
 }
 function parseManifest(b) {
-  if (b.length !== 180 || b.subarray(0, 4).toString('ascii') !== 'SCM1') throw new Error('bad manifest');
+  if (b.length !== 180 || b.subarray(0, 4).toString('ascii') !== 'SCM2') throw new Error('bad manifest');
   return {
     releaseId: b.subarray(4, 20), version: b.readBigUInt64BE(20), created: b.readBigUInt64BE(28),
     imageSize: b.readBigUInt64BE(36), chunkSize: b.readUInt32BE(44), chunkCount: b.readUInt32BE(48),
@@ -110,7 +118,7 @@ const verifyManifest = (pub, b) => crypto.verify(null, cat(L.manifest, b.subarra
 
 // ---- 6. Key message -----------------------------------------------------------------------
 const KIND_RELEASE = 1, KIND_REKEY = 2;
-const keyHeader = (kind, e, n, id) => cat(ascii('SCK1'), [kind], be32(e), be32(n), id); // 29 bytes
+const keyHeader = (kind, e, n, id) => cat(ascii('SCK2'), [kind], be32(e), be32(n), id); // 29 bytes
 
 // 6.1 + 6.2 / 6.3: bytes before the nonce are the associated data, followed by the serial.
 function buildKeyMessage({ kind, epoch, seq, id, manifestDigest, newLength, nonce, secret }, U, S) {
@@ -123,7 +131,7 @@ function buildKeyMessage({ kind, epoch, seq, id, manifestDigest, newLength, nonc
 // Device side [SC-6.1]: check framing, then open `sealed` before trusting any other field.
 function openKeyMessage(msg, U, S) {
   if (msg.length === 0) return null; // cleared retained topic: ignore
-  if (msg.subarray(0, 4).toString('ascii') !== 'SCK1') throw new Error('bad_message');
+  if (msg.subarray(0, 4).toString('ascii') !== 'SCK2') throw new Error('bad_message');
   const kind = msg[4];
   const nonceOff = { [KIND_RELEASE]: 61, [KIND_REKEY]: 33 }[kind];
   const size = { [KIND_RELEASE]: 121, [KIND_REKEY]: 93 }[kind];
@@ -140,11 +148,11 @@ function openKeyMessage(msg, U, S) {
 
 // ---- 7. Ack and report / 8. Receipt ---------------------------------------------------------
 function buildAck({ kind, epoch, seq, id, version, deviceSeq, code }, U, S) {
-  const body = cat(ascii('SCA1'), [kind], be32(epoch), be32(seq), id, be64(version), be32(deviceSeq), be16(code));
+  const body = cat(ascii('SCA2'), [kind], be32(epoch), be32(seq), id, be64(version), be32(deviceSeq), be16(code));
   return cat(body, hmac(subkeys(chainKey(U, seq)).ak, body, ascii(S)));
 }
 function parseAck(b, U, S) { // server side: MAC key from K_seq of the message's epoch (U = U_epoch)
-  if (b.length !== 75 || b.subarray(0, 4).toString('ascii') !== 'SCA1') throw new Error('bad ack');
+  if (b.length !== 75 || b.subarray(0, 4).toString('ascii') !== 'SCA2') throw new Error('bad ack');
   const f = { kind: b[4], epoch: b.readUInt32BE(5), seq: b.readUInt32BE(9), id: b.subarray(13, 29),
     version: b.readBigUInt64BE(29), deviceSeq: b.readUInt32BE(37), code: b.readUInt16BE(41) };
   const mac = hmac(subkeys(chainKey(U, f.seq)).ak, b.subarray(0, 43), ascii(S));
@@ -152,11 +160,11 @@ function parseAck(b, U, S) { // server side: MAC key from K_seq of the message's
   return f;
 }
 function buildReceipt({ kind, epoch, seq, id, status }, U, S) {
-  const body = cat(ascii('SCR1'), [kind], be32(epoch), be32(seq), id, [status]);
+  const body = cat(ascii('SCR2'), [kind], be32(epoch), be32(seq), id, [status]);
   return cat(body, hmac(subkeys(chainKey(U, seq)).rk, body, ascii(S)));
 }
 function parseReceipt(b, U, S) { // device side
-  if (b.length !== 62 || b.subarray(0, 4).toString('ascii') !== 'SCR1') throw new Error('bad receipt');
+  if (b.length !== 62 || b.subarray(0, 4).toString('ascii') !== 'SCR2') throw new Error('bad receipt');
   const f = { kind: b[4], epoch: b.readUInt32BE(5), seq: b.readUInt32BE(9), id: b.subarray(13, 29), status: b[29] };
   const mac = hmac(subkeys(chainKey(U, f.seq)).rk, b.subarray(0, 30), ascii(S));
   if (!crypto.timingSafeEqual(mac, b.subarray(30))) throw new Error('bad receipt mac');
@@ -261,11 +269,12 @@ test('6.1/6.2: release key message', () => {
   assert.equal(hex(payloadKey(o.secret, o.id)), rel.payload_key);
 });
 
-test('6.3: re-key message yields unit data of epoch 1', () => {
+test('6.3: re-key message yields the re-key secret, and with U_0 the unit data of epoch 1', () => {
   const km = V.key_message_rekey;
-  const U = unitData(R, km.epoch, S), U1 = unitData(R, km.epoch + 1, S);
+  const U = unitData(R, km.epoch, S), T1 = rekeySecret(R, km.epoch + 1, S);
+  assert.equal(hex(T1), km.secret);
   const fields = { kind: KIND_REKEY, epoch: km.epoch, seq: km.seq, id: unhex(km.rekey_id),
-    newLength: km.new_length, nonce: unhex(km.nonce), secret: U1 };
+    newLength: km.new_length, nonce: unhex(km.nonce), secret: T1 };
   const mine = buildKeyMessage(fields, U, S);
   assert.equal(mine.length, 93);
   assert.equal(hex(mine), km.message);
@@ -273,7 +282,12 @@ test('6.3: re-key message yields unit data of epoch 1', () => {
   assert.equal(o.kind, KIND_REKEY);
   assert.equal(o.seq, 1);
   assert.equal(o.newLength, km.new_length);
-  assert.equal(hex(o.secret), V.unit_data.find((x) => x.epoch === km.epoch + 1).unit_data);
+  assert.equal(hex(o.secret), km.secret);
+  const U1 = nextUnitData(U, o.secret);
+  assert.equal(hex(U1), km.next_unit_data);
+  assert.equal(hex(U1), V.unit_data.find((x) => x.epoch === km.epoch + 1).unit_data);
+  // Forward secrecy across the re-key: the secret carried is not the next unit data.
+  assert.notEqual(hex(o.secret), km.next_unit_data);
 });
 
 // Each ack vector lists its expected fields and MAC key next to its bytes (11).
@@ -296,6 +310,9 @@ test('7: acks (installed, rekeyed) and report (failed): fields, MAC key, rebuild
   assert.equal(rep.kind, 3);
   assert.equal(rep.deviceSeq, km.seq); // unchanged
   assert.ok(rep.code >= 1 && rep.code <= 10, `code ${rep.code} is a 15.1 report code`);
+  const st = checkAckVector(V.report_stale_key, U);
+  // 10.1 step 2: a stale_key report (code 8) carries the device's own sequence number.
+  assert.deepEqual([st.kind, st.code, st.seq, st.deviceSeq], [3, 8, km.seq, km.seq - 3]);
   const rk = checkAckVector(V.ack_rekeyed, U);
   // 10.1 step 5: a re-key ack answers the re-key message and carries the new length.
   assert.deepEqual([rk.kind, rk.seq, hex(rk.id), rk.deviceSeq],
@@ -332,6 +349,8 @@ test('negative: tampering fails authentication', () => {
   for (const off of [5, 12, 20, 40, 65, 80, 120]) assert.throws(() => openKeyMessage(flip(km, off), U, S), AUTH, `offset ${off}`);
   assert.throws(() => openKeyMessage(km, U, 'sensor-0002'), AUTH); // bound to the serial
   assert.throws(() => openKeyMessage(km.subarray(0, 120), U, S), /bad_message/);
+  // [SC-1.1]: a message of protocol version 1 (magic "SCK1") is refused, whatever follows.
+  assert.throws(() => openKeyMessage(cat(ascii('SCK1'), km.subarray(4)), U, S), /bad_message/);
   assert.equal(openKeyMessage(Buffer.alloc(0), U, S), null);
   // 7/8: flipped MAC bit, flipped field bit, other serial
   assert.throws(() => parseAck(flip(unhex(V.ack_installed.message), 60), U, S), /bad ack mac/);

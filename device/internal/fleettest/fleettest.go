@@ -207,7 +207,7 @@ func (s *Server) Rekey(serial string, l uint32) (keychain.ReleaseID, error) {
 	d := s.devs[serial]
 	e, c, u := d.Epoch, d.C, d.U
 	s.mu.Unlock()
-	next, err := keychain.DeriveUnitData(s.Root, serial, e+1)
+	next, err := keychain.RekeySecret(s.Root, serial, e+1)
 	if err != nil {
 		return keychain.ReleaseID{}, err
 	}
