@@ -72,7 +72,10 @@ func (s *State) Validate() error {
 	switch u.Scheme {
 	case "tcp", "mqtt", "ssl", "tls", "mqtts":
 	default:
-		return bad("broker url %q: scheme %q is not one of tcp, mqtt, ssl, tls, mqtts", s.Broker.URL, u.Scheme)
+		return bad("broker url %q: scheme %q is not one of tcp, mqtt, ssl, tls, mqtts [SC-14.2]", s.Broker.URL, u.Scheme)
+	}
+	if (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.Fragment != "" || u.User != nil {
+		return bad("broker url %q: give scheme://host[:port] only, without user, path or query [SC-14.2]", s.Broker.URL)
 	}
 	if s.Broker.Username != "" && s.Broker.Username != s.Serial {
 		return bad("broker username %q differs from the serial %q; the protocol uses the serial [SC-9.3]", s.Broker.Username, s.Serial)

@@ -35,6 +35,10 @@ func TestStateFromDeviceFile(t *testing.T) {
 		"seq0":      func(f *protocol.DeviceFile) { f.Seq = 0 },
 		"pubkey":    func(f *protocol.DeviceFile) { f.ReleasePublicKey = f.ReleasePublicKey[:5] },
 		"url":       func(f *protocol.DeviceFile) { f.Broker.URL = "http://x" },
+		"ws":        func(f *protocol.DeviceFile) { f.Broker.URL = "ws://x:8080" },
+		"url path":  func(f *protocol.DeviceFile) { f.Broker.URL = "tcp://x:1883/mqtt" },
+		"url query": func(f *protocol.DeviceFile) { f.Broker.URL = "tcp://x:1883?a=b" },
+		"url user":  func(f *protocol.DeviceFile) { f.Broker.URL = "tcp://u:p@x:1883" },
 		"username":  func(f *protocol.DeviceFile) { f.Broker.Username = "other" },
 	} {
 		f := deviceFile()

@@ -140,6 +140,7 @@ func (e *ackEngine) process(ctx context.Context, batch []inbound) {
 // account counts and logs what judge decided.
 func (e *ackEngine) account(v *verdict) {
 	e.stats.chainSteps.Add(int64(v.steps))
+	e.stats.claims.Add(int64(v.claims))
 	switch {
 	case v.reject != "":
 		e.stats.reject(v.reject)
@@ -193,7 +194,7 @@ func (e *ackEngine) advance(ctx context.Context, t *triage, now time.Time) bool 
 		e.log.Error().Err(err).Int("acks", len(t.advances)).Msg("devices will re-send")
 		return false
 	}
-	e.stats.versionClaims.Add(int64(mismatches))
+	e.stats.claims.Add(int64(mismatches))
 	adv := make([]Advance, len(t.advances))
 	for i, v := range t.advances {
 		adv[i] = *v.advance

@@ -30,7 +30,7 @@ func TestServerDecidesVersion(t *testing.T) {
 	if got := e.device(f.Serial); got.Version != 1 || got.Seq != km.Seq-1 {
 		t.Fatalf("the server recorded version %d at %d; want the release's version 1 at %d", got.Version, got.Seq, km.Seq-1)
 	}
-	if n := e.u.Stats().VersionClaims; n != 1 {
+	if n := e.u.Stats().Claims; n != 1 {
 		t.Fatalf("%d version claims counted, want 1", n)
 	}
 	rel2 := e.release(randomImage(2000), 2)
@@ -69,7 +69,7 @@ func TestStaleKeyReportCannotRaiseVersion(t *testing.T) {
 	if got := e.device(f.Serial); got.Version != 1 {
 		t.Fatalf("the server recorded version %d; want 1, the highest it released to the device", got.Version)
 	}
-	if n := e.u.Stats().VersionClaims; n != 1 {
+	if n := e.u.Stats().Claims; n != 1 {
 		t.Fatalf("%d version claims counted, want 1", n)
 	}
 	d.d = km.Seq - 5

@@ -31,6 +31,7 @@ type verdict struct {
 	dup     bool     // a repeat of the last accepted ack: answer with its receipt
 	reoffer bool     // a stale_key report about index C+1: publish the key message for C again
 	advance *Advance // set for an ack that moves the counter
+	claims  int      // fields of the ack that differ from what the server knows (device_seq)
 	receipt []byte
 	steps   int // hash-chain steps spent
 }
@@ -146,17 +147,25 @@ func (v *verdict) judgeConfirm(k *keys, tr *keychain.Traversal, key keychain.Cha
 		}
 		err = tr.Advance()
 		adv.To, adv.State = Position{d.Epoch, d.Seq - 1}, protocol.DeviceInstalled
+		if a.DeviceSeq != d.Seq-1 {
+			v.claims++
+		}
 	case keychain.AckRekeyed:
-		if a.ID != rekey || d.Seq != 1 || !keychain.ValidChainLength(a.DeviceSeq) {
+		if a.ID != rekey || d.Seq != 1 {
 			*v = v.rejected(rejectUnassigned, nil)
 			return
+		}
+		// L' is the device's chain length, which the re-key message carried ([SC-10.3]).
+		length := rekeyLength(d, k)
+		if a.DeviceSeq != length {
+			v.claims++
 		}
 		var next keychain.UnitData
 		if next, err = keychain.DeriveUnitData(k.root, d.Serial, d.Epoch+1); err == nil {
 			v.steps += tr.Steps() // tr is replaced by the next chain's
-			tr, err = keychain.NewTraversal(next, a.DeviceSeq)
+			tr, err = keychain.NewTraversal(next, length)
 		}
-		adv.To, adv.ChainLength, adv.State = Position{d.Epoch + 1, a.DeviceSeq}, a.DeviceSeq, protocol.DeviceIdle
+		adv.To, adv.ChainLength, adv.State = Position{d.Epoch + 1, length}, length, protocol.DeviceIdle
 	}
 	if err == nil {
 		adv.Chain, err = k.sealer.Seal(d.Serial, adv.To.Epoch, tr)
@@ -171,3 +180,13 @@ func (v *verdict) judgeConfirm(k *keys, tr *keychain.Traversal, key keychain.Cha
 }
 
 func assigned(d *Device, id keychain.ReleaseID) bool { return slices.Contains(d.Assigned, id) }
+
+// rekeyLength is L', the length of a device's next chain: its current length, so that a
+// re-key changes no chain length ([SC-10.3]); the server's default for a record without
+// a valid one.
+func rekeyLength(d *Device, k *keys) uint32 {
+	if keychain.ValidChainLength(d.ChainLength) {
+		return d.ChainLength
+	}
+	return k.chainLength
+}

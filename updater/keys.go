@@ -20,7 +20,7 @@ type keys struct {
 	auth        keychain.BrokerAuthKey // derives device passwords
 	signing     ed25519.PrivateKey
 	public      ed25519.PublicKey
-	chainLength uint32 // of new devices and re-keys
+	chainLength uint32 // of new devices
 }
 
 func newKeys(root keychain.RootSecret, signing ed25519.PrivateKey, chainLength uint32) *keys {

@@ -254,7 +254,7 @@ func (p *placer) rekeyFor(d *Device, k1 keychain.ChainKey) (Assignment, protocol
 		return Assignment{}, protocol.Message{}, err
 	}
 	id := p.keys.rekeyID(d.Serial, d.Epoch)
-	m := keychain.KeyMessage{Kind: keychain.KindRekey, Epoch: d.Epoch, Seq: 1, ID: id, NewLength: p.keys.chainLength}
+	m := keychain.KeyMessage{Kind: keychain.KindRekey, Epoch: d.Epoch, Seq: 1, ID: id, NewLength: rekeyLength(d, p.keys)}
 	b, err := keychain.SealKeyMessage(m, k1, d.Serial, next)
 	if err != nil {
 		return Assignment{}, protocol.Message{}, err

@@ -66,7 +66,8 @@ type Options struct {
 	Logger     zerolog.Logger
 	// DataDir holds uploads in progress (DataDir/uploads). Required unless AcksOnly.
 	DataDir string
-	// ChainLength of new devices and re-keys (default keychain.DefaultChainLength).
+	// ChainLength of new devices (default keychain.DefaultChainLength). A re-key keeps
+	// the device's chain length ([SC-10.3]).
 	ChainLength uint32
 	// BrokerURL is written into device files, for devices to connect to.
 	BrokerURL string
@@ -330,10 +331,11 @@ type Stats struct {
 	Online int
 	// ReceiptsPublished counts receipts the broker acknowledged.
 	ReceiptsPublished int64
-	// VersionClaims counts installed acks and stale_key reports whose version differs
-	// from the one the server recorded: the release's it wrapped, or the highest it
-	// released to the device ([SC-10.2]). The claim is never believed.
-	VersionClaims int64
+	// Claims counts acks and stale_key reports whose version or device_seq differs from
+	// what the server recorded: the version of the release it wrapped, or the highest it
+	// released to the device; the index below the one acked; the chain length it sent in
+	// the re-key ([SC-10.2b], [SC-10.2c]). A claim is never believed.
+	Claims int64
 	// ChainSteps counts the hash-chain steps spent on wrapping keys and verifying acks
 	// (keychain.Traversal.Steps): a few per device and release, thanks to the pebbling.
 	ChainSteps int64
@@ -341,7 +343,7 @@ type Stats struct {
 
 type counters struct {
 	keys, rekeys, accepted, dup, reports, resyncs, acksShed atomic.Int64
-	receipts, chainSteps, reoffers, versionClaims           atomic.Int64
+	receipts, chainSteps, reoffers, claims                  atomic.Int64
 	rejected                                                sync.Map // reason -> *atomic.Int64
 }
 
@@ -359,8 +361,8 @@ func (u *Updater) Stats() Stats {
 		AckQueue: len(u.acks.queue), Resyncs: u.stats.resyncs.Load(),
 		Reoffers:          u.stats.reoffers.Load(),
 		ReceiptsPublished: u.stats.receipts.Load(), ChainSteps: u.stats.chainSteps.Load(),
-		VersionClaims: u.stats.versionClaims.Load(),
-		AcksRejected:  map[string]int64{},
+		Claims:       u.stats.claims.Load(),
+		AcksRejected: map[string]int64{},
 	}
 	u.stats.rejected.Range(func(k, v any) bool {
 		s.AcksRejected[k.(string)] = v.(*atomic.Int64).Load()

@@ -30,7 +30,7 @@ func newCollector(s *stack) *collector {
 		"reports":   d("install_failures_total", "Failure reports recorded from devices."),
 		"resyncs":   d("resyncs_total", "Counters moved down to meet a device that was ahead."),
 		"reoffers":  d("reoffers_total", "Key messages published again for a device that got an outdated one."),
-		"claims":    d("version_claims_total", "Acks and stale_key reports whose version differs from the one the server recorded (the release's it wrapped, or the highest it released to the device); the claim is never believed."),
+		"claims":    d("claims_total", "Acks and stale_key reports whose version or device_seq differs from what the server recorded; a claim is never believed."),
 		"connected": d("broker_clients_connected", "MQTT clients connected to the embedded broker."),
 		"authfail":  d("broker_auth_failures_total", "Connections refused."),
 		"acl":       d("broker_acl_denials_total", "Subscriptions, publishes and deliveries refused."),
@@ -66,7 +66,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter("reports", st.ReportsRecorded)
 	counter("resyncs", st.Resyncs)
 	counter("reoffers", st.Reoffers)
-	counter("claims", st.VersionClaims)
+	counter("claims", st.Claims)
 	gauge("online", float64(st.Online))
 	gauge("queue", float64(st.AckQueue), "acks")
 	gauge("queue", float64(st.AdminQueue), "admin")

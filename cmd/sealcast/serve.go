@@ -26,7 +26,7 @@ func serveCommand(e *env) *ffcli.Command {
 	fs.StringVar(&c.brokerPW, "broker-password", "", "password on the external broker")
 	fs.StringVar(&c.brokerCA, "broker-ca", "", "PEM CA bundle that signed the external broker's TLS certificate (with -broker ssl://host:8883; default: the system's roots)")
 	fs.StringVar(&c.publicURL, "public-url", "", "broker URL written into device files (default: this machine's listener)")
-	fs.UintVar(&c.chainLength, "chain-length", 1024, "key chain length for new devices and re-keys (a power of two, 16 to 1048576)")
+	fs.UintVar(&c.chainLength, "chain-length", 1024, "key chain length for new devices (a power of two, 16 to 1048576); a re-key keeps the device's length")
 	fs.StringVar(&c.ackGroup, "ack-group", "", "share acks with other updaters in this group ($share/<group>/...)")
 	fs.BoolVar(&c.acksOnly, "acks-only", false, "process acks only; another updater handles admin requests and releases")
 	fs.StringVar(&c.adminPassword, "admin-password", "", "password of the admin account when serve creates it (first start); prefer the environment, SEALCAST_ADMIN_PASSWORD (default: generated and printed once)")
