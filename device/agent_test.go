@@ -683,3 +683,66 @@ func TestTransientFailureRetriedWhileConnected(t *testing.T) {
 		t.Fatalf("%d failures, want 1", n)
 	}
 }
+
+// TestForgedChunkNeverReachesInstaller: every target knows the payload key, so a target
+// with broker access can publish chunks that AES-GCM accepts for its co-targets. The
+// chunk tree the manifest signs refuses them before decryption ([SC-4.3]): the installer
+// never receives a byte of the forgery, and the update fails with chunk_corrupt.
+func TestForgedChunkNeverReachesInstaller(t *testing.T) {
+	e := newEnv(t)
+	img := image(6*testChunk, 13)
+	r := e.srv.NewRelease(img, 1, testChunk)
+	if err := e.srv.PublishRelease(r); err != nil {
+		t.Fatal(err)
+	}
+	const i = 2
+	ctLen := testChunk + keychain.TagSize
+	evil := keychain.NewChunkCipher(r.CK.PayloadKey(r.ID)).Seal(nil, i, false, bytes.Repeat([]byte{0xee}, testChunk))
+	forged := append(evil, r.Chunks[i][ctLen:]...) // the genuine proof, if chunks carry one
+	if err := e.srv.Publish(protocol.ChunkTopic(r.ID, i), forged, true); err != nil {
+		t.Fatal(err)
+	}
+	var seen recordingInstaller
+	a, _, _ := failCase(t, e, "f-forged", func(device.Vault) []byte { return e.srv.KeyMessage(r, "f-forged") },
+		func(o *device.Options) { seen.inner, o.Installer = o.Installer, &seen }, nil)
+	if protocol.Code(a.Code) != protocol.CodeChunkCorrupt {
+		t.Fatalf("code %v, want chunk_corrupt", protocol.Code(a.Code))
+	}
+	got := seen.bytes()
+	if !bytes.Equal(got, img[:len(got)]) || len(got) > i*testChunk {
+		t.Fatalf("the installer received %d bytes, not a prefix of the image before chunk %d", len(got), i)
+	}
+}
+
+// recordingInstaller keeps every byte its installs receive.
+type recordingInstaller struct {
+	inner device.Installer
+	mu    sync.Mutex
+	got   []byte
+}
+
+func (r *recordingInstaller) Begin(m *keychain.Manifest) (device.Install, error) {
+	in, err := r.inner.Begin(m)
+	if err != nil {
+		return nil, err
+	}
+	return &recordingInstall{Install: in, r: r}, nil
+}
+
+func (r *recordingInstaller) bytes() []byte {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return bytes.Clone(r.got)
+}
+
+type recordingInstall struct {
+	device.Install
+	r *recordingInstaller
+}
+
+func (w *recordingInstall) Write(p []byte) (int, error) {
+	w.r.mu.Lock()
+	w.r.got = append(w.r.got, p...)
+	w.r.mu.Unlock()
+	return w.Install.Write(p)
+}

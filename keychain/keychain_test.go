@@ -111,7 +111,8 @@ func TestReleaseIDText(t *testing.T) {
 type fixture struct {
 	pk       [Size]byte
 	image    []byte
-	chunks   [][]byte
+	chunks   [][]byte // payloads, as chunk topics carry them: C_i and its proof
+	cts      [][]byte // C_i alone
 	summary  Summary
 	manifest []byte
 	pub      ed25519.PublicKey
@@ -128,12 +129,16 @@ func newFixture(t testing.TB, size int, chunkSize uint32) *fixture {
 	f.ck, _ = NewContentKey()
 	f.pk = f.ck.PayloadKey(f.id)
 	var err error
-	f.summary, err = EncryptChunks(bytes.NewReader(f.image), f.pk, chunkSize, func(_ uint32, c []byte) error {
+	f.summary, err = EncryptChunks(bytes.NewReader(f.image), int64(size), f.pk, chunkSize, func(_ uint32, c []byte) error {
 		f.chunks = append(f.chunks, append([]byte(nil), c...))
 		return nil
 	})
 	if err != nil {
 		t.Fatal(err)
+	}
+	proof := ChunkTreeDepth(f.summary.ChunkCount) * Size
+	for _, c := range f.chunks {
+		f.cts = append(f.cts, c[:len(c)-proof])
 	}
 	f.pub, f.priv, _ = ed25519.GenerateKey(nil)
 	f.manifest, err = NewManifest(f.id, 3, time.Now(), f.summary).Sign(f.priv)
@@ -143,7 +148,7 @@ func newFixture(t testing.TB, size int, chunkSize uint32) *fixture {
 	return f
 }
 
-func (f *fixture) stream() []byte { return bytes.Join(f.chunks, nil) }
+func (f *fixture) stream() []byte { return bytes.Join(f.cts, nil) }
 
 func TestEncryptChunksSizes(t *testing.T) {
 	for _, c := range []struct{ size, chunks int }{{0, 1}, {1, 1}, {1024, 1}, {1025, 2}, {4096, 4}, {4097, 5}} {
@@ -183,7 +188,7 @@ func TestStreamAttacks(t *testing.T) {
 	f := newFixture(t, 5000, 1024) // 5 chunks
 	other := newFixture(t, 5000, 1024)
 	cat := func(cs ...[]byte) []byte { return bytes.Join(cs, nil) }
-	c := f.chunks
+	c := f.cts
 	flipped := append([]byte(nil), c[2]...)
 	flipped[10] ^= 1
 	cases := map[string]struct {
@@ -195,7 +200,7 @@ func TestStreamAttacks(t *testing.T) {
 		"last chunk missing tag":      {cat(c[0], c[1], c[2], c[3], c[4][:8]), ErrTruncated},
 		"empty":                       {nil, ErrTruncated},
 		"reordered":                   {cat(c[0], c[2], c[1], c[3], c[4]), ErrAuth},
-		"substituted from other":      {cat(c[0], other.chunks[1], c[2], c[3], c[4]), ErrAuth},
+		"substituted from other":      {cat(c[0], other.cts[1], c[2], c[3], c[4]), ErrAuth},
 		"extra chunk after last":      {cat(c[0], c[1], c[2], c[3], c[4], c[4]), ErrAuth},
 		"bit flip":                    {cat(c[0], c[1], flipped, c[3], c[4]), ErrAuth},
 		"last chunk dropped":          {cat(c[0], c[1], c[2], c[3]), ErrTruncated},
@@ -280,7 +285,7 @@ func TestManifest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if m.Release != f.id || m.Version != 3 || m.ChunkCount != 3 || m.ImageSize != 3000 || m.CipherSHA256 != f.summary.CipherSHA256 {
+	if m.Release != f.id || m.Version != 3 || m.ChunkCount != 3 || m.ImageSize != 3000 || m.ChunksRoot != f.summary.ChunksRoot {
 		t.Fatalf("decoded %+v", m)
 	}
 	for i := range f.manifest {
@@ -484,5 +489,58 @@ func TestRekeyID(t *testing.T) {
 	m.Write([]byte("dev-1\x00\x00\x00\x00"))
 	if !bytes.Equal(m.Sum(nil)[:16], a[:]) {
 		t.Fatal("RekeyID is not the first 16 bytes of HMAC(key, S || be32(e))")
+	}
+}
+
+// TestChunkTree: every target device knows the payload key, so one can encrypt chunks
+// that AES-GCM accepts. The chunk tree, signed in the manifest, refuses them before a
+// byte is decrypted ([SC-4.3]); a genuine chunk moved to another index, or with a
+// damaged proof, is refused too.
+func TestChunkTree(t *testing.T) {
+	for _, size := range []int{0, 1000, 3000, 5000, 8192} { // 1, 1, 3, 5 and 8 chunks
+		f := newFixture(t, size, 1024)
+		m, err := ParseManifest(f.manifest, f.pub)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := m.ChunkCount
+		depth := ChunkTreeDepth(n)
+		for i := range n {
+			p := f.chunks[i]
+			if len(p) != len(f.cts[i])+depth*Size {
+				t.Fatalf("size %d chunk %d: payload %d bytes, want the ciphertext and %d proof hashes", size, i, len(p), depth)
+			}
+			if ct, err := VerifyChunk(m.ChunksRoot, n, i, p); err != nil || !bytes.Equal(ct, f.cts[i]) {
+				t.Fatalf("size %d chunk %d: %v", size, i, err)
+			}
+			// A co-target's forgery: valid AES-GCM under the payload key, the genuine proof.
+			evil := NewChunkCipher(f.pk).Seal(nil, i, i == n-1, bytes.Repeat([]byte{0xee}, len(f.cts[i])-TagSize))
+			if bytes.Equal(evil, f.cts[i]) {
+				continue // an empty chunk has one possible ciphertext: nothing to forge
+			}
+			forged := append(evil, p[len(f.cts[i]):]...)
+			d := NewImageDecryptor(f.pk, m)
+			for j := range i {
+				if _, err := d.Open(nil, j, f.chunks[j]); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if out, err := d.Open(nil, i, forged); !errors.Is(err, ErrAuth) || out != nil {
+				t.Fatalf("size %d chunk %d: a forged chunk opened (%d bytes out, %v)", size, i, len(out), err)
+			}
+			if depth > 0 {
+				bad := append([]byte(nil), p...)
+				bad[len(bad)-1] ^= 1
+				if _, err := VerifyChunk(m.ChunksRoot, n, i, bad); !errors.Is(err, ErrAuth) {
+					t.Fatalf("size %d chunk %d: a damaged proof passed: %v", size, i, err)
+				}
+				if _, err := VerifyChunk(m.ChunksRoot, n, (i+1)%n, p); !errors.Is(err, ErrAuth) {
+					t.Fatalf("size %d chunk %d at index %d passed: %v", size, i, (i+1)%n, err)
+				}
+			}
+		}
+		if _, err := VerifyChunk(m.ChunksRoot, n, 0, make([]byte, depth*Size+TagSize-1)); !errors.Is(err, ErrMalformed) {
+			t.Fatalf("size %d: a payload too short for a tag and a proof: %v", size, err)
+		}
 	}
 }

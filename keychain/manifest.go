@@ -16,14 +16,14 @@ const manifestBodySize = 116
 // Manifest describes a release's encrypted image; it is signed with the release-signing
 // key (Ed25519) whose public half every device holds.
 type Manifest struct {
-	Release      ReleaseID
-	Version      uint64 // monotonic, >= 1; devices install only newer versions
-	Created      time.Time
-	ImageSize    uint64
-	ChunkSize    uint32
-	ChunkCount   uint32
-	ImageSHA256  [32]byte // of the plaintext
-	CipherSHA256 [32]byte // of C_0 || C_1 || ...
+	Release     ReleaseID
+	Version     uint64 // monotonic, >= 1; devices install only newer versions
+	Created     time.Time
+	ImageSize   uint64
+	ChunkSize   uint32
+	ChunkCount  uint32
+	ImageSHA256 [32]byte // of the plaintext
+	ChunksRoot  [32]byte // of the chunk tree (PROTOCOL.md 4.3)
 }
 
 // NewManifest returns the manifest of a release whose image EncryptChunks summarised.
@@ -31,7 +31,7 @@ func NewManifest(id ReleaseID, version uint64, created time.Time, s Summary) *Ma
 	return &Manifest{
 		Release: id, Version: version, Created: created.UTC().Truncate(time.Second),
 		ImageSize: s.ImageSize, ChunkSize: s.ChunkSize, ChunkCount: s.ChunkCount,
-		ImageSHA256: s.ImageSHA256, CipherSHA256: s.CipherSHA256,
+		ImageSHA256: s.ImageSHA256, ChunksRoot: s.ChunksRoot,
 	}
 }
 
@@ -64,7 +64,7 @@ func (m *Manifest) body() []byte {
 	b = binary.BigEndian.AppendUint32(b, m.ChunkSize)
 	b = binary.BigEndian.AppendUint32(b, m.ChunkCount)
 	b = append(b, m.ImageSHA256[:]...)
-	b = append(b, m.CipherSHA256[:]...)
+	b = append(b, m.ChunksRoot[:]...)
 	return b
 }
 
@@ -111,7 +111,7 @@ func ParseManifest(b []byte, pub ed25519.PublicKey) (*Manifest, error) {
 	m.ChunkSize = binary.BigEndian.Uint32(b[44:])
 	m.ChunkCount = binary.BigEndian.Uint32(b[48:])
 	copy(m.ImageSHA256[:], b[52:84])
-	copy(m.CipherSHA256[:], b[84:116])
+	copy(m.ChunksRoot[:], b[84:116])
 	if err := m.check(); err != nil {
 		return nil, err
 	}

@@ -108,63 +108,64 @@ func (c *ChunkCipher) Open(dst []byte, index, count, chunkSize uint32, ciphertex
 
 // Summary describes an encrypted image; it is what a Manifest records about it.
 type Summary struct {
-	ImageSize    uint64
-	ChunkSize    uint32
-	ChunkCount   uint32
-	ImageSHA256  [32]byte
-	CipherSHA256 [32]byte
+	ImageSize   uint64
+	ChunkSize   uint32
+	ChunkCount  uint32
+	ImageSHA256 [32]byte
+	// ChunksRoot is the root of the chunk tree (PROTOCOL.md 4.3).
+	ChunksRoot [32]byte
 }
 
-// EncryptChunks reads the whole image from r and calls emit with each encrypted chunk in
-// order. The chunk slice is reused after emit returns. Memory use is two chunks.
-// This is the server's encrypt-once path: one pass, both hashes computed on the way.
-func EncryptChunks(r io.Reader, pk [Size]byte, chunkSize uint32, emit func(index uint32, chunk []byte) error) (Summary, error) {
-	if _, err := ChunkCount(0, chunkSize); err != nil {
+// EncryptChunks encrypts the image of size bytes that r holds and calls emit with each
+// chunk's payload as a chunk topic carries it, C_i followed by its proof (4.3), in order.
+// The payload slice is reused after emit returns. It reads the image twice: once to build
+// the chunk tree, whose root the manifest signs, and once to publish (the nonces are
+// deterministic, so both reads seal the same ciphertext; an image that changed between
+// them yields chunks every device refuses). Memory use is two chunks and 64 bytes a
+// chunk for the tree. This is the server's encrypt-once path.
+func EncryptChunks(r io.ReaderAt, size int64, pk [Size]byte, chunkSize uint32, emit func(index uint32, payload []byte) error) (Summary, error) {
+	if size < 0 {
+		return Summary{}, fmt.Errorf("%w: image size %d", ErrMalformed, size)
+	}
+	count, err := ChunkCount(uint64(size), chunkSize)
+	if err != nil {
 		return Summary{}, err
 	}
 	c := NewChunkCipher(pk)
-	plainHash, cipherHash := sha256.New(), sha256.New()
-	// Read one chunk ahead so that the last chunk is known when it is sealed.
-	cur := make([]byte, chunkSize)
-	next := make([]byte, chunkSize)
-	out := make([]byte, 0, int(chunkSize)+TagSize)
-	n, err := io.ReadFull(r, cur)
-	if err != nil && err != io.ErrUnexpectedEOF && err != io.EOF {
-		return Summary{}, fmt.Errorf("keychain: reading image: %w", err)
-	}
-	cur = cur[:n]
-	var size uint64
-	var index uint32
-	for {
-		last := len(cur) < int(chunkSize)
-		var m int
-		if !last {
-			m, err = io.ReadFull(r, next)
-			if err != nil && err != io.ErrUnexpectedEOF && err != io.EOF {
-				return Summary{}, fmt.Errorf("keychain: reading image: %w", err)
-			}
-			next = next[:m]
-			last = m == 0
+	plain := make([]byte, chunkSize)
+	out := make([]byte, 0, int(chunkSize)+TagSize+ChunkTreeDepth(count)*Size)
+	// seal reads chunk i and appends its ciphertext to out[:0].
+	seal := func(i uint32) ([]byte, []byte, error) {
+		off := int64(i) * int64(chunkSize)
+		n := min(int64(chunkSize), size-off)
+		p := plain[:n]
+		if k, err := r.ReadAt(p, off); k < len(p) {
+			return nil, nil, fmt.Errorf("keychain: reading image chunk %d: %d of %d bytes: %w", i, k, len(p), err)
 		}
-		plainHash.Write(cur)
-		out = c.Seal(out[:0], index, last, cur)
-		cipherHash.Write(out)
-		size += uint64(len(cur))
-		if err := emit(index, out); err != nil {
+		return p, c.Seal(out[:0], i, i == count-1, p), nil
+	}
+	leaves := make([][Size]byte, count)
+	plainHash := sha256.New()
+	for i := range count {
+		p, ct, err := seal(i)
+		if err != nil {
 			return Summary{}, err
 		}
-		if last {
-			break
-		}
-		if index == 1<<32-2 {
-			return Summary{}, fmt.Errorf("%w: image needs more than 2^32-1 chunks of %d bytes", ErrMalformed, chunkSize)
-		}
-		index++
-		cur, next = next, cur[:chunkSize]
+		plainHash.Write(p)
+		leaves[i] = chunkLeaf(i, ct)
 	}
-	s := Summary{ImageSize: size, ChunkSize: chunkSize, ChunkCount: index + 1}
+	tree := newChunkTree(leaves)
+	for i := range count {
+		_, ct, err := seal(i)
+		if err != nil {
+			return Summary{}, err
+		}
+		if err := emit(i, tree.appendProof(ct, i)); err != nil {
+			return Summary{}, err
+		}
+	}
+	s := Summary{ImageSize: uint64(size), ChunkSize: chunkSize, ChunkCount: count, ChunksRoot: tree.root()}
 	plainHash.Sum(s.ImageSHA256[:0])
-	cipherHash.Sum(s.CipherSHA256[:0])
 	return s, nil
 }
 
@@ -328,16 +329,17 @@ func (s *streamReader) next() error {
 }
 
 // ImageDecryptor opens the chunks of one image in order against its manifest, as a device
-// fetching chunk topics does, and checks both manifest hashes at the end. Its hash state
-// can be saved with MarshalBinary so a restarted device resumes where it stopped.
-// It is not safe for concurrent use.
+// fetching chunk topics does: each chunk is authenticated by the chunk tree whose root the
+// manifest signs before it is decrypted, and the image hash is checked at the end. Its
+// hash state can be saved with MarshalBinary so a restarted device resumes where it
+// stopped. It is not safe for concurrent use.
 type ImageDecryptor struct {
-	c                     *ChunkCipher
-	count, size, next     uint32
-	imageSize             uint64
-	done                  uint64
-	plainHash, cipherHash hash.Hash
-	wantPlain, wantCipher [32]byte
+	c                 *ChunkCipher
+	count, size, next uint32
+	imageSize         uint64
+	done              uint64
+	plainHash         hash.Hash
+	wantPlain, root   [32]byte
 }
 
 // NewImageDecryptor returns a decryptor for the image that m describes, under the payload
@@ -345,81 +347,74 @@ type ImageDecryptor struct {
 func NewImageDecryptor(pk [Size]byte, m *Manifest) *ImageDecryptor {
 	return &ImageDecryptor{
 		c: NewChunkCipher(pk), count: m.ChunkCount, size: m.ChunkSize, imageSize: m.ImageSize,
-		plainHash: sha256.New(), cipherHash: sha256.New(),
-		wantPlain: m.ImageSHA256, wantCipher: m.CipherSHA256,
+		plainHash: sha256.New(), wantPlain: m.ImageSHA256, root: m.ChunksRoot,
 	}
 }
 
 // Next returns the index of the next chunk to open, or ChunkCount when all are open.
 func (d *ImageDecryptor) Next() uint32 { return d.next }
 
-// Open authenticates chunk index, which must be Next(), and appends its plaintext to dst.
-func (d *ImageDecryptor) Open(dst []byte, index uint32, ciphertext []byte) ([]byte, error) {
+// Open authenticates the payload of chunk index (C_i and its proof, 4.3), which must be
+// Next(), by the chunk tree and then by AES-GCM, and appends its plaintext to dst. No
+// plaintext comes out of a chunk that fails either.
+func (d *ImageDecryptor) Open(dst []byte, index uint32, payload []byte) ([]byte, error) {
 	if index != d.next {
 		return nil, fmt.Errorf("keychain: chunk %d opened out of order: expected %d", index, d.next)
+	}
+	ciphertext, err := VerifyChunk(d.root, d.count, index, payload)
+	if err != nil {
+		return nil, err
 	}
 	start := len(dst)
 	out, err := d.c.Open(dst, index, d.count, d.size, ciphertext)
 	if err != nil {
 		return nil, err
 	}
-	d.cipherHash.Write(ciphertext)
 	d.plainHash.Write(out[start:])
 	d.done += uint64(len(out) - start)
 	d.next++
 	return out, nil
 }
 
-// Finish checks, after the last chunk, that the image size and both hashes match the
-// manifest. A mismatch is ErrAuth: the image must not be installed.
+// Finish checks, after the last chunk, that the image size and hash match the manifest.
+// A mismatch is ErrAuth: the image must not be installed.
 func (d *ImageDecryptor) Finish() error {
 	if d.next != d.count {
 		return fmt.Errorf("%w: %d of %d chunks opened", ErrTruncated, d.next, d.count)
 	}
-	var p, c [32]byte
+	var p [32]byte
 	d.plainHash.Sum(p[:0])
-	d.cipherHash.Sum(c[:0])
-	if d.done != d.imageSize || p != d.wantPlain || c != d.wantCipher {
+	if d.done != d.imageSize || p != d.wantPlain {
 		return ErrAuth
 	}
 	return nil
 }
 
-// MarshalBinary saves the progress (next index, byte count and hash states).
+// MarshalBinary saves the progress (next index, byte count and hash state).
 func (d *ImageDecryptor) MarshalBinary() ([]byte, error) {
 	ph, err := d.plainHash.(interface{ MarshalBinary() ([]byte, error) }).MarshalBinary()
 	if err != nil {
 		return nil, err
 	}
-	ch, err := d.cipherHash.(interface{ MarshalBinary() ([]byte, error) }).MarshalBinary()
-	if err != nil {
-		return nil, err
-	}
 	b := binary.BigEndian.AppendUint32(nil, d.next)
 	b = binary.BigEndian.AppendUint64(b, d.done)
-	b = binary.BigEndian.AppendUint16(b, uint16(len(ph)))
-	b = append(b, ph...)
-	return append(b, ch...), nil
+	return append(b, ph...), nil
 }
 
 // UnmarshalBinary restores progress saved by MarshalBinary for the same manifest.
 func (d *ImageDecryptor) UnmarshalBinary(b []byte) error {
-	if len(b) < 14 {
+	if len(b) < 12 {
 		return fmt.Errorf("%w: decryptor state of %d bytes", ErrMalformed, len(b))
 	}
 	next := binary.BigEndian.Uint32(b)
 	done := binary.BigEndian.Uint64(b[4:])
-	pl := int(binary.BigEndian.Uint16(b[12:]))
-	if len(b) < 14+pl || next > d.count {
+	if next > d.count {
 		return fmt.Errorf("%w: decryptor state", ErrMalformed)
 	}
-	ph, ch := sha256.New(), sha256.New()
-	if err := ph.(interface{ UnmarshalBinary([]byte) error }).UnmarshalBinary(b[14 : 14+pl]); err != nil {
+	ph := sha256.New()
+	if err := ph.(interface{ UnmarshalBinary([]byte) error }).UnmarshalBinary(b[12:]); err != nil {
 		return fmt.Errorf("%w: decryptor state: %v", ErrMalformed, err)
 	}
-	if err := ch.(interface{ UnmarshalBinary([]byte) error }).UnmarshalBinary(b[14+pl:]); err != nil {
-		return fmt.Errorf("%w: decryptor state: %v", ErrMalformed, err)
-	}
-	d.next, d.done, d.plainHash, d.cipherHash = next, done, ph, ch
+	d.next, d.done, d.plainHash = next, done, ph
 	return nil
 }

@@ -42,21 +42,21 @@ type Vectors struct {
 		Password string `json:"password"`
 	} `json:"broker"`
 	Release struct {
-		SigningSeed  string   `json:"signing_key_seed"`
-		PublicKey    string   `json:"release_public_key"`
-		ReleaseID    string   `json:"release_id"`
-		ContentKey   string   `json:"content_key"`
-		PayloadKey   string   `json:"payload_key"`
-		Version      uint64   `json:"version"`
-		Created      int64    `json:"created"`
-		ChunkSize    uint32   `json:"chunk_size"`
-		Image        string   `json:"image"`
-		Chunks       []string `json:"chunks"`
-		ImageSHA256  string   `json:"image_sha256"`
-		CipherSHA256 string   `json:"cipher_sha256"`
-		Manifest     string   `json:"manifest"`
-		Digest       string   `json:"manifest_digest"`
-		EmptyImage   string   `json:"empty_image_chunk"`
+		SigningSeed string   `json:"signing_key_seed"`
+		PublicKey   string   `json:"release_public_key"`
+		ReleaseID   string   `json:"release_id"`
+		ContentKey  string   `json:"content_key"`
+		PayloadKey  string   `json:"payload_key"`
+		Version     uint64   `json:"version"`
+		Created     int64    `json:"created"`
+		ChunkSize   uint32   `json:"chunk_size"`
+		Image       string   `json:"image"`
+		Chunks      []string `json:"chunks"`
+		ImageSHA256 string   `json:"image_sha256"`
+		ChunksRoot  string   `json:"chunks_root"`
+		Manifest    string   `json:"manifest"`
+		Digest      string   `json:"manifest_digest"`
+		EmptyImage  string   `json:"empty_image_chunk"`
 	} `json:"release"`
 	KeyMessage struct {
 		Epoch   uint32 `json:"epoch"`
@@ -196,14 +196,14 @@ func makeVectors(t *testing.T) *Vectors {
 		image[i] = byte(i % 251)
 	}
 	r.Image = h(image)
-	sum, err := EncryptChunks(bytes.NewReader(image), pk, r.ChunkSize, func(_ uint32, c []byte) error {
+	sum, err := EncryptChunks(bytes.NewReader(image), int64(len(image)), pk, r.ChunkSize, func(_ uint32, c []byte) error {
 		r.Chunks = append(r.Chunks, h(c))
 		return nil
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	r.ImageSHA256, r.CipherSHA256 = h(sum.ImageSHA256[:]), h(sum.CipherSHA256[:])
+	r.ImageSHA256, r.ChunksRoot = h(sum.ImageSHA256[:]), h(sum.ChunksRoot[:])
 	m := NewManifest(id, r.Version, time.Unix(r.Created, 0), sum)
 	mb, err := m.Sign(priv)
 	if err != nil {

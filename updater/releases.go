@@ -144,8 +144,9 @@ func (a *Admin) targets(ctx context.Context, args protocol.ReleaseCreateArgs) ([
 	return targets, nil
 }
 
-// publishImage encrypts the image once and publishes its chunks and manifest, retained.
-func publishImage(ctx context.Context, bus Bus, k *keys, now time.Time, img io.Reader, id keychain.ReleaseID, ck keychain.ContentKey, version uint64, chunkSize uint32) (*keychain.Manifest, []byte, error) {
+// publishImage encrypts the image once and publishes its chunks, each with its proof in
+// the chunk tree (PROTOCOL.md 4.3), and then its manifest, retained.
+func publishImage(ctx context.Context, bus Bus, k *keys, now time.Time, img *io.SectionReader, id keychain.ReleaseID, ck keychain.ContentKey, version uint64, chunkSize uint32) (*keychain.Manifest, []byte, error) {
 	pk := ck.PayloadKey(id)
 	// Chunks are published in bursts so that the broker's inbound queue stays short.
 	const burst = 16
@@ -155,7 +156,7 @@ func publishImage(ctx context.Context, bus Bus, k *keys, now time.Time, img io.R
 		pending = pending[:0]
 		return err
 	}
-	sum, err := keychain.EncryptChunks(img, pk, chunkSize, func(i uint32, c []byte) error {
+	sum, err := keychain.EncryptChunks(img, img.Size(), pk, chunkSize, func(i uint32, c []byte) error {
 		pending = append(pending, protocol.Message{Topic: protocol.ChunkTopic(id, i), Payload: append([]byte(nil), c...), Retain: true})
 		if len(pending) == burst {
 			return flush()

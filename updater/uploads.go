@@ -168,7 +168,7 @@ func (us *uploads) remove(id string) {
 }
 
 // reader returns the image of a finished upload.
-func (up *upload) reader() io.Reader { return io.NewSectionReader(up.f, 0, int64(up.size)) }
+func (up *upload) reader() *io.SectionReader { return io.NewSectionReader(up.f, 0, int64(up.size)) }
 
 // gc removes uploads older than uploadTTL. Called with us.mu held.
 func (us *uploads) gc() {

@@ -69,7 +69,7 @@ const payloadKey = (CK, rid) => hmac(CK, L.payload, rid);
 const chunkNonce = (i, last) => cat(be88(i), [last ? 1 : 0]);
 const chunkCount = (size, cs) => Math.max(1, Math.ceil(size / cs));
 
-function encryptImage(PK, image, cs) {
+function encryptImage(PK, image, cs) { // the ciphertexts C_i
   const n = chunkCount(image.length, cs), out = [];
   for (let i = 0; i < n; i++) {
     out.push(gcmSeal(PK, chunkNonce(i, i === n - 1), image.subarray(i * cs, (i + 1) * cs), Buffer.alloc(0)));
@@ -77,25 +77,63 @@ function encryptImage(PK, image, cs) {
   return out;
 }
 
+// 4.3 chunk tree: leaves bind index and ciphertext, padded to a power of two.
+const treeDepth = (n) => { let d = 0; while ((1 << d) < n) d++; return d; };
+const leafHash = (i, c) => sha256([0], be32(i), c);
+const nodeHash = (l, r) => sha256([1], l, r);
+const PAD = sha256([2]);
+function chunkTree(cts) { // levels, leaves first
+  const d = treeDepth(cts.length);
+  let level = [];
+  for (let i = 0; i < (1 << d); i++) level.push(i < cts.length ? leafHash(i, cts[i]) : PAD);
+  const levels = [level];
+  while (level.length > 1) {
+    const up = [];
+    for (let i = 0; i < level.length; i += 2) up.push(nodeHash(level[i], level[i + 1]));
+    levels.push(up);
+    level = up;
+  }
+  return levels;
+}
+const chunksRoot = (cts) => { const l = chunkTree(cts); return l[l.length - 1][0]; };
+function chunkPayloads(cts) { // C_i || proof_i, as chunk topics carry them
+  const levels = chunkTree(cts);
+  return cts.map((c, i) => cat(c, ...levels.slice(0, -1).map((lv, k) => lv[(i >> k) ^ 1])));
+}
+// [SC-4.3] check payload i against the signed root before decrypting; returns C_i.
+function verifyChunk(root, count, i, payload) {
+  const d = treeDepth(count), n = payload.length - 32 * d;
+  if (n < 16) throw new Error(`chunk ${i}: too short for a tag and a proof`);
+  let h = leafHash(i, payload.subarray(0, n));
+  for (let k = 0; k < d; k++) {
+    const s = payload.subarray(n + 32 * k, n + 32 * (k + 1));
+    h = ((i >> k) & 1) === 0 ? nodeHash(h, s) : nodeHash(s, h);
+  }
+  if (!h.equals(root)) throw new Error(`chunk ${i}: not in the chunk tree`);
+  return payload.subarray(0, n);
+}
+
 // [SC-4.2] decryptor: chunk_count comes from the (signed) manifest, never from the chunks.
-function decryptImage(PK, chunks, cs, count) {
+function decryptImage(PK, payloads, cs, count, root) {
   const parts = [];
   for (let i = 0; i < count; i++) {
-    const c = chunks[i], last = i === count - 1;
-    if (!c || c.length > cs + 16) throw new Error(`chunk ${i}: bad length`);
+    const last = i === count - 1;
+    if (!payloads[i]) throw new Error(`chunk ${i}: missing`);
+    const c = verifyChunk(root, count, i, payloads[i]);
+    if (c.length > cs + 16) throw new Error(`chunk ${i}: bad length`);
     const p = gcmOpen(PK, chunkNonce(i, last), c, Buffer.alloc(0));
     if (!last && p.length !== cs) throw new Error(`chunk ${i}: short non-last chunk`);
     if (last && count > 1 && p.length === 0) throw new Error(`chunk ${i}: empty last chunk`);
     parts.push(p);
   }
-  if (chunks.length !== count) throw new Error('extra chunks');
+  if (payloads.length !== count) throw new Error('extra chunks');
   return cat(...parts);
 }
 
 // ---- 5. Manifest --------------------------------------------------------------------------
 function manifestBody(m) { // bytes[0:116]
   const b = cat(ascii('SCM2'), m.releaseId, be64(m.version), be64(m.created), be64(m.imageSize),
-    be32(m.chunkSize), be32(m.chunkCount), m.imageSha256, m.cipherSha256);
+    be32(m.chunkSize), be32(m.chunkCount), m.imageSha256, m.chunksRoot);
   assert.equal(b.length, 116);
   return b;
 }
@@ -104,7 +142,7 @@ function parseManifest(b) {
   return {
     releaseId: b.subarray(4, 20), version: b.readBigUInt64BE(20), created: b.readBigUInt64BE(28),
     imageSize: b.readBigUInt64BE(36), chunkSize: b.readUInt32BE(44), chunkCount: b.readUInt32BE(48),
-    imageSha256: b.subarray(52, 84), cipherSha256: b.subarray(84, 116), signature: b.subarray(116, 180),
+    imageSha256: b.subarray(52, 84), chunksRoot: b.subarray(84, 116), signature: b.subarray(116, 180),
   };
 }
 // Ed25519 keys from raw bytes via fixed DER prefixes (RFC 8410).
@@ -176,7 +214,8 @@ const R = unhex(V.root_secret), S = V.serial;
 const U0 = unitData(R, 0, S);
 const rel = V.release;
 const rid = unhex(rel.release_id), CK = unhex(rel.content_key), image = unhex(rel.image);
-const chunks = rel.chunks.map(unhex), manifest = unhex(rel.manifest);
+const chunks = rel.chunks.map(unhex), manifest = unhex(rel.manifest); // chunks: payloads with proofs
+const ROOT = unhex(rel.chunks_root);
 const AUTH = /unable to authenticate/; // node's AES-GCM tag-mismatch error
 const flip = (b, i, bit = 1) => { const c = Buffer.from(b); c[i] ^= bit; return c; };
 
@@ -210,16 +249,18 @@ test('3.5: broker auth key and MQTT password', () => {
   assert.equal(pw, V.broker.password);
 });
 
-test('4: payload key, chunk encryption and hashes', () => {
+test('4: payload key, chunk encryption, chunk tree and hashes', () => {
   const PK = payloadKey(CK, rid);
   assert.equal(hex(PK), rel.payload_key);
   const mine = encryptImage(PK, image, rel.chunk_size);
   assert.equal(mine.length, chunkCount(image.length, rel.chunk_size));
-  assert.deepEqual(mine.map(hex), rel.chunks);
+  assert.equal(hex(chunksRoot(mine)), rel.chunks_root);
+  assert.deepEqual(chunkPayloads(mine).map(hex), rel.chunks);
+  // 3 chunks: a tree of depth 2, so each payload is C_i and two hashes.
+  for (let i = 0; i < mine.length; i++) assert.equal(chunks[i].length, mine[i].length + 64);
   assert.equal(hex(sha256(image)), rel.image_sha256);
-  assert.equal(hex(sha256(...chunks)), rel.cipher_sha256);
   // [SC-4.2] decrypts back to the image
-  assert.deepEqual(decryptImage(PK, chunks, rel.chunk_size, chunks.length), image);
+  assert.deepEqual(decryptImage(PK, chunks, rel.chunk_size, chunks.length, ROOT), image);
   // An empty image is one empty chunk of 16 bytes (tag only).
   const empty = encryptImage(PK, Buffer.alloc(0), rel.chunk_size);
   assert.equal(empty.length, 1);
@@ -231,7 +272,7 @@ test('5: manifest body, signature, public key and digest', () => {
   const fields = {
     releaseId: rid, version: rel.version, created: rel.created, imageSize: image.length,
     chunkSize: rel.chunk_size, chunkCount: chunkCount(image.length, rel.chunk_size),
-    imageSha256: unhex(rel.image_sha256), cipherSha256: unhex(rel.cipher_sha256),
+    imageSha256: unhex(rel.image_sha256), chunksRoot: unhex(rel.chunks_root),
   };
   const body = manifestBody(fields);
   assert.equal(manifest.length, 180);
@@ -334,16 +375,27 @@ test('8: receipts (accepted, recorded): fields, MAC key, rebuild', () => {
 test('negative: tampering fails authentication', () => {
   const PK = payloadKey(CK, rid), cs = rel.chunk_size, n = chunks.length;
   const U = unitData(R, 0, S);
-  // 4: a flipped bit in any chunk
+  const TREE = /not in the chunk tree/;
+  const cts = encryptImage(PK, image, cs);
+  // 4.3: a flipped bit in any chunk or proof, caught by the tree before decryption
   for (let i = 0; i < n; i++) {
-    const bad = chunks.map((c, j) => (j === i ? flip(c, 5) : c));
-    assert.throws(() => decryptImage(PK, bad, cs, n), AUTH, `chunk ${i}`);
+    for (const off of [5, chunks[i].length - 1]) {
+      const bad = chunks.map((c, j) => (j === i ? flip(c, off) : c));
+      assert.throws(() => decryptImage(PK, bad, cs, n, ROOT), TREE, `chunk ${i} byte ${off}`);
+    }
   }
+  // 4.3: a co-target's forgery (valid AES-GCM under the payload key it knows) is refused
+  const evil = gcmSeal(PK, chunkNonce(1, false), Buffer.alloc(cs, 0xee), Buffer.alloc(0));
+  const forged = cat(evil, chunks[1].subarray(cts[1].length));
+  assert.equal(gcmOpen(PK, chunkNonce(1, false), evil, Buffer.alloc(0)).length, cs); // GCM alone accepts it
+  assert.throws(() => decryptImage(PK, [chunks[0], forged, chunks[2]], cs, n, ROOT), TREE);
   // 4: swapped chunk order, truncation, wrong last flag
-  assert.throws(() => decryptImage(PK, [chunks[1], chunks[0], chunks[2]], cs, n), AUTH);
-  assert.throws(() => decryptImage(PK, chunks.slice(0, 2), cs, 2), AUTH); // truncated: chunk 1 opened as last
-  assert.throws(() => gcmOpen(PK, chunkNonce(n - 1, false), chunks[n - 1], Buffer.alloc(0)), AUTH);
-  assert.throws(() => gcmOpen(PK, chunkNonce(0, true), chunks[0], Buffer.alloc(0)), AUTH);
+  assert.throws(() => decryptImage(PK, [chunks[1], chunks[0], chunks[2]], cs, n, ROOT), TREE);
+  assert.throws(() => decryptImage(PK, chunks.slice(0, 2), cs, 2, ROOT), TREE); // a tree of 2 has another shape
+  // truncated, with a tree the attacker built over the first two: chunk 1 opened as last
+  assert.throws(() => decryptImage(PK, chunkPayloads(cts.slice(0, 2)), cs, 2, chunksRoot(cts.slice(0, 2))), AUTH);
+  assert.throws(() => gcmOpen(PK, chunkNonce(n - 1, false), cts[n - 1], Buffer.alloc(0)), AUTH);
+  assert.throws(() => gcmOpen(PK, chunkNonce(0, true), cts[0], Buffer.alloc(0)), AUTH);
   // 6: a flipped bit anywhere in the key message (header, digest, nonce or sealed)
   const km = unhex(V.key_message_release.message);
   for (const off of [5, 12, 20, 40, 65, 80, 120]) assert.throws(() => openKeyMessage(flip(km, off), U, S), AUTH, `offset ${off}`);

@@ -226,8 +226,9 @@ func distinctKeys(t *testing.T, raw [][]byte) []*keychain.KeyMessage {
 }
 
 // TestRekeyThenUpdate: devices provisioned with a chain of 16 take 15 releases (indices 16
-// down to 2); at index 1 the updater re-keys them into a fresh chain of 32 (its chain
-// length), and the 16th release goes through in the new epoch (PROTOCOL.md 10.3).
+// down to 2); at index 1 the updater re-keys them into a fresh chain of 16, their own
+// length, although new devices get 32 ([SC-10.3]), and the 16th release goes through in
+// the new epoch.
 func TestRekeyThenUpdate(t *testing.T) {
 	for _, s := range updatertest.Stores {
 		t.Run(s.Name, func(t *testing.T) { testRekey(t, s.Open) })
@@ -235,8 +236,8 @@ func TestRekeyThenUpdate(t *testing.T) {
 }
 
 func testRekey(t *testing.T, open updatertest.Opener) {
-	const L, L2 = 16, 32
-	e := updatertest.Start(t, open, func(o *updater.Options) { o.ChainLength = L2 })
+	const L, L2 = 16, 16 // L2: the re-key keeps the device's length, not the updater's 32
+	e := updatertest.Start(t, open, func(o *updater.Options) { o.ChainLength = 32 })
 	keys := watch(t, e.Broker, e.Broker.Admin, protocol.KeyFilter)
 	devs := provision(t, e, L, "rk-1", "rk-2", "rk-3")
 	for _, d := range devs {

@@ -127,7 +127,7 @@ func (s *Server) NewRelease(image []byte, version uint64, chunkSize uint32) *Rel
 	r := &Release{}
 	r.ID, _ = keychain.NewReleaseID()
 	r.CK, _ = keychain.NewContentKey()
-	sum, err := keychain.EncryptChunks(bytes.NewReader(image), r.CK.PayloadKey(r.ID), chunkSize, func(i uint32, c []byte) error {
+	sum, err := keychain.EncryptChunks(bytes.NewReader(image), int64(len(image)), r.CK.PayloadKey(r.ID), chunkSize, func(i uint32, c []byte) error {
 		r.Chunks = append(r.Chunks, bytes.Clone(c))
 		return nil
 	})
@@ -147,13 +147,13 @@ func (s *Server) sign(r *Release, version uint64, sum keychain.Summary) {
 	r.Manifest, r.Digest = b, keychain.ManifestDigest(b)
 }
 
-// PublishStream encrypts image from r and publishes each chunk as it is made, without
-// keeping the ciphertext, then the manifest: for large images.
-func (s *Server) PublishStream(image io.Reader, version uint64, chunkSize uint32) (*Release, error) {
+// PublishStream encrypts the image of size bytes in image and publishes each chunk as it
+// is made, without keeping the ciphertext, then the manifest: for large images.
+func (s *Server) PublishStream(image io.ReaderAt, size int64, version uint64, chunkSize uint32) (*Release, error) {
 	r := &Release{}
 	r.ID, _ = keychain.NewReleaseID()
 	r.CK, _ = keychain.NewContentKey()
-	sum, err := keychain.EncryptChunks(image, r.CK.PayloadKey(r.ID), chunkSize, func(i uint32, c []byte) error {
+	sum, err := keychain.EncryptChunks(image, size, r.CK.PayloadKey(r.ID), chunkSize, func(i uint32, c []byte) error {
 		return s.Publish(protocol.ChunkTopic(r.ID, i), bytes.Clone(c), true)
 	})
 	if err != nil {
