@@ -82,6 +82,22 @@ type Vectors struct {
 	AckRekeyed      ackVector     `json:"ack_rekeyed"`
 	ReceiptAccepted receiptVector `json:"receipt_accepted"`
 	ReceiptRecorded receiptVector `json:"receipt_recorded"`
+	// Negative holds messages a decoder must refuse, each with what it must conclude.
+	Negative []negativeVector `json:"negative"`
+}
+
+// negativeVector is a message a decoder must refuse. Kind says which decoder:
+// "key_message" (for the device of the vectors at D = seq, epoch 0), "manifest" (under
+// the release public key), "chunk" (chunk Index of the release, after the chunks before
+// it), "ack" (at the server, device at (0, seq)) or "receipt" (at the device whose
+// last_ack is ack_installed). Error is the code the device reports (15.1), or for the
+// server's side of an ack the rejection reason, or "ignored" for a receipt.
+type negativeVector struct {
+	Name    string `json:"name"`
+	Kind    string `json:"kind"`
+	Index   uint32 `json:"index,omitempty"`
+	Message string `json:"message"`
+	Error   string `json:"error"`
 }
 
 type ackVector struct {
@@ -249,7 +265,102 @@ func makeVectors(t *testing.T) *Vectors {
 	v.AckRekeyed = ackVectorOf(t, Ack{Kind: AckRekeyed, Epoch: 0, Seq: 1, ID: rid, DeviceSeq: 1024}, Key(u0, 1), v.Serial)
 	v.ReceiptAccepted = receiptVectorOf(t, ReceiptFor(ack, ReceiptAccepted), k, v.Serial)
 	v.ReceiptRecorded = receiptVectorOf(t, ReceiptFor(rep, ReceiptRecorded), k, v.Serial)
+	v.Negative = negativeVectors(t, v, priv, pk, m)
 	return v
+}
+
+// negativeVectors derives from the positive vectors the messages a decoder must refuse.
+func negativeVectors(t *testing.T, v *Vectors, priv ed25519.PrivateKey, pk [Size]byte, m *Manifest) []negativeVector {
+	t.Helper()
+	h := hex.EncodeToString
+	flip := func(s string, i int) string {
+		b := mustHex(t, s)
+		b[i] ^= 1
+		return h(b)
+	}
+	resign := func(mm Manifest) string { // signed by the release key, fields unchecked
+		body := mm.body()
+		return h(append(body, ed25519.Sign(priv, signedMessage(body))...))
+	}
+	km := mustHex(t, v.KeyMessage.Message)
+	v1 := append([]byte("SCK1"), km[4:]...)
+	zeroVersion, badCount := *m, *m
+	zeroVersion.Version = 0
+	badCount.ChunkCount = 2
+	evil := NewChunkCipher(pk).Seal(nil, 1, false, bytes.Repeat([]byte{0xee}, int(v.Release.ChunkSize)))
+	genuine := mustHex(t, v.Release.Chunks[1])
+	forged := append(evil, genuine[len(evil):]...)
+	return []negativeVector{
+		{Name: "key message of protocol version 1 (magic SCK1)", Kind: "key_message", Message: h(v1), Error: "bad_message"},
+		{Name: "key message one byte short", Kind: "key_message", Message: h(km[:len(km)-1]), Error: "bad_message"},
+		{Name: "key message of unknown kind 3", Kind: "key_message", Message: func() string { b := bytes.Clone(km); b[4] = 3; return h(b) }(), Error: "bad_message"},
+		{Name: "key message with a flipped bit in sealed", Kind: "key_message", Message: flip(v.KeyMessage.Message, 100), Error: "unwrap_failed"},
+		{Name: "key message with a flipped bit in manifest_digest", Kind: "key_message", Message: flip(v.KeyMessage.Message, 40), Error: "unwrap_failed"},
+		{Name: "manifest with a flipped signature bit", Kind: "manifest", Message: flip(v.Release.Manifest, 170), Error: "bad_manifest"},
+		{Name: "manifest with a flipped version bit", Kind: "manifest", Message: flip(v.Release.Manifest, 27), Error: "bad_manifest"},
+		{Name: "manifest of 179 bytes", Kind: "manifest", Message: v.Release.Manifest[:2*179], Error: "bad_manifest"},
+		{Name: "manifest signed with version 0", Kind: "manifest", Message: resign(zeroVersion), Error: "bad_manifest"},
+		{Name: "manifest signed with a chunk_count that its sizes contradict", Kind: "manifest", Message: resign(badCount), Error: "bad_manifest"},
+		{Name: "chunk 1 with a flipped ciphertext bit", Kind: "chunk", Index: 1, Message: flip(v.Release.Chunks[1], 3), Error: "chunk_corrupt"},
+		{Name: "chunk 1 with a flipped proof bit", Kind: "chunk", Index: 1, Message: flip(v.Release.Chunks[1], len(genuine)-1), Error: "chunk_corrupt"},
+		{Name: "chunk 1 forged by a co-target (valid AES-GCM, genuine proof)", Kind: "chunk", Index: 1, Message: h(forged), Error: "chunk_corrupt"},
+		{Name: "chunk 0 published as chunk 1", Kind: "chunk", Index: 1, Message: v.Release.Chunks[0], Error: "chunk_corrupt"},
+		{Name: "ack with a flipped MAC bit", Kind: "ack", Message: flip(v.Ack.Message, 60), Error: "forged"},
+		{Name: "ack with a flipped version bit", Kind: "ack", Message: flip(v.Ack.Message, 36), Error: "forged"},
+		{Name: "ack of protocol version 1 (magic SCA1)", Kind: "ack", Message: h(append([]byte("SCA1"), mustHex(t, v.Ack.Message)[4:]...)), Error: "malformed"},
+		{Name: "receipt with a flipped MAC bit", Kind: "receipt", Message: flip(v.ReceiptAccepted.Message, 61), Error: "ignored"},
+		{Name: "receipt with a flipped status bit", Kind: "receipt", Message: flip(v.ReceiptAccepted.Message, 29), Error: "ignored"},
+	}
+}
+
+// refusal is what the implementation concludes of a negative vector.
+func refusal(t *testing.T, v *Vectors, n negativeVector) string {
+	t.Helper()
+	var root RootSecret
+	copy(root[:], mustHex(t, v.Root))
+	u0, _ := DeriveUnitData(root, v.Serial, 0)
+	k := Key(u0, v.KeyMessage.Seq)
+	pub := ed25519.PublicKey(mustHex(t, v.Release.PublicKey))
+	b := mustHex(t, n.Message)
+	switch n.Kind {
+	case "key_message":
+		km, err := ParseKeyMessage(b)
+		if err != nil {
+			return "bad_message"
+		}
+		if _, err := km.Open(Key(u0, km.Seq), v.Serial); err != nil {
+			return "unwrap_failed"
+		}
+	case "manifest":
+		if _, err := ParseManifest(b, pub); err != nil {
+			return "bad_manifest"
+		}
+	case "chunk":
+		m, _ := ParseManifest(mustHex(t, v.Release.Manifest), pub)
+		var ck ContentKey
+		copy(ck[:], mustHex(t, v.Release.ContentKey))
+		d := NewImageDecryptor(ck.PayloadKey(m.Release), m)
+		for i := range n.Index {
+			if _, err := d.Open(nil, i, mustHex(t, v.Release.Chunks[i])); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, err := d.Open(nil, n.Index, b); err != nil {
+			return "chunk_corrupt"
+		}
+	case "ack":
+		if _, err := ParseAck(b); err != nil {
+			return "malformed"
+		}
+		if VerifyAck(b, k, v.Serial) != nil {
+			return "forged"
+		}
+	case "receipt":
+		if _, err := ParseReceipt(b); err != nil || VerifyReceipt(b, k, v.Serial) != nil {
+			return "ignored"
+		}
+	}
+	return "accepted"
 }
 
 // TestVectors checks that the implementation reproduces every vector in the file, and that
@@ -315,6 +426,11 @@ func TestVectors(t *testing.T) {
 	u1 := NextUnitData(u0, t1)
 	if err != nil || hex.EncodeToString(u1[:]) != v.UnitData[1].UnitData || v.Rekey.NextUnitData != v.UnitData[1].UnitData {
 		t.Fatalf("re-key did not yield U_1 (%v)", err)
+	}
+	for _, n := range v.Negative {
+		if got := refusal(t, &v, n); got != n.Error {
+			t.Errorf("negative vector %q: the implementation concludes %s, the file says %s", n.Name, got, n.Error)
+		}
 	}
 	for _, av := range []ackVector{v.Ack, v.Report, v.ReportStaleKey, v.AckRekeyed} {
 		b := mustHex(t, av.Message)

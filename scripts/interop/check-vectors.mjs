@@ -153,6 +153,16 @@ const edPrivate = (seed) => crypto.createPrivateKey({ key: cat(PKCS8_PREFIX, see
 const edRawPublic = (key) => crypto.createPublicKey(key).export({ format: 'der', type: 'spki' }).subarray(12);
 const signManifest = (seed, body) => crypto.sign(null, cat(L.manifest, body), edPrivate(seed));
 const verifyManifest = (pub, b) => crypto.verify(null, cat(L.manifest, b.subarray(0, 116)), edPublic(pub), b.subarray(116));
+// [SC-5.2] a device's manifest check: framing, signature, then the field rules of 4.
+function acceptManifest(pub, b) {
+  const m = parseManifest(b); // throws on length or magic
+  if (!verifyManifest(pub, b)) throw new Error('bad manifest signature');
+  if (m.version < 1n) throw new Error('manifest version 0');
+  if (m.chunkSize < 1024 || m.chunkSize > 1048576) throw new Error('manifest chunk_size');
+  const count = Math.max(1, Math.ceil(Number(m.imageSize) / m.chunkSize));
+  if (m.chunkCount !== count) throw new Error('manifest chunk_count');
+  return m;
+}
 
 // ---- 6. Key message -----------------------------------------------------------------------
 const KIND_RELEASE = 1, KIND_REKEY = 2;
@@ -410,4 +420,35 @@ test('negative: tampering fails authentication', () => {
   assert.throws(() => parseAck(unhex(V.ack_installed.message), U, 'sensor-0002'), /bad ack mac/);
   assert.throws(() => parseReceipt(flip(unhex(V.receipt_accepted.message), 29), U, S), /bad receipt mac/);
   assert.throws(() => parseReceipt(flip(unhex(V.receipt_accepted.message), 61), U, S), /bad receipt mac/);
+});
+
+// 11: each negative vector is refused with the conclusion the file gives.
+test('11: negative vectors', () => {
+  const U = unitData(R, 0, S), pub = unhex(rel.release_public_key);
+  const PK = payloadKey(CK, rid);
+  const conclude = (n) => {
+    const b = unhex(n.message);
+    const fails = (f) => { try { f(); return false; } catch { return true; } };
+    switch (n.kind) {
+      case 'key_message': {
+        let headerOK = true;
+        try { openKeyMessage(b, U, S); return 'accepted'; } catch (e) { headerOK = e.message !== 'bad_message'; }
+        return headerOK ? 'unwrap_failed' : 'bad_message';
+      }
+      case 'manifest': return fails(() => acceptManifest(pub, b)) ? 'bad_manifest' : 'accepted';
+      case 'chunk': {
+        const count = chunks.length;
+        return fails(() => {
+          const c = verifyChunk(ROOT, count, n.index, b);
+          gcmOpen(PK, chunkNonce(n.index, n.index === count - 1), c, Buffer.alloc(0));
+        }) ? 'chunk_corrupt' : 'accepted';
+      }
+      case 'ack':
+        try { parseAck(b, U, S); return 'accepted'; } catch (e) { return e.message === 'bad ack mac' ? 'forged' : 'malformed'; }
+      case 'receipt': return fails(() => parseReceipt(b, U, S)) ? 'ignored' : 'accepted';
+    }
+    throw new Error(`unknown kind ${n.kind}`);
+  };
+  assert.ok(V.negative.length >= 15);
+  for (const n of V.negative) assert.equal(conclude(n), n.error, n.name);
 });
