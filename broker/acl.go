@@ -56,8 +56,9 @@ func Allowed(role Role, serial, topic string, write bool) bool {
 			// Only its own ack, state and presence.
 			return ownTopic(topic, serial, "ack", "state", "presence")
 		}
-		// releases/# and its own key and receipt, named literally.
-		return filterWithin(topic, protocol.ReleasesFilter) || ownTopic(topic, serial, "key", "receipt", "")
+		// releases/#, the key statements, and its own key and receipt, named literally.
+		return filterWithin(topic, protocol.ReleasesFilter) || filterWithin(topic, protocol.KeysFilter) ||
+			ownTopic(topic, serial, "key", "receipt", "")
 	}
 	return false
 }

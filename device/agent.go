@@ -398,6 +398,8 @@ func (a *Agent) handle(in *inbound) {
 		a.onKey(in.payload)
 	case protocol.ReceiptTopic(a.serial):
 		a.onReceipt(in.payload)
+	case protocol.KeyStatementTopic(a.st.KeySeq + 1):
+		a.onKeyStatement(in.payload)
 	default:
 		a.onRelease(in.topic, in.payload)
 	}
@@ -599,7 +601,8 @@ func (a *Agent) onConnected() {
 		cl.Unsubscribe(topics...)
 		clear(a.unsub)
 	}
-	a.watchSuback(a.conn, cl.SubscribeMultiple(map[string]byte{protocol.KeyTopic(a.serial): 1, protocol.ReceiptTopic(a.serial): 1}, nil))
+	a.watchSuback(a.conn, cl.SubscribeMultiple(map[string]byte{protocol.KeyTopic(a.serial): 1, protocol.ReceiptTopic(a.serial): 1,
+		protocol.KeyStatementTopic(a.st.KeySeq + 1): 1}, nil))
 	if a.failed != nil && a.failed.transient() {
 		a.failed = nil // a redelivered key message is tried again
 	}
@@ -720,7 +723,7 @@ func (a *Agent) onRefused(gen uint64, topics []string) {
 // wanted reports whether topic is still worth subscribing to: the key and receipt
 // topics always, the manifest and chunks while the job waits for them.
 func (a *Agent) wanted(topic string) bool {
-	if topic == protocol.KeyTopic(a.serial) || topic == protocol.ReceiptTopic(a.serial) {
+	if topic == protocol.KeyTopic(a.serial) || topic == protocol.ReceiptTopic(a.serial) || topic == protocol.KeyStatementTopic(a.st.KeySeq+1) {
 		return true
 	}
 	j := a.job

@@ -3,6 +3,7 @@ package device_test
 import (
 	"bytes"
 	"context"
+	"crypto/ed25519"
 	"crypto/sha256"
 	"errors"
 	"math/rand/v2"
@@ -745,4 +746,79 @@ func (w *recordingInstall) Write(p []byte) (int, error) {
 	w.r.got = append(w.r.got, p...)
 	w.r.mu.Unlock()
 	return w.Install.Write(p)
+}
+
+// TestKeyRotation: a device learns a new release key from its key statement, persists it,
+// installs a release signed by it, and from then on refuses a manifest signed by the
+// retired key ([SC-5.3]); a forged statement is ignored.
+func TestKeyRotation(t *testing.T) {
+	e := newEnv(t)
+	v, inst := e.provision("dev-keys", t.TempDir())
+	rec := &devicetest.Recorder{}
+	run(t, e.opts(v, inst, rec))
+	// A statement signed by a stranger's key changes nothing.
+	_, stranger, _ := ed25519.GenerateKey(nil)
+	pubX, _, _ := ed25519.GenerateKey(nil)
+	forged, _ := keychain.KeyStatement{Seq: 1, Key: pubX}.Sign(stranger)
+	if err := e.srv.Publish(protocol.KeyStatementTopic(1), forged, true); err != nil {
+		t.Fatal(err)
+	}
+	old, oldSeq := e.srv.SignKey, e.srv.KeySeq
+	if err := e.srv.Rotate(); err != nil {
+		t.Fatal(err)
+	}
+	st := waitVault(t, v, func(s device.State) bool { return s.KeySeq == 1 })
+	if !st.ReleasePublicKey.Equal(e.srv.Pub) {
+		t.Fatal("the vault holds another key than the statement's")
+	}
+	img := image(3*testChunk, 21)
+	r := e.release(img, 1)
+	e.srv.Wrap(r, "dev-keys")
+	waitVault(t, v, func(s device.State) bool { return s.Version == 1 && s.LastAckConfirmed })
+	checkSlot(t, inst, img)
+
+	// The retired key signs a release: the device refuses its manifest.
+	current := e.srv.SignKey
+	e.srv.SignKey, e.srv.KeySeq = old, oldSeq
+	r2 := e.release(image(3*testChunk, 22), 2)
+	e.srv.SignKey, e.srv.KeySeq = current, 1
+	e.srv.Wrap(r2, "dev-keys")
+	got, err := e.srv.WaitAck("dev-keys", 20*time.Second, func(a keychain.Ack) bool { return a.Kind == keychain.AckFailed })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if protocol.Code(got.Ack.Code) != protocol.CodeBadManifest {
+		t.Fatalf("a manifest of the retired key: code %v, want bad_manifest", protocol.Code(got.Ack.Code))
+	}
+}
+
+// TestKeyRotationCatchUp: a device offered a release whose manifest names a release key
+// it has not learned waits for the key statement, then verifies and installs ([SC-5.3]).
+func TestKeyRotationCatchUp(t *testing.T) {
+	e := newEnv(t)
+	v, inst := e.provision("dev-catchup", t.TempDir())
+	rec := &devicetest.Recorder{}
+	run(t, e.opts(v, inst, rec))
+	pub, priv, _ := ed25519.GenerateKey(nil)
+	st, err := keychain.KeyStatement{Seq: 1, Key: pub}.Sign(e.srv.SignKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.srv.SignKey, e.srv.Pub, e.srv.KeySeq = priv, pub, 1 // the statement is not out yet
+	img := image(2*testChunk, 23)
+	r := e.release(img, 1)
+	e.srv.Wrap(r, "dev-catchup")
+	rec.Wait(t, device.EventManifestFetch, 1)
+	time.Sleep(100 * time.Millisecond) // the manifest arrives and waits
+	if s, _ := v.Load(); s.Version != 0 || s.KeySeq != 0 {
+		t.Fatalf("installed version %d with key %d before the key statement", s.Version, s.KeySeq)
+	}
+	if err := e.srv.Publish(protocol.KeyStatementTopic(1), st, true); err != nil {
+		t.Fatal(err)
+	}
+	s := waitVault(t, v, func(s device.State) bool { return s.Version == 1 && s.LastAckConfirmed })
+	if s.KeySeq != 1 {
+		t.Fatalf("key %d after the install", s.KeySeq)
+	}
+	checkSlot(t, inst, img)
 }

@@ -27,11 +27,12 @@ const (
 	EventReportSent                         // a report (kind 3) with Code was published
 	EventConfirmed                          // a receipt confirmed the last ack
 	EventFailed                             // the update failed with Code (Err says why)
+	EventKeyRotated                         // a key statement made release key Index current [SC-5.3]
 )
 
 var eventNames = [...]string{"", "connected", "disconnected", "key_message", "manifest_fetch",
 	"chunk_fetch", "chunk_received", "chunk_bad", "chunk_done", "committed", "persisted",
-	"ack_sent", "report_sent", "confirmed", "failed"}
+	"ack_sent", "report_sent", "confirmed", "failed", "key_rotated"}
 
 func (k EventKind) String() string {
 	if int(k) < len(eventNames) && k > 0 {

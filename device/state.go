@@ -23,7 +23,10 @@ type State struct {
 	ChainLength      uint32
 	Version          uint64 // installed version (anti-rollback) [SC-5.2]
 	ReleasePublicKey ed25519.PublicKey
-	Broker           protocol.BrokerConfig
+	// KeySeq is the sequence number of ReleasePublicKey; key statements move it up by
+	// one at a time [SC-5.3].
+	KeySeq uint32
+	Broker protocol.BrokerConfig
 
 	// LastAck is the encoded last ack (kind 1 or 2) the device sent, nil if none;
 	// LastAckConfirmed is set once a receipt that answers it verified [SC-10.1 step 7].
@@ -96,7 +99,7 @@ func (s *State) Validate() error {
 func StateFromDeviceFile(f protocol.DeviceFile) (State, error) {
 	s := State{
 		Serial: f.Serial, Epoch: f.Epoch, Seq: f.Seq, ChainLength: f.ChainLength,
-		Version: f.Version, Broker: f.Broker,
+		Version: f.Version, Broker: f.Broker, KeySeq: f.KeySeq,
 	}
 	if len(f.UnitData) != keychain.Size {
 		return State{}, fmt.Errorf("%w: device file for %q: unit_data is %d bytes, want %d", ErrInvalidState, f.Serial, len(f.UnitData), keychain.Size)

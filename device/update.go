@@ -282,17 +282,18 @@ type job struct {
 	fails    int // failures of the manifest fetch
 	deadline time.Time
 
-	m      *keychain.Manifest
-	prefix string // chunk topic prefix
-	dec    *keychain.ImageDecryptor
-	inst   Install
-	plain  []byte
-	next   uint32
-	buf    map[uint32][]byte // arrived, not processed; at most Window entries
-	subbed map[uint32]bool   // subscriptions believed open
-	tries  map[uint32]int    // fetches per index, for events
-	bad    map[uint32]int    // failures per index (bad or late)
-	lastPr time.Time
+	m       *keychain.Manifest
+	waiting []byte // a manifest signed by a key this device has not learned yet [SC-5.3]
+	prefix  string // chunk topic prefix
+	dec     *keychain.ImageDecryptor
+	inst    Install
+	plain   []byte
+	next    uint32
+	buf     map[uint32][]byte // arrived, not processed; at most Window entries
+	subbed  map[uint32]bool   // subscriptions believed open
+	tries   map[uint32]int    // fetches per index, for events
+	bad     map[uint32]int    // failures per index (bad or late)
+	lastPr  time.Time
 }
 
 func (a *Agent) startJob(km *keychain.KeyMessage, k keychain.ChainKey, ck keychain.ContentKey) {
@@ -461,6 +462,18 @@ func (a *Agent) onManifest(p []byte) {
 		a.failJob(protocol.CodeBadManifest, "the manifest's digest differs from the key message's manifest_digest")
 		return
 	}
+	// [SC-5.3] The manifest names the release key that signs it.
+	switch ks, _ := keychain.ManifestKeySeq(p); {
+	case ks < a.st.KeySeq:
+		a.failJob(protocol.CodeBadManifest, fmt.Sprintf("the manifest is signed by release key %d, which key statement %d retired", ks, a.st.KeySeq))
+		return
+	case ks > a.st.KeySeq:
+		// Signed by a key this device has not learned yet: wait for the key statements
+		// (it is subscribed to the next one) within the manifest's timeout.
+		a.log.Info().Uint32("manifest_key", ks).Uint32("device_key", a.st.KeySeq).Msg("manifest signed by a newer release key; waiting for its key statement")
+		j.waiting = p
+		return
+	}
 	m, err := keychain.ParseManifest(p, a.st.ReleasePublicKey)
 	if err != nil {
 		a.failJob(protocol.CodeBadManifest, "manifest rejected: "+err.Error())
@@ -593,4 +606,33 @@ func (a *Agent) finish() {
 	id := j.km.ID
 	a.doc = protocol.DeviceState{State: protocol.AgentInstalled, Release: &id, ChunksDone: j.m.ChunkCount, ChunkCount: j.m.ChunkCount}
 	a.newAck()
+}
+
+// onKeyStatement learns the next release key from its statement, signed by the current
+// one, persists it, and follows the chain [SC-5.3]. A statement that does not verify is
+// ignored: only the holder of the current key can make the next.
+func (a *Agent) onKeyStatement(p []byte) {
+	if len(p) == 0 {
+		return
+	}
+	s, err := keychain.ParseKeyStatement(p, a.st.ReleasePublicKey)
+	if err != nil || s.Seq != a.st.KeySeq+1 {
+		a.log.Warn().Err(err).Int("bytes", len(p)).Msg("ignoring a key statement that the current release key did not sign")
+		return
+	}
+	ns := a.st.Clone()
+	ns.ReleasePublicKey, ns.KeySeq = s.Key, s.Seq
+	if err := a.opts.Vault.Save(ns); err != nil {
+		a.fatal = fmt.Errorf("device: cannot persist release key %d: %w", s.Seq, err)
+		return
+	}
+	a.unsubscribe(protocol.KeyStatementTopic(s.Seq))
+	a.st = ns
+	a.log.Info().Uint32("key_seq", s.Seq).Msg("release key rotated")
+	a.emit(Event{Kind: EventKeyRotated, Index: s.Seq})
+	a.subscribe(protocol.KeyStatementTopic(s.Seq + 1))
+	if j := a.job; j != nil && j.waiting != nil {
+		p, j.waiting = j.waiting, nil
+		a.onManifest(p)
+	}
 }

@@ -25,6 +25,7 @@ type vaultFile struct {
 	ChainLength      uint32                `json:"chain_length"`
 	Version          uint64                `json:"version"`
 	ReleasePublicKey protocol.HexBytes     `json:"release_public_key"`
+	KeySeq           uint32                `json:"key_seq"`
 	Broker           protocol.BrokerConfig `json:"broker"`
 	LastAck          protocol.HexBytes     `json:"last_ack,omitempty"`
 	LastAckConfirmed bool                  `json:"last_ack_confirmed,omitempty"`
@@ -37,7 +38,7 @@ func encodeState(s State) ([]byte, error) {
 	}
 	f := vaultFile{
 		Serial: s.Serial, UnitData: s.UnitData[:], Epoch: s.Epoch, Seq: s.Seq,
-		ChainLength: s.ChainLength, Version: s.Version, ReleasePublicKey: protocol.HexBytes(s.ReleasePublicKey),
+		ChainLength: s.ChainLength, Version: s.Version, ReleasePublicKey: protocol.HexBytes(s.ReleasePublicKey), KeySeq: s.KeySeq,
 		Broker: s.Broker, LastAck: s.LastAck, LastAckConfirmed: s.LastAckConfirmed,
 	}
 	if s.LastAck != nil {
@@ -53,7 +54,7 @@ func decodeState(b []byte) (State, error) {
 	}
 	s := State{
 		Serial: f.Serial, Epoch: f.Epoch, Seq: f.Seq, ChainLength: f.ChainLength, Version: f.Version,
-		ReleasePublicKey: []byte(f.ReleasePublicKey), Broker: f.Broker,
+		ReleasePublicKey: []byte(f.ReleasePublicKey), KeySeq: f.KeySeq, Broker: f.Broker,
 		LastAck: []byte(f.LastAck), LastAckConfirmed: f.LastAckConfirmed,
 	}
 	if len(f.UnitData) != keychain.Size {

@@ -544,3 +544,38 @@ func TestChunkTree(t *testing.T) {
 		}
 	}
 }
+
+// TestKeyStatement: a statement verifies under the key before it and no other, and
+// carries the next key exactly ([SC-5.3]).
+func TestKeyStatement(t *testing.T) {
+	pub0, priv0, _ := ed25519.GenerateKey(nil)
+	pub1, priv1, _ := ed25519.GenerateKey(nil)
+	b, err := KeyStatement{Seq: 1, Key: pub1}.Sign(priv0)
+	if err != nil || len(b) != KeyStatementSize {
+		t.Fatalf("%d bytes, %v", len(b), err)
+	}
+	s, err := ParseKeyStatement(b, pub0)
+	if err != nil || s.Seq != 1 || !s.Key.Equal(pub1) {
+		t.Fatalf("%+v, %v", s, err)
+	}
+	if _, err := ParseKeyStatement(b, pub1); !errors.Is(err, ErrAuth) {
+		t.Fatalf("verified under the key it names: %v", err)
+	}
+	if _, err := (KeyStatement{Seq: 0, Key: pub1}).Sign(priv0); !errors.Is(err, ErrMalformed) {
+		t.Fatalf("statement 0 signed: %v", err)
+	}
+	if _, err := ParseKeyStatement(b[:KeyStatementSize-1], pub0); !errors.Is(err, ErrMalformed) {
+		t.Fatalf("short statement: %v", err)
+	}
+	m := &Manifest{Version: 1, ChunkSize: 1024, ChunkCount: 1, KeySeq: 1, Created: time.Unix(1, 0)}
+	mb, err := m.Sign(priv1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if seq, ok := ManifestKeySeq(mb); !ok || seq != 1 {
+		t.Fatalf("ManifestKeySeq = %d, %v", seq, ok)
+	}
+	if _, err := ParseManifest(mb, pub0); !errors.Is(err, ErrAuth) {
+		t.Fatalf("a key 1 manifest verified under key 0: %v", err)
+	}
+}

@@ -13,8 +13,9 @@ const (
 	LabelBrokerAuth   = "sealcast/v1 broker-auth"
 	LabelMQTTPassword = "sealcast/v1 mqtt-password"
 	LabelStateSeal    = "sealcast/v1 state-seal"
-	LabelRekeyID      = "sealcast/v1 rekey-id" // the key that derives re-key ids (3.6)
-	LabelRekey        = "sealcast/v2 rekey"    // the next unit data from the current one and the re-key secret (3.2)
+	LabelRekeyID      = "sealcast/v1 rekey-id"      // the key that derives re-key ids (3.6)
+	LabelRekey        = "sealcast/v2 rekey"         // the next unit data from the current one and the re-key secret (3.2)
+	LabelKeyStatement = "sealcast/v2 key-statement" // signed by the previous release key (5.1)
 
 	// AES-GCM associated data of a release's content key sealed under the state-seal key
 	// (server only): this, then the release id in hex. It predates the sealcast/v1 naming
@@ -32,4 +33,6 @@ const (
 	MagicKey      = "SCK2"
 	MagicAck      = "SCA2"
 	MagicReceipt  = "SCR2"
+	// MagicKeyStatement begins a key statement (5.1).
+	MagicKeyStatement = "SCS2"
 )

@@ -9,9 +9,9 @@ import (
 )
 
 // ManifestSize is the length of an encoded, signed manifest (PROTOCOL.md 5).
-const ManifestSize = 180
+const ManifestSize = 184
 
-const manifestBodySize = 116
+const manifestBodySize = 120
 
 // Manifest describes a release's encrypted image; it is signed with the release-signing
 // key (Ed25519) whose public half every device holds.
@@ -24,6 +24,9 @@ type Manifest struct {
 	ChunkCount  uint32
 	ImageSHA256 [32]byte // of the plaintext
 	ChunksRoot  [32]byte // of the chunk tree (PROTOCOL.md 4.3)
+	// KeySeq is the sequence number of the release key that signs the manifest (5.1):
+	// 0 for the key devices are provisioned with, n for the key of key statement n.
+	KeySeq uint32
 }
 
 // NewManifest returns the manifest of a release whose image EncryptChunks summarised.
@@ -65,6 +68,7 @@ func (m *Manifest) body() []byte {
 	b = binary.BigEndian.AppendUint32(b, m.ChunkCount)
 	b = append(b, m.ImageSHA256[:]...)
 	b = append(b, m.ChunksRoot[:]...)
+	b = binary.BigEndian.AppendUint32(b, m.KeySeq)
 	return b
 }
 
@@ -74,7 +78,8 @@ func signedMessage(body []byte) []byte {
 	return append(msg, body...)
 }
 
-// Sign encodes and signs the manifest, returning its 180 bytes.
+// Sign encodes and signs the manifest, returning its 184 bytes. key must be the release
+// key of sequence number m.KeySeq.
 func (m *Manifest) Sign(key ed25519.PrivateKey) ([]byte, error) {
 	if len(key) != ed25519.PrivateKeySize {
 		return nil, fmt.Errorf("keychain: release-signing key is %d bytes, want %d", len(key), ed25519.PrivateKeySize)
@@ -112,10 +117,21 @@ func ParseManifest(b []byte, pub ed25519.PublicKey) (*Manifest, error) {
 	m.ChunkCount = binary.BigEndian.Uint32(b[48:])
 	copy(m.ImageSHA256[:], b[52:84])
 	copy(m.ChunksRoot[:], b[84:116])
+	m.KeySeq = binary.BigEndian.Uint32(b[116:])
 	if err := m.check(); err != nil {
 		return nil, err
 	}
 	return m, nil
+}
+
+// ManifestKeySeq returns the key_seq field of an encoded manifest, before its signature is
+// verified: which release key a device needs to verify it (5.1). ok is false for bytes
+// that are not a manifest.
+func ManifestKeySeq(b []byte) (seq uint32, ok bool) {
+	if len(b) != ManifestSize || string(b[:4]) != MagicManifest {
+		return 0, false
+	}
+	return binary.BigEndian.Uint32(b[116:]), true
 }
 
 // ManifestDigest returns SHA256 of an encoded manifest, which key messages bind.

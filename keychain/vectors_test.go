@@ -82,6 +82,15 @@ type Vectors struct {
 	AckRekeyed      ackVector     `json:"ack_rekeyed"`
 	ReceiptAccepted receiptVector `json:"receipt_accepted"`
 	ReceiptRecorded receiptVector `json:"receipt_recorded"`
+	// KeyStatement makes the key of NextSeed release key 1, signed by the release key (5.1);
+	// RotatedManifest is the release's manifest with key_seq 1, signed by that key.
+	KeyStatement struct {
+		Seq       uint32 `json:"seq"`
+		NextSeed  string `json:"next_key_seed"`
+		PublicKey string `json:"next_public_key"`
+		Message   string `json:"message"`
+	} `json:"key_statement"`
+	RotatedManifest string `json:"rotated_manifest"`
 	// Negative holds messages a decoder must refuse, each with what it must conclude.
 	Negative []negativeVector `json:"negative"`
 }
@@ -89,8 +98,8 @@ type Vectors struct {
 // negativeVector is a message a decoder must refuse. Kind says which decoder:
 // "key_message" (for the device of the vectors at D = seq, epoch 0), "manifest" (under
 // the release public key), "chunk" (chunk Index of the release, after the chunks before
-// it), "ack" (at the server, device at (0, seq)) or "receipt" (at the device whose
-// last_ack is ack_installed). Error is the code the device reports (15.1), or for the
+// it), "ack" (at the server, device at (0, seq)), "receipt" (at the device whose
+// last_ack is ack_installed) or "key_statement" (at a device holding release key 0). Error is the code the device reports (15.1), or for the
 // server's side of an ack the rejection reason, or "ignored" for a receipt.
 type negativeVector struct {
 	Name    string `json:"name"`
@@ -265,6 +274,19 @@ func makeVectors(t *testing.T) *Vectors {
 	v.AckRekeyed = ackVectorOf(t, Ack{Kind: AckRekeyed, Epoch: 0, Seq: 1, ID: rid, DeviceSeq: 1024}, Key(u0, 1), v.Serial)
 	v.ReceiptAccepted = receiptVectorOf(t, ReceiptFor(ack, ReceiptAccepted), k, v.Serial)
 	v.ReceiptRecorded = receiptVectorOf(t, ReceiptFor(rep, ReceiptRecorded), k, v.Serial)
+	next := ed25519.NewKeyFromSeed(seqBytes(32, 0x60))
+	st, err := KeyStatement{Seq: 1, Key: next.Public().(ed25519.PublicKey)}.Sign(priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.KeyStatement.Seq, v.KeyStatement.NextSeed, v.KeyStatement.PublicKey, v.KeyStatement.Message = 1, h(next.Seed()), h(next.Public().(ed25519.PublicKey)), h(st)
+	rotated := *m
+	rotated.KeySeq = 1
+	rb2, err := rotated.Sign(next)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.RotatedManifest = h(rb2)
 	v.Negative = negativeVectors(t, v, priv, pk, m)
 	return v
 }
@@ -298,7 +320,19 @@ func negativeVectors(t *testing.T, v *Vectors, priv ed25519.PrivateKey, pk [Size
 		{Name: "key message with a flipped bit in manifest_digest", Kind: "key_message", Message: flip(v.KeyMessage.Message, 40), Error: "unwrap_failed"},
 		{Name: "manifest with a flipped signature bit", Kind: "manifest", Message: flip(v.Release.Manifest, 170), Error: "bad_manifest"},
 		{Name: "manifest with a flipped version bit", Kind: "manifest", Message: flip(v.Release.Manifest, 27), Error: "bad_manifest"},
-		{Name: "manifest of 179 bytes", Kind: "manifest", Message: v.Release.Manifest[:2*179], Error: "bad_manifest"},
+		{Name: "manifest one byte short", Kind: "manifest", Message: v.Release.Manifest[:2*(ManifestSize-1)], Error: "bad_manifest"},
+		{Name: "manifest claiming key_seq 0, signed by release key 1", Kind: "manifest", Message: func() string {
+			mm := *m
+			body := mm.body()
+			next := ed25519.NewKeyFromSeed(seqBytes(32, 0x60))
+			return h(append(body, ed25519.Sign(next, signedMessage(body))...))
+		}(), Error: "bad_manifest"},
+		{Name: "key statement 1 with a flipped key bit", Kind: "key_statement", Message: flip(v.KeyStatement.Message, 10), Error: "ignored"},
+		{Name: "key statement 1 signed by the key it names", Kind: "key_statement", Message: func() string {
+			next := ed25519.NewKeyFromSeed(seqBytes(32, 0x60))
+			b, _ := KeyStatement{Seq: 1, Key: next.Public().(ed25519.PublicKey)}.Sign(next)
+			return h(b)
+		}(), Error: "ignored"},
 		{Name: "manifest signed with version 0", Kind: "manifest", Message: resign(zeroVersion), Error: "bad_manifest"},
 		{Name: "manifest signed with a chunk_count that its sizes contradict", Kind: "manifest", Message: resign(badCount), Error: "bad_manifest"},
 		{Name: "chunk 1 with a flipped ciphertext bit", Kind: "chunk", Index: 1, Message: flip(v.Release.Chunks[1], 3), Error: "chunk_corrupt"},
@@ -357,6 +391,10 @@ func refusal(t *testing.T, v *Vectors, n negativeVector) string {
 		}
 	case "receipt":
 		if _, err := ParseReceipt(b); err != nil || VerifyReceipt(b, k, v.Serial) != nil {
+			return "ignored"
+		}
+	case "key_statement":
+		if _, err := ParseKeyStatement(b, pub); err != nil {
 			return "ignored"
 		}
 	}
@@ -426,6 +464,13 @@ func TestVectors(t *testing.T) {
 	u1 := NextUnitData(u0, t1)
 	if err != nil || hex.EncodeToString(u1[:]) != v.UnitData[1].UnitData || v.Rekey.NextUnitData != v.UnitData[1].UnitData {
 		t.Fatalf("re-key did not yield U_1 (%v)", err)
+	}
+	ks, err := ParseKeyStatement(mustHex(t, v.KeyStatement.Message), ed25519.PublicKey(mustHex(t, v.Release.PublicKey)))
+	if err != nil || ks.Seq != 1 || hex.EncodeToString(ks.Key) != v.KeyStatement.PublicKey {
+		t.Fatalf("key statement: %+v, %v", ks, err)
+	}
+	if rm, err := ParseManifest(mustHex(t, v.RotatedManifest), ks.Key); err != nil || rm.KeySeq != 1 {
+		t.Fatalf("rotated manifest: %+v, %v", rm, err)
 	}
 	for _, n := range v.Negative {
 		if got := refusal(t, &v, n); got != n.Error {

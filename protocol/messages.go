@@ -37,6 +37,7 @@ const (
 	CmdReleaseGet    = "release.get"
 	CmdReleaseList   = "release.list"
 	CmdFleetGet      = "fleet.get"
+	CmdKeysRotate    = "keys.rotate"
 )
 
 // ProvisionArgs are the arguments of device.provision: Serials, or Count devices named
@@ -217,14 +218,17 @@ type DeviceError struct {
 
 // DeviceFile is what provisioning gives a device (PROTOCOL.md 14).
 type DeviceFile struct {
-	Serial           string       `json:"serial"`
-	UnitData         HexBytes     `json:"unit_data"`
-	Epoch            uint32       `json:"epoch"`
-	Seq              uint32       `json:"seq"`
-	ChainLength      uint32       `json:"chain_length"`
-	Version          uint64       `json:"version"`
-	ReleasePublicKey HexBytes     `json:"release_public_key"`
-	Broker           BrokerConfig `json:"broker"`
+	Serial           string   `json:"serial"`
+	UnitData         HexBytes `json:"unit_data"`
+	Epoch            uint32   `json:"epoch"`
+	Seq              uint32   `json:"seq"`
+	ChainLength      uint32   `json:"chain_length"`
+	Version          uint64   `json:"version"`
+	ReleasePublicKey HexBytes `json:"release_public_key"`
+	// KeySeq is the sequence number of ReleasePublicKey: 0 until the release key was
+	// first rotated (PROTOCOL.md 5.1).
+	KeySeq uint32       `json:"key_seq"`
+	Broker BrokerConfig `json:"broker"`
 }
 
 // BrokerConfig is how a device reaches its broker.
@@ -232,4 +236,12 @@ type BrokerConfig struct {
 	URL      string `json:"url"`
 	Username string `json:"username"`
 	Password string `json:"password"`
+}
+
+// KeyRotateResult is the result of keys.rotate: the new release key, its sequence number,
+// and where its key statement is retained.
+type KeyRotateResult struct {
+	Seq       uint32   `json:"seq"`
+	PublicKey HexBytes `json:"public_key"`
+	Topic     string   `json:"topic"`
 }

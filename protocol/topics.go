@@ -40,6 +40,8 @@ const (
 	PresenceFilter = Root + "/devices/+/presence"
 	// DeviceStatusFilter matches the updater's status of every device.
 	DeviceStatusFilter = Root + "/status/devices/+"
+	// KeysFilter matches every key statement (PROTOCOL.md 5.1).
+	KeysFilter = Root + "/keys/+"
 
 	// Prefixes of topic families, for matching topics by prefix.
 	DevicesPrefix       = Root + "/devices/"
@@ -47,7 +49,11 @@ const (
 	ReleaseStatusPrefix = Root + "/status/releases/"
 	DeviceStatusPrefix  = Root + "/status/devices/"
 	UploadsPrefix       = Root + "/admin/uploads/"
+	KeysPrefix          = Root + "/keys/"
 )
+
+// KeyStatementTopic is where key statement seq (>= 1) is retained (PROTOCOL.md 5.1).
+func KeyStatementTopic(seq uint32) string { return KeysPrefix + strconv.FormatUint(uint64(seq), 10) }
 
 // Presence payloads.
 const (

@@ -36,6 +36,7 @@ type Admin struct {
 	uploads   *uploads
 	revoker   Revoker
 	accounts  Accounts
+	keyStore  KeyStore
 	log       zerolog.Logger
 	now       func() time.Time
 	workers   int
@@ -223,4 +224,47 @@ func (a *Admin) FinishUpload(_ context.Context, upload string) (protocol.UploadF
 		return protocol.UploadFinishResult{}, err
 	}
 	return protocol.UploadFinishResult{Size: up.size, SHA256: up.sha256}, nil
+}
+
+// RotateKey makes a new release-signing key, publishes its key statement (signed by the
+// current key) retained, and signs every later manifest with it (keys.rotate, PROTOCOL.md
+// 5.1). Devices that learn the statement refuse manifests signed by older keys, so it is
+// refused while a release is publishing, active or paused: cancel it, or let it
+// complete, first.
+func (a *Admin) RotateKey(ctx context.Context) (protocol.KeyRotateResult, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.keyStore == nil {
+		return protocol.KeyRotateResult{}, protocol.Errorf(protocol.ErrUnavailable, "this updater has no key store to keep a new release key in")
+	}
+	if held := a.runs.all(); len(held) > 0 {
+		rel := held[0].release()
+		return protocol.KeyRotateResult{}, protocol.Errorf(protocol.ErrConflict,
+			"release %s is %s: devices that learn a new key refuse its manifest; cancel it or let it complete, then rotate", rel.ID, rel.State)
+	}
+	seq, pub, st, err := a.keys.release.rotate(a.keyStore)
+	if err != nil {
+		return protocol.KeyRotateResult{}, protocol.Errorf(protocol.ErrUnavailable, "keeping the new release key: %v; the key is unchanged", err)
+	}
+	res := protocol.KeyRotateResult{Seq: seq, PublicKey: protocol.HexBytes(pub), Topic: protocol.KeyStatementTopic(seq)}
+	a.log.Info().Uint32("key_seq", seq).Hex("public_key", pub).Msg("release key rotated")
+	if err := a.bus.Publish(ctx, protocol.Message{Topic: res.Topic, Payload: st, Retain: true}); err != nil {
+		// The key is rotated and kept; the statement goes out again at the next start.
+		return res, protocol.Errorf(protocol.ErrUnavailable, "release key %d is kept but its statement is not published (%v); it is published again at the next start", seq, err)
+	}
+	return res, nil
+}
+
+// publishKeyStatements publishes every key statement, retained, so that a device that
+// missed a rotation, or a broker that lost its retained messages, catches up (5.1).
+func (a *Admin) publishKeyStatements(ctx context.Context) error {
+	sts := a.keys.release.all()
+	msgs := make([]protocol.Message, len(sts))
+	for i, st := range sts {
+		msgs[i] = protocol.Message{Topic: protocol.KeyStatementTopic(uint32(i + 1)), Payload: st, Retain: true}
+	}
+	if len(msgs) == 0 {
+		return nil
+	}
+	return a.bus.Publish(ctx, msgs...)
 }

@@ -52,6 +52,9 @@ func newMQTTAdmin(svc *Admin, bus Bus, log zerolog.Logger) *mqttAdmin {
 		protocol.CmdFleetGet: withArgs(func(ctx context.Context, _ struct{}) (protocol.FleetStatus, error) {
 			return svc.Fleet(ctx)
 		}),
+		protocol.CmdKeysRotate: withArgs(func(ctx context.Context, _ struct{}) (protocol.KeyRotateResult, error) {
+			return svc.RotateKey(ctx)
+		}),
 	}
 	return m
 }

@@ -3,10 +3,12 @@ package updater_test
 import (
 	"bytes"
 	"context"
+	"crypto/ed25519"
 	"testing"
 
 	"github.com/sealcast/sealcast/keychain"
 	"github.com/sealcast/sealcast/protocol"
+	"github.com/sealcast/sealcast/updater"
 )
 
 // TestServerDecidesVersion: a device's authenticated ack that claims a version above the
@@ -146,5 +148,54 @@ func TestRetireRelease(t *testing.T) {
 	})
 	if got := e.device(files[0].Serial); got.Version != top {
 		t.Fatalf("device 0 is recorded at version %d; it keeps %d", got.Version, top)
+	}
+}
+
+// memKeys is a KeyStore in memory.
+type memKeys struct {
+	seqs       []uint32
+	statements [][]byte
+}
+
+func (m *memKeys) AddKey(seq uint32, _ ed25519.PrivateKey, st []byte) error {
+	m.seqs, m.statements = append(m.seqs, seq), append(m.statements, st)
+	return nil
+}
+
+// TestRotateKey: keys.rotate is refused while a release is active, then makes a new key
+// whose statement, signed by the old key, is retained; later manifests name and verify
+// under the new key, and devices provisioned now start with it ([SC-5.3]).
+func TestRotateKey(t *testing.T) {
+	store := &memKeys{}
+	e := startEnv(t, boltOpener, func(o *updater.Options) { o.KeyStore = store })
+	ctx := context.Background()
+	f := e.provision(1)[0]
+	rel := e.release(randomImage(500), 1)
+	if err := e.op.Do(ctx, protocol.CmdKeysRotate, nil, nil); protocol.CodeOf(err) != protocol.ErrConflict {
+		t.Fatalf("rotating with release %s active: %v, want conflict", rel, err)
+	}
+	if _, err := e.u.Admin().CancelRelease(ctx, rel); err != nil {
+		t.Fatal(err)
+	}
+	var res protocol.KeyRotateResult
+	if err := e.op.Do(ctx, protocol.CmdKeysRotate, nil, &res); err != nil || res.Seq != 1 || len(store.seqs) != 1 {
+		t.Fatalf("keys.rotate: %+v, %v (store %v)", res, err, store.seqs)
+	}
+	d := connectDevice(t, e.b.URL, f)
+	st, err := keychain.ParseKeyStatement(d.fetch(protocol.KeyStatementTopic(1)), ed25519.PublicKey(f.ReleasePublicKey))
+	if err != nil || !st.Key.Equal(ed25519.PublicKey(res.PublicKey)) {
+		t.Fatalf("the retained key statement: %+v, %v", st, err)
+	}
+	rel2 := e.release(randomImage(500), 2)
+	mb := d.fetch(protocol.ManifestTopic(rel2))
+	if m, err := keychain.ParseManifest(mb, st.Key); err != nil || m.KeySeq != 1 {
+		t.Fatalf("a manifest after the rotation: %+v, %v", m, err)
+	}
+	if _, err := keychain.ParseManifest(mb, ed25519.PublicKey(f.ReleasePublicKey)); err == nil {
+		t.Fatal("a manifest after the rotation verifies under the old key")
+	}
+	files, err := e.op.Provision(ctx, []string{"after-rotation"}, 0)
+	if err != nil || files[0].KeySeq != 1 || !bytes.Equal(files[0].ReleasePublicKey, res.PublicKey) {
+		t.Fatalf("a device provisioned after the rotation: key %d %x, %v", files[0].KeySeq, files[0].ReleasePublicKey, err)
 	}
 }

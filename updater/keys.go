@@ -2,7 +2,9 @@ package updater
 
 import (
 	"crypto/ed25519"
+	"crypto/rand"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
@@ -10,24 +12,75 @@ import (
 	"github.com/sealcast/sealcast/protocol"
 )
 
-// keys holds what the updater derives from the fleet root secret and the signing key. It
-// is read-only after New, so every part of the updater may share it.
+// keys holds what the updater derives from the fleet root secret, and the release keys.
+// It is read-only after New but for release, which has its own lock, so every part of
+// the updater may share it.
 type keys struct {
 	root        keychain.RootSecret
 	sealK       [keychain.Size]byte    // seals content keys (AES-GCM)
 	rekeyK      [keychain.Size]byte    // derives re-key ids (HMAC)
 	sealer      *keychain.StateSealer  // opens and seals chain states
 	auth        keychain.BrokerAuthKey // derives device passwords
-	signing     ed25519.PrivateKey
-	public      ed25519.PublicKey
+	release     *releaseKeys
 	chainLength uint32 // of new devices
 }
 
-func newKeys(root keychain.RootSecret, signing ed25519.PrivateKey, chainLength uint32) *keys {
+func newKeys(root keychain.RootSecret, release *releaseKeys, chainLength uint32) *keys {
 	return &keys{
 		root: root, sealK: root.StateSealKey(), rekeyK: root.RekeyIDKey(), sealer: keychain.NewStateSealer(root), auth: root.BrokerAuth(),
-		signing: signing, public: signing.Public().(ed25519.PublicKey), chainLength: chainLength,
+		release: release, chainLength: chainLength,
 	}
+}
+
+// KeyStore keeps the release keys that keys.rotate makes (PROTOCOL.md 5.1): AddKey must
+// store key and its statement durably before it returns, so that a restart signs with
+// the key devices were told of. datadir.Dir is one.
+type KeyStore interface {
+	AddKey(seq uint32, key ed25519.PrivateKey, statement []byte) error
+}
+
+// releaseKeys is the one owner of the current release key and the statements that chain
+// it to the key devices were first provisioned with.
+type releaseKeys struct {
+	mu         sync.Mutex
+	seq        uint32
+	key        ed25519.PrivateKey
+	statements [][]byte // statement n at index n-1
+}
+
+// current returns the current release key and its sequence number.
+func (r *releaseKeys) current() (uint32, ed25519.PrivateKey) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.seq, r.key
+}
+
+// all returns the key statements, statement n at index n-1.
+func (r *releaseKeys) all() [][]byte {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.statements)
+}
+
+// rotate makes a new release key, signs its statement with the current key, has store
+// keep both, and then makes it current.
+func (r *releaseKeys) rotate(store KeyStore) (uint32, ed25519.PublicKey, []byte, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	pub, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return 0, nil, nil, err
+	}
+	seq := r.seq + 1
+	st, err := keychain.KeyStatement{Seq: seq, Key: pub}.Sign(r.key)
+	if err != nil {
+		return 0, nil, nil, err
+	}
+	if err := store.AddKey(seq, priv, st); err != nil {
+		return 0, nil, nil, err
+	}
+	r.seq, r.key, r.statements = seq, priv, append(r.statements, st)
+	return seq, pub, st, nil
 }
 
 // sealContentKey seals a release's content key for the store, bound to the release id.
@@ -68,10 +121,12 @@ func (k *keys) newDevice(serial string, length uint32, brokerURL string, now tim
 		return nil, protocol.DeviceFile{}, err
 	}
 	d := &Device{Serial: serial, Seq: length, ChainLength: length, Chain: sealed, State: protocol.DeviceIdle, Provisioned: now}
+	seq, key := k.release.current()
+	pub := key.Public().(ed25519.PublicKey)
 	f := protocol.DeviceFile{
 		Serial: serial, UnitData: ud[:], Seq: length, ChainLength: length,
-		ReleasePublicKey: protocol.HexBytes(k.public),
-		Broker:           protocol.BrokerConfig{URL: brokerURL, Username: serial, Password: pw},
+		ReleasePublicKey: protocol.HexBytes(pub), KeySeq: seq,
+		Broker: protocol.BrokerConfig{URL: brokerURL, Username: serial, Password: pw},
 	}
 	return d, f, nil
 }

@@ -170,7 +170,9 @@ func publishImage(ctx context.Context, bus Bus, k *keys, now time.Time, img *io.
 		return nil, nil, fmt.Errorf("publishing the encrypted image: %w", err)
 	}
 	m := keychain.NewManifest(id, version, now, sum)
-	mb, err := m.Sign(k.signing)
+	seq, key := k.release.current()
+	m.KeySeq = seq
+	mb, err := m.Sign(key)
 	if err != nil {
 		return nil, nil, err
 	}

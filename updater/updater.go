@@ -59,11 +59,18 @@ type Accounts interface {
 
 // Options configure an Updater. Root, SigningKey, Store and Bus are required.
 type Options struct {
-	Root       keychain.RootSecret
-	SigningKey ed25519.PrivateKey
-	Store      Store
-	Bus        Bus
-	Logger     zerolog.Logger
+	Root keychain.RootSecret
+	// SigningKey is the current release-signing key, KeySeq its sequence number (0 until
+	// the first rotation), and KeyStatements the statements 1..KeySeq that chain it to
+	// the first key (PROTOCOL.md 5.1), which the updater publishes, retained, at start.
+	SigningKey    ed25519.PrivateKey
+	KeySeq        uint32
+	KeyStatements [][]byte
+	// KeyStore keeps the keys keys.rotate makes; without one, keys.rotate is refused.
+	KeyStore KeyStore
+	Store    Store
+	Bus      Bus
+	Logger   zerolog.Logger
 	// DataDir holds uploads in progress (DataDir/uploads). Required unless AcksOnly.
 	DataDir string
 	// ChainLength of new devices (default keychain.DefaultChainLength). A re-key keeps
@@ -124,7 +131,8 @@ func New(o Options) (*Updater, error) {
 	if err != nil {
 		return nil, err
 	}
-	u := &Updater{o: o, log: o.Logger, keys: newKeys(o.Root, o.SigningKey, o.ChainLength), ready: make(chan struct{})}
+	release := &releaseKeys{seq: o.KeySeq, key: o.SigningKey, statements: o.KeyStatements}
+	u := &Updater{o: o, log: o.Logger, keys: newKeys(o.Root, release, o.ChainLength), ready: make(chan struct{})}
 	if !o.AcksOnly {
 		if u.uploads, err = newUploads(o.DataDir, o.MaxUploadSize); err != nil {
 			return nil, err
@@ -143,7 +151,7 @@ func New(o Options) (*Updater, error) {
 	}
 	u.admin = &Admin{
 		store: o.Store, bus: o.Bus, keys: u.keys, runs: u.runs, life: u.life, place: u.place,
-		status: u.status, uploads: u.uploads, revoker: o.Revoker, accounts: o.Accounts, log: u.log, now: o.Now,
+		status: u.status, uploads: u.uploads, revoker: o.Revoker, accounts: o.Accounts, keyStore: o.KeyStore, log: u.log, now: o.Now,
 		workers: o.Workers, brokerURL: o.BrokerURL,
 	}
 	if !o.AcksOnly {
@@ -162,6 +170,8 @@ func (o Options) withDefaults() (Options, error) {
 		return o, errors.New("updater: Options.SigningKey must be an Ed25519 private key")
 	case o.Root == keychain.RootSecret{}:
 		return o, errors.New("updater: Options.Root is the zero root secret")
+	case len(o.KeyStatements) != int(o.KeySeq):
+		return o, fmt.Errorf("updater: Options.KeyStatements holds %d statements, but Options.KeySeq is %d", len(o.KeyStatements), o.KeySeq)
 	case !o.AcksOnly && o.DataDir == "":
 		return o, errors.New("updater: Options.DataDir is required to receive uploads")
 	}
@@ -186,8 +196,12 @@ func (o Options) withDefaults() (Options, error) {
 	return o, nil
 }
 
-// ReleasePublicKey is the public half of the release-signing key; devices hold it.
-func (u *Updater) ReleasePublicKey() ed25519.PublicKey { return u.keys.public }
+// ReleasePublicKey is the public half of the current release-signing key, and its
+// sequence number (PROTOCOL.md 5.1); devices provisioned now hold it.
+func (u *Updater) ReleasePublicKey() (ed25519.PublicKey, uint32) {
+	seq, key := u.keys.release.current()
+	return key.Public().(ed25519.PublicKey), seq
+}
 
 // Admin is the admin service, for callers in the same process (an HTTP API, a test). It
 // is nil with AcksOnly. Its fan-outs run until Run returns.
@@ -272,6 +286,9 @@ func (u *Updater) serveAdmin(ctx context.Context) error {
 		return fmt.Errorf("updater: %w", err)
 	}
 	u.goRun(func() { u.status.loop(ctx) })
+	if err := u.admin.publishKeyStatements(ctx); err != nil {
+		u.log.Warn().Err(err).Msg("publishing the key statements; devices that need them wait for the next start")
+	}
 	u.admin.resume(ctx)
 	return nil
 }

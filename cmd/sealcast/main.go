@@ -97,7 +97,7 @@ Every flag has an environment twin: -redis is SEALCAST_REDIS, and so on.`),
 			serveCommand(e), demoCommand(e),
 			provisionCommand(e), releaseCommand(e), statusCommand(e), devicesCommand(e), watchCommand(e),
 			controlCommand(e, "pause"), controlCommand(e, "resume"), controlCommand(e, "cancel"), controlCommand(e, "retire"),
-			deviceCommand(e), simulateCommand(e), healthcheckCommand(e),
+			deviceCommand(e), keysCommand(e), simulateCommand(e), healthcheckCommand(e),
 		},
 		Exec: func(_ context.Context, args []string) error {
 			if len(args) > 0 && args[0] != "help" {

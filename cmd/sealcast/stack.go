@@ -177,7 +177,8 @@ func (s *stack) startUpdater(c stackConfig) (err error) {
 		ackGroup = "sealcast"
 	}
 	uo := updater.Options{
-		Root: s.dir.Root, SigningKey: s.dir.SigningKey, Store: s.store, Bus: s.bus,
+		Root: s.dir.Root, SigningKey: s.dir.SigningKey, KeySeq: s.dir.KeySeq, KeyStatements: s.dir.Statements, KeyStore: s.dir,
+		Store: s.store, Bus: s.bus,
 		Logger: s.log.With().Str("component", "updater").Logger(), DataDir: c.dataDir,
 		ChainLength: uint32(c.chainLength), BrokerURL: publicURL, AckGroup: ackGroup, AcksOnly: c.acksOnly,
 	}

@@ -4,7 +4,10 @@
 //
 //	root.key        32 bytes, the fleet root secret (mode 0600)
 //	release.key     32-byte Ed25519 seed, the release-signing key (mode 0600)
-//	release.pub     the release public key, hex (what devices are provisioned with)
+//	release.pub     the current release public key, hex (what devices are provisioned with)
+//	keys/           the release keys that rotations made (PROTOCOL.md 5.1): release-N.key,
+//	                the Ed25519 seed of key N (mode 0600), and statement-N.bin, its key
+//	                statement signed by key N-1; release.key is key 0
 //	accounts.json   operator, monitor and updater accounts, bcrypt-hashed (mode 0600)
 package datadir
 
@@ -17,14 +20,19 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/sealcast/sealcast/internal/atomicfile"
 	"github.com/sealcast/sealcast/keychain"
 )
 
 // Dir is an opened data directory.
 type Dir struct {
-	Path       string
-	Root       keychain.RootSecret
+	Path string
+	Root keychain.RootSecret
+	// SigningKey is the current release key, KeySeq its sequence number (0 until the
+	// first rotation) and Statements the key statements 1..KeySeq.
 	SigningKey ed25519.PrivateKey
+	KeySeq     uint32
+	Statements [][]byte
 	// Created is true when this Open created the directory's keys.
 	Created bool
 }
@@ -65,11 +73,69 @@ func Open(path string) (*Dir, error) {
 	}
 	copy(d.Root[:], root)
 	d.SigningKey = ed25519.NewKeyFromSeed(seed)
-	pub := hex.EncodeToString(d.SigningKey.Public().(ed25519.PublicKey)) + "\n"
-	if err := os.WriteFile(d.File("release.pub"), []byte(pub), 0o644); err != nil {
-		return nil, fmt.Errorf("writing release.pub: %w", err)
+	if err := d.loadRotations(); err != nil {
+		return nil, err
+	}
+	if err := d.writePub(); err != nil {
+		return nil, err
 	}
 	return d, nil
+}
+
+func (d *Dir) writePub() error {
+	pub := hex.EncodeToString(d.SigningKey.Public().(ed25519.PublicKey)) + "\n"
+	if err := os.WriteFile(d.File("release.pub"), []byte(pub), 0o644); err != nil {
+		return fmt.Errorf("writing release.pub: %w", err)
+	}
+	return nil
+}
+
+func (d *Dir) keyFiles(seq uint32) (key, statement string) {
+	return d.File(filepath.Join("keys", fmt.Sprintf("release-%d.key", seq))), d.File(filepath.Join("keys", fmt.Sprintf("statement-%d.bin", seq)))
+}
+
+// loadRotations reads the rotated keys in order and checks that each statement is
+// signed by the key before and names the key beside it. A key without its statement (a
+// rotation that stopped half way) ends the chain.
+func (d *Dir) loadRotations() error {
+	for seq := uint32(1); ; seq++ {
+		keyPath, stPath := d.keyFiles(seq)
+		st, err := os.ReadFile(stPath)
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		seed, kerr := os.ReadFile(keyPath)
+		if err != nil || kerr != nil || len(seed) != ed25519.SeedSize {
+			return fmt.Errorf("reading release key %d (%s): %v %v: the data directory is damaged; restore keys/ from backup", seq, keyPath, err, kerr)
+		}
+		key := ed25519.NewKeyFromSeed(seed)
+		s, err := keychain.ParseKeyStatement(st, d.SigningKey.Public().(ed25519.PublicKey))
+		if err != nil || s.Seq != seq || !s.Key.Equal(key.Public()) {
+			return fmt.Errorf("key statement %d (%s) is not signed by key %d or does not name %s (%v): the data directory is damaged; restore keys/ from backup", seq, stPath, seq-1, keyPath, err)
+		}
+		d.SigningKey, d.KeySeq, d.Statements = key, seq, append(d.Statements, st)
+	}
+}
+
+// AddKey keeps release key seq and its statement (updater.KeyStore): the key first, then
+// the statement, whose presence completes the rotation, both durably; then it is the
+// current key.
+func (d *Dir) AddKey(seq uint32, key ed25519.PrivateKey, statement []byte) error {
+	if seq != d.KeySeq+1 {
+		return fmt.Errorf("datadir: release key %d follows key %d, not %d", seq, seq-1, d.KeySeq)
+	}
+	if err := os.MkdirAll(d.File("keys"), 0o700); err != nil {
+		return fmt.Errorf("creating %s: %w", d.File("keys"), err)
+	}
+	keyPath, stPath := d.keyFiles(seq)
+	if err := atomicfile.Write(keyPath, key.Seed(), 0o600); err != nil {
+		return err
+	}
+	if err := atomicfile.WriteNew(stPath, statement, 0o600); err != nil {
+		return err
+	}
+	d.SigningKey, d.KeySeq, d.Statements = key, seq, append(d.Statements, statement)
+	return d.writePub()
 }
 
 // File returns the path of a file in the directory.

@@ -39,6 +39,7 @@ const L = {
   unitData: ascii('sealcast/v1 unit-data'), chainStep: ascii('sealcast/v1 chain-step'),
   wrap: ascii('sealcast/v1 wrap'), ack: ascii('sealcast/v1 ack'), receipt: ascii('sealcast/v1 receipt'),
   payload: ascii('sealcast/v1 payload'), manifest: ascii('sealcast/v1 manifest'),
+  keyStatement: ascii('sealcast/v2 key-statement'),
   brokerAuth: ascii('sealcast/v1 broker-auth'), mqttPassword: ascii('sealcast/v1 mqtt-password'),
   rekey: ascii('sealcast/v2 rekey'),
 };
@@ -131,18 +132,19 @@ function decryptImage(PK, payloads, cs, count, root) {
 }
 
 // ---- 5. Manifest --------------------------------------------------------------------------
-function manifestBody(m) { // bytes[0:116]
+function manifestBody(m) { // bytes[0:120]
   const b = cat(ascii('SCM2'), m.releaseId, be64(m.version), be64(m.created), be64(m.imageSize),
-    be32(m.chunkSize), be32(m.chunkCount), m.imageSha256, m.chunksRoot);
-  assert.equal(b.length, 116);
+    be32(m.chunkSize), be32(m.chunkCount), m.imageSha256, m.chunksRoot, be32(m.keySeq));
+  assert.equal(b.length, 120);
   return b;
 }
 function parseManifest(b) {
-  if (b.length !== 180 || b.subarray(0, 4).toString('ascii') !== 'SCM2') throw new Error('bad manifest');
+  if (b.length !== 184 || b.subarray(0, 4).toString('ascii') !== 'SCM2') throw new Error('bad manifest');
   return {
     releaseId: b.subarray(4, 20), version: b.readBigUInt64BE(20), created: b.readBigUInt64BE(28),
     imageSize: b.readBigUInt64BE(36), chunkSize: b.readUInt32BE(44), chunkCount: b.readUInt32BE(48),
-    imageSha256: b.subarray(52, 84), chunksRoot: b.subarray(84, 116), signature: b.subarray(116, 180),
+    imageSha256: b.subarray(52, 84), chunksRoot: b.subarray(84, 116), keySeq: b.readUInt32BE(116),
+    signature: b.subarray(120, 184),
   };
 }
 // Ed25519 keys from raw bytes via fixed DER prefixes (RFC 8410).
@@ -152,16 +154,26 @@ const edPublic = (raw) => crypto.createPublicKey({ key: cat(SPKI_PREFIX, raw), f
 const edPrivate = (seed) => crypto.createPrivateKey({ key: cat(PKCS8_PREFIX, seed), format: 'der', type: 'pkcs8' });
 const edRawPublic = (key) => crypto.createPublicKey(key).export({ format: 'der', type: 'spki' }).subarray(12);
 const signManifest = (seed, body) => crypto.sign(null, cat(L.manifest, body), edPrivate(seed));
-const verifyManifest = (pub, b) => crypto.verify(null, cat(L.manifest, b.subarray(0, 116)), edPublic(pub), b.subarray(116));
-// [SC-5.2] a device's manifest check: framing, signature, then the field rules of 4.
-function acceptManifest(pub, b) {
+const verifyManifest = (pub, b) => crypto.verify(null, cat(L.manifest, b.subarray(0, 120)), edPublic(pub), b.subarray(120));
+// [SC-5.2] a device's manifest check (device at key_seq k): framing, key, signature, then
+// the field rules of 4.
+function acceptManifest(pub, b, k = 0) {
   const m = parseManifest(b); // throws on length or magic
+  if (m.keySeq !== k) throw new Error(m.keySeq < k ? 'retired key' : 'key not learned yet');
   if (!verifyManifest(pub, b)) throw new Error('bad manifest signature');
   if (m.version < 1n) throw new Error('manifest version 0');
   if (m.chunkSize < 1024 || m.chunkSize > 1048576) throw new Error('manifest chunk_size');
   const count = Math.max(1, Math.ceil(Number(m.imageSize) / m.chunkSize));
   if (m.chunkCount !== count) throw new Error('manifest chunk_count');
   return m;
+}
+
+// [SC-5.3] key statement n, verified under release key n-1
+function parseKeyStatement(b, prevPub, n) {
+  if (b.length !== 104 || b.subarray(0, 4).toString('ascii') !== 'SCS2') throw new Error('bad key statement');
+  if (b.readUInt32BE(4) !== n) throw new Error('key statement of another seq');
+  if (!crypto.verify(null, cat(L.keyStatement, b.subarray(0, 40)), edPublic(prevPub), b.subarray(40))) throw new Error('bad key statement signature');
+  return b.subarray(8, 40);
 }
 
 // ---- 6. Key message -----------------------------------------------------------------------
@@ -282,11 +294,11 @@ test('5: manifest body, signature, public key and digest', () => {
   const fields = {
     releaseId: rid, version: rel.version, created: rel.created, imageSize: image.length,
     chunkSize: rel.chunk_size, chunkCount: chunkCount(image.length, rel.chunk_size),
-    imageSha256: unhex(rel.image_sha256), chunksRoot: unhex(rel.chunks_root),
+    imageSha256: unhex(rel.image_sha256), chunksRoot: unhex(rel.chunks_root), keySeq: 0,
   };
   const body = manifestBody(fields);
-  assert.equal(manifest.length, 180);
-  assert.equal(hex(manifest.subarray(0, 116)), hex(body));
+  assert.equal(manifest.length, 184);
+  assert.equal(hex(manifest.subarray(0, 120)), hex(body));
   // parse round-trip
   const p = parseManifest(manifest);
   assert.equal(p.version, BigInt(rel.version));
@@ -297,7 +309,7 @@ test('5: manifest body, signature, public key and digest', () => {
   const pub = edRawPublic(edPrivate(seed));
   assert.equal(hex(pub), rel.release_public_key);
   assert.ok(verifyManifest(unhex(rel.release_public_key), manifest));
-  assert.equal(hex(signManifest(seed, body)), hex(manifest.subarray(116)));
+  assert.equal(hex(signManifest(seed, body)), hex(manifest.subarray(120)));
   assert.ok(!verifyManifest(pub, flip(manifest, 20 + 7))); // tampered version
   assert.equal(hex(sha256(manifest)), rel.manifest_digest);
 });
@@ -446,9 +458,25 @@ test('11: negative vectors', () => {
       case 'ack':
         try { parseAck(b, U, S); return 'accepted'; } catch (e) { return e.message === 'bad ack mac' ? 'forged' : 'malformed'; }
       case 'receipt': return fails(() => parseReceipt(b, U, S)) ? 'ignored' : 'accepted';
+      case 'key_statement': return fails(() => parseKeyStatement(b, pub, 1)) ? 'ignored' : 'accepted';
     }
     throw new Error(`unknown kind ${n.kind}`);
   };
   assert.ok(V.negative.length >= 15);
   for (const n of V.negative) assert.equal(conclude(n), n.error, n.name);
+});
+
+test('5.1: key statement 1 and a manifest signed by release key 1', () => {
+  const ks = V.key_statement, pub0 = unhex(rel.release_public_key);
+  assert.equal(hex(edRawPublic(edPrivate(unhex(ks.next_key_seed)))), ks.next_public_key);
+  const key1 = parseKeyStatement(unhex(ks.message), pub0, 1);
+  assert.equal(hex(key1), ks.next_public_key);
+  // Rebuilt from its fields, deterministically signed by key 0.
+  const body = cat(ascii('SCS2'), be32(1), key1);
+  const sig = crypto.sign(null, cat(L.keyStatement, body), edPrivate(unhex(rel.signing_key_seed)));
+  assert.equal(hex(cat(body, sig)), ks.message);
+  const rotated = unhex(V.rotated_manifest);
+  assert.equal(acceptManifest(key1, rotated, 1).keySeq, 1);
+  assert.throws(() => acceptManifest(key1, rotated, 0), /not learned yet/); // the device waits
+  assert.throws(() => acceptManifest(pub0, manifest, 1), /retired key/);    // key 0 retired
 });

@@ -25,7 +25,9 @@ type Server struct {
 	URL     string
 	Root    keychain.RootSecret
 	SignKey ed25519.PrivateKey
-	Pub     ed25519.PublicKey
+	// KeySeq is SignKey's sequence number (PROTOCOL.md 5.1); Rotate moves it up.
+	KeySeq uint32
+	Pub    ed25519.PublicKey
 	// AnswerAcks makes the server answer valid acks and reports with receipts (true at
 	// New).
 	AnswerAcks atomic.Bool
@@ -140,6 +142,7 @@ func (s *Server) NewRelease(image []byte, version uint64, chunkSize uint32) *Rel
 
 func (s *Server) sign(r *Release, version uint64, sum keychain.Summary) {
 	r.M = keychain.NewManifest(r.ID, version, time.Now(), sum)
+	r.M.KeySeq = s.KeySeq
 	b, err := r.M.Sign(s.SignKey)
 	if err != nil {
 		panic(err)
@@ -311,4 +314,22 @@ func (s *Server) WaitAck(serial string, timeout time.Duration, ok func(keychain.
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
+}
+
+// Rotate makes a new release key, publishes its key statement retained, signed by the
+// current key, and signs later releases with it.
+func (s *Server) Rotate() error {
+	pub, priv, err := ed25519.GenerateKey(nil)
+	if err != nil {
+		return err
+	}
+	st, err := keychain.KeyStatement{Seq: s.KeySeq + 1, Key: pub}.Sign(s.SignKey)
+	if err != nil {
+		return err
+	}
+	if err := s.Publish(protocol.KeyStatementTopic(s.KeySeq+1), st, true); err != nil {
+		return err
+	}
+	s.SignKey, s.Pub, s.KeySeq = priv, pub, s.KeySeq+1
+	return nil
 }
