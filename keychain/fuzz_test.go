@@ -137,3 +137,20 @@ func FuzzParseReceipt(f *testing.F) {
 		_ = VerifyReceipt(b, k, "dev")
 	})
 }
+
+func FuzzParseKeyStatement(f *testing.F) {
+	pub, priv, _ := ed25519.GenerateKey(nil)
+	next, _, _ := ed25519.GenerateKey(nil)
+	b, _ := KeyStatement{Seq: 1, Key: next}.Sign(priv)
+	f.Add(b)
+	f.Fuzz(func(t *testing.T, b []byte) {
+		s, err := ParseKeyStatement(b, pub)
+		if err != nil {
+			return
+		}
+		again, _ := KeyStatement{Seq: s.Seq, Key: s.Key}.Sign(priv) // Ed25519 is deterministic
+		if !bytes.Equal(again, b) {
+			t.Fatal("accepted a statement that differs from its re-encoding")
+		}
+	})
+}
