@@ -160,7 +160,7 @@ func first(s []string, n int) []string {
 func (a *Admin) Deprovision(ctx context.Context, serial string) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if _, err := a.device(ctx, serial); err != nil {
+	if _, err := findDevice(ctx, a.store, serial); err != nil {
 		return err
 	}
 	// Revoke first: a device that is gone from the store but can still connect could
@@ -187,18 +187,19 @@ func (a *Admin) Deprovision(ctx context.Context, serial string) error {
 
 // Device returns the server's view of a device (device.get).
 func (a *Admin) Device(ctx context.Context, serial string) (protocol.DeviceStatus, error) {
-	d, err := a.device(ctx, serial)
+	d, err := findDevice(ctx, a.store, serial)
 	if err != nil {
 		return protocol.DeviceStatus{}, err
 	}
 	return deviceStatus(d, d.State, d.LastResult, a.now()), nil
 }
 
-func (a *Admin) device(ctx context.Context, serial string) (*Device, error) {
+// findDevice reads a device, with the admin error for a bad or unknown serial.
+func findDevice(ctx context.Context, store Store, serial string) (*Device, error) {
 	if err := keychain.CheckSerial(serial); err != nil {
 		return nil, protocol.Errorf(protocol.ErrBadRequest, "%v", err)
 	}
-	ds, err := a.store.Devices(ctx, []string{serial})
+	ds, err := store.Devices(ctx, []string{serial})
 	if err != nil {
 		return nil, unavailable(err)
 	}
@@ -257,8 +258,8 @@ func (a *Admin) RotateKey(ctx context.Context) (protocol.KeyRotateResult, error)
 
 // publishKeyStatements publishes every key statement, retained, so that a device that
 // missed a rotation, or a broker that lost its retained messages, catches up (5.1).
-func (a *Admin) publishKeyStatements(ctx context.Context) error {
-	sts := a.keys.release.all()
+func publishKeyStatements(ctx context.Context, bus Bus, r *releaseKeys) error {
+	sts := r.all()
 	msgs := make([]protocol.Message, len(sts))
 	for i, st := range sts {
 		msgs[i] = protocol.Message{Topic: protocol.KeyStatementTopic(uint32(i + 1)), Payload: st, Retain: true}
@@ -266,5 +267,5 @@ func (a *Admin) publishKeyStatements(ctx context.Context) error {
 	if len(msgs) == 0 {
 		return nil
 	}
-	return a.bus.Publish(ctx, msgs...)
+	return bus.Publish(ctx, msgs...)
 }

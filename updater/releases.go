@@ -24,7 +24,7 @@ func (a *Admin) CreateRelease(ctx context.Context, args protocol.ReleaseCreateAr
 	if err != nil {
 		return nil, err
 	}
-	targets, err := a.targets(ctx, args)
+	targets, err := releaseTargets(ctx, a.store, args)
 	if err != nil {
 		return nil, err
 	}
@@ -94,11 +94,11 @@ func checkCreate(a *protocol.ReleaseCreateArgs) error {
 	return nil
 }
 
-// targets checks that args' version is newer than every release not cancelled, and
+// releaseTargets checks that args' version is newer than every release not cancelled, and
 // returns the serials the release targets: every provisioned device, or the listed ones
 // (each once, all known).
-func (a *Admin) targets(ctx context.Context, args protocol.ReleaseCreateArgs) ([]string, error) {
-	rels, err := a.store.Releases(ctx)
+func releaseTargets(ctx context.Context, store Store, args protocol.ReleaseCreateArgs) ([]string, error) {
+	rels, err := store.Releases(ctx)
 	if err != nil {
 		return nil, unavailable(err)
 	}
@@ -110,7 +110,7 @@ func (a *Admin) targets(ctx context.Context, args protocol.ReleaseCreateArgs) ([
 		return nil, err
 	}
 	if args.All {
-		targets, err := a.store.Serials(ctx)
+		targets, err := store.Serials(ctx)
 		if err != nil {
 			return nil, unavailable(err)
 		}
@@ -124,7 +124,7 @@ func (a *Admin) targets(ctx context.Context, args protocol.ReleaseCreateArgs) ([
 			return nil, protocol.Errorf(protocol.ErrBadRequest, "devices: %v", err)
 		}
 	}
-	devs, err := a.store.Devices(ctx, args.Devices)
+	devs, err := store.Devices(ctx, args.Devices)
 	if err != nil {
 		return nil, unavailable(err)
 	}

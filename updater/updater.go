@@ -286,7 +286,7 @@ func (u *Updater) serveAdmin(ctx context.Context) error {
 		return fmt.Errorf("updater: %w", err)
 	}
 	u.goRun(func() { u.status.loop(ctx) })
-	if err := u.admin.publishKeyStatements(ctx); err != nil {
+	if err := publishKeyStatements(ctx, u.o.Bus, u.keys.release); err != nil {
 		u.log.Warn().Err(err).Msg("publishing the key statements; devices that need them wait for the next start")
 	}
 	u.admin.resume(ctx)
