@@ -1,9 +1,7 @@
 package keychain
 
 import (
-	"crypto/hmac"
 	"crypto/rand"
-	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
 )
@@ -43,10 +41,8 @@ func (r RootSecret) RekeyIDKey() [Size]byte { return hmacLabel(r[:], LabelRekeyI
 func RekeyID(key [Size]byte, serial string, epoch uint32) ReleaseID {
 	var e [4]byte
 	binary.BigEndian.PutUint32(e[:], epoch)
-	m := hmac.New(sha256.New, key[:])
-	m.Write([]byte(serial))
-	m.Write(e[:])
+	sum := hmacLabel(key[:], "", []byte(serial), e[:])
 	var id ReleaseID
-	copy(id[:], m.Sum(nil))
+	copy(id[:], sum[:])
 	return id
 }

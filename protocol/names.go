@@ -1,6 +1,7 @@
 package protocol
 
 import (
+	"slices"
 	"strings"
 
 	"github.com/sealcast/sealcast/keychain"
@@ -18,12 +19,7 @@ const ReservedPrefix = "sealcast"
 // Reserved reports whether name is reserved for a broker account, so that no device may
 // have it as its serial ([SC-2.2]).
 func Reserved(name string) bool {
-	for _, r := range ReservedNames {
-		if name == r {
-			return true
-		}
-	}
-	return strings.HasPrefix(name, ReservedPrefix)
+	return slices.Contains(ReservedNames, name) || strings.HasPrefix(name, ReservedPrefix)
 }
 
 // ReleaseVersion is what the version rules of release.create need of an existing release.

@@ -1,6 +1,7 @@
 package updater
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -52,7 +53,7 @@ func (b *versionBook) highestTo(ctx context.Context, serial string, limit uint64
 			return 0, fmt.Errorf("reading releases: %w", err)
 		}
 		b.all = slices.SortedFunc(slices.Values(rels), func(x, y *Release) int {
-			return -cmpUint(x.Version, y.Version) // highest first
+			return cmp.Compare(y.Version, x.Version) // highest first
 		})
 	}
 	for _, r := range b.all {
@@ -68,16 +69,6 @@ func (b *versionBook) highestTo(ctx context.Context, serial string, limit uint64
 		}
 	}
 	return 0, nil
-}
-
-func cmpUint(a, b uint64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // errVersion is wrapped by versionsFor's errors: the store could not say, and the acks
