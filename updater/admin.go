@@ -148,6 +148,21 @@ func provisionList(a protocol.ProvisionArgs, def uint32) ([]string, uint32, erro
 	return serials, length, nil
 }
 
+// leaveReleases takes serial out of the targets of every release in progress, in the
+// store, then in memory.
+func (a *Admin) leaveReleases(ctx context.Context, serial string) error {
+	for _, r := range a.runs.all() {
+		id := r.release().ID
+		if _, err := a.store.RemoveTarget(ctx, id, serial); err != nil {
+			return fmt.Errorf("taking %s out of release %s: %w", serial, id, err)
+		}
+	}
+	for _, id := range a.runs.removeTarget(serial) {
+		a.status.releaseChanged(id)
+	}
+	return nil
+}
+
 func first(s []string, n int) []string {
 	if len(s) > n {
 		return append(s[:n:n], fmt.Sprintf("and %d more", len(s)-n))
@@ -155,7 +170,8 @@ func first(s []string, n int) []string {
 	return s
 }
 
-// Deprovision revokes a device's broker access, forgets it, and clears its retained
+// Deprovision revokes a device's broker access, takes it out of the targets of the
+// releases in progress (so that they can complete), forgets it, and clears its retained
 // topics (device.deprovision).
 func (a *Admin) Deprovision(ctx context.Context, serial string) error {
 	a.mu.Lock()
@@ -170,12 +186,20 @@ func (a *Admin) Deprovision(ctx context.Context, serial string) error {
 			return unavailable(err)
 		}
 	}
-	if _, err := a.store.DeleteDevice(ctx, serial); err != nil {
-		if a.revoker != nil {
-			if uerr := a.revoker.Unrevoke(serial); uerr != nil {
-				a.log.Error().Err(uerr).Str("serial", serial).Msg("undoing the revocation of a device still provisioned")
-			}
+	undo := func() {
+		if a.revoker == nil {
+			return
 		}
+		if uerr := a.revoker.Unrevoke(serial); uerr != nil {
+			a.log.Error().Err(uerr).Str("serial", serial).Msg("undoing the revocation of a device still provisioned")
+		}
+	}
+	if err := a.leaveReleases(ctx, serial); err != nil {
+		undo()
+		return unavailable(err)
+	}
+	if _, err := a.store.DeleteDevice(ctx, serial); err != nil {
+		undo()
 		return unavailable(err)
 	}
 	a.status.fleetChanged()

@@ -174,3 +174,32 @@ func TestReservedNames(t *testing.T) {
 type accountSet map[string]bool
 
 func (s accountSet) IsAccount(name string) bool { return s[name] }
+
+// TestDeprovisionLetsReleaseComplete: a target deprovisioned while a release is in
+// progress leaves its targets, with its result, so that the release completes with the
+// devices that remain.
+func TestDeprovisionLetsReleaseComplete(t *testing.T) {
+	e := startEnv(t, boltOpener)
+	ctx := context.Background()
+	files := e.provision(3)
+	rel := e.release(randomImage(800), 1)
+	for _, f := range files[:2] {
+		d := connectDevice(t, e.b.URL, f)
+		ack, km, _ := d.install()
+		d.ackUntilReceipt(ack, keychain.Key(d.u, km.Seq))
+	}
+	eventually(t, "two of three installed", func() bool {
+		st, err := e.u.Admin().Release(ctx, rel)
+		return err == nil && st.Installed == 2 && st.State == protocol.ReleaseActive
+	})
+	if err := e.u.Admin().Deprovision(ctx, files[2].Serial); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the release completed without the deprovisioned device", func() bool {
+		st, err := e.u.Admin().Release(ctx, rel)
+		return err == nil && st.State == protocol.ReleaseCompleted && st.Targets == 2 && st.Installed == 2
+	})
+	if ts, err := e.store.Targets(ctx, rel); err != nil || len(ts) != 2 {
+		t.Fatalf("targets in the store: %q, %v", ts, err)
+	}
+}

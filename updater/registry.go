@@ -13,15 +13,16 @@ import (
 )
 
 // run is an active or paused release held in memory: its targets, its content key, and
-// the fan-out that wraps that key for each target. Its targets never change; its release
-// record is replaced whole, never changed in place, so that the fan-out, the ack workers,
-// admin commands and the status publisher read it at once without a lock.
+// the fan-out that wraps that key for each target. Its release record is replaced whole,
+// never changed in place, so that the fan-out, the ack workers, admin commands and the
+// status publisher read it at once without a lock.
 type run struct {
-	rel     atomic.Pointer[Release]
-	ck      keychain.ContentKey
-	digest  [32]byte
+	rel    atomic.Pointer[Release]
+	ck     keychain.ContentKey
+	digest [32]byte
+	// targets is guarded by the registry's lock: a deprovisioned device leaves it.
 	targets map[string]struct{}
-	sorted  []string // the targets in order, for the fan-out
+	sorted  []string // the targets at the start, in order, for the fan-out
 	wrapped atomic.Int64
 	paused  atomic.Bool
 
@@ -93,6 +94,32 @@ func (g *registry) all() []*run {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	return slices.Collect(maps.Values(g.runs))
+}
+
+// targetCount returns how many targets a held release has now, and whether it is held.
+func (g *registry) targetCount(id keychain.ReleaseID) (int, bool) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	r := g.runs[id]
+	if r == nil {
+		return 0, false
+	}
+	return len(r.targets), true
+}
+
+// removeTarget takes serial out of the targets of every held release and returns the ids
+// of those it was a target of.
+func (g *registry) removeTarget(serial string) []keychain.ReleaseID {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	var ids []keychain.ReleaseID
+	for id, r := range g.runs {
+		if _, ok := r.targets[serial]; ok {
+			delete(r.targets, serial)
+			ids = append(ids, id)
+		}
+	}
+	return ids
 }
 
 // pendingFor returns the release device d should be offered next: the newest active

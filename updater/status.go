@@ -113,9 +113,11 @@ func (s *statusPublisher) releaseStatus(ctx context.Context, rel *Release) proto
 		Installed: rel.Installed, Failed: rel.Failed, ChunkSize: rel.ChunkSize, ChunkCount: rel.ChunkCount,
 		ImageSize: rel.ImageSize, Created: rel.Created, Updated: s.now(),
 	}
-	if r := s.runs.get(rel.ID); r != nil {
-		st.Targets = len(r.targets)
-		st.Wrapped = int(r.wrapped.Load())
+	if n, held := s.runs.targetCount(rel.ID); held {
+		st.Targets = n
+		if r := s.runs.get(rel.ID); r != nil {
+			st.Wrapped = int(r.wrapped.Load())
+		}
 	} else if ts, err := s.store.Targets(ctx, rel.ID); err == nil {
 		st.Targets = len(ts)
 	}

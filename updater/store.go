@@ -52,6 +52,10 @@ type Store interface {
 	AddTargets(ctx context.Context, id keychain.ReleaseID, serials []string) error
 	// Targets returns a release's targets, sorted.
 	Targets(ctx context.Context, id keychain.ReleaseID) ([]string, error)
+	// RemoveTarget removes serial from a release's targets, atomically with its result
+	// and that result's share of the counts (a deprovisioned device), and reports whether
+	// it was a target.
+	RemoveTarget(ctx context.Context, id keychain.ReleaseID, serial string) (bool, error)
 	// RecordResults stores each device's result for a release and keeps the release's
 	// counts in step, atomically per result. ResultInstalled is final: a later failure
 	// for the same device does not replace it.

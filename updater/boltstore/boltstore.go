@@ -445,6 +445,40 @@ func (s *Store) Targets(ctx context.Context, id keychain.ReleaseID) ([]string, e
 	return out, err
 }
 
+// RemoveTarget implements updater.Store in one transaction.
+func (s *Store) RemoveTarget(ctx context.Context, id keychain.ReleaseID, serial string) (bool, error) {
+	var was bool
+	err := s.update(ctx, "remove target", func(tx *bolt.Tx) error {
+		rel, err := getRelease(tx, id)
+		if err != nil {
+			return err
+		}
+		if b := tx.Bucket(bucketTargets).Bucket(id[:]); b != nil && b.Get([]byte(serial)) != nil {
+			was = true
+			if err := b.Delete([]byte(serial)); err != nil {
+				return err
+			}
+		}
+		b := tx.Bucket(bucketResults).Bucket(id[:])
+		if b == nil {
+			return nil
+		}
+		switch old := string(b.Get([]byte(serial))); old {
+		case updater.ResultNone:
+			return nil
+		case updater.ResultInstalled:
+			rel.Installed--
+		default:
+			rel.Failed--
+		}
+		if err := b.Delete([]byte(serial)); err != nil {
+			return err
+		}
+		return putRelease(tx, id, rel)
+	})
+	return was, err
+}
+
 // validResult reports whether r is ResultInstalled or ResultFailed+":"+code.
 func validResult(r string) bool {
 	return r == updater.ResultInstalled || (strings.HasPrefix(r, updater.ResultFailed+":") && len(r) > len(updater.ResultFailed)+1)

@@ -578,6 +578,20 @@ func (s *Store) Targets(ctx context.Context, id keychain.ReleaseID) ([]string, e
 	return ts, nil
 }
 
+// RemoveTarget implements updater.Store: one script, atomic in the release's slot.
+func (s *Store) RemoveTarget(ctx context.Context, id keychain.ReleaseID, serial string) (bool, error) {
+	vs, err := runScript(ctx, s.rdb, removeTargetScript, []call{{
+		keys: []string{s.keys.rel(id), s.keys.targets(id), s.keys.results(id)}, args: []any{serial},
+	}})
+	if err != nil {
+		return false, wrap("remove target", err)
+	}
+	if vs[0] == -1 {
+		return false, notFound("remove target", id)
+	}
+	return vs[0] == 1, nil
+}
+
 // validResult reports whether r is ResultInstalled or ResultFailed+":"+code.
 func validResult(r string) bool {
 	return r == updater.ResultInstalled || (strings.HasPrefix(r, updater.ResultFailed+":") && len(r) > len(updater.ResultFailed)+1)

@@ -72,3 +72,21 @@ elseif not old then
 end
 return 1
 `)
+
+// removeTargetScript removes a serial from a release's targets (KEYS[2]) with its result
+// (KEYS[3]) and that result's share of the counts in the release hash (KEYS[1]). It
+// returns -1 if the release does not exist, else whether the serial was a target.
+var removeTargetScript = redis.NewScript(`
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local was = redis.call('SREM', KEYS[2], ARGV[1])
+local old = redis.call('HGET', KEYS[3], ARGV[1])
+if old then
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  if old == 'installed' then
+    redis.call('HINCRBY', KEYS[1], 'installed', -1)
+  else
+    redis.call('HINCRBY', KEYS[1], 'failed', -1)
+  end
+end
+return was
+`)

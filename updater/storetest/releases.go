@@ -188,6 +188,46 @@ func testTargets(t *testing.T, s updater.Store) {
 	}
 }
 
+func testRemoveTarget(t *testing.T, s updater.Store) {
+	ctx := t.Context()
+	id := rid(1)
+	r := NewRelease(id, t0)
+	if err := s.PutRelease(ctx, r); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.AddTargets(ctx, id, []string{"a", "b", "c", "d"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.RecordResults(ctx, id, []updater.Result{{Serial: "a", Result: updater.ResultInstalled}, {Serial: "b", Result: "failed:rollback"}}); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		serial            string
+		was               bool
+		installed, failed int
+		targets           []string
+	}{
+		{"a", true, 0, 1, []string{"b", "c", "d"}}, // an install leaves the counts
+		{"b", true, 0, 0, []string{"c", "d"}},      // and a failure
+		{"c", true, 0, 0, []string{"d"}},           // no result: the counts stay
+		{"c", false, 0, 0, []string{"d"}},          // not a target any more
+		{"x", false, 0, 0, []string{"d"}},
+	} {
+		was, err := s.RemoveTarget(ctx, id, c.serial)
+		if err != nil || was != c.was {
+			t.Fatalf("RemoveTarget(%s) = %v, %v; want %v", c.serial, was, err, c.was)
+		}
+		r.Installed, r.Failed = c.installed, c.failed
+		checkRelease(t, s, r)
+		if got, err := s.Targets(ctx, id); err != nil || !slices.Equal(got, c.targets) {
+			t.Fatalf("Targets after removing %s = %q, %v; want %q", c.serial, got, err, c.targets)
+		}
+	}
+	if got, err := s.Results(ctx, id, []string{"a", "b"}); err != nil || !slices.Equal(got, []string{updater.ResultNone, updater.ResultNone}) {
+		t.Fatalf("Results of removed targets = %q, %v; want none", got, err)
+	}
+}
+
 func testRecordResults(t *testing.T, s updater.Store) {
 	ctx := t.Context()
 	id := rid(1)
@@ -298,6 +338,8 @@ func testUnknownRelease(t *testing.T, s updater.Store) {
 	check("AddTargets", s.AddTargets(ctx, id, []string{"a"}))
 	_, err = s.Targets(ctx, id)
 	check("Targets", err)
+	_, err = s.RemoveTarget(ctx, id, "a")
+	check("RemoveTarget", err)
 	check("RecordResults", s.RecordResults(ctx, id, []updater.Result{{Serial: "a", Result: updater.ResultInstalled}}))
 	_, err = s.Results(ctx, id, []string{"a"})
 	check("Results", err)

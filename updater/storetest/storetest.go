@@ -51,6 +51,7 @@ func Run(t *testing.T, open func(t *testing.T) updater.Store) {
 		{"Release", testRelease},
 		{"Releases", testReleases},
 		{"Targets", testTargets},
+		{"RemoveTarget", testRemoveTarget},
 		{"RecordResults", testRecordResults},
 		{"RecordResultsConcurrent", testRecordResultsConcurrent},
 		{"UnknownRelease", testUnknownRelease},
