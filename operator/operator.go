@@ -167,10 +167,15 @@ func (c *Client) wait(ctx context.Context, tok mqtt.Token) error {
 // Provision registers devices and returns their device files, in requests of at most
 // 1,000 devices.
 func (c *Client) Provision(ctx context.Context, serials []string, chainLength uint32) ([]protocol.DeviceFile, error) {
+	return c.ProvisionTagged(ctx, serials, chainLength, nil)
+}
+
+// ProvisionTagged is Provision with tags set on every device (PROTOCOL.md 12.4).
+func (c *Client) ProvisionTagged(ctx context.Context, serials []string, chainLength uint32, tags map[string]string) ([]protocol.DeviceFile, error) {
 	var files []protocol.DeviceFile
 	for i := 0; i < len(serials); i += 1000 {
 		var res protocol.ProvisionResult
-		args := protocol.ProvisionArgs{Serials: serials[i:min(i+1000, len(serials))], ChainLength: chainLength}
+		args := protocol.ProvisionArgs{Serials: serials[i:min(i+1000, len(serials))], ChainLength: chainLength, Tags: tags}
 		if err := c.Do(ctx, protocol.CmdProvision, args, &res); err != nil {
 			return files, err
 		}

@@ -27,6 +27,7 @@ const (
 	CmdProvision     = "device.provision"
 	CmdDeprovision   = "device.deprovision"
 	CmdDeviceGet     = "device.get"
+	CmdDeviceTag     = "device.tag"
 	CmdUploadBegin   = "upload.begin"
 	CmdUploadFinish  = "upload.finish"
 	CmdReleaseCreate = "release.create"
@@ -47,6 +48,8 @@ type ProvisionArgs struct {
 	Count       int      `json:"count,omitempty"`
 	Prefix      string   `json:"prefix,omitempty"`
 	ChainLength uint32   `json:"chain_length,omitempty"`
+	// Tags are set on every device of the request (12.4).
+	Tags map[string]string `json:"tags,omitempty"`
 }
 
 // ProvisionResult is the result of device.provision.
@@ -93,6 +96,11 @@ type ReleaseCreateArgs struct {
 	Label     string   `json:"label,omitempty"`
 	// AllowJump lets Version be more than MaxVersionJump above the version floor.
 	AllowJump bool `json:"allow_jump,omitempty"`
+	// Select targets the devices whose tags include every pair (12.4), instead of
+	// Devices or All. Follow, with Select or All, makes devices provisioned or tagged
+	// later that match join the release while it is in progress.
+	Select map[string]string `json:"select,omitempty"`
+	Follow bool              `json:"follow,omitempty"`
 }
 
 // MaxVersionJump is how far above the version floor (the highest version of a release
@@ -184,6 +192,7 @@ type DeviceStatus struct {
 	Release    *keychain.ReleaseID `json:"release,omitempty"`
 	LastResult string              `json:"last_result,omitempty"`
 	LastSeen   *time.Time          `json:"last_seen,omitempty"`
+	Tags       map[string]string   `json:"tags,omitempty"`
 	Updated    time.Time           `json:"updated"`
 }
 

@@ -3,6 +3,8 @@ package updater
 import (
 	"context"
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -55,6 +57,9 @@ func (a *Admin) Provision(ctx context.Context, args protocol.ProvisionArgs) (*pr
 	if err != nil {
 		return nil, err
 	}
+	if err := protocol.CheckTags(args.Tags); err != nil {
+		return nil, err
+	}
 	if a.accounts != nil {
 		for _, s := range serials {
 			if a.accounts.IsAccount(s) {
@@ -82,6 +87,11 @@ func (a *Admin) Provision(ctx context.Context, args protocol.ProvisionArgs) (*pr
 	if err != nil {
 		return nil, err
 	}
+	for _, d := range devs {
+		if len(args.Tags) > 0 {
+			d.Tags = maps.Clone(args.Tags)
+		}
+	}
 	if dup, err = a.store.CreateDevices(ctx, devs); err != nil {
 		return nil, unavailable(err)
 	}
@@ -104,6 +114,9 @@ func (a *Admin) Provision(ctx context.Context, args protocol.ProvisionArgs) (*pr
 	}
 	if err := a.bus.Publish(ctx, statuses...); err != nil && ctx.Err() == nil {
 		a.log.Warn().Err(err).Int("devices", len(devs)).Msg("publishing device statuses")
+	}
+	if err := a.follow(ctx, devs); err != nil {
+		a.log.Error().Err(err).Msg("adding new devices to the releases that follow them; they join at the next restart")
 	}
 	return &protocol.ProvisionResult{Devices: files}, nil
 }
@@ -231,6 +244,78 @@ func findDevice(ctx context.Context, store Store, serial string) (*Device, error
 		return nil, protocol.Errorf(protocol.ErrNotFound, "no device %q is provisioned", serial)
 	}
 	return ds[0], nil
+}
+
+// Tag sets and removes tags of a device (device.tag) and returns its status. A device
+// that now matches a release in progress that follows its selection joins it; one that
+// no longer matches stays a target of the releases it is in.
+func (a *Admin) Tag(ctx context.Context, args protocol.TagArgs) (protocol.DeviceStatus, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	d, err := findDevice(ctx, a.store, args.Serial)
+	if err != nil {
+		return protocol.DeviceStatus{}, err
+	}
+	tags := maps.Clone(d.Tags)
+	if tags == nil {
+		tags = map[string]string{}
+	}
+	maps.Copy(tags, args.Set)
+	for _, k := range args.Unset {
+		delete(tags, k)
+	}
+	if err := protocol.CheckTags(tags); err != nil {
+		return protocol.DeviceStatus{}, err
+	}
+	if ok, err := a.store.PutTags(ctx, d.Serial, tags); err != nil {
+		return protocol.DeviceStatus{}, unavailable(err)
+	} else if !ok {
+		return protocol.DeviceStatus{}, protocol.Errorf(protocol.ErrNotFound, "no device %q is provisioned", d.Serial)
+	}
+	d.Tags = tags
+	now := a.now()
+	if err := a.bus.Publish(ctx, deviceStatusMessage(d, d.State, d.LastResult, now)); err != nil && ctx.Err() == nil {
+		a.log.Warn().Err(err).Str("serial", d.Serial).Msg("publishing the device status")
+	}
+	if err := a.follow(ctx, []*Device{d}); err != nil {
+		return protocol.DeviceStatus{}, unavailable(err)
+	}
+	return deviceStatus(d, d.State, d.LastResult, now), nil
+}
+
+// follow adds devs to the targets of every release in progress that follows a selection
+// they match, and publishes what each of them should see now ([SC-12.4]).
+func (a *Admin) follow(ctx context.Context, devs []*Device) error {
+	var joined []*Device
+	for _, r := range a.runs.all() {
+		rel := r.release()
+		if !rel.Follow {
+			continue
+		}
+		var add []string
+		for _, d := range devs {
+			if protocol.Matches(d.Tags, rel.Select) && !a.runs.isTarget(rel.ID, d.Serial) {
+				add = append(add, d.Serial)
+			}
+		}
+		if len(add) == 0 {
+			continue
+		}
+		if err := a.store.AddTargets(ctx, rel.ID, add); err != nil {
+			return fmt.Errorf("adding %d devices to release %s: %w", len(add), rel.ID, err)
+		}
+		a.runs.addTargets(rel.ID, add)
+		a.status.releaseChanged(rel.ID)
+		for _, d := range devs {
+			if slices.Contains(add, d.Serial) && !slices.Contains(joined, d) {
+				joined = append(joined, d)
+			}
+		}
+	}
+	if len(joined) == 0 {
+		return nil
+	}
+	return a.place.nextForAll(ctx, joined)
 }
 
 // BeginUpload starts receiving an image in parts (upload.begin).

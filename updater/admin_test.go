@@ -203,3 +203,77 @@ func TestDeprovisionLetsReleaseComplete(t *testing.T) {
 		t.Fatalf("targets in the store: %q, %v", ts, err)
 	}
 }
+
+// TestTagsSelectAndFollow: a release to a tag selection targets exactly the devices that
+// have those tags; with follow, a device provisioned later with them, or tagged later,
+// joins it and gets its key ([SC-12.4]).
+func TestTagsSelectAndFollow(t *testing.T) {
+	e := startEnv(t, boltOpener)
+	ctx := context.Background()
+	admin := e.u.Admin()
+	eu, err := admin.Provision(ctx, protocol.ProvisionArgs{Count: 2, Prefix: "eu-", Tags: map[string]string{"region": "eu", "hw": "rev2"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	us, err := admin.Provision(ctx, protocol.ProvisionArgs{Serials: []string{"us-1"}, Tags: map[string]string{"region": "us"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, err := admin.Device(ctx, "eu-000001"); err != nil || st.Tags["hw"] != "rev2" {
+		t.Fatalf("device.get shows tags %v, %v", st.Tags, err)
+	}
+	img := randomImage(700)
+	create := func(a protocol.ReleaseCreateArgs) (*protocol.ReleaseCreateResult, error) {
+		a.ChunkSize = 1024
+		return e.op.Release(ctx, bytes.NewReader(img), int64(len(img)), a)
+	}
+	for _, bad := range []protocol.ReleaseCreateArgs{
+		{Version: 1, All: true, Select: map[string]string{"region": "eu"}},
+		{Version: 1, Devices: []string{"eu-000001"}, Follow: true},
+		{Version: 1, Select: map[string]string{"Region": "eu"}},
+	} {
+		if _, err := create(bad); protocol.CodeOf(err) != protocol.ErrBadRequest {
+			t.Errorf("release.create %+v: %v, want bad_request", bad, err)
+		}
+	}
+	if _, err := create(protocol.ReleaseCreateArgs{Version: 1, Select: map[string]string{"region": "mars"}}); protocol.CodeOf(err) != protocol.ErrNotFound {
+		t.Errorf("a selection no device matches: %v, want not_found", err)
+	}
+	res, err := create(protocol.ReleaseCreateArgs{Version: 1, Select: map[string]string{"region": "eu"}, Follow: true})
+	if err != nil || res.Targets != 2 {
+		t.Fatalf("release to region=eu: %+v, %v; want 2 targets", res, err)
+	}
+	d := connectDevice(t, e.b.URL, eu.Devices[0])
+	if _, km, _ := d.install(); km.ID != res.Release {
+		t.Fatalf("an eu device was offered %s", km.ID)
+	}
+
+	// Provisioned later with the tags: it joins.
+	late, err := admin.Provision(ctx, protocol.ProvisionArgs{Serials: []string{"eu-late"}, Tags: map[string]string{"region": "eu"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dl := connectDevice(t, e.b.URL, late.Devices[0])
+	if _, km, _ := dl.install(); km.ID != res.Release {
+		t.Fatalf("a device provisioned later was offered %s", km.ID)
+	}
+	// Tagged later: it joins too. Untagged again: it stays.
+	if _, err := admin.Tag(ctx, protocol.TagArgs{Serial: "us-1", Set: map[string]string{"Bad": "x"}}); protocol.CodeOf(err) != protocol.ErrBadRequest {
+		t.Fatalf("a bad tag key: %v, want bad_request", err)
+	}
+	var st protocol.DeviceStatus
+	if err := e.op.Do(ctx, protocol.CmdDeviceTag, protocol.TagArgs{Serial: "us-1", Set: map[string]string{"region": "eu"}}, &st); err != nil || st.Tags["region"] != "eu" {
+		t.Fatalf("device.tag: %+v, %v", st, err)
+	}
+	du := connectDevice(t, e.b.URL, us.Devices[0])
+	if _, km, _ := du.install(); km.ID != res.Release {
+		t.Fatalf("a device tagged later was offered %s", km.ID)
+	}
+	if _, err := admin.Tag(ctx, protocol.TagArgs{Serial: "us-1", Unset: []string{"region"}}); err != nil {
+		t.Fatal(err)
+	}
+	rs, err := admin.Release(ctx, res.Release)
+	if err != nil || rs.Targets != 4 {
+		t.Fatalf("release status %+v, %v; want 4 targets", rs, err)
+	}
+}

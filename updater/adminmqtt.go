@@ -36,6 +36,7 @@ func newMQTTAdmin(svc *Admin, bus Bus, log zerolog.Logger) *mqttAdmin {
 		protocol.CmdDeviceGet: withArgs(func(ctx context.Context, a protocol.SerialArgs) (protocol.DeviceStatus, error) {
 			return svc.Device(ctx, a.Serial)
 		}),
+		protocol.CmdDeviceTag:   withArgs(svc.Tag),
 		protocol.CmdUploadBegin: withArgs(svc.BeginUpload),
 		protocol.CmdUploadFinish: withArgs(func(ctx context.Context, a protocol.UploadArgs) (protocol.UploadFinishResult, error) {
 			return svc.FinishUpload(ctx, a.Upload)

@@ -107,6 +107,30 @@ func (g *registry) targetCount(id keychain.ReleaseID) (int, bool) {
 	return len(r.targets), true
 }
 
+// isTarget reports whether serial is a target of the held release id.
+func (g *registry) isTarget(id keychain.ReleaseID, serial string) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	r := g.runs[id]
+	if r == nil {
+		return false
+	}
+	_, ok := r.targets[serial]
+	return ok
+}
+
+// addTargets adds serials to the targets of the held release id (devices that join a
+// release that follows them).
+func (g *registry) addTargets(id keychain.ReleaseID, serials []string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if r := g.runs[id]; r != nil {
+		for _, s := range serials {
+			r.targets[s] = struct{}{}
+		}
+	}
+}
+
 // removeTarget takes serial out of the targets of every held release and returns the ids
 // of those it was a target of.
 func (g *registry) removeTarget(serial string) []keychain.ReleaseID {

@@ -40,7 +40,8 @@ func (a *Admin) CreateRelease(ctx context.Context, args protocol.ReleaseCreateAr
 	if err != nil {
 		return nil, err
 	}
-	rel := &Release{ID: id, Version: args.Version, Label: args.Label, State: protocol.ReleasePublishing, All: args.All, Created: a.now(), ContentKey: sealed, ChunkSize: args.ChunkSize}
+	rel := &Release{ID: id, Version: args.Version, Label: args.Label, State: protocol.ReleasePublishing, All: args.All,
+		Select: args.Select, Follow: args.Follow, Created: a.now(), ContentKey: sealed, ChunkSize: args.ChunkSize}
 	// The release is recorded as publishing before anything is published, so that a
 	// crash half way leaves a release that the restart cancels, not orphan topics.
 	if err := a.store.PutRelease(ctx, rel); err != nil {
@@ -79,8 +80,22 @@ func checkCreate(a *protocol.ReleaseCreateArgs) error {
 	if err := protocol.CheckVersion(a.Version, a.AllowJump, nil); err != nil {
 		return err
 	}
-	if a.All == (len(a.Devices) > 0) {
-		return protocol.Errorf(protocol.ErrBadRequest, "give either devices or all: true")
+	modes := 0
+	for _, on := range []bool{a.All, len(a.Devices) > 0, len(a.Select) > 0} {
+		if on {
+			modes++
+		}
+	}
+	if modes != 1 {
+		return protocol.Errorf(protocol.ErrBadRequest, "give one of devices, all: true, or select")
+	}
+	if a.Follow && len(a.Devices) > 0 {
+		return protocol.Errorf(protocol.ErrBadRequest, "follow is for all: true or select, not a list of devices")
+	}
+	for k, v := range a.Select {
+		if err := protocol.CheckTag(k, v); err != nil {
+			return err
+		}
 	}
 	if a.ChunkSize == 0 {
 		a.ChunkSize = keychain.DefaultChunkSize
@@ -114,10 +129,13 @@ func releaseTargets(ctx context.Context, store Store, args protocol.ReleaseCreat
 		if err != nil {
 			return nil, unavailable(err)
 		}
-		if len(targets) == 0 {
+		if len(targets) == 0 && !args.Follow {
 			return nil, protocol.Errorf(protocol.ErrNotFound, "no device is provisioned")
 		}
 		return targets, nil
+	}
+	if len(args.Select) > 0 {
+		return selectTargets(ctx, store, args.Select, args.Follow)
 	}
 	for _, s := range args.Devices {
 		if err := keychain.CheckSerial(s); err != nil {
@@ -140,6 +158,31 @@ func releaseTargets(ctx context.Context, store Store, args protocol.ReleaseCreat
 	}
 	if len(unknown) > 0 {
 		return nil, protocol.Errorf(protocol.ErrNotFound, "unknown devices: %s", strings.Join(first(unknown, 10), ", "))
+	}
+	return targets, nil
+}
+
+// selectTargets returns the devices whose tags include every pair of sel ([SC-12.4]),
+// reading the fleet in batches. None is an error unless the release follows sel.
+func selectTargets(ctx context.Context, store Store, sel map[string]string, follow bool) ([]string, error) {
+	serials, err := store.Serials(ctx)
+	if err != nil {
+		return nil, unavailable(err)
+	}
+	var targets []string
+	for i := 0; i < len(serials); i += batchSize {
+		devs, err := store.Devices(ctx, serials[i:min(i+batchSize, len(serials))])
+		if err != nil {
+			return nil, unavailable(err)
+		}
+		for _, d := range devs {
+			if d != nil && protocol.Matches(d.Tags, sel) {
+				targets = append(targets, d.Serial)
+			}
+		}
+	}
+	if len(targets) == 0 && !follow {
+		return nil, protocol.Errorf(protocol.ErrNotFound, "no device has the tags %s (give follow to release to devices tagged later)", protocol.FormatTags(sel))
 	}
 	return targets, nil
 }

@@ -19,7 +19,7 @@ import (
 const statusInterval = 250 * time.Millisecond
 
 func deviceStatus(d *Device, state protocol.DeviceStatusState, result string, now time.Time) protocol.DeviceStatus {
-	s := protocol.DeviceStatus{Serial: d.Serial, State: state, Version: d.Version, Epoch: d.Epoch, Seq: d.Seq, LastResult: result, Updated: now}
+	s := protocol.DeviceStatus{Serial: d.Serial, State: state, Version: d.Version, Epoch: d.Epoch, Seq: d.Seq, LastResult: result, Tags: d.Tags, Updated: now}
 	if n := len(d.Assigned); n > 0 {
 		id := d.Assigned[n-1]
 		s.Release = &id

@@ -27,6 +27,9 @@ type Store interface {
 	Devices(ctx context.Context, serials []string) ([]*Device, error)
 	// Serials returns every provisioned serial, sorted.
 	Serials(ctx context.Context) ([]string, error)
+	// PutTags replaces a device's tags; it reports whether the device exists. It changes
+	// nothing else of the device.
+	PutTags(ctx context.Context, serial string, tags map[string]string) (bool, error)
 	// DeleteDevice removes a device; it reports whether it existed.
 	DeleteDevice(ctx context.Context, serial string) (bool, error)
 
@@ -90,6 +93,7 @@ type Device struct {
 	LastResult  string // "ok" or a report code name
 	LastSeen    time.Time
 	Provisioned time.Time
+	Tags        map[string]string // key=value labels (PROTOCOL.md 12.4); nil for none
 }
 
 // Position is a point on a device's chain.
@@ -147,11 +151,16 @@ type Result struct {
 
 // Release is a release's metadata and counts.
 type Release struct {
-	ID       keychain.ReleaseID
-	Version  uint64
-	Label    string
-	State    protocol.ReleaseState
-	All      bool // targets every device provisioned at creation
+	ID      keychain.ReleaseID
+	Version uint64
+	Label   string
+	State   protocol.ReleaseState
+	All     bool // targets every device provisioned at creation
+	// Select targets the devices whose tags include every pair; Follow makes devices
+	// provisioned or tagged later that match (every device, with All) join the release
+	// while it is in progress (PROTOCOL.md 12.4).
+	Select   map[string]string
+	Follow   bool
 	Created  time.Time
 	Manifest []byte // the signed manifest
 	// ContentKey is the content key sealed under the root secret (SealContentKey).
@@ -173,6 +182,8 @@ type releaseMeta struct {
 	Label      string                `json:"label,omitempty"`
 	State      protocol.ReleaseState `json:"state"`
 	All        bool                  `json:"all,omitempty"`
+	Select     map[string]string     `json:"select,omitempty"`
+	Follow     bool                  `json:"follow,omitempty"`
 	Created    time.Time             `json:"created"`
 	Manifest   []byte                `json:"manifest,omitempty"`
 	ContentKey []byte                `json:"content_key,omitempty"`
@@ -184,7 +195,7 @@ type releaseMeta struct {
 // MarshalReleaseMeta encodes what a store keeps of r besides its id and counts (JSON).
 func MarshalReleaseMeta(r *Release) ([]byte, error) {
 	return json.Marshal(releaseMeta{
-		Version: r.Version, Label: r.Label, State: r.State, All: r.All, Created: r.Created.UTC(),
+		Version: r.Version, Label: r.Label, State: r.State, All: r.All, Select: r.Select, Follow: r.Follow, Created: r.Created.UTC(),
 		Manifest: r.Manifest, ContentKey: r.ContentKey, ImageSize: r.ImageSize,
 		ChunkSize: r.ChunkSize, ChunkCount: r.ChunkCount,
 	})
@@ -198,7 +209,7 @@ func UnmarshalReleaseMeta(id keychain.ReleaseID, b []byte) (*Release, error) {
 		return nil, fmt.Errorf("release %v: corrupt record: %w", id, err)
 	}
 	return &Release{
-		ID: id, Version: m.Version, Label: m.Label, State: m.State, All: m.All, Created: m.Created,
+		ID: id, Version: m.Version, Label: m.Label, State: m.State, All: m.All, Select: m.Select, Follow: m.Follow, Created: m.Created,
 		Manifest: m.Manifest, ContentKey: m.ContentKey, ImageSize: m.ImageSize,
 		ChunkSize: m.ChunkSize, ChunkCount: m.ChunkCount,
 	}, nil

@@ -95,7 +95,7 @@ Every flag has an environment twin: -redis is SEALCAST_REDIS, and so on.`),
 		FlagSet: flag.NewFlagSet("sealcast", flag.ContinueOnError),
 		Subcommands: []*ffcli.Command{
 			serveCommand(e), demoCommand(e),
-			provisionCommand(e), deprovisionCommand(e), releaseCommand(e), statusCommand(e), devicesCommand(e), watchCommand(e),
+			provisionCommand(e), deprovisionCommand(e), tagCommand(e), releaseCommand(e), statusCommand(e), devicesCommand(e), watchCommand(e),
 			controlCommand(e, "pause"), controlCommand(e, "resume"), controlCommand(e, "cancel"), controlCommand(e, "retire"),
 			deviceCommand(e), keysCommand(e), simulateCommand(e), healthcheckCommand(e),
 		},

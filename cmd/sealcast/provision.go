@@ -30,6 +30,7 @@ func provisionCommand(e *env) *ffcli.Command {
 	fs.StringVar(&p.out, "out", "", "write the device file here (one device only; default: standard output)")
 	fs.StringVar(&p.outDir, "out-dir", "", "write one <serial>.json per device into this directory (created if missing)")
 	fs.BoolVar(&p.force, "force", false, "overwrite existing device files")
+	fs.Var(&p.tags, "tag", "set a tag key=value on every device (repeat for more; PROTOCOL.md 12.4)")
 	fs.UintVar(&p.chainLength, "chain-length", 0, "key chain length: how many updates before a re-key (a power of two, 16 to 1048576; default: the service's)")
 	return &ffcli.Command{
 		Name:       "provision",
@@ -64,6 +65,7 @@ type provisionFlags struct {
 	count                                int
 	force                                bool
 	chainLength                          uint
+	tags                                 tagFlag
 }
 
 // maxBulk bounds one provision command; operator.Provision sends it in requests of 1,000.
@@ -177,7 +179,7 @@ func runProvision(ctx context.Context, e *env, cf *clientFlags, p *provisionFlag
 		return err
 	}
 	defer op.Close()
-	files, perr := op.Provision(ctx, serials, uint32(p.chainLength))
+	files, perr := op.ProvisionTagged(ctx, serials, uint32(p.chainLength), p.tags.m)
 	// Whatever was provisioned gets its file, even when a later request failed: a device
 	// file is issued once.
 	written, werr := writeDeviceFiles(e, p, files)

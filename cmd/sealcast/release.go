@@ -28,13 +28,15 @@ func releaseCommand(e *env) *ffcli.Command {
 	fs.Uint64Var(&r.version, "version", 0, "version of the image: 1 or more, higher than every release before (required)")
 	fs.StringVar(&r.devices, "devices", "", "target these devices: serials separated by commas")
 	fs.BoolVar(&r.all, "all", false, "target every provisioned device")
+	fs.StringVar(&r.sel, "select", "", "target the devices with all these tags: key=value pairs separated by commas (PROTOCOL.md 12.4)")
+	fs.BoolVar(&r.follow, "follow", false, "with -select or -all: devices provisioned or tagged later that match join the release while it is in progress")
 	fs.UintVar(&r.chunkSize, "chunk-size", 0, fmt.Sprintf("chunk size in bytes, %d to %d (default: the service's, %d)", keychain.MinChunkSize, keychain.MaxChunkSize, keychain.DefaultChunkSize))
 	fs.StringVar(&r.label, "label", "", "a name for people, e.g. 2.1.0 (at most 64 characters)")
 	fs.BoolVar(&r.allowJump, "allow-jump", false, fmt.Sprintf("allow a version more than %d above the highest release's (a guard against a mistyped version)", uint64(protocol.MaxVersionJump)))
 	fs.BoolVar(&r.wait, "wait", false, "show progress until every target installed or failed; exit non-zero if any failed or the release was cancelled")
 	return &ffcli.Command{
 		Name:       "release",
-		ShortUsage: "sealcast release -image FILE -version V (-devices a,b,c | -all) [-wait]",
+		ShortUsage: "sealcast release -image FILE -version V (-devices a,b,c | -all | -select k=v,...) [-follow] [-wait]",
 		ShortHelp:  "release an image to devices",
 		LongHelp: `Uploads an image to the service, which encrypts it once, signs its manifest, publishes
 it, and wraps its key for every target device under that device's next one-time key.
@@ -64,13 +66,22 @@ type releaseFlags struct {
 	image, devices, label string
 	version               uint64
 	all, wait, allowJump  bool
+	sel                   string
+	follow                bool
 	chunkSize             uint
 }
 
 // check validates the flags without the network and returns the request and the open
 // image.
 func (r *releaseFlags) check() (protocol.ReleaseCreateArgs, *os.File, int64, error) {
-	a := protocol.ReleaseCreateArgs{Version: r.version, All: r.all, ChunkSize: uint32(r.chunkSize), Label: r.label, AllowJump: r.allowJump}
+	a := protocol.ReleaseCreateArgs{Version: r.version, All: r.all, ChunkSize: uint32(r.chunkSize), Label: r.label, AllowJump: r.allowJump, Follow: r.follow}
+	if r.sel != "" {
+		sel, err := protocol.ParseTags(r.sel)
+		if err != nil {
+			return a, nil, 0, fmt.Errorf("-select: %w", err)
+		}
+		a.Select = sel
+	}
 	if r.image == "" {
 		return a, nil, 0, errors.New("give the image with -image FILE")
 	}
@@ -86,11 +97,19 @@ func (r *releaseFlags) check() (protocol.ReleaseCreateArgs, *os.File, int64, err
 		}
 		a.Devices = append(a.Devices, s)
 	}
+	modes := 0
+	for _, on := range []bool{r.all, len(a.Devices) > 0, len(a.Select) > 0} {
+		if on {
+			modes++
+		}
+	}
 	switch {
-	case r.all && len(a.Devices) > 0:
-		return a, nil, 0, errors.New("give -devices or -all, not both")
-	case !r.all && len(a.Devices) == 0:
-		return a, nil, 0, errors.New("give the targets: -devices a,b,c or -all")
+	case modes > 1:
+		return a, nil, 0, errors.New("give one of -devices, -all or -select")
+	case modes == 0:
+		return a, nil, 0, errors.New("give the targets: -devices a,b,c, -all, or -select key=value,...")
+	case r.follow && len(a.Devices) > 0:
+		return a, nil, 0, errors.New("-follow is for -all or -select")
 	case r.chunkSize != 0 && (r.chunkSize < keychain.MinChunkSize || r.chunkSize > keychain.MaxChunkSize):
 		return a, nil, 0, fmt.Errorf("-chunk-size %d must be from %d to %d", r.chunkSize, keychain.MinChunkSize, keychain.MaxChunkSize)
 	case len(r.label) > 64:

@@ -221,6 +221,8 @@ func devicesCommand(e *env) *ffcli.Command {
 	var cf clientFlags
 	cf.register(fs)
 	asJSON := fs.Bool("json", false, "print a JSON array of device statuses (PROTOCOL.md 13.4, with \"online\")")
+	var tags tagFlag
+	fs.Var(&tags, "tag", "only devices with this tag key=value (repeat for more: all must match)")
 	return &ffcli.Command{
 		Name:       "devices",
 		ShortUsage: "sealcast devices [-json] [SERIAL...]",
@@ -253,6 +255,7 @@ may read too.
 			} else if devs, err = readDevices(ctx, op, cf.timeout); err != nil {
 				return err
 			}
+			devs = slices.DeleteFunc(devs, func(d deviceJSON) bool { return !protocol.Matches(d.Tags, tags.m) })
 			if *asJSON {
 				if devs == nil {
 					devs = []deviceJSON{}
@@ -337,7 +340,7 @@ func printDevices(w io.Writer, devs []deviceJSON) error {
 		return nil
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "SERIAL\tSTATE\tVERSION\tEPOCH\tSEQ\tRELEASE\tLAST RESULT\tONLINE\tLAST SEEN")
+	fmt.Fprintln(tw, "SERIAL\tSTATE\tVERSION\tEPOCH\tSEQ\tRELEASE\tLAST RESULT\tONLINE\tLAST SEEN\tTAGS")
 	for _, d := range devs {
 		rel, online, seen := "-", "-", "-"
 		if d.Release != nil {
@@ -349,7 +352,8 @@ func printDevices(w io.Writer, devs []deviceJSON) error {
 		if d.LastSeen != nil {
 			seen = d.LastSeen.Local().Format(time.DateTime)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%s\t%s\t%s\t%s\n", d.Serial, d.State, d.Version, d.Epoch, d.Seq, rel, cmp.Or(d.LastResult, "-"), online, seen)
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n", d.Serial, d.State, d.Version, d.Epoch, d.Seq, rel,
+			cmp.Or(d.LastResult, "-"), online, seen, cmp.Or(protocol.FormatTags(d.Tags), "-"))
 	}
 	return tw.Flush()
 }

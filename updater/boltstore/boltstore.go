@@ -120,6 +120,7 @@ type deviceRecord struct {
 	LastResult  string                     `json:"last_result,omitempty"`
 	LastSeen    time.Time                  `json:"last_seen"`
 	Provisioned time.Time                  `json:"provisioned"`
+	Tags        map[string]string          `json:"tags,omitempty"`
 }
 
 // releaseRecord is the stored form of a release; the id is the key.
@@ -155,6 +156,7 @@ func (r *deviceRecord) device(serial string) *updater.Device {
 		Serial: serial, Epoch: r.Epoch, Seq: r.Seq, ChainLength: r.ChainLength, Version: r.Version,
 		Chain: r.Chain, Assigned: r.Assigned, LastAck: r.LastAck, LastReceipt: r.LastReceipt,
 		State: r.State, LastResult: r.LastResult, LastSeen: r.LastSeen, Provisioned: r.Provisioned,
+		Tags: r.Tags,
 	}
 }
 
@@ -179,6 +181,7 @@ func (s *Store) CreateDevices(ctx context.Context, devs []*updater.Device) (exis
 				Epoch: d.Epoch, Seq: d.Seq, ChainLength: d.ChainLength, Version: d.Version,
 				Chain: d.Chain, Assigned: d.Assigned, LastAck: d.LastAck, LastReceipt: d.LastReceipt,
 				State: d.State, LastResult: d.LastResult, LastSeen: d.LastSeen, Provisioned: d.Provisioned,
+				Tags: d.Tags,
 			})
 			if err != nil {
 				return err
@@ -218,6 +221,25 @@ func (s *Store) Serials(ctx context.Context) ([]string, error) {
 		})
 	})
 	return out, err
+}
+
+// DeleteDevice implements updater.Store.
+// PutTags implements updater.Store in one transaction.
+func (s *Store) PutTags(ctx context.Context, serial string, tags map[string]string) (existed bool, err error) {
+	err = s.update(ctx, "put tags", func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketDevices)
+		r, err := getDevice(b, serial)
+		if err != nil || r == nil {
+			return err
+		}
+		existed = true
+		r.Tags = tags
+		if len(tags) == 0 {
+			r.Tags = nil
+		}
+		return putDevice(b, serial, r)
+	})
+	return existed, err
 }
 
 // DeleteDevice implements updater.Store.

@@ -221,7 +221,7 @@ func (s *Store) CreateDevices(ctx context.Context, devs []*updater.Device) ([]st
 			"version", u64(d.Version), "chain", d.Chain, "assigned", assigned,
 			"last_ack", d.LastAck, "last_receipt", d.LastReceipt, "state", string(d.State),
 			"last_result", d.LastResult, "last_seen", timeText(d.LastSeen),
-			"provisioned", timeText(d.Provisioned),
+			"provisioned", timeText(d.Provisioned), "tags", protocol.FormatTags(d.Tags),
 		}}
 	}
 	created, err := runScript(ctx, s.rdb, createScript, calls)
@@ -363,6 +363,13 @@ func parseDevice(serial string, h map[string]string) (*updater.Device, error) {
 		LastSeen:    f.time("last_seen"),
 		Provisioned: f.time("provisioned"),
 	}
+	if t := h["tags"]; t != "" {
+		tags, err := protocol.ParseTags(t)
+		if err != nil {
+			f.fail("tags", err)
+		}
+		d.Tags = tags
+	}
 	a := h["assigned"]
 	if len(a)%16 != 0 {
 		f.fail("assigned", fmt.Errorf("%d bytes, not a multiple of 16", len(a)))
@@ -373,6 +380,15 @@ func parseDevice(serial string, h map[string]string) (*updater.Device, error) {
 		d.Assigned = append(d.Assigned, id)
 	}
 	return d, f.err
+}
+
+// PutTags implements updater.Store: one script on the device's hash.
+func (s *Store) PutTags(ctx context.Context, serial string, tags map[string]string) (bool, error) {
+	vs, err := runScript(ctx, s.rdb, tagsScript, []call{{keys: []string{s.keys.dev(serial)}, args: []any{protocol.FormatTags(tags)}}})
+	if err != nil {
+		return false, wrap("put tags", err)
+	}
+	return vs[0] == 1, nil
 }
 
 // Serials implements updater.Store.

@@ -90,3 +90,10 @@ if old then
 end
 return was
 `)
+
+// tagsScript: KEYS[1] device; ARGV the tags, formatted. Returns 0 for a missing device.
+var tagsScript = redis.NewScript(`
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'tags', ARGV[1])
+return 1
+`)

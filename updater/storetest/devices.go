@@ -5,6 +5,7 @@ package storetest
 import (
 	"bytes"
 	"fmt"
+	"maps"
 	"slices"
 	"testing"
 	"time"
@@ -59,6 +60,9 @@ func diffDevice(got, want *updater.Device) string {
 	if !sameTime(got.Provisioned, want.Provisioned) {
 		add("Provisioned", got.Provisioned, want.Provisioned)
 	}
+	if !maps.Equal(got.Tags, want.Tags) {
+		add("Tags", got.Tags, want.Tags)
+	}
 	if len(d) == 0 {
 		return ""
 	}
@@ -79,6 +83,40 @@ func clone(d *updater.Device) *updater.Device {
 	c.LastAck = slices.Clone(d.LastAck)
 	c.LastReceipt = slices.Clone(d.LastReceipt)
 	return &c
+}
+
+// testTags: tags are kept with a device, replaced whole by PutTags, and touched by no other
+// write.
+func testTags(t *testing.T, s updater.Store) {
+	ctx := t.Context()
+	d := NewDevice("tagged")
+	d.Tags = map[string]string{"region": "eu", "hw": "rev2", "empty": ""}
+	mustCreate(t, s, d, NewDevice("plain"))
+	checkDevice(t, s, d)
+	checkDevice(t, s, NewDevice("plain"))
+	d.Tags = map[string]string{"region": "us"}
+	if ok, err := s.PutTags(ctx, "tagged", d.Tags); err != nil || !ok {
+		t.Fatalf("PutTags = %v, %v", ok, err)
+	}
+	checkDevice(t, s, d)
+	// An advance keeps the tags.
+	ok, err := s.Advance(ctx, []updater.Advance{{Serial: "tagged", From: d.Pos(), To: updater.Position{Seq: d.Seq - 1}, ChainLength: d.ChainLength, Chain: d.Chain, Version: 2, State: "installed", At: t0}})
+	if err != nil || !ok[0] {
+		t.Fatalf("Advance = %v, %v", ok, err)
+	}
+	if got := get(t, s, "tagged"); !maps.Equal(got.Tags, d.Tags) {
+		t.Fatalf("tags after an advance: %v, want %v", got.Tags, d.Tags)
+	}
+	d.Tags = nil
+	if ok, err := s.PutTags(ctx, "tagged", nil); err != nil || !ok {
+		t.Fatalf("PutTags(nil) = %v, %v", ok, err)
+	}
+	if got := get(t, s, "tagged"); len(got.Tags) != 0 {
+		t.Fatalf("tags after removing them all: %v", got.Tags)
+	}
+	if ok, err := s.PutTags(ctx, "nobody", map[string]string{"a": "b"}); err != nil || ok {
+		t.Fatalf("PutTags of an unknown device = %v, %v; want false", ok, err)
+	}
 }
 
 func testCreateDevices(t *testing.T, s updater.Store) {

@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"sync"
 	"testing"
@@ -24,6 +25,8 @@ func NewRelease(id keychain.ReleaseID, created time.Time) *updater.Release {
 		Label:      "spring \"fixes\" ✓",
 		State:      "active",
 		All:        true,
+		Select:     map[string]string{"region": "eu", "hw": ""},
+		Follow:     true,
 		Created:    created,
 		Manifest:   []byte{0, 1, 0xff, '{'},
 		ContentKey: bytes.Repeat([]byte{0, 0x80}, 30),
@@ -53,6 +56,9 @@ func diffRelease(got, want *updater.Release) string {
 	}
 	if got.All != want.All {
 		add("All", got.All, want.All)
+	}
+	if !maps.Equal(got.Select, want.Select) || got.Follow != want.Follow {
+		add("Select, Follow", fmt.Sprint(got.Select, got.Follow), fmt.Sprint(want.Select, want.Follow))
 	}
 	if !sameTime(got.Created, want.Created) {
 		add("Created", got.Created, want.Created)

@@ -42,6 +42,7 @@ func Run(t *testing.T, open func(t *testing.T) updater.Store) {
 		{"Devices", testDevices},
 		{"Serials", testSerials},
 		{"DeleteDevice", testDeleteDevice},
+		{"Tags", testTags},
 		{"RoundTrip", testRoundTrip},
 		{"NoAliasing", testNoAliasing},
 		{"Assign", testAssign},
