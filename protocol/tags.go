@@ -108,4 +108,6 @@ type TagArgs struct {
 }
 
 // String is for logs.
-func (a TagArgs) String() string { return fmt.Sprintf("%s +%s -%v", a.Serial, FormatTags(a.Set), a.Unset) }
+func (a TagArgs) String() string {
+	return fmt.Sprintf("%s +%s -%v", a.Serial, FormatTags(a.Set), a.Unset)
+}
