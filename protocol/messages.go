@@ -24,21 +24,22 @@ type Reply struct {
 
 // Admin commands (PROTOCOL.md 12.1).
 const (
-	CmdProvision     = "device.provision"
-	CmdDeprovision   = "device.deprovision"
-	CmdDeviceGet     = "device.get"
-	CmdDeviceTag     = "device.tag"
-	CmdUploadBegin   = "upload.begin"
-	CmdUploadFinish  = "upload.finish"
-	CmdReleaseCreate = "release.create"
-	CmdReleasePause  = "release.pause"
-	CmdReleaseResume = "release.resume"
-	CmdReleaseCancel = "release.cancel"
-	CmdReleaseRetire = "release.retire"
-	CmdReleaseGet    = "release.get"
-	CmdReleaseList   = "release.list"
-	CmdFleetGet      = "fleet.get"
-	CmdKeysRotate    = "keys.rotate"
+	CmdProvision      = "device.provision"
+	CmdDeprovision    = "device.deprovision"
+	CmdDeviceGet      = "device.get"
+	CmdDeviceTag      = "device.tag"
+	CmdUploadBegin    = "upload.begin"
+	CmdUploadFinish   = "upload.finish"
+	CmdReleaseCreate  = "release.create"
+	CmdReleasePause   = "release.pause"
+	CmdReleaseResume  = "release.resume"
+	CmdReleaseCancel  = "release.cancel"
+	CmdReleaseRetire  = "release.retire"
+	CmdReleaseGet     = "release.get"
+	CmdReleaseList    = "release.list"
+	CmdFleetGet       = "fleet.get"
+	CmdReleasePending = "release.pending"
+	CmdKeysRotate     = "keys.rotate"
 )
 
 // ProvisionArgs are the arguments of device.provision: Serials, or Count devices named
@@ -253,4 +254,18 @@ type KeyRotateResult struct {
 	Seq       uint32   `json:"seq"`
 	PublicKey HexBytes `json:"public_key"`
 	Topic     string   `json:"topic"`
+}
+
+// ReleasePendingArgs are the arguments of release.pending: at most Limit serials (default
+// 100, at most 1,000).
+type ReleasePendingArgs struct {
+	Release keychain.ReleaseID `json:"release"`
+	Limit   int                `json:"limit,omitempty"`
+}
+
+// ReleasePendingResult names the targets of a release that have no result yet: the first
+// serials in order, and how many there are in all.
+type ReleasePendingResult struct {
+	Pending []string `json:"pending"`
+	Total   int      `json:"total"`
 }

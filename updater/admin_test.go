@@ -192,6 +192,13 @@ func TestDeprovisionLetsReleaseComplete(t *testing.T) {
 		st, err := e.u.Admin().Release(ctx, rel)
 		return err == nil && st.Installed == 2 && st.State == protocol.ReleaseActive
 	})
+	p, err := e.u.Admin().Pending(ctx, protocol.ReleasePendingArgs{Release: rel})
+	if err != nil || p.Total != 1 || len(p.Pending) != 1 || p.Pending[0] != files[2].Serial {
+		t.Fatalf("release.pending: %+v, %v; want %s alone", p, err, files[2].Serial)
+	}
+	if _, err := e.u.Admin().Pending(ctx, protocol.ReleasePendingArgs{Release: rel, Limit: 1001}); protocol.CodeOf(err) != protocol.ErrBadRequest {
+		t.Fatalf("release.pending with limit 1001: %v, want bad_request", err)
+	}
 	if err := e.u.Admin().Deprovision(ctx, files[2].Serial); err != nil {
 		t.Fatal(err)
 	}

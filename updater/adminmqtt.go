@@ -41,12 +41,13 @@ func newMQTTAdmin(svc *Admin, bus Bus, log zerolog.Logger) *mqttAdmin {
 		protocol.CmdUploadFinish: withArgs(func(ctx context.Context, a protocol.UploadArgs) (protocol.UploadFinishResult, error) {
 			return svc.FinishUpload(ctx, a.Upload)
 		}),
-		protocol.CmdReleaseCreate: withArgs(svc.CreateRelease),
-		protocol.CmdReleasePause:  withRelease(svc.PauseRelease),
-		protocol.CmdReleaseResume: withRelease(svc.ResumeRelease),
-		protocol.CmdReleaseCancel: withRelease(svc.CancelRelease),
-		protocol.CmdReleaseRetire: withRelease(svc.RetireRelease),
-		protocol.CmdReleaseGet:    withRelease(svc.Release),
+		protocol.CmdReleaseCreate:  withArgs(svc.CreateRelease),
+		protocol.CmdReleasePause:   withRelease(svc.PauseRelease),
+		protocol.CmdReleaseResume:  withRelease(svc.ResumeRelease),
+		protocol.CmdReleaseCancel:  withRelease(svc.CancelRelease),
+		protocol.CmdReleaseRetire:  withRelease(svc.RetireRelease),
+		protocol.CmdReleaseGet:     withRelease(svc.Release),
+		protocol.CmdReleasePending: withArgs(svc.Pending),
 		protocol.CmdReleaseList: func(ctx context.Context, _ protocol.Request) (any, error) {
 			return svc.Releases(ctx)
 		},

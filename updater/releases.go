@@ -299,6 +299,43 @@ func (a *Admin) setState(ctx context.Context, id keychain.ReleaseID, to protocol
 	return a.status.releaseStatus(ctx, rel), nil
 }
 
+// Pending names the targets of a release that have no result yet (release.pending): the
+// first limit serials in order (100 if limit is 0, at most 1,000), and how many there are.
+func (a *Admin) Pending(ctx context.Context, args protocol.ReleasePendingArgs) (protocol.ReleasePendingResult, error) {
+	limit := args.Limit
+	switch {
+	case limit == 0:
+		limit = 100
+	case limit < 0 || limit > 1000:
+		return protocol.ReleasePendingResult{}, protocol.Errorf(protocol.ErrBadRequest, "limit %d must be from 1 to 1000", limit)
+	}
+	if _, err := findRelease(ctx, a.store, args.Release); err != nil {
+		return protocol.ReleasePendingResult{}, err
+	}
+	targets, err := a.store.Targets(ctx, args.Release)
+	if err != nil {
+		return protocol.ReleasePendingResult{}, unavailable(err)
+	}
+	out := protocol.ReleasePendingResult{Pending: []string{}}
+	for i := 0; i < len(targets); i += batchSize {
+		batch := targets[i:min(i+batchSize, len(targets))]
+		results, err := a.store.Results(ctx, args.Release, batch)
+		if err != nil {
+			return protocol.ReleasePendingResult{}, unavailable(err)
+		}
+		for j, r := range results {
+			if r != ResultNone {
+				continue
+			}
+			out.Total++
+			if len(out.Pending) < limit {
+				out.Pending = append(out.Pending, batch[j])
+			}
+		}
+	}
+	return out, nil
+}
+
 // Release returns a release's status (release.get).
 func (a *Admin) Release(ctx context.Context, id keychain.ReleaseID) (protocol.ReleaseStatus, error) {
 	rel, err := findRelease(ctx, a.store, id)

@@ -28,6 +28,7 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	stop()
+	var ec exitCodeError
 	switch {
 	case err == nil:
 	case errors.Is(err, flag.ErrHelp):
@@ -35,9 +36,23 @@ func main() {
 	default:
 		// One line, always: scripts grep for it and people read the last line.
 		fmt.Fprintln(os.Stderr, "sealcast:", strings.Join(strings.Fields(err.Error()), " "))
+		if errors.As(err, &ec) {
+			os.Exit(ec.code)
+		}
 		os.Exit(1)
 	}
 }
+
+// exitCodeError is an error with an exit status of its own (documented by its command).
+type exitCodeError struct {
+	error
+	code int
+}
+
+func (e exitCodeError) Unwrap() error { return e.error }
+
+// exitTimeout is the exit status of release -wait when -wait-timeout passes first.
+const exitTimeout = 3
 
 // env is what every command gets: where to print, and the logger.
 type env struct {

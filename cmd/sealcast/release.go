@@ -33,6 +33,7 @@ func releaseCommand(e *env) *ffcli.Command {
 	fs.UintVar(&r.chunkSize, "chunk-size", 0, fmt.Sprintf("chunk size in bytes, %d to %d (default: the service's, %d)", keychain.MinChunkSize, keychain.MaxChunkSize, keychain.DefaultChunkSize))
 	fs.StringVar(&r.label, "label", "", "a name for people, e.g. 2.1.0 (at most 64 characters)")
 	fs.BoolVar(&r.allowJump, "allow-jump", false, fmt.Sprintf("allow a version more than %d above the highest release's (a guard against a mistyped version)", uint64(protocol.MaxVersionJump)))
+	fs.DurationVar(&r.timeout, "wait-timeout", 0, "with -wait: stop waiting after this long, print the devices still pending and exit with status 3 (the release goes on)")
 	fs.BoolVar(&r.wait, "wait", false, "show progress until every target installed or failed; exit non-zero if any failed or the release was cancelled")
 	return &ffcli.Command{
 		Name:       "release",
@@ -51,6 +52,9 @@ provisioned. A refused release creates nothing; the error names the service's co
 
 With -wait the command follows the release's status topic: a progress bar on a terminal,
 a line every few seconds otherwise. Interrupting the wait does not stop the release.
+-wait-timeout D stops waiting after D: the command prints the devices still pending, one a
+line, on standard output after the release id (at most 1,000; the error line gives the
+count) and exits with status 3. The release goes on.
 ` + clientHelp,
 		FlagSet: fs,
 		Exec: func(ctx context.Context, args []string) error {
@@ -68,6 +72,7 @@ type releaseFlags struct {
 	all, wait, allowJump  bool
 	sel                   string
 	follow                bool
+	timeout               time.Duration
 	chunkSize             uint
 }
 
@@ -160,7 +165,16 @@ func runRelease(ctx context.Context, e *env, cf *clientFlags, r *releaseFlags) e
 	if !r.wait {
 		return nil
 	}
-	st, err := followRelease(ctx, e, op, res.Release)
+	wctx := ctx
+	if r.timeout > 0 {
+		var cancel context.CancelFunc
+		wctx, cancel = context.WithTimeoutCause(ctx, r.timeout, fmt.Errorf("-wait-timeout %s passed", r.timeout))
+		defer cancel()
+	}
+	st, err := followRelease(wctx, e, op, res.Release)
+	if err != nil && r.timeout > 0 && ctx.Err() == nil && wctx.Err() != nil {
+		return pendingAfterTimeout(ctx, e, op, res.Release, r.timeout)
+	}
 	if err != nil {
 		return err
 	}
@@ -171,6 +185,23 @@ func runRelease(ctx context.Context, e *env, cf *clientFlags, r *releaseFlags) e
 		return fmt.Errorf("release %s: %d of %d devices failed (sealcast devices shows why)", st.Release, st.Failed, st.Targets)
 	}
 	return nil
+}
+
+// pendingAfterTimeout names the devices still pending when -wait-timeout passed, on standard
+// output one a line, and returns the error with exit status exitTimeout.
+func pendingAfterTimeout(ctx context.Context, e *env, op *operator.Client, id keychain.ReleaseID, d time.Duration) error {
+	var p protocol.ReleasePendingResult
+	if err := op.Do(ctx, protocol.CmdReleasePending, protocol.ReleasePendingArgs{Release: id, Limit: 1000}, &p); err != nil {
+		return exitCodeError{fmt.Errorf("release %s: not done after %s, and the pending devices are unknown: %w", id, d, adminError(err)), exitTimeout}
+	}
+	for _, s := range p.Pending {
+		fmt.Fprintln(e.stdout, s)
+	}
+	more := ""
+	if p.Total > len(p.Pending) {
+		more = fmt.Sprintf(" (the first %d listed)", len(p.Pending))
+	}
+	return exitCodeError{fmt.Errorf("release %s: %d devices still pending after %s%s; the release goes on", id, p.Total, d, more), exitTimeout}
 }
 
 // precheckRelease asks the service what release.create would refuse, before the image is
