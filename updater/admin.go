@@ -27,7 +27,26 @@ const maxProvision = 1000
 //
 // An error that says what the caller did wrong, or what is unavailable, is a
 // *protocol.Error with its code; any other error is an internal failure.
+//
+// Its methods come from two halves that share one state: fleetAdmin (devices, uploads,
+// keys, the fleet) and releaseAdmin (releases).
 type Admin struct {
+	fleetAdmin
+	releaseAdmin
+}
+
+func newAdmin(core *adminCore) *Admin {
+	return &Admin{fleetAdmin{core}, releaseAdmin{core}}
+}
+
+// fleetAdmin is the half of Admin for devices, uploads, release keys and the fleet.
+type fleetAdmin struct{ *adminCore }
+
+// releaseAdmin is the half of Admin for releases.
+type releaseAdmin struct{ *adminCore }
+
+// adminCore is what both halves of Admin use; its lock runs one command at a time.
+type adminCore struct {
 	store     Store
 	bus       Bus
 	keys      *keys
@@ -52,7 +71,7 @@ func unavailable(err error) error {
 }
 
 // Provision creates devices and returns their device files (device.provision).
-func (a *Admin) Provision(ctx context.Context, args protocol.ProvisionArgs) (*protocol.ProvisionResult, error) {
+func (a *fleetAdmin) Provision(ctx context.Context, args protocol.ProvisionArgs) (*protocol.ProvisionResult, error) {
 	serials, length, err := provisionList(args, a.keys.chainLength)
 	if err != nil {
 		return nil, err
@@ -163,7 +182,7 @@ func provisionList(a protocol.ProvisionArgs, def uint32) ([]string, uint32, erro
 
 // leaveReleases takes serial out of the targets of every release in progress, in the
 // store, then in memory.
-func (a *Admin) leaveReleases(ctx context.Context, serial string) error {
+func (a *fleetAdmin) leaveReleases(ctx context.Context, serial string) error {
 	for _, r := range a.runs.all() {
 		id := r.release().ID
 		if _, err := a.store.RemoveTarget(ctx, id, serial); err != nil {
@@ -186,7 +205,7 @@ func first(s []string, n int) []string {
 // Deprovision revokes a device's broker access, takes it out of the targets of the
 // releases in progress (so that they can complete), forgets it, and clears its retained
 // topics (device.deprovision).
-func (a *Admin) Deprovision(ctx context.Context, serial string) error {
+func (a *fleetAdmin) Deprovision(ctx context.Context, serial string) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if _, err := findDevice(ctx, a.store, serial); err != nil {
@@ -223,7 +242,7 @@ func (a *Admin) Deprovision(ctx context.Context, serial string) error {
 }
 
 // Device returns the server's view of a device (device.get).
-func (a *Admin) Device(ctx context.Context, serial string) (protocol.DeviceStatus, error) {
+func (a *fleetAdmin) Device(ctx context.Context, serial string) (protocol.DeviceStatus, error) {
 	d, err := findDevice(ctx, a.store, serial)
 	if err != nil {
 		return protocol.DeviceStatus{}, err
@@ -249,7 +268,7 @@ func findDevice(ctx context.Context, store Store, serial string) (*Device, error
 // Tag sets and removes tags of a device (device.tag) and returns its status. A device
 // that now matches a release in progress that follows its selection joins it; one that
 // no longer matches stays a target of the releases it is in.
-func (a *Admin) Tag(ctx context.Context, args protocol.TagArgs) (protocol.DeviceStatus, error) {
+func (a *fleetAdmin) Tag(ctx context.Context, args protocol.TagArgs) (protocol.DeviceStatus, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	d, err := findDevice(ctx, a.store, args.Serial)
@@ -285,7 +304,7 @@ func (a *Admin) Tag(ctx context.Context, args protocol.TagArgs) (protocol.Device
 
 // follow adds devs to the targets of every release in progress that follows a selection
 // they match, and publishes what each of them should see now ([SC-12.4]).
-func (a *Admin) follow(ctx context.Context, devs []*Device) error {
+func (a *fleetAdmin) follow(ctx context.Context, devs []*Device) error {
 	var joined []*Device
 	for _, r := range a.runs.all() {
 		rel := r.release()
@@ -318,8 +337,19 @@ func (a *Admin) follow(ctx context.Context, devs []*Device) error {
 	return a.place.nextForAll(ctx, joined)
 }
 
+// Fleet returns the fleet status as the store has it now (fleet.get): what the retained
+// fleet status (13.1) shows within a moment, read at once, so that an operator who just
+// provisioned sees the devices.
+func (a *fleetAdmin) Fleet(ctx context.Context) (protocol.FleetStatus, error) {
+	fs, err := a.status.fleetStatus(ctx)
+	if err != nil {
+		return protocol.FleetStatus{}, unavailable(err)
+	}
+	return fs, nil
+}
+
 // BeginUpload starts receiving an image in parts (upload.begin).
-func (a *Admin) BeginUpload(_ context.Context, args protocol.UploadBeginArgs) (protocol.UploadBeginResult, error) {
+func (a *fleetAdmin) BeginUpload(_ context.Context, args protocol.UploadBeginArgs) (protocol.UploadBeginResult, error) {
 	up, err := a.uploads.begin(args.Size, args.SHA256)
 	if err != nil {
 		return protocol.UploadBeginResult{}, err
@@ -328,7 +358,7 @@ func (a *Admin) BeginUpload(_ context.Context, args protocol.UploadBeginArgs) (p
 }
 
 // FinishUpload checks that an upload is whole (upload.finish).
-func (a *Admin) FinishUpload(_ context.Context, upload string) (protocol.UploadFinishResult, error) {
+func (a *fleetAdmin) FinishUpload(_ context.Context, upload string) (protocol.UploadFinishResult, error) {
 	up, err := a.uploads.finish(upload)
 	if err != nil {
 		return protocol.UploadFinishResult{}, err
@@ -341,7 +371,7 @@ func (a *Admin) FinishUpload(_ context.Context, upload string) (protocol.UploadF
 // 5.1). Devices that learn the statement refuse manifests signed by older keys, so it is
 // refused while a release is publishing, active or paused: cancel it, or let it
 // complete, first.
-func (a *Admin) RotateKey(ctx context.Context) (protocol.KeyRotateResult, error) {
+func (a *fleetAdmin) RotateKey(ctx context.Context) (protocol.KeyRotateResult, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.keyStore == nil {

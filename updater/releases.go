@@ -14,7 +14,7 @@ import (
 
 // CreateRelease encrypts a finished upload once, publishes it, and starts wrapping its
 // content key for every target (release.create).
-func (a *Admin) CreateRelease(ctx context.Context, args protocol.ReleaseCreateArgs) (*protocol.ReleaseCreateResult, error) {
+func (a *releaseAdmin) CreateRelease(ctx context.Context, args protocol.ReleaseCreateArgs) (*protocol.ReleaseCreateResult, error) {
 	if err := checkCreate(&args); err != nil {
 		return nil, err
 	}
@@ -227,31 +227,31 @@ func publishImage(ctx context.Context, bus Bus, k *keys, now time.Time, img *io.
 
 // PauseRelease stops offering a release; devices that have its key may still install it
 // (release.pause).
-func (a *Admin) PauseRelease(ctx context.Context, id keychain.ReleaseID) (protocol.ReleaseStatus, error) {
+func (a *releaseAdmin) PauseRelease(ctx context.Context, id keychain.ReleaseID) (protocol.ReleaseStatus, error) {
 	return a.setState(ctx, id, protocol.ReleasePaused, protocol.CmdReleasePause)
 }
 
 // ResumeRelease offers a paused release again (release.resume).
-func (a *Admin) ResumeRelease(ctx context.Context, id keychain.ReleaseID) (protocol.ReleaseStatus, error) {
+func (a *releaseAdmin) ResumeRelease(ctx context.Context, id keychain.ReleaseID) (protocol.ReleaseStatus, error) {
 	return a.setState(ctx, id, protocol.ReleaseActive, protocol.CmdReleaseResume)
 }
 
 // CancelRelease ends a release and withdraws its keys from the devices that have not
 // used them (release.cancel).
-func (a *Admin) CancelRelease(ctx context.Context, id keychain.ReleaseID) (protocol.ReleaseStatus, error) {
+func (a *releaseAdmin) CancelRelease(ctx context.Context, id keychain.ReleaseID) (protocol.ReleaseStatus, error) {
 	return a.setState(ctx, id, protocol.ReleaseCancelled, protocol.CmdReleaseCancel)
 }
 
 // RetireRelease takes a completed or cancelled release out of the version floor, so that
 // a later release may have a lower version (release.retire). Devices keep their own
 // floor: one that installed the retired release refuses a lower version.
-func (a *Admin) RetireRelease(ctx context.Context, id keychain.ReleaseID) (protocol.ReleaseStatus, error) {
+func (a *releaseAdmin) RetireRelease(ctx context.Context, id keychain.ReleaseID) (protocol.ReleaseStatus, error) {
 	return a.setState(ctx, id, protocol.ReleaseRetired, protocol.CmdReleaseRetire)
 }
 
 // setState moves a release to state to, for the command cmd, and starts, stops or
 // withdraws its fan-out to match.
-func (a *Admin) setState(ctx context.Context, id keychain.ReleaseID, to protocol.ReleaseState, cmd string) (protocol.ReleaseStatus, error) {
+func (a *releaseAdmin) setState(ctx context.Context, id keychain.ReleaseID, to protocol.ReleaseState, cmd string) (protocol.ReleaseStatus, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	rel, err := findRelease(ctx, a.store, id)
@@ -301,7 +301,7 @@ func (a *Admin) setState(ctx context.Context, id keychain.ReleaseID, to protocol
 
 // Pending names the targets of a release that have no result yet (release.pending): the
 // first limit serials in order (100 if limit is 0, at most 1,000), and how many there are.
-func (a *Admin) Pending(ctx context.Context, args protocol.ReleasePendingArgs) (protocol.ReleasePendingResult, error) {
+func (a *releaseAdmin) Pending(ctx context.Context, args protocol.ReleasePendingArgs) (protocol.ReleasePendingResult, error) {
 	limit := args.Limit
 	switch {
 	case limit == 0:
@@ -337,7 +337,7 @@ func (a *Admin) Pending(ctx context.Context, args protocol.ReleasePendingArgs) (
 }
 
 // Release returns a release's status (release.get).
-func (a *Admin) Release(ctx context.Context, id keychain.ReleaseID) (protocol.ReleaseStatus, error) {
+func (a *releaseAdmin) Release(ctx context.Context, id keychain.ReleaseID) (protocol.ReleaseStatus, error) {
 	rel, err := findRelease(ctx, a.store, id)
 	if err != nil {
 		return protocol.ReleaseStatus{}, err
@@ -357,7 +357,7 @@ func findRelease(ctx context.Context, store Store, id keychain.ReleaseID) (*Rele
 }
 
 // Releases returns every release's status, oldest first (release.list).
-func (a *Admin) Releases(ctx context.Context) (protocol.ReleaseListResult, error) {
+func (a *releaseAdmin) Releases(ctx context.Context) (protocol.ReleaseListResult, error) {
 	rels, err := a.store.Releases(ctx)
 	if err != nil {
 		return protocol.ReleaseListResult{}, unavailable(err)
@@ -369,22 +369,11 @@ func (a *Admin) Releases(ctx context.Context) (protocol.ReleaseListResult, error
 	return out, nil
 }
 
-// Fleet returns the fleet status as the store has it now (fleet.get): what the retained
-// fleet status (13.1) shows within a moment, read at once, so that an operator who just
-// provisioned sees the devices.
-func (a *Admin) Fleet(ctx context.Context) (protocol.FleetStatus, error) {
-	fs, err := a.status.fleetStatus(ctx)
-	if err != nil {
-		return protocol.FleetStatus{}, unavailable(err)
-	}
-	return fs, nil
-}
-
 // resume restarts the fan-out of every active release after a restart: wrapping is
 // idempotent at a given position, so devices that already have their key get the same
 // key again and nothing else changes. A release still publishing at the last stop is
 // cancelled.
-func (a *Admin) resume(ctx context.Context) {
+func (a *releaseAdmin) resume(ctx context.Context) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	for _, r := range a.runs.all() {

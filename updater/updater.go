@@ -149,11 +149,11 @@ func New(o Options) (*Updater, error) {
 		store: o.Store, bus: o.Bus, keys: u.keys, runs: u.runs, place: u.place, status: u.status,
 		stats: &u.stats, log: u.log, now: o.Now, queue: make(chan inbound, 1<<16),
 	}
-	u.admin = &Admin{
+	u.admin = newAdmin(&adminCore{
 		store: o.Store, bus: o.Bus, keys: u.keys, runs: u.runs, life: u.life, place: u.place,
 		status: u.status, uploads: u.uploads, revoker: o.Revoker, accounts: o.Accounts, keyStore: o.KeyStore, log: u.log, now: o.Now,
 		workers: o.Workers, brokerURL: o.BrokerURL,
-	}
+	})
 	if !o.AcksOnly {
 		u.mqtt = newMQTTAdmin(u.admin, o.Bus, u.log)
 	}
