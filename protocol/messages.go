@@ -102,6 +102,12 @@ type ReleaseCreateArgs struct {
 	// later that match join the release while it is in progress.
 	Select map[string]string `json:"select,omitempty"`
 	Follow bool              `json:"follow,omitempty"`
+	// Waves releases the keys wave by wave (12.5): cumulative "P%", counts, or "all".
+	// MaxFailures ("P%" or a count) pauses the release when more targets than that
+	// fail permanently, or cancels it with AbortOnFailure.
+	Waves          []string `json:"waves,omitempty"`
+	MaxFailures    string   `json:"max_failures,omitempty"`
+	AbortOnFailure bool     `json:"abort_on_failure,omitempty"`
 }
 
 // MaxVersionJump is how far above the version floor (the highest version of a release
@@ -153,20 +159,25 @@ type FleetStatus struct {
 
 // ReleaseStatus is retained on ReleaseStatusTopic (PROTOCOL.md 13.2).
 type ReleaseStatus struct {
-	Release    keychain.ReleaseID `json:"release"`
-	Version    uint64             `json:"version"`
-	Label      string             `json:"label,omitempty"`
-	State      ReleaseState       `json:"state"`
-	Targets    int                `json:"targets"`
-	Wrapped    int                `json:"wrapped"`
-	Installed  int                `json:"installed"`
-	Failed     int                `json:"failed"`
-	Pending    int                `json:"pending"`
-	ChunkSize  uint32             `json:"chunk_size"`
-	ChunkCount uint32             `json:"chunk_count"`
-	ImageSize  uint64             `json:"image_size"`
-	Created    time.Time          `json:"created"`
-	Updated    time.Time          `json:"updated"`
+	Release   keychain.ReleaseID `json:"release"`
+	Version   uint64             `json:"version"`
+	Label     string             `json:"label,omitempty"`
+	State     ReleaseState       `json:"state"`
+	Targets   int                `json:"targets"`
+	Wrapped   int                `json:"wrapped"`
+	Installed int                `json:"installed"`
+	Failed    int                `json:"failed"`
+	Pending   int                `json:"pending"`
+	// Wave is the wave open now, from 1, of Waves (0 and 0 for a release without waves);
+	// PauseReason says why a paused release is paused: operator or failure_threshold.
+	Wave        int       `json:"wave,omitempty"`
+	Waves       int       `json:"waves,omitempty"`
+	PauseReason string    `json:"pause_reason,omitempty"`
+	ChunkSize   uint32    `json:"chunk_size"`
+	ChunkCount  uint32    `json:"chunk_count"`
+	ImageSize   uint64    `json:"image_size"`
+	Created     time.Time `json:"created"`
+	Updated     time.Time `json:"updated"`
 }
 
 // DeviceStatusState is a device's state as the server sees it, the state of a

@@ -1,10 +1,13 @@
 package protocol
 
 import (
+	"bytes"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"slices"
 	"strings"
 	"testing"
 
@@ -210,4 +213,58 @@ func TestReserved(t *testing.T) {
 			t.Errorf("Reserved(%q) = %v, want %v", name, got, want)
 		}
 	}
+}
+
+func TestWaveSizes(t *testing.T) {
+	for _, c := range []struct {
+		specs []string
+		n     int
+		want  []int
+	}{
+		{[]string{"25%", "50%"}, 12, []int{3, 6, 12}},
+		{[]string{"1%", "10%", "100%"}, 1000, []int{10, 100, 1000}},
+		{[]string{"1%"}, 10, []int{1, 10}}, // rounded up, never empty
+		{[]string{"5", "100", "all"}, 50, []int{5, 50}},
+		{[]string{"all"}, 7, []int{7}},
+	} {
+		got, err := WaveSizes(c.specs, c.n)
+		if err != nil || !slices.Equal(got, c.want) {
+			t.Errorf("WaveSizes(%q, %d) = %v, %v; want %v", c.specs, c.n, got, err, c.want)
+		}
+	}
+	for _, bad := range [][]string{{"0%"}, {"101%"}, {"x"}, {"-3"}, {"50%", "10%"}} {
+		if _, err := WaveSizes(bad, 100); CodeOf(err) != ErrBadRequest {
+			t.Errorf("WaveSizes(%q): %v, want bad_request", bad, err)
+		}
+	}
+	if n, err := FailureLimit("5%", 40); err != nil || n != 2 {
+		t.Errorf("FailureLimit(5%%, 40) = %d, %v; want 2", n, err)
+	}
+	if n, err := FailureLimit("", 40); err != nil || n != -1 {
+		t.Errorf("no threshold: %d, %v", n, err)
+	}
+	serials := make([]string, 20)
+	for i := range serials {
+		serials[i] = fmt.Sprintf("dev-%02d", i)
+	}
+	id := keychain.ReleaseID{1}
+	a := RolloutOrder(id, serials)
+	reversed := slices.Clone(serials)
+	slices.Reverse(reversed)
+	if !slices.Equal(a, RolloutOrder(id, reversed)) {
+		t.Error("RolloutOrder depends on the input order")
+	}
+	// By SHA256(release_id || serial): 20! orders, so two releases order them alike
+	// with a probability of 4e-19.
+	if slices.Equal(a, RolloutOrder(keychain.ReleaseID{2}, serials)) {
+		t.Error("two releases order their devices alike")
+	}
+	if first := sha256.Sum256(append(id[:], a[0]...)); bytes.Compare(first[:], sha256Of(id, a[1])) > 0 {
+		t.Error("RolloutOrder is not by SHA256(release_id || serial)")
+	}
+}
+
+func sha256Of(id keychain.ReleaseID, s string) []byte {
+	h := sha256.Sum256(append(id[:], s...))
+	return h[:]
 }

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"crypto/ed25519"
+	"slices"
 	"testing"
+	"time"
 
 	"github.com/sealcast/sealcast/keychain"
 	"github.com/sealcast/sealcast/protocol"
@@ -199,3 +201,97 @@ func TestRotateKey(t *testing.T) {
 		t.Fatalf("a device provisioned after the rotation: key %d %x, %v", files[0].KeySeq, files[0].ReleasePublicKey, err)
 	}
 }
+
+// TestWaves: keys go out wave by wave in the documented order; a wave opens once the
+// waves before it have settled; permanent failures past the threshold pause the release
+// by itself, with no key of a later wave published; a resume goes on to the end
+// ([SC-12.5]). The open wave survives a restart of the updater.
+func TestWaves(t *testing.T) {
+	e := startEnv(t, boltOpener)
+	ctx := context.Background()
+	files := e.provision(12)
+	byS := map[string]protocol.DeviceFile{}
+	serials := make([]string, len(files))
+	for i, f := range files {
+		byS[f.Serial], serials[i] = f, f.Serial
+	}
+	img := randomImage(600)
+	res, err := e.op.Release(ctx, bytes.NewReader(img), int64(len(img)),
+		protocol.ReleaseCreateArgs{Version: 1, All: true, ChunkSize: 1024, Waves: []string{"25%", "50%"}, MaxFailures: "1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	order := protocol.RolloutOrder(res.Release, serials)
+	wave1, wave2, wave3 := order[:3], order[3:6], order[6:]
+	devs := map[string]*testDevice{}
+	for _, s := range order {
+		devs[s] = connectDevice(t, e.b.URL, byS[s])
+	}
+	keyOf := func(serial string) []byte { return e.retained(protocol.KeyTopic(serial)) }
+	status := func() protocol.ReleaseStatus {
+		st, err := e.u.Admin().Release(ctx, res.Release)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st
+	}
+	install := func(serials []string) {
+		for _, s := range serials {
+			d := devs[s]
+			ack, km, _ := d.install()
+			d.ackUntilReceipt(ack, keychain.Key(d.u, km.Seq))
+		}
+	}
+	fail := func(serial string) {
+		d := devs[serial]
+		km, err := keychain.ParseKeyMessage(d.next(d.keys, "key message"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		k := keychain.Key(d.u, km.Seq)
+		rep, _ := keychain.Ack{Kind: keychain.AckFailed, Epoch: km.Epoch, Seq: km.Seq, ID: km.ID, Version: 1, DeviceSeq: km.Seq, Code: uint16(protocol.CodeRollback)}.Seal(k, serial)
+		d.publishAck(rep)
+		d.receipt(rep, k)
+	}
+	eventually(t, "wave 1 wrapped", func() bool { return len(keyOf(wave1[2])) > 0 })
+	if st := status(); st.Wave != 1 || st.Waves != 3 {
+		t.Fatalf("status wave %d of %d, want 1 of 3", st.Wave, st.Waves)
+	}
+	for _, s := range append(slices.Clone(wave2), wave3...) {
+		if len(keyOf(s)) != 0 {
+			t.Fatalf("%s, in a later wave, has a key while wave 1 is open", s)
+		}
+	}
+	install(wave1)
+	eventually(t, "wave 2 opened", func() bool { return status().Wave == 2 })
+	// The open wave is kept in the store: a restarted updater goes on with it.
+	e.stop()
+	e.startUpdater()
+	if st := status(); st.Wave != 2 || st.State != protocol.ReleaseActive {
+		t.Fatalf("after a restart: wave %d, %s; want wave 2, active", st.Wave, st.State)
+	}
+	fail(wave2[0])
+	fail(wave2[1]) // two permanent failures: past the threshold of 1
+	eventually(t, "the release paused by itself", func() bool {
+		st := status()
+		return st.State == protocol.ReleasePaused && st.PauseReason == protocol.PausedByThreshold
+	})
+	time.Sleep(2 * rolloutIntervalForTests)
+	for _, s := range wave3 {
+		if len(keyOf(s)) != 0 {
+			t.Fatalf("%s, in wave 3, got a key after the release paused", s)
+		}
+	}
+	if _, err := e.u.Admin().ResumeRelease(ctx, res.Release); err != nil {
+		t.Fatal(err)
+	}
+	install(wave2[2:])
+	eventually(t, "wave 3 opened", func() bool { return status().Wave == 3 })
+	install(wave3)
+	eventually(t, "the release completed", func() bool {
+		st := status()
+		return st.State == protocol.ReleaseCompleted && st.Installed == 10 && st.Failed == 2
+	})
+}
+
+const rolloutIntervalForTests = time.Second

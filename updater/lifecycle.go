@@ -55,14 +55,37 @@ type lifecycle struct {
 // change moves release id to state to. It returns the stored record, an error wrapping
 // ErrNotFound for an unknown release, or one wrapping ErrTransition, with nothing
 // changed, when the release's current state cannot become to.
-func (l *lifecycle) change(ctx context.Context, id keychain.ReleaseID, to protocol.ReleaseState) (*Release, error) {
+// edits change other fields of the record in the same write (a pause's reason).
+func (l *lifecycle) change(ctx context.Context, id keychain.ReleaseID, to protocol.ReleaseState, edits ...func(*Release)) (*Release, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	rel, err := l.store.Release(ctx, id)
 	if err != nil {
 		return nil, err
 	}
+	for _, e := range edits {
+		e(rel)
+	}
 	return rel, l.put(ctx, rel, to)
+}
+
+// edit changes fields of release id's record other than its state (the wave open now).
+func (l *lifecycle) edit(ctx context.Context, id keychain.ReleaseID, e func(*Release)) (*Release, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	rel, err := l.store.Release(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	e(rel)
+	if err := l.store.PutRelease(ctx, rel); err != nil {
+		return nil, err
+	}
+	if r := l.runs.get(rel.ID); r != nil {
+		stored := *rel
+		r.rel.Store(&stored)
+	}
+	return rel, nil
 }
 
 // record moves rel, which the caller holds alone (a release being created), to state to

@@ -81,7 +81,7 @@ func (p *placer) halt(r *run) {
 
 // fanout wraps for all targets in batches, on the workers' goroutines.
 func (p *placer) fanout(ctx context.Context, r *run) (int, error) {
-	serials := r.sorted
+	serials := r.sorted[min(r.fanFrom, r.open()):r.open()]
 	batches := make(chan []string)
 	var (
 		wg      sync.WaitGroup

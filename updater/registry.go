@@ -22,7 +22,16 @@ type run struct {
 	digest [32]byte
 	// targets is guarded by the registry's lock: a deprovisioned device leaves it.
 	targets map[string]struct{}
-	sorted  []string // the targets at the start, in order, for the fan-out
+	sorted  []string // the targets at the start, in order (rollout order with waves), for the fan-out
+	// With waves (PROTOCOL.md 12.5): sizes are the cumulative wave sizes over sorted,
+	// rank each target's place in it, and wave the index of the wave open now. A target
+	// is offered the release only once its wave is open.
+	sizes []int
+	rank  map[string]int
+	wave  atomic.Int32
+	// fanFrom is where in sorted the next fan-out starts: the first device of the wave
+	// just opened. Set by the admin service before it starts a fan-out.
+	fanFrom int
 	wrapped atomic.Int64
 	paused  atomic.Bool
 
@@ -51,8 +60,37 @@ func newRun(k *keys, rel *Release, targets []string) (*run, error) {
 	if !slices.IsSorted(targets) || len(r.targets) != len(targets) {
 		r.sorted = slices.Sorted(maps.Keys(r.targets))
 	}
+	if len(rel.Waves) > 0 {
+		if r.sizes, err = protocol.WaveSizes(rel.Waves, len(r.sorted)); err != nil {
+			return nil, fmt.Errorf("updater: release %s: %w", rel.ID, err)
+		}
+		r.sorted = protocol.RolloutOrder(rel.ID, r.sorted)
+		r.rank = make(map[string]int, len(r.sorted))
+		for i, s := range r.sorted {
+			r.rank[s] = i
+		}
+		r.wave.Store(int32(min(rel.Wave, len(r.sizes)-1)))
+	}
 	r.paused.Store(rel.State == protocol.ReleasePaused)
 	return r, nil
+}
+
+// open is how many devices, from the start of sorted, may be offered the release now:
+// all of them without waves, else those of the waves opened so far.
+func (r *run) open() int {
+	if r.sizes == nil {
+		return len(r.sorted)
+	}
+	return r.sizes[r.wave.Load()]
+}
+
+// admitted reports whether serial's wave is open. Called with the registry's lock held.
+func (r *run) admitted(serial string) bool {
+	if r.sizes == nil {
+		return true
+	}
+	rank, ok := r.rank[serial]
+	return ok && rank < r.open() // a device that joined later (follow) has no rank
 }
 
 // registry is the one owner of the releases held in memory: those publishing, active or
@@ -157,7 +195,7 @@ func (g *registry) pendingFor(d *Device) *run {
 		if r.paused.Load() || rel.State != protocol.ReleaseActive || rel.Version <= d.Version {
 			continue
 		}
-		if _, ok := r.targets[d.Serial]; !ok {
+		if _, ok := r.targets[d.Serial]; !ok || !r.admitted(d.Serial) {
 			continue
 		}
 		if best == nil || rel.Version > best.release().Version {

@@ -41,7 +41,8 @@ func (a *releaseAdmin) CreateRelease(ctx context.Context, args protocol.ReleaseC
 		return nil, err
 	}
 	rel := &Release{ID: id, Version: args.Version, Label: args.Label, State: protocol.ReleasePublishing, All: args.All,
-		Select: args.Select, Follow: args.Follow, Created: a.now(), ContentKey: sealed, ChunkSize: args.ChunkSize}
+		Select: args.Select, Follow: args.Follow, Waves: args.Waves, MaxFailures: args.MaxFailures, Abort: args.AbortOnFailure,
+		Created: a.now(), ContentKey: sealed, ChunkSize: args.ChunkSize}
 	// The release is recorded as publishing before anything is published, so that a
 	// crash half way leaves a release that the restart cancels, not orphan topics.
 	if err := a.store.PutRelease(ctx, rel); err != nil {
@@ -96,6 +97,20 @@ func checkCreate(a *protocol.ReleaseCreateArgs) error {
 		if err := protocol.CheckTag(k, v); err != nil {
 			return err
 		}
+	}
+	if len(a.Waves) > 0 {
+		if a.Follow {
+			return protocol.Errorf(protocol.ErrBadRequest, "waves and follow together are not supported: a device that joins later has no wave")
+		}
+		if _, err := protocol.WaveSizes(a.Waves, 100); err != nil {
+			return err
+		}
+	}
+	if _, err := protocol.FailureLimit(a.MaxFailures, 100); err != nil {
+		return err
+	}
+	if a.AbortOnFailure && a.MaxFailures == "" {
+		return protocol.Errorf(protocol.ErrBadRequest, "abort_on_failure needs max_failures")
 	}
 	if a.ChunkSize == 0 {
 		a.ChunkSize = keychain.DefaultChunkSize
@@ -273,7 +288,21 @@ func (a *releaseAdmin) setState(ctx context.Context, id keychain.ReleaseID, to p
 	if r != nil && to != protocol.ReleaseActive {
 		a.place.halt(r)
 	}
-	if rel, err = a.life.change(ctx, id, to); err != nil {
+	edit := func(rel *Release) { rel.PauseReason = "" }
+	switch to {
+	case protocol.ReleasePaused:
+		edit = func(rel *Release) { rel.PauseReason = protocol.PausedByOperator }
+	case protocol.ReleaseActive:
+		// A resume accepts the failures counted so far: the threshold applies to new ones.
+		if r.sizes != nil {
+			_, failed, err := a.waveResults(ctx, r)
+			if err != nil {
+				return protocol.ReleaseStatus{}, unavailable(err)
+			}
+			edit = func(rel *Release) { rel.PauseReason, rel.Tolerated = "", failed }
+		}
+	}
+	if rel, err = a.life.change(ctx, id, to, edit); err != nil {
 		if running {
 			// Nothing changed: the fan-out goes on.
 			r.paused.Store(false)
@@ -287,6 +316,7 @@ func (a *releaseAdmin) setState(ctx context.Context, id keychain.ReleaseID, to p
 	switch to {
 	case protocol.ReleaseActive:
 		r.paused.Store(false)
+		r.fanFrom = 0
 		a.place.start(r)
 	case protocol.ReleaseCancelled:
 		a.runs.remove(id)
@@ -395,4 +425,115 @@ func (a *releaseAdmin) resume(ctx context.Context) {
 			a.place.start(r)
 		}
 	}
+}
+
+// rolloutInterval is how often the waves of releases in progress are looked at.
+const rolloutInterval = time.Second
+
+// rolloutLoop moves the waves of the releases in progress on until ctx ends.
+func (a *releaseAdmin) rolloutLoop(ctx context.Context) {
+	t := time.NewTicker(rolloutInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			a.stepRollouts(ctx)
+		}
+	}
+}
+
+// stepRollouts applies [SC-12.5] to every active release with waves: it pauses (or
+// cancels) a release whose counted failures cross its threshold, and opens the next wave
+// of one whose open waves have settled.
+func (a *releaseAdmin) stepRollouts(ctx context.Context) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, r := range a.runs.all() {
+		rel := r.release()
+		if r.sizes == nil || rel.State != protocol.ReleaseActive || r.paused.Load() {
+			continue
+		}
+		if err := a.stepRollout(ctx, r, rel); err != nil && ctx.Err() == nil {
+			a.log.Warn().Err(err).Str("release", rel.ID.String()).Msg("moving the rollout on; will retry")
+		}
+	}
+}
+
+func (a *releaseAdmin) stepRollout(ctx context.Context, r *run, rel *Release) error {
+	installed, failed, err := a.waveResults(ctx, r)
+	if err != nil {
+		return err
+	}
+	admitted := r.open()
+	limit, _ := protocol.FailureLimit(rel.MaxFailures, admitted)
+	if limit >= 0 && failed-rel.Tolerated > limit {
+		return a.trip(ctx, r, rel, failed, limit)
+	}
+	w := int(r.wave.Load())
+	if installed+failed < admitted || w+1 >= len(r.sizes) {
+		return nil
+	}
+	if _, err := a.life.edit(ctx, rel.ID, func(rel *Release) { rel.Wave = w + 1 }); err != nil {
+		return err
+	}
+	a.place.halt(r)
+	r.fanFrom = admitted
+	r.wave.Store(int32(w + 1))
+	a.place.start(r)
+	a.status.releaseChanged(rel.ID)
+	a.log.Info().Str("release", rel.ID.String()).Int("wave", w+2).Int("of", len(r.sizes)).Int("devices", r.open()).Msg("wave opened")
+	return nil
+}
+
+// trip pauses, or with abort_on_failure cancels, a release whose counted failures crossed
+// its threshold.
+func (a *releaseAdmin) trip(ctx context.Context, r *run, rel *Release, failed, limit int) error {
+	ev := a.log.Warn().Str("release", rel.ID.String()).Int("failed", failed).Int("limit", limit)
+	if rel.Abort {
+		ev.Msg("failure threshold crossed; cancelling the release")
+		r.paused.Store(true)
+		a.place.halt(r)
+		if _, err := a.life.change(ctx, rel.ID, protocol.ReleaseCancelled, func(rel *Release) { rel.PauseReason = protocol.PausedByThreshold }); err != nil {
+			r.paused.Store(false)
+			return err
+		}
+		a.runs.remove(rel.ID)
+		a.status.releaseChanged(rel.ID)
+		a.status.fleetChanged()
+		return a.place.withdraw(ctx, rel.ID)
+	}
+	ev.Msg("failure threshold crossed; pausing the release")
+	r.paused.Store(true)
+	a.place.halt(r)
+	if _, err := a.life.change(ctx, rel.ID, protocol.ReleasePaused, func(rel *Release) { rel.PauseReason = protocol.PausedByThreshold }); err != nil {
+		r.paused.Store(false)
+		return err
+	}
+	a.status.releaseChanged(rel.ID)
+	a.status.fleetChanged()
+	return nil
+}
+
+// waveResults counts, among the devices of the waves open, those that installed the
+// release and those that failed it permanently (the failures a threshold counts).
+func (a *releaseAdmin) waveResults(ctx context.Context, r *run) (installed, failed int, err error) {
+	members := r.sorted[:r.open()]
+	id := r.release().ID
+	for i := 0; i < len(members); i += batchSize {
+		results, err := a.store.Results(ctx, id, members[i:min(i+batchSize, len(members))])
+		if err != nil {
+			return 0, 0, err
+		}
+		for _, res := range results {
+			switch {
+			case res == ResultInstalled:
+				installed++
+			case permanentFailure(res):
+				failed++
+			}
+		}
+	}
+	return installed, failed, nil
 }

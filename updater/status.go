@@ -122,6 +122,14 @@ func (s *statusPublisher) releaseStatus(ctx context.Context, rel *Release) proto
 		st.Targets = len(ts)
 	}
 	st.Pending = max(0, st.Targets-st.Installed-st.Failed)
+	if len(rel.Waves) > 0 {
+		if sizes, err := protocol.WaveSizes(rel.Waves, st.Targets); err == nil {
+			st.Wave, st.Waves = min(rel.Wave, len(sizes)-1)+1, len(sizes)
+		}
+	}
+	if rel.State == protocol.ReleasePaused || rel.State == protocol.ReleaseCancelled {
+		st.PauseReason = rel.PauseReason
+	}
 	return st
 }
 
@@ -239,12 +247,7 @@ func (s *statusPublisher) settled(ctx context.Context, rel *Release, st protocol
 			return false
 		}
 		for _, r := range results {
-			if r == ResultInstalled {
-				continue
-			}
-			name, failed := strings.CutPrefix(r, ResultFailed+":")
-			var c protocol.Code
-			if !failed || c.UnmarshalText([]byte(name)) != nil || !c.Permanent() {
+			if r != ResultInstalled && !permanentFailure(r) {
 				return false
 			}
 		}
@@ -266,4 +269,12 @@ func (s *statusPublisher) fleetStatus(ctx context.Context) (protocol.FleetStatus
 		fs.Releases[r.State]++
 	}
 	return fs, nil
+}
+
+// permanentFailure reports whether a recorded result is a failure the device does not
+// retry (PROTOCOL.md 15.1).
+func permanentFailure(result string) bool {
+	name, failed := strings.CutPrefix(result, ResultFailed+":")
+	var c protocol.Code
+	return failed && c.UnmarshalText([]byte(name)) == nil && c.Permanent()
 }

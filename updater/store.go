@@ -159,10 +159,19 @@ type Release struct {
 	// Select targets the devices whose tags include every pair; Follow makes devices
 	// provisioned or tagged later that match (every device, with All) join the release
 	// while it is in progress (PROTOCOL.md 12.4).
-	Select   map[string]string
-	Follow   bool
-	Created  time.Time
-	Manifest []byte // the signed manifest
+	Select map[string]string
+	Follow bool
+	// Waves, MaxFailures and Abort are the rollout plan (PROTOCOL.md 12.5); Wave is the
+	// index of the wave open now, PauseReason why the release is paused, and Tolerated
+	// how many counted failures an operator's resume accepted.
+	Waves       []string
+	MaxFailures string
+	Abort       bool
+	Wave        int
+	PauseReason string
+	Tolerated   int
+	Created     time.Time
+	Manifest    []byte // the signed manifest
 	// ContentKey is the content key sealed under the root secret (SealContentKey).
 	ContentKey []byte
 	ImageSize  uint64
@@ -184,6 +193,12 @@ type releaseMeta struct {
 	All        bool                  `json:"all,omitempty"`
 	Select     map[string]string     `json:"select,omitempty"`
 	Follow     bool                  `json:"follow,omitempty"`
+	Waves      []string              `json:"waves,omitempty"`
+	MaxFail    string                `json:"max_failures,omitempty"`
+	Abort      bool                  `json:"abort,omitempty"`
+	Wave       int                   `json:"wave,omitempty"`
+	Reason     string                `json:"pause_reason,omitempty"`
+	Tolerated  int                   `json:"tolerated,omitempty"`
 	Created    time.Time             `json:"created"`
 	Manifest   []byte                `json:"manifest,omitempty"`
 	ContentKey []byte                `json:"content_key,omitempty"`
@@ -196,6 +211,7 @@ type releaseMeta struct {
 func MarshalReleaseMeta(r *Release) ([]byte, error) {
 	return json.Marshal(releaseMeta{
 		Version: r.Version, Label: r.Label, State: r.State, All: r.All, Select: r.Select, Follow: r.Follow, Created: r.Created.UTC(),
+		Waves: r.Waves, MaxFail: r.MaxFailures, Abort: r.Abort, Wave: r.Wave, Reason: r.PauseReason, Tolerated: r.Tolerated,
 		Manifest: r.Manifest, ContentKey: r.ContentKey, ImageSize: r.ImageSize,
 		ChunkSize: r.ChunkSize, ChunkCount: r.ChunkCount,
 	})
@@ -210,6 +226,7 @@ func UnmarshalReleaseMeta(id keychain.ReleaseID, b []byte) (*Release, error) {
 	}
 	return &Release{
 		ID: id, Version: m.Version, Label: m.Label, State: m.State, All: m.All, Select: m.Select, Follow: m.Follow, Created: m.Created,
+		Waves: m.Waves, MaxFailures: m.MaxFail, Abort: m.Abort, Wave: m.Wave, PauseReason: m.Reason, Tolerated: m.Tolerated,
 		Manifest: m.Manifest, ContentKey: m.ContentKey, ImageSize: m.ImageSize,
 		ChunkSize: m.ChunkSize, ChunkCount: m.ChunkCount,
 	}, nil

@@ -286,6 +286,7 @@ func (u *Updater) serveAdmin(ctx context.Context) error {
 		return fmt.Errorf("updater: %w", err)
 	}
 	u.goRun(func() { u.status.loop(ctx) })
+	u.goRun(func() { u.admin.rolloutLoop(ctx) })
 	if err := publishKeyStatements(ctx, u.o.Bus, u.keys.release); err != nil {
 		u.log.Warn().Err(err).Msg("publishing the key statements; devices that need them wait for the next start")
 	}

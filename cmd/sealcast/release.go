@@ -33,6 +33,9 @@ func releaseCommand(e *env) *ffcli.Command {
 	fs.UintVar(&r.chunkSize, "chunk-size", 0, fmt.Sprintf("chunk size in bytes, %d to %d (default: the service's, %d)", keychain.MinChunkSize, keychain.MaxChunkSize, keychain.DefaultChunkSize))
 	fs.StringVar(&r.label, "label", "", "a name for people, e.g. 2.1.0 (at most 64 characters)")
 	fs.BoolVar(&r.allowJump, "allow-jump", false, fmt.Sprintf("allow a version more than %d above the highest release's (a guard against a mistyped version)", uint64(protocol.MaxVersionJump)))
+	fs.StringVar(&r.waves, "waves", "", "release the keys wave by wave: cumulative percentages or counts separated by commas, e.g. 1%,10%,50% (a last wave takes the rest; PROTOCOL.md 12.5)")
+	fs.StringVar(&r.maxFailures, "max-failures", "", "pause the release by itself when more targets than this fail permanently: a percentage of the devices in open waves, e.g. 5%, or a count")
+	fs.BoolVar(&r.abortOnFailure, "abort-on-failure", false, "with -max-failures: cancel the release instead of pausing it")
 	fs.DurationVar(&r.timeout, "wait-timeout", 0, "with -wait: stop waiting after this long, print the devices still pending and exit with status 3 (the release goes on)")
 	fs.BoolVar(&r.wait, "wait", false, "show progress until every target installed or failed; exit non-zero if any failed or the release was cancelled")
 	return &ffcli.Command{
@@ -73,6 +76,8 @@ type releaseFlags struct {
 	sel                   string
 	follow                bool
 	timeout               time.Duration
+	waves, maxFailures    string
+	abortOnFailure        bool
 	chunkSize             uint
 }
 
@@ -80,6 +85,10 @@ type releaseFlags struct {
 // image.
 func (r *releaseFlags) check() (protocol.ReleaseCreateArgs, *os.File, int64, error) {
 	a := protocol.ReleaseCreateArgs{Version: r.version, All: r.all, ChunkSize: uint32(r.chunkSize), Label: r.label, AllowJump: r.allowJump, Follow: r.follow}
+	a.MaxFailures, a.AbortOnFailure = r.maxFailures, r.abortOnFailure
+	if r.waves != "" {
+		a.Waves = strings.Split(r.waves, ",")
+	}
 	if r.sel != "" {
 		sel, err := protocol.ParseTags(r.sel)
 		if err != nil {
