@@ -108,6 +108,9 @@ type ReleaseCreateArgs struct {
 	Waves          []string `json:"waves,omitempty"`
 	MaxFailures    string   `json:"max_failures,omitempty"`
 	AbortOnFailure bool     `json:"abort_on_failure,omitempty"`
+	// MaxConcurrent bounds the targets holding a published key they have not settled
+	// (12.5); 0: no bound.
+	MaxConcurrent int `json:"max_concurrent,omitempty"`
 }
 
 // MaxVersionJump is how far above the version floor (the highest version of a release
@@ -170,14 +173,17 @@ type ReleaseStatus struct {
 	Pending   int                `json:"pending"`
 	// Wave is the wave open now, from 1, of Waves (0 and 0 for a release without waves);
 	// PauseReason says why a paused release is paused: operator or failure_threshold.
-	Wave        int       `json:"wave,omitempty"`
-	Waves       int       `json:"waves,omitempty"`
-	PauseReason string    `json:"pause_reason,omitempty"`
-	ChunkSize   uint32    `json:"chunk_size"`
-	ChunkCount  uint32    `json:"chunk_count"`
-	ImageSize   uint64    `json:"image_size"`
-	Created     time.Time `json:"created"`
-	Updated     time.Time `json:"updated"`
+	Wave        int    `json:"wave,omitempty"`
+	Waves       int    `json:"waves,omitempty"`
+	PauseReason string `json:"pause_reason,omitempty"`
+	// Offered is how many targets have been offered the release so far, with waves or
+	// a concurrency bound (12.5).
+	Offered    int       `json:"offered,omitempty"`
+	ChunkSize  uint32    `json:"chunk_size"`
+	ChunkCount uint32    `json:"chunk_count"`
+	ImageSize  uint64    `json:"image_size"`
+	Created    time.Time `json:"created"`
+	Updated    time.Time `json:"updated"`
 }
 
 // DeviceStatusState is a device's state as the server sees it, the state of a

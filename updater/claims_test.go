@@ -295,3 +295,61 @@ func TestWaves(t *testing.T) {
 }
 
 const rolloutIntervalForTests = time.Second
+
+// TestMaxConcurrent: with max_concurrent 4, at no time do more than 4 targets hold a key
+// they have not settled; keys go out as the others install, until every target has
+// ([SC-12.5]).
+func TestMaxConcurrent(t *testing.T) {
+	e := startEnv(t, boltOpener)
+	ctx := context.Background()
+	const n, cap = 20, 4
+	files := e.provision(n)
+	devs := make([]*testDevice, n)
+	for i, f := range files {
+		devs[i] = connectDevice(t, e.b.URL, f)
+	}
+	img := randomImage(600)
+	res, err := e.op.Release(ctx, bytes.NewReader(img), int64(len(img)),
+		protocol.ReleaseCreateArgs{Version: 1, All: true, ChunkSize: 1024, MaxConcurrent: cap})
+	if err != nil {
+		t.Fatal(err)
+	}
+	holding := map[*testDevice][]byte{} // a key seen, not yet acked
+	done := map[*testDevice]bool{}
+	deadline := time.Now().Add(60 * time.Second)
+	maxHeld := 0
+	for len(done) < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d installed in 60 s; %d hold keys", len(done), n, len(holding))
+		}
+		for _, d := range devs {
+			select {
+			case raw := <-d.keys:
+				if !done[d] {
+					holding[d] = raw
+				}
+			default:
+			}
+		}
+		maxHeld = max(maxHeld, len(holding))
+		if len(holding) > cap {
+			t.Fatalf("%d targets hold an unsettled key; the bound is %d", len(holding), cap)
+		}
+		for d, raw := range holding { // install one
+			d.keys <- raw
+			ack, km, _ := d.install()
+			d.ackUntilReceipt(ack, keychain.Key(d.u, km.Seq))
+			delete(holding, d)
+			done[d] = true
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if maxHeld != cap {
+		t.Fatalf("at most %d targets held a key at once; with %d targets and a bound of %d, want %d", maxHeld, n, cap, cap)
+	}
+	eventually(t, "the release completed", func() bool {
+		st, err := e.u.Admin().Release(ctx, res.Release)
+		return err == nil && st.State == protocol.ReleaseCompleted && st.Installed == n && st.Offered == n
+	})
+}

@@ -29,6 +29,10 @@ type run struct {
 	sizes []int
 	rank  map[string]int
 	wave  atomic.Int32
+	// With a concurrency bound: cap, and offered, how many targets in rollout order
+	// may have their key now (never more than the open waves hold).
+	cap     int
+	offered atomic.Int32
 	// fanFrom is where in sorted the next fan-out starts: the first device of the wave
 	// just opened. Set by the admin service before it starts a fan-out.
 	fanFrom int
@@ -60,7 +64,7 @@ func newRun(k *keys, rel *Release, targets []string) (*run, error) {
 	if !slices.IsSorted(targets) || len(r.targets) != len(targets) {
 		r.sorted = slices.Sorted(maps.Keys(r.targets))
 	}
-	if len(rel.Waves) > 0 {
+	if len(rel.Waves) > 0 || rel.MaxConcurrent > 0 {
 		if r.sizes, err = protocol.WaveSizes(rel.Waves, len(r.sorted)); err != nil {
 			return nil, fmt.Errorf("updater: release %s: %w", rel.ID, err)
 		}
@@ -70,6 +74,9 @@ func newRun(k *keys, rel *Release, targets []string) (*run, error) {
 			r.rank[s] = i
 		}
 		r.wave.Store(int32(min(rel.Wave, len(r.sizes)-1)))
+		if r.cap = rel.MaxConcurrent; r.cap > 0 {
+			r.offered.Store(int32(offered(rel, r.sizes[r.wave.Load()])))
+		}
 	}
 	r.paused.Store(rel.State == protocol.ReleasePaused)
 	return r, nil
@@ -81,7 +88,11 @@ func (r *run) open() int {
 	if r.sizes == nil {
 		return len(r.sorted)
 	}
-	return r.sizes[r.wave.Load()]
+	n := r.sizes[r.wave.Load()]
+	if r.cap > 0 {
+		n = min(n, int(r.offered.Load()))
+	}
+	return n
 }
 
 // admitted reports whether serial's wave is open. Called with the registry's lock held.

@@ -42,7 +42,8 @@ func (a *releaseAdmin) CreateRelease(ctx context.Context, args protocol.ReleaseC
 	}
 	rel := &Release{ID: id, Version: args.Version, Label: args.Label, State: protocol.ReleasePublishing, All: args.All,
 		Select: args.Select, Follow: args.Follow, Waves: args.Waves, MaxFailures: args.MaxFailures, Abort: args.AbortOnFailure,
-		Created: a.now(), ContentKey: sealed, ChunkSize: args.ChunkSize}
+		MaxConcurrent: args.MaxConcurrent,
+		Created:       a.now(), ContentKey: sealed, ChunkSize: args.ChunkSize}
 	// The release is recorded as publishing before anything is published, so that a
 	// crash half way leaves a release that the restart cancels, not orphan topics.
 	if err := a.store.PutRelease(ctx, rel); err != nil {
@@ -98,10 +99,13 @@ func checkCreate(a *protocol.ReleaseCreateArgs) error {
 			return err
 		}
 	}
+	if a.MaxConcurrent < 0 {
+		return protocol.Errorf(protocol.ErrBadRequest, "max_concurrent %d must not be negative", a.MaxConcurrent)
+	}
+	if (len(a.Waves) > 0 || a.MaxConcurrent > 0) && a.Follow {
+		return protocol.Errorf(protocol.ErrBadRequest, "waves or max_concurrent together with follow are not supported: a device that joins later has no place in the rollout order")
+	}
 	if len(a.Waves) > 0 {
-		if a.Follow {
-			return protocol.Errorf(protocol.ErrBadRequest, "waves and follow together are not supported: a device that joins later has no wave")
-		}
 		if _, err := protocol.WaveSizes(a.Waves, 100); err != nil {
 			return err
 		}
@@ -428,7 +432,7 @@ func (a *releaseAdmin) resume(ctx context.Context) {
 }
 
 // rolloutInterval is how often the waves of releases in progress are looked at.
-const rolloutInterval = time.Second
+const rolloutInterval = 250 * time.Millisecond
 
 // rolloutLoop moves the waves of the releases in progress on until ctx ends.
 func (a *releaseAdmin) rolloutLoop(ctx context.Context) {
@@ -472,18 +476,42 @@ func (a *releaseAdmin) stepRollout(ctx context.Context, r *run, rel *Release) er
 		return a.trip(ctx, r, rel, failed, limit)
 	}
 	w := int(r.wave.Load())
-	if installed+failed < admitted || w+1 >= len(r.sizes) {
+	settled := installed + failed
+	if r.cap > 0 && admitted < r.sizes[w] {
+		// The sliding window inside the open wave: a key for every one that settled.
+		if admitted-settled < r.cap {
+			return a.offer(ctx, r, w, min(r.sizes[w], settled+r.cap))
+		}
 		return nil
 	}
-	if _, err := a.life.edit(ctx, rel.ID, func(rel *Release) { rel.Wave = w + 1 }); err != nil {
+	if settled < admitted || w+1 >= len(r.sizes) {
+		return nil
+	}
+	next := r.sizes[w+1]
+	if r.cap > 0 {
+		next = min(next, settled+r.cap)
+	}
+	if err := a.offer(ctx, r, w+1, next); err != nil {
+		return err
+	}
+	a.log.Info().Str("release", rel.ID.String()).Int("wave", w+2).Int("of", len(r.sizes)).Int("devices", r.open()).Msg("wave opened")
+	return nil
+}
+
+// offer makes wave w open with its first n devices offered (n only counts with a
+// concurrency bound), kept with the release before any of their keys goes out, and
+// wraps the keys of the devices newly offered.
+func (a *releaseAdmin) offer(ctx context.Context, r *run, w, n int) error {
+	from := r.open()
+	if _, err := a.life.edit(ctx, r.release().ID, func(rel *Release) { rel.Wave, rel.Admitted = w, n }); err != nil {
 		return err
 	}
 	a.place.halt(r)
-	r.fanFrom = admitted
-	r.wave.Store(int32(w + 1))
+	r.fanFrom = from
+	r.wave.Store(int32(w))
+	r.offered.Store(int32(n))
 	a.place.start(r)
-	a.status.releaseChanged(rel.ID)
-	a.log.Info().Str("release", rel.ID.String()).Int("wave", w+2).Int("of", len(r.sizes)).Int("devices", r.open()).Msg("wave opened")
+	a.status.releaseChanged(r.release().ID)
 	return nil
 }
 

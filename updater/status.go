@@ -122,9 +122,13 @@ func (s *statusPublisher) releaseStatus(ctx context.Context, rel *Release) proto
 		st.Targets = len(ts)
 	}
 	st.Pending = max(0, st.Targets-st.Installed-st.Failed)
-	if len(rel.Waves) > 0 {
+	if len(rel.Waves) > 0 || rel.MaxConcurrent > 0 {
 		if sizes, err := protocol.WaveSizes(rel.Waves, st.Targets); err == nil {
-			st.Wave, st.Waves = min(rel.Wave, len(sizes)-1)+1, len(sizes)
+			w := min(rel.Wave, len(sizes)-1)
+			st.Offered = offered(rel, sizes[w])
+			if len(rel.Waves) > 0 {
+				st.Wave, st.Waves = w+1, len(sizes)
+			}
 		}
 	}
 	if rel.State == protocol.ReleasePaused || rel.State == protocol.ReleaseCancelled {
@@ -277,4 +281,17 @@ func permanentFailure(result string) bool {
 	name, failed := strings.CutPrefix(result, ResultFailed+":")
 	var c protocol.Code
 	return failed && c.UnmarshalText([]byte(name)) == nil && c.Permanent()
+}
+
+// offered is how many targets of a release with waves or a concurrency bound have been
+// offered it, when the waves open so far hold size: all of them, or with a bound, those
+// it has admitted (before its first step, as many as the bound).
+func offered(rel *Release, size int) int {
+	if rel.MaxConcurrent == 0 {
+		return size
+	}
+	if rel.Admitted == 0 {
+		return min(rel.MaxConcurrent, size)
+	}
+	return min(rel.Admitted, size)
 }

@@ -170,8 +170,12 @@ type Release struct {
 	Wave        int
 	PauseReason string
 	Tolerated   int
-	Created     time.Time
-	Manifest    []byte // the signed manifest
+	// MaxConcurrent bounds the targets holding an unsettled key (0: none); Admitted is
+	// how many targets, in rollout order, have been offered the release under it.
+	MaxConcurrent int
+	Admitted      int
+	Created       time.Time
+	Manifest      []byte // the signed manifest
 	// ContentKey is the content key sealed under the root secret (SealContentKey).
 	ContentKey []byte
 	ImageSize  uint64
@@ -199,6 +203,8 @@ type releaseMeta struct {
 	Wave       int                   `json:"wave,omitempty"`
 	Reason     string                `json:"pause_reason,omitempty"`
 	Tolerated  int                   `json:"tolerated,omitempty"`
+	MaxConc    int                   `json:"max_concurrent,omitempty"`
+	Admitted   int                   `json:"admitted,omitempty"`
 	Created    time.Time             `json:"created"`
 	Manifest   []byte                `json:"manifest,omitempty"`
 	ContentKey []byte                `json:"content_key,omitempty"`
@@ -212,6 +218,7 @@ func MarshalReleaseMeta(r *Release) ([]byte, error) {
 	return json.Marshal(releaseMeta{
 		Version: r.Version, Label: r.Label, State: r.State, All: r.All, Select: r.Select, Follow: r.Follow, Created: r.Created.UTC(),
 		Waves: r.Waves, MaxFail: r.MaxFailures, Abort: r.Abort, Wave: r.Wave, Reason: r.PauseReason, Tolerated: r.Tolerated,
+		MaxConc: r.MaxConcurrent, Admitted: r.Admitted,
 		Manifest: r.Manifest, ContentKey: r.ContentKey, ImageSize: r.ImageSize,
 		ChunkSize: r.ChunkSize, ChunkCount: r.ChunkCount,
 	})
@@ -227,6 +234,7 @@ func UnmarshalReleaseMeta(id keychain.ReleaseID, b []byte) (*Release, error) {
 	return &Release{
 		ID: id, Version: m.Version, Label: m.Label, State: m.State, All: m.All, Select: m.Select, Follow: m.Follow, Created: m.Created,
 		Waves: m.Waves, MaxFailures: m.MaxFail, Abort: m.Abort, Wave: m.Wave, PauseReason: m.Reason, Tolerated: m.Tolerated,
+		MaxConcurrent: m.MaxConc, Admitted: m.Admitted,
 		Manifest: m.Manifest, ContentKey: m.ContentKey, ImageSize: m.ImageSize,
 		ChunkSize: m.ChunkSize, ChunkCount: m.ChunkCount,
 	}, nil

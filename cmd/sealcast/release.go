@@ -35,6 +35,7 @@ func releaseCommand(e *env) *ffcli.Command {
 	fs.BoolVar(&r.allowJump, "allow-jump", false, fmt.Sprintf("allow a version more than %d above the highest release's (a guard against a mistyped version)", uint64(protocol.MaxVersionJump)))
 	fs.StringVar(&r.waves, "waves", "", "release the keys wave by wave: cumulative percentages or counts separated by commas, e.g. 1%,10%,50% (a last wave takes the rest; PROTOCOL.md 12.5)")
 	fs.StringVar(&r.maxFailures, "max-failures", "", "pause the release by itself when more targets than this fail permanently: a percentage of the devices in open waves, e.g. 5%, or a count")
+	fs.IntVar(&r.maxConcurrent, "max-concurrent", 0, "at no time more than this many targets hold a key they have not installed or failed for good: keys go out as others settle (0: no bound)")
 	fs.BoolVar(&r.abortOnFailure, "abort-on-failure", false, "with -max-failures: cancel the release instead of pausing it")
 	fs.DurationVar(&r.timeout, "wait-timeout", 0, "with -wait: stop waiting after this long, print the devices still pending and exit with status 3 (the release goes on)")
 	fs.BoolVar(&r.wait, "wait", false, "show progress until every target installed or failed; exit non-zero if any failed or the release was cancelled")
@@ -78,6 +79,7 @@ type releaseFlags struct {
 	timeout               time.Duration
 	waves, maxFailures    string
 	abortOnFailure        bool
+	maxConcurrent         int
 	chunkSize             uint
 }
 
@@ -85,7 +87,7 @@ type releaseFlags struct {
 // image.
 func (r *releaseFlags) check() (protocol.ReleaseCreateArgs, *os.File, int64, error) {
 	a := protocol.ReleaseCreateArgs{Version: r.version, All: r.all, ChunkSize: uint32(r.chunkSize), Label: r.label, AllowJump: r.allowJump, Follow: r.follow}
-	a.MaxFailures, a.AbortOnFailure = r.maxFailures, r.abortOnFailure
+	a.MaxFailures, a.AbortOnFailure, a.MaxConcurrent = r.maxFailures, r.abortOnFailure, r.maxConcurrent
 	if r.waves != "" {
 		a.Waves = strings.Split(r.waves, ",")
 	}

@@ -20,25 +20,27 @@ import (
 // NewRelease returns a release with every field PutRelease takes set.
 func NewRelease(id keychain.ReleaseID, created time.Time) *updater.Release {
 	return &updater.Release{
-		ID:          id,
-		Version:     1<<64 - 1,
-		Label:       "spring \"fixes\" ✓",
-		State:       "active",
-		All:         true,
-		Select:      map[string]string{"region": "eu", "hw": ""},
-		Follow:      true,
-		Waves:       []string{"1%", "10", "all"},
-		MaxFailures: "5%",
-		Abort:       true,
-		Wave:        2,
-		PauseReason: "failure_threshold",
-		Tolerated:   3,
-		Created:     created,
-		Manifest:    []byte{0, 1, 0xff, '{'},
-		ContentKey:  bytes.Repeat([]byte{0, 0x80}, 30),
-		ImageSize:   1<<40 + 3,
-		ChunkSize:   1<<32 - 1,
-		ChunkCount:  77,
+		ID:            id,
+		Version:       1<<64 - 1,
+		Label:         "spring \"fixes\" ✓",
+		State:         "active",
+		All:           true,
+		Select:        map[string]string{"region": "eu", "hw": ""},
+		Follow:        true,
+		Waves:         []string{"1%", "10", "all"},
+		MaxFailures:   "5%",
+		Abort:         true,
+		Wave:          2,
+		PauseReason:   "failure_threshold",
+		Tolerated:     3,
+		MaxConcurrent: 500,
+		Admitted:      1234,
+		Created:       created,
+		Manifest:      []byte{0, 1, 0xff, '{'},
+		ContentKey:    bytes.Repeat([]byte{0, 0x80}, 30),
+		ImageSize:     1<<40 + 3,
+		ChunkSize:     1<<32 - 1,
+		ChunkCount:    77,
 	}
 }
 
@@ -64,7 +66,8 @@ func diffRelease(got, want *updater.Release) string {
 		add("All", got.All, want.All)
 	}
 	if !slices.Equal(got.Waves, want.Waves) || got.MaxFailures != want.MaxFailures || got.Abort != want.Abort ||
-		got.Wave != want.Wave || got.PauseReason != want.PauseReason || got.Tolerated != want.Tolerated {
+		got.Wave != want.Wave || got.PauseReason != want.PauseReason || got.Tolerated != want.Tolerated ||
+		got.MaxConcurrent != want.MaxConcurrent || got.Admitted != want.Admitted {
 		add("rollout", fmt.Sprint(got.Waves, got.MaxFailures, got.Abort, got.Wave, got.PauseReason, got.Tolerated),
 			fmt.Sprint(want.Waves, want.MaxFailures, want.Abort, want.Wave, want.PauseReason, want.Tolerated))
 	}
