@@ -35,6 +35,7 @@ const (
 	CmdReleaseResume  = "release.resume"
 	CmdReleaseCancel  = "release.cancel"
 	CmdReleaseRetire  = "release.retire"
+	CmdReleaseApprove = "release.approve"
 	CmdReleaseGet     = "release.get"
 	CmdReleaseList    = "release.list"
 	CmdFleetGet       = "fleet.get"
@@ -111,6 +112,11 @@ type ReleaseCreateArgs struct {
 	// MaxConcurrent bounds the targets holding a published key they have not settled
 	// (12.5); 0: no bound.
 	MaxConcurrent int `json:"max_concurrent,omitempty"`
+	// Soak is how long the open waves must have settled before the next opens (a Go
+	// duration such as "10m"); with Approve, the next wave also waits for
+	// release.approve.
+	Soak    string `json:"soak,omitempty"`
+	Approve bool   `json:"approve,omitempty"`
 }
 
 // MaxVersionJump is how far above the version floor (the highest version of a release
@@ -178,12 +184,16 @@ type ReleaseStatus struct {
 	PauseReason string `json:"pause_reason,omitempty"`
 	// Offered is how many targets have been offered the release so far, with waves or
 	// a concurrency bound (12.5).
-	Offered    int       `json:"offered,omitempty"`
-	ChunkSize  uint32    `json:"chunk_size"`
-	ChunkCount uint32    `json:"chunk_count"`
-	ImageSize  uint64    `json:"image_size"`
-	Created    time.Time `json:"created"`
-	Updated    time.Time `json:"updated"`
+	Offered int `json:"offered,omitempty"`
+	// NextWave says, once the open waves have settled, what the next one waits for:
+	// "soak" until NextWaveAt, or "approval".
+	NextWave   string     `json:"next_wave,omitempty"`
+	NextWaveAt *time.Time `json:"next_wave_at,omitempty"`
+	ChunkSize  uint32     `json:"chunk_size"`
+	ChunkCount uint32     `json:"chunk_count"`
+	ImageSize  uint64     `json:"image_size"`
+	Created    time.Time  `json:"created"`
+	Updated    time.Time  `json:"updated"`
 }
 
 // DeviceStatusState is a device's state as the server sees it, the state of a

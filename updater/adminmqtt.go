@@ -46,6 +46,7 @@ func newMQTTAdmin(svc *Admin, bus Bus, log zerolog.Logger) *mqttAdmin {
 		protocol.CmdReleaseResume:  withRelease(svc.ResumeRelease),
 		protocol.CmdReleaseCancel:  withRelease(svc.CancelRelease),
 		protocol.CmdReleaseRetire:  withRelease(svc.RetireRelease),
+		protocol.CmdReleaseApprove: withRelease(svc.ApproveRelease),
 		protocol.CmdReleaseGet:     withRelease(svc.Release),
 		protocol.CmdReleasePending: withArgs(svc.Pending),
 		protocol.CmdReleaseList: func(ctx context.Context, _ protocol.Request) (any, error) {

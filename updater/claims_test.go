@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -352,4 +353,76 @@ func TestMaxConcurrent(t *testing.T) {
 		st, err := e.u.Admin().Release(ctx, res.Release)
 		return err == nil && st.State == protocol.ReleaseCompleted && st.Installed == n && st.Offered == n
 	})
+}
+
+// testClock is a clock a test moves by hand.
+type testClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *testClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *testClock) Add(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+// TestSoakAndApprove: once a wave has settled, the next waits for its soak time (on the
+// server's clock, moved here by hand) and then for an operator's approval ([SC-12.5]).
+func TestSoakAndApprove(t *testing.T) {
+	clock := &testClock{t: time.Date(2026, 12, 24, 1, 0, 0, 0, time.UTC)}
+	e := startEnv(t, boltOpener, func(o *updater.Options) { o.Now = clock.Now })
+	ctx := context.Background()
+	files := e.provision(4)
+	byS := map[string]protocol.DeviceFile{}
+	serials := make([]string, len(files))
+	for i, f := range files {
+		byS[f.Serial], serials[i] = f, f.Serial
+	}
+	img := randomImage(500)
+	res, err := e.op.Release(ctx, bytes.NewReader(img), int64(len(img)),
+		protocol.ReleaseCreateArgs{Version: 1, All: true, ChunkSize: 1024, Waves: []string{"50%"}, Soak: "10m", Approve: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	order := protocol.RolloutOrder(res.Release, serials)
+	status := func() protocol.ReleaseStatus {
+		st, err := e.u.Admin().Release(ctx, res.Release)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st
+	}
+	for _, s := range order[:2] {
+		d := connectDevice(t, e.b.URL, byS[s])
+		ack, km, _ := d.install()
+		d.ackUntilReceipt(ack, keychain.Key(d.u, km.Seq))
+	}
+	eventually(t, "wave 1 settled, soaking", func() bool { return status().NextWave == "soak" })
+	if st := status(); st.NextWaveAt == nil || !st.NextWaveAt.Equal(clock.Now().Add(10*time.Minute)) {
+		t.Fatalf("next wave at %v, want 10 minutes after %v", st.NextWaveAt, clock.Now())
+	}
+	clock.Add(11 * time.Minute)
+	eventually(t, "soaked, waiting for approval", func() bool { return status().NextWave == "approval" })
+	time.Sleep(2 * rolloutIntervalForTests)
+	if st := status(); st.Wave != 1 {
+		t.Fatalf("wave %d opened without approval", st.Wave)
+	}
+	if len(e.retained(protocol.KeyTopic(order[2]))) != 0 {
+		t.Fatalf("%s, in wave 2, has a key before the approval", order[2])
+	}
+	if err := e.op.Do(ctx, protocol.CmdReleaseApprove, protocol.ReleaseArgs{Release: res.Release}, nil); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "wave 2 opened", func() bool { return status().Wave == 2 })
+	d := connectDevice(t, e.b.URL, byS[order[2]])
+	if _, km, _ := d.install(); km.ID != res.Release {
+		t.Fatalf("a wave 2 device was offered %s", km.ID)
+	}
 }

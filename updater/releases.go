@@ -18,6 +18,7 @@ func (a *releaseAdmin) CreateRelease(ctx context.Context, args protocol.ReleaseC
 	if err := checkCreate(&args); err != nil {
 		return nil, err
 	}
+	soak, _ := time.ParseDuration(args.Soak) // checked
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	up, err := a.uploads.get(args.Upload)
@@ -42,8 +43,8 @@ func (a *releaseAdmin) CreateRelease(ctx context.Context, args protocol.ReleaseC
 	}
 	rel := &Release{ID: id, Version: args.Version, Label: args.Label, State: protocol.ReleasePublishing, All: args.All,
 		Select: args.Select, Follow: args.Follow, Waves: args.Waves, MaxFailures: args.MaxFailures, Abort: args.AbortOnFailure,
-		MaxConcurrent: args.MaxConcurrent,
-		Created:       a.now(), ContentKey: sealed, ChunkSize: args.ChunkSize}
+		MaxConcurrent: args.MaxConcurrent, Approve: args.Approve, Soak: soak,
+		Created: a.now(), ContentKey: sealed, ChunkSize: args.ChunkSize}
 	// The release is recorded as publishing before anything is published, so that a
 	// crash half way leaves a release that the restart cancels, not orphan topics.
 	if err := a.store.PutRelease(ctx, rel); err != nil {
@@ -112,6 +113,14 @@ func checkCreate(a *protocol.ReleaseCreateArgs) error {
 	}
 	if _, err := protocol.FailureLimit(a.MaxFailures, 100); err != nil {
 		return err
+	}
+	if a.Soak != "" {
+		if d, err := time.ParseDuration(a.Soak); err != nil || d < 0 {
+			return protocol.Errorf(protocol.ErrBadRequest, "soak %q: give a duration such as 10m", a.Soak)
+		}
+	}
+	if (a.Soak != "" || a.Approve) && len(a.Waves) == 0 {
+		return protocol.Errorf(protocol.ErrBadRequest, "soak and approve hold back the next wave: give waves")
 	}
 	if a.AbortOnFailure && a.MaxFailures == "" {
 		return protocol.Errorf(protocol.ErrBadRequest, "abort_on_failure needs max_failures")
@@ -266,6 +275,25 @@ func (a *releaseAdmin) CancelRelease(ctx context.Context, id keychain.ReleaseID)
 // floor: one that installed the retired release refuses a lower version.
 func (a *releaseAdmin) RetireRelease(ctx context.Context, id keychain.ReleaseID) (protocol.ReleaseStatus, error) {
 	return a.setState(ctx, id, protocol.ReleaseRetired, protocol.CmdReleaseRetire)
+}
+
+// ApproveRelease lets the next wave of a release with approve open once the open waves
+// have settled and soaked (release.approve).
+func (a *releaseAdmin) ApproveRelease(ctx context.Context, id keychain.ReleaseID) (protocol.ReleaseStatus, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	r := a.runs.get(id)
+	if r == nil || r.sizes == nil || !r.release().Approve {
+		return protocol.ReleaseStatus{}, protocol.Errorf(protocol.ErrConflict, "release %s is not a release in progress whose waves wait for approval", id)
+	}
+	w := int(r.wave.Load())
+	rel, err := a.life.edit(ctx, id, func(rel *Release) { rel.Approved = max(rel.Approved, w+1) })
+	if err != nil {
+		return protocol.ReleaseStatus{}, unavailable(err)
+	}
+	a.log.Info().Str("release", id.String()).Int("wave", w+2).Msg("next wave approved")
+	a.status.releaseChanged(id)
+	return a.status.releaseStatus(ctx, rel), nil
 }
 
 // setState moves a release to state to, for the command cmd, and starts, stops or
@@ -487,6 +515,16 @@ func (a *releaseAdmin) stepRollout(ctx context.Context, r *run, rel *Release) er
 	if settled < admitted || w+1 >= len(r.sizes) {
 		return nil
 	}
+	// The open waves have settled: the next waits for its soak time and approval.
+	if (rel.Soak > 0 || rel.Approve) && rel.SettledAt.IsZero() {
+		now := a.now()
+		_, err := a.life.edit(ctx, rel.ID, func(rel *Release) { rel.SettledAt = now })
+		a.status.releaseChanged(rel.ID)
+		return err
+	}
+	if a.now().Before(rel.SettledAt.Add(rel.Soak)) || rel.Approve && rel.Approved <= w {
+		return nil
+	}
 	next := r.sizes[w+1]
 	if r.cap > 0 {
 		next = min(next, settled+r.cap)
@@ -503,7 +541,7 @@ func (a *releaseAdmin) stepRollout(ctx context.Context, r *run, rel *Release) er
 // wraps the keys of the devices newly offered.
 func (a *releaseAdmin) offer(ctx context.Context, r *run, w, n int) error {
 	from := r.open()
-	if _, err := a.life.edit(ctx, r.release().ID, func(rel *Release) { rel.Wave, rel.Admitted = w, n }); err != nil {
+	if _, err := a.life.edit(ctx, r.release().ID, func(rel *Release) { rel.Wave, rel.Admitted, rel.SettledAt = w, n, time.Time{} }); err != nil {
 		return err
 	}
 	a.place.halt(r)

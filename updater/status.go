@@ -129,6 +129,13 @@ func (s *statusPublisher) releaseStatus(ctx context.Context, rel *Release) proto
 			if len(rel.Waves) > 0 {
 				st.Wave, st.Waves = w+1, len(sizes)
 			}
+			if !rel.SettledAt.IsZero() && w+1 < len(sizes) {
+				if at := rel.SettledAt.Add(rel.Soak); s.now().Before(at) {
+					st.NextWave, st.NextWaveAt = "soak", &at
+				} else if rel.Approve && rel.Approved <= w {
+					st.NextWave = "approval"
+				}
+			}
 		}
 	}
 	if rel.State == protocol.ReleasePaused || rel.State == protocol.ReleaseCancelled {

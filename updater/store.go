@@ -174,8 +174,14 @@ type Release struct {
 	// how many targets, in rollout order, have been offered the release under it.
 	MaxConcurrent int
 	Admitted      int
-	Created       time.Time
-	Manifest      []byte // the signed manifest
+	// Soak and Approve hold the next wave back; SettledAt is when the open waves
+	// settled (zero while they have not), Approved how many waves an operator approved.
+	Soak      time.Duration
+	Approve   bool
+	SettledAt time.Time
+	Approved  int
+	Created   time.Time
+	Manifest  []byte // the signed manifest
 	// ContentKey is the content key sealed under the root secret (SealContentKey).
 	ContentKey []byte
 	ImageSize  uint64
@@ -205,6 +211,10 @@ type releaseMeta struct {
 	Tolerated  int                   `json:"tolerated,omitempty"`
 	MaxConc    int                   `json:"max_concurrent,omitempty"`
 	Admitted   int                   `json:"admitted,omitempty"`
+	Soak       time.Duration         `json:"soak,omitempty"`
+	Approve    bool                  `json:"approve,omitempty"`
+	SettledAt  time.Time             `json:"settled_at,omitzero"`
+	Approved   int                   `json:"approved,omitempty"`
 	Created    time.Time             `json:"created"`
 	Manifest   []byte                `json:"manifest,omitempty"`
 	ContentKey []byte                `json:"content_key,omitempty"`
@@ -218,7 +228,7 @@ func MarshalReleaseMeta(r *Release) ([]byte, error) {
 	return json.Marshal(releaseMeta{
 		Version: r.Version, Label: r.Label, State: r.State, All: r.All, Select: r.Select, Follow: r.Follow, Created: r.Created.UTC(),
 		Waves: r.Waves, MaxFail: r.MaxFailures, Abort: r.Abort, Wave: r.Wave, Reason: r.PauseReason, Tolerated: r.Tolerated,
-		MaxConc: r.MaxConcurrent, Admitted: r.Admitted,
+		MaxConc: r.MaxConcurrent, Admitted: r.Admitted, Soak: r.Soak, Approve: r.Approve, SettledAt: r.SettledAt.UTC(), Approved: r.Approved,
 		Manifest: r.Manifest, ContentKey: r.ContentKey, ImageSize: r.ImageSize,
 		ChunkSize: r.ChunkSize, ChunkCount: r.ChunkCount,
 	})
@@ -234,7 +244,7 @@ func UnmarshalReleaseMeta(id keychain.ReleaseID, b []byte) (*Release, error) {
 	return &Release{
 		ID: id, Version: m.Version, Label: m.Label, State: m.State, All: m.All, Select: m.Select, Follow: m.Follow, Created: m.Created,
 		Waves: m.Waves, MaxFailures: m.MaxFail, Abort: m.Abort, Wave: m.Wave, PauseReason: m.Reason, Tolerated: m.Tolerated,
-		MaxConcurrent: m.MaxConc, Admitted: m.Admitted,
+		MaxConcurrent: m.MaxConc, Admitted: m.Admitted, Soak: m.Soak, Approve: m.Approve, SettledAt: m.SettledAt, Approved: m.Approved,
 		Manifest: m.Manifest, ContentKey: m.ContentKey, ImageSize: m.ImageSize,
 		ChunkSize: m.ChunkSize, ChunkCount: m.ChunkCount,
 	}, nil

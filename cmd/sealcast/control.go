@@ -9,17 +9,19 @@ import (
 	"github.com/sealcast/sealcast/protocol"
 )
 
-// controlCommand is pause, resume, cancel or retire: one admin request on one release.
+// controlCommand is pause, resume, cancel, retire or approve: one admin request on one
+// release.
 func controlCommand(e *env, verb string) *ffcli.Command {
 	fs := newFlags(verb, e)
 	var cf clientFlags
 	cf.register(fs)
 	asJSON := fs.Bool("json", false, "print the release's new status as JSON")
 	cmd, help := map[string]string{
-		"pause":  protocol.CmdReleasePause,
-		"resume": protocol.CmdReleaseResume,
-		"cancel": protocol.CmdReleaseCancel,
-		"retire": protocol.CmdReleaseRetire,
+		"pause":   protocol.CmdReleasePause,
+		"resume":  protocol.CmdReleaseResume,
+		"cancel":  protocol.CmdReleaseCancel,
+		"retire":  protocol.CmdReleaseRetire,
+		"approve": protocol.CmdReleaseApprove,
 	}[verb], map[string]string{
 		"pause": `Pauses an active release: no more keys are wrapped for devices not yet wrapped. Keys
 already published stay, so devices that have one may still install.`,
@@ -31,6 +33,8 @@ installed it keep it. A cancelled release's version may be released again.`,
 versions of later releases (a release created with a mistyped version, cancel it first
 if it is active). Devices keep their own floor: a device that installed the retired
 release refuses any lower version.`,
+		"approve": `Approves the next wave of a release created with -waves and -approve: it opens once
+the open waves have settled (and soaked, with -soak).`,
 	}[verb]
 	return &ffcli.Command{
 		Name:       verb,

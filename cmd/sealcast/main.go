@@ -111,7 +111,7 @@ Every flag has an environment twin: -redis is SEALCAST_REDIS, and so on.`),
 		Subcommands: []*ffcli.Command{
 			serveCommand(e), demoCommand(e),
 			provisionCommand(e), deprovisionCommand(e), tagCommand(e), releaseCommand(e), statusCommand(e), devicesCommand(e), watchCommand(e),
-			controlCommand(e, "pause"), controlCommand(e, "resume"), controlCommand(e, "cancel"), controlCommand(e, "retire"),
+			controlCommand(e, "pause"), controlCommand(e, "resume"), controlCommand(e, "cancel"), controlCommand(e, "retire"), controlCommand(e, "approve"),
 			deviceCommand(e), keysCommand(e), simulateCommand(e), healthcheckCommand(e),
 		},
 		Exec: func(_ context.Context, args []string) error {

@@ -35,6 +35,8 @@ func releaseCommand(e *env) *ffcli.Command {
 	fs.BoolVar(&r.allowJump, "allow-jump", false, fmt.Sprintf("allow a version more than %d above the highest release's (a guard against a mistyped version)", uint64(protocol.MaxVersionJump)))
 	fs.StringVar(&r.waves, "waves", "", "release the keys wave by wave: cumulative percentages or counts separated by commas, e.g. 1%,10%,50% (a last wave takes the rest; PROTOCOL.md 12.5)")
 	fs.StringVar(&r.maxFailures, "max-failures", "", "pause the release by itself when more targets than this fail permanently: a percentage of the devices in open waves, e.g. 5%, or a count")
+	fs.DurationVar(&r.soak, "soak", 0, "with -waves: how long the open waves must have settled before the next opens")
+	fs.BoolVar(&r.approve, "approve", false, "with -waves: each next wave also waits for sealcast approve RELEASE")
 	fs.IntVar(&r.maxConcurrent, "max-concurrent", 0, "at no time more than this many targets hold a key they have not installed or failed for good: keys go out as others settle (0: no bound)")
 	fs.BoolVar(&r.abortOnFailure, "abort-on-failure", false, "with -max-failures: cancel the release instead of pausing it")
 	fs.DurationVar(&r.timeout, "wait-timeout", 0, "with -wait: stop waiting after this long, print the devices still pending and exit with status 3 (the release goes on)")
@@ -80,6 +82,8 @@ type releaseFlags struct {
 	waves, maxFailures    string
 	abortOnFailure        bool
 	maxConcurrent         int
+	soak                  time.Duration
+	approve               bool
 	chunkSize             uint
 }
 
@@ -87,7 +91,10 @@ type releaseFlags struct {
 // image.
 func (r *releaseFlags) check() (protocol.ReleaseCreateArgs, *os.File, int64, error) {
 	a := protocol.ReleaseCreateArgs{Version: r.version, All: r.all, ChunkSize: uint32(r.chunkSize), Label: r.label, AllowJump: r.allowJump, Follow: r.follow}
-	a.MaxFailures, a.AbortOnFailure, a.MaxConcurrent = r.maxFailures, r.abortOnFailure, r.maxConcurrent
+	a.MaxFailures, a.AbortOnFailure, a.MaxConcurrent, a.Approve = r.maxFailures, r.abortOnFailure, r.maxConcurrent, r.approve
+	if r.soak > 0 {
+		a.Soak = r.soak.String()
+	}
 	if r.waves != "" {
 		a.Waves = strings.Split(r.waves, ",")
 	}
