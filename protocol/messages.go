@@ -117,6 +117,9 @@ type ReleaseCreateArgs struct {
 	// release.approve.
 	Soak    string `json:"soak,omitempty"`
 	Approve bool   `json:"approve,omitempty"`
+	// StartAt and Window hold every key back until StartAt and outside Window (12.6).
+	StartAt *time.Time `json:"start_at,omitempty"`
+	Window  string     `json:"window,omitempty"`
 }
 
 // MaxVersionJump is how far above the version floor (the highest version of a release

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/sealcast/sealcast/keychain"
 )
@@ -267,4 +268,44 @@ func TestWaveSizes(t *testing.T) {
 func sha256Of(id keychain.ReleaseID, s string) []byte {
 	h := sha256.Sum256(append(id[:], s...))
 	return h[:]
+}
+
+func TestWindow(t *testing.T) {
+	w, err := ParseWindow("Mon-Fri 01:00-05:00 Europe/Berlin")
+	if err != nil {
+		t.Fatal(err)
+	}
+	berlin, _ := time.LoadLocation("Europe/Berlin")
+	for at, want := range map[string]bool{
+		"2026-12-24 01:00": true,  // Thursday
+		"2026-12-24 04:59": true,  //
+		"2026-12-24 05:00": false, // the end is not in it
+		"2026-12-24 00:59": false,
+		"2026-12-26 02:00": false, // Saturday
+	} {
+		tm, _ := time.ParseInLocation("2006-01-02 15:04", at, berlin)
+		if got := w.Contains(tm.UTC()); got != want {
+			t.Errorf("%s Berlin: %v, want %v", at, got, want)
+		}
+	}
+	night, err := ParseWindow("Fri,Sun 22:00-02:00")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for at, want := range map[string]bool{
+		"2026-12-25 23:00": true,  // Friday night
+		"2026-12-26 01:59": true,  // Saturday morning, still Friday's window
+		"2026-12-26 23:00": false, // Saturday night
+		"2026-12-28 01:00": true,  // Monday morning, Sunday's window
+	} {
+		tm, _ := time.Parse("2006-01-02 15:04", at)
+		if got := night.Contains(tm); got != want {
+			t.Errorf("%s UTC: %v, want %v", at, got, want)
+		}
+	}
+	for _, bad := range []string{"", "Mon", "Funday 01:00-02:00", "Mon 1-2", "Mon 01:00-02:00 Mars/Olympus", "* 25:00-26:00"} {
+		if _, err := ParseWindow(bad); CodeOf(err) != ErrBadRequest {
+			t.Errorf("ParseWindow(%q): %v, want bad_request", bad, err)
+		}
+	}
 }

@@ -426,3 +426,49 @@ func TestSoakAndApprove(t *testing.T) {
 		t.Fatalf("a wave 2 device was offered %s", km.ID)
 	}
 }
+
+// TestStartAtAndWindow: no key goes out before start_at or outside the window; at the
+// window's end no new key goes out, and the next window goes on ([SC-12.6]). The
+// server's clock is moved by hand.
+func TestStartAtAndWindow(t *testing.T) {
+	clock := &testClock{t: time.Date(2026, 12, 24, 6, 0, 0, 0, time.UTC)} // a Thursday
+	e := startEnv(t, boltOpener, func(o *updater.Options) { o.Now = clock.Now })
+	ctx := context.Background()
+	files := e.provision(3)
+	img := randomImage(500)
+	start := clock.Now().Add(time.Hour)
+	res, err := e.op.Release(ctx, bytes.NewReader(img), int64(len(img)), protocol.ReleaseCreateArgs{
+		Version: 1, All: true, ChunkSize: 1024, MaxConcurrent: 1, StartAt: &start, Window: "Thu-Fri 06:30-09:00 UTC"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys := func() (n int, holder protocol.DeviceFile) {
+		for _, f := range files {
+			if len(e.retained(protocol.KeyTopic(f.Serial))) > 0 {
+				n, holder = n+1, f
+			}
+		}
+		return n, holder
+	}
+	time.Sleep(2 * rolloutIntervalForTests)
+	if n, _ := keys(); n != 0 {
+		t.Fatalf("%d keys out before start_at, inside the window", n)
+	}
+	clock.Add(65 * time.Minute) // 07:05: started, in the window
+	eventually(t, "the first key out", func() bool { n, _ := keys(); return n == 1 })
+	_, f := keys()
+	d := connectDevice(t, e.b.URL, f)
+	ack, km, _ := d.install()
+	clock.Add(2 * time.Hour) // 09:05: the window closed
+	time.Sleep(2 * rolloutIntervalForTests)
+	d.ackUntilReceipt(ack, keychain.Key(d.u, km.Seq))
+	time.Sleep(2 * rolloutIntervalForTests)
+	if n, _ := keys(); n != 0 { // the first device's key topic is cleared after its ack
+		t.Fatalf("%d keys out after the window closed", n)
+	}
+	clock.Add(22 * time.Hour) // Friday 07:05
+	eventually(t, "the next key out in the next window", func() bool { n, _ := keys(); return n == 1 })
+	if st, err := e.u.Admin().Release(ctx, res.Release); err != nil || st.Installed != 1 || st.Offered != 2 {
+		t.Fatalf("status %+v, %v; want 1 installed, 2 offered", st, err)
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/sealcast/sealcast/keychain"
 	"github.com/sealcast/sealcast/protocol"
@@ -33,6 +34,11 @@ type run struct {
 	// may have their key now (never more than the open waves hold).
 	cap     int
 	offered atomic.Int32
+	// gate, if set, holds every key back until a start time and outside a window;
+	// gateOpen is whether the admin service last found it open (it owns the field).
+	gate     *gate
+	gateOpen bool
+
 	// fanFrom is where in sorted the next fan-out starts: the first device of the wave
 	// just opened. Set by the admin service before it starts a fan-out.
 	fanFrom int
@@ -78,8 +84,28 @@ func newRun(k *keys, rel *Release, targets []string) (*run, error) {
 			r.offered.Store(int32(offered(rel, r.sizes[r.wave.Load()])))
 		}
 	}
+	if !rel.StartAt.IsZero() || rel.Window != "" {
+		r.gate = &gate{start: rel.StartAt}
+		if rel.Window != "" {
+			if r.gate.window, err = protocol.ParseWindow(rel.Window); err != nil {
+				return nil, fmt.Errorf("updater: release %s: %w", rel.ID, err)
+			}
+		}
+	}
 	r.paused.Store(rel.State == protocol.ReleasePaused)
 	return r, nil
+}
+
+// gate holds a release's keys back until a start time and outside a weekly window
+// (PROTOCOL.md 12.6).
+type gate struct {
+	start  time.Time
+	window *protocol.Window
+}
+
+// open reports whether keys may go out at t. A nil gate is always open.
+func (g *gate) open(t time.Time) bool {
+	return g == nil || !t.Before(g.start) && (g.window == nil || g.window.Contains(t))
 }
 
 // open is how many devices, from the start of sorted, may be offered the release now:
@@ -109,13 +135,14 @@ func (r *run) admitted(serial string) bool {
 type registry struct {
 	store Store
 	keys  *keys
+	now   func() time.Time // the clock of release gates
 
 	mu   sync.Mutex
 	runs map[keychain.ReleaseID]*run
 }
 
-func newRegistry(store Store, k *keys) *registry {
-	return &registry{store: store, keys: k, runs: map[keychain.ReleaseID]*run{}}
+func newRegistry(store Store, k *keys, now func() time.Time) *registry {
+	return &registry{store: store, keys: k, now: now, runs: map[keychain.ReleaseID]*run{}}
 }
 
 func (g *registry) get(id keychain.ReleaseID) *run {
@@ -201,8 +228,12 @@ func (g *registry) pendingFor(d *Device) *run {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	var best *run
+	now := g.now()
 	for _, r := range g.runs {
 		rel := r.release()
+		if !r.gate.open(now) {
+			continue
+		}
 		if r.paused.Load() || rel.State != protocol.ReleaseActive || rel.Version <= d.Version {
 			continue
 		}

@@ -19,6 +19,10 @@ func (a *releaseAdmin) CreateRelease(ctx context.Context, args protocol.ReleaseC
 		return nil, err
 	}
 	soak, _ := time.ParseDuration(args.Soak) // checked
+	var startAt time.Time
+	if args.StartAt != nil {
+		startAt = *args.StartAt
+	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	up, err := a.uploads.get(args.Upload)
@@ -43,7 +47,7 @@ func (a *releaseAdmin) CreateRelease(ctx context.Context, args protocol.ReleaseC
 	}
 	rel := &Release{ID: id, Version: args.Version, Label: args.Label, State: protocol.ReleasePublishing, All: args.All,
 		Select: args.Select, Follow: args.Follow, Waves: args.Waves, MaxFailures: args.MaxFailures, Abort: args.AbortOnFailure,
-		MaxConcurrent: args.MaxConcurrent, Approve: args.Approve, Soak: soak,
+		MaxConcurrent: args.MaxConcurrent, Approve: args.Approve, Soak: soak, Window: args.Window, StartAt: startAt,
 		Created: a.now(), ContentKey: sealed, ChunkSize: args.ChunkSize}
 	// The release is recorded as publishing before anything is published, so that a
 	// crash half way leaves a release that the restart cancels, not orphan topics.
@@ -74,7 +78,7 @@ func (a *releaseAdmin) CreateRelease(ctx context.Context, args protocol.ReleaseC
 	a.log.Info().Str("release", id.String()).Uint64("version", args.Version).Int("targets", len(targets)).Uint32("chunks", m.ChunkCount).Msg("release created")
 	// The image is published; its upload would otherwise hold a copy on disk for a day.
 	a.uploads.remove(args.Upload)
-	a.place.start(r)
+	a.startIfOpen(r)
 	return &protocol.ReleaseCreateResult{Release: id, Targets: len(targets)}, nil
 }
 
@@ -113,6 +117,11 @@ func checkCreate(a *protocol.ReleaseCreateArgs) error {
 	}
 	if _, err := protocol.FailureLimit(a.MaxFailures, 100); err != nil {
 		return err
+	}
+	if a.Window != "" {
+		if _, err := protocol.ParseWindow(a.Window); err != nil {
+			return err
+		}
 	}
 	if a.Soak != "" {
 		if d, err := time.ParseDuration(a.Soak); err != nil || d < 0 {
@@ -349,7 +358,7 @@ func (a *releaseAdmin) setState(ctx context.Context, id keychain.ReleaseID, to p
 	case protocol.ReleaseActive:
 		r.paused.Store(false)
 		r.fanFrom = 0
-		a.place.start(r)
+		a.startIfOpen(r)
 	case protocol.ReleaseCancelled:
 		a.runs.remove(id)
 		if err := a.place.withdraw(ctx, id); err != nil {
@@ -454,9 +463,34 @@ func (a *releaseAdmin) resume(ctx context.Context) {
 		// The last process may have recorded the last results and died before it
 		// noticed that the release is complete: the status publisher looks again.
 		if !r.paused.Load() {
-			a.place.start(r)
+			a.startIfOpen(r)
 		}
 	}
+}
+
+// startIfOpen starts the release's fan-out if its gate lets keys out now (12.6); the
+// rollout loop starts it when the gate opens, and stops it when it closes.
+func (a *releaseAdmin) startIfOpen(r *run) {
+	if r.gateOpen = r.gate.open(a.now()); r.gateOpen {
+		a.place.start(r)
+	}
+}
+
+// stepGate starts or stops a release's fan-out as its gate opens or closes, and reports
+// whether it is open.
+func (a *releaseAdmin) stepGate(r *run) bool {
+	open := r.gate.open(a.now())
+	switch {
+	case open && !r.gateOpen:
+		r.fanFrom = 0
+		a.place.start(r)
+		a.log.Info().Str("release", r.release().ID.String()).Msg("release window opened: keys go out")
+	case !open && r.gateOpen:
+		a.place.halt(r)
+		a.log.Info().Str("release", r.release().ID.String()).Msg("release window closed: no new key goes out")
+	}
+	r.gateOpen = open
+	return open
 }
 
 // rolloutInterval is how often the waves of releases in progress are looked at.
@@ -484,7 +518,10 @@ func (a *releaseAdmin) stepRollouts(ctx context.Context) {
 	defer a.mu.Unlock()
 	for _, r := range a.runs.all() {
 		rel := r.release()
-		if r.sizes == nil || rel.State != protocol.ReleaseActive || r.paused.Load() {
+		if r.sizes == nil && r.gate == nil || rel.State != protocol.ReleaseActive || r.paused.Load() {
+			continue
+		}
+		if r.gate != nil && !a.stepGate(r) || r.sizes == nil {
 			continue
 		}
 		if err := a.stepRollout(ctx, r, rel); err != nil && ctx.Err() == nil {

@@ -138,7 +138,7 @@ func New(o Options) (*Updater, error) {
 			return nil, err
 		}
 	}
-	u.runs = newRegistry(o.Store, u.keys)
+	u.runs = newRegistry(o.Store, u.keys, o.Now)
 	u.life = &lifecycle{store: o.Store, runs: u.runs}
 	u.status = newStatusPublisher(o.Store, o.Bus, u.runs, u.life, u.log, o.Now)
 	u.place = (&placer{

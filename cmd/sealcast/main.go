@@ -17,6 +17,7 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	_ "time/tzdata" // release windows name time zones; the distroless image has no zoneinfo
 
 	"github.com/mattn/go-isatty"
 	"github.com/peterbourgon/ff/v3"

@@ -37,6 +37,8 @@ func releaseCommand(e *env) *ffcli.Command {
 	fs.StringVar(&r.maxFailures, "max-failures", "", "pause the release by itself when more targets than this fail permanently: a percentage of the devices in open waves, e.g. 5%, or a count")
 	fs.DurationVar(&r.soak, "soak", 0, "with -waves: how long the open waves must have settled before the next opens")
 	fs.BoolVar(&r.approve, "approve", false, "with -waves: each next wave also waits for sealcast approve RELEASE")
+	fs.StringVar(&r.startAt, "start-at", "", "publish no key before this time (RFC 3339, e.g. 2026-12-24T02:00:00Z)")
+	fs.StringVar(&r.window, "window", "", "publish keys only inside this weekly window: DAYS HH:MM-HH:MM [ZONE], e.g. 'Mon-Fri 01:00-05:00 Europe/Berlin' (PROTOCOL.md 12.6)")
 	fs.IntVar(&r.maxConcurrent, "max-concurrent", 0, "at no time more than this many targets hold a key they have not installed or failed for good: keys go out as others settle (0: no bound)")
 	fs.BoolVar(&r.abortOnFailure, "abort-on-failure", false, "with -max-failures: cancel the release instead of pausing it")
 	fs.DurationVar(&r.timeout, "wait-timeout", 0, "with -wait: stop waiting after this long, print the devices still pending and exit with status 3 (the release goes on)")
@@ -84,6 +86,7 @@ type releaseFlags struct {
 	maxConcurrent         int
 	soak                  time.Duration
 	approve               bool
+	startAt, window       string
 	chunkSize             uint
 }
 
@@ -94,6 +97,19 @@ func (r *releaseFlags) check() (protocol.ReleaseCreateArgs, *os.File, int64, err
 	a.MaxFailures, a.AbortOnFailure, a.MaxConcurrent, a.Approve = r.maxFailures, r.abortOnFailure, r.maxConcurrent, r.approve
 	if r.soak > 0 {
 		a.Soak = r.soak.String()
+	}
+	a.Window = r.window
+	if r.startAt != "" {
+		t, err := time.Parse(time.RFC3339, r.startAt)
+		if err != nil {
+			return a, nil, 0, fmt.Errorf("-start-at %q: give a time such as 2026-12-24T02:00:00Z", r.startAt)
+		}
+		a.StartAt = &t
+	}
+	if r.window != "" {
+		if _, err := protocol.ParseWindow(r.window); err != nil {
+			return a, nil, 0, fmt.Errorf("-window: %w", err)
+		}
 	}
 	if r.waves != "" {
 		a.Waves = strings.Split(r.waves, ",")

@@ -34,6 +34,12 @@ func NewRelease(id keychain.ReleaseID, created time.Time) *updater.Release {
 		PauseReason:   "failure_threshold",
 		Tolerated:     3,
 		MaxConcurrent: 500,
+		Soak:          90 * time.Second,
+		Approve:       true,
+		SettledAt:     created.Add(time.Hour),
+		Approved:      1,
+		StartAt:       created.Add(2 * time.Hour),
+		Window:        "Mon-Fri 01:00-05:00 Europe/Berlin",
 		Admitted:      1234,
 		Created:       created,
 		Manifest:      []byte{0, 1, 0xff, '{'},
@@ -67,7 +73,9 @@ func diffRelease(got, want *updater.Release) string {
 	}
 	if !slices.Equal(got.Waves, want.Waves) || got.MaxFailures != want.MaxFailures || got.Abort != want.Abort ||
 		got.Wave != want.Wave || got.PauseReason != want.PauseReason || got.Tolerated != want.Tolerated ||
-		got.MaxConcurrent != want.MaxConcurrent || got.Admitted != want.Admitted {
+		got.MaxConcurrent != want.MaxConcurrent || got.Admitted != want.Admitted || got.Soak != want.Soak ||
+		got.Approve != want.Approve || !sameTime(got.SettledAt, want.SettledAt) || got.Approved != want.Approved ||
+		!sameTime(got.StartAt, want.StartAt) || got.Window != want.Window {
 		add("rollout", fmt.Sprint(got.Waves, got.MaxFailures, got.Abort, got.Wave, got.PauseReason, got.Tolerated),
 			fmt.Sprint(want.Waves, want.MaxFailures, want.Abort, want.Wave, want.PauseReason, want.Tolerated))
 	}
