@@ -120,6 +120,9 @@ type ReleaseCreateArgs struct {
 	// StartAt and Window hold every key back until StartAt and outside Window (12.6).
 	StartAt *time.Time `json:"start_at,omitempty"`
 	Window  string     `json:"window,omitempty"`
+	// DeviceTimeout counts a target that got its key and has not settled within it as
+	// timed out (12.5): a duration such as "30m".
+	DeviceTimeout string `json:"device_timeout,omitempty"`
 }
 
 // MaxVersionJump is how far above the version floor (the highest version of a release
@@ -188,6 +191,8 @@ type ReleaseStatus struct {
 	// Offered is how many targets have been offered the release so far, with waves or
 	// a concurrency bound (12.5).
 	Offered int `json:"offered,omitempty"`
+	// TimedOut is how many offered targets have not settled within the device timeout.
+	TimedOut int `json:"timed_out,omitempty"`
 	// NextWave says, once the open waves have settled, what the next one waits for:
 	// "soak" until NextWaveAt, or "approval".
 	NextWave   string     `json:"next_wave,omitempty"`

@@ -472,3 +472,48 @@ func TestStartAtAndWindow(t *testing.T) {
 		t.Fatalf("status %+v, %v; want 1 installed, 2 offered", st, err)
 	}
 }
+
+// TestDeviceTimeout: a target that got its key and has not settled within the device
+// timeout counts as timed out, toward the wave and the threshold, and its late install is
+// still accepted ([SC-12.5]).
+func TestDeviceTimeout(t *testing.T) {
+	clock := &testClock{t: time.Date(2026, 12, 24, 1, 0, 0, 0, time.UTC)}
+	e := startEnv(t, boltOpener, func(o *updater.Options) { o.Now = clock.Now })
+	ctx := context.Background()
+	files := e.provision(4)
+	byS := map[string]protocol.DeviceFile{}
+	serials := make([]string, len(files))
+	for i, f := range files {
+		byS[f.Serial], serials[i] = f, f.Serial
+	}
+	img := randomImage(500)
+	res, err := e.op.Release(ctx, bytes.NewReader(img), int64(len(img)), protocol.ReleaseCreateArgs{
+		Version: 1, All: true, ChunkSize: 1024, Waves: []string{"50%"}, MaxFailures: "1", DeviceTimeout: "10m"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	order := protocol.RolloutOrder(res.Release, serials)
+	status := func() protocol.ReleaseStatus {
+		st, err := e.u.Admin().Release(ctx, res.Release)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st
+	}
+	a := connectDevice(t, e.b.URL, byS[order[0]])
+	ack, km, _ := a.install()
+	a.ackUntilReceipt(ack, keychain.Key(a.u, km.Seq))
+	late := connectDevice(t, e.b.URL, byS[order[1]])
+	lateAck, lateKM, _ := late.install() // installs, but does not ack yet
+	time.Sleep(2 * rolloutIntervalForTests)
+	if st := status(); st.Wave != 1 || st.TimedOut != 0 {
+		t.Fatalf("before the timeout: wave %d, %d timed out", st.Wave, st.TimedOut)
+	}
+	clock.Add(11 * time.Minute)
+	eventually(t, "the silent device timed out and wave 2 opened", func() bool {
+		st := status()
+		return st.TimedOut == 1 && st.Wave == 2 && st.State == protocol.ReleaseActive
+	})
+	late.ackUntilReceipt(lateAck, keychain.Key(late.u, lateKM.Seq))
+	eventually(t, "the late install accepted", func() bool { st := status(); return st.Installed == 2 && st.TimedOut == 0 })
+}

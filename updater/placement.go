@@ -217,6 +217,9 @@ func (p *placer) assignAndPublish(ctx context.Context, as []Assignment, msgs []p
 			if r := p.runs.get(as[i].ID); r != nil {
 				r.wrapped.Add(1)
 				p.status.releaseChanged(as[i].ID)
+				if r.offeredAt != nil {
+					p.runs.markOffered(as[i].ID, []string{as[i].Serial})
+				}
 			}
 		}
 	}

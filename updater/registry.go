@@ -34,6 +34,12 @@ type run struct {
 	// may have their key now (never more than the open waves hold).
 	cap     int
 	offered atomic.Int32
+	// With a device timeout: when each target was first offered its key (guarded by the
+	// registry's lock; after a restart the clocks start again), and how many offered
+	// targets the rollout loop last found timed out.
+	offeredAt map[string]time.Time
+	timedOut  atomic.Int32
+
 	// gate, if set, holds every key back until a start time and outside a window;
 	// gateOpen is whether the admin service last found it open (it owns the field).
 	gate     *gate
@@ -70,7 +76,7 @@ func newRun(k *keys, rel *Release, targets []string) (*run, error) {
 	if !slices.IsSorted(targets) || len(r.targets) != len(targets) {
 		r.sorted = slices.Sorted(maps.Keys(r.targets))
 	}
-	if len(rel.Waves) > 0 || rel.MaxConcurrent > 0 {
+	if len(rel.Waves) > 0 || rel.MaxConcurrent > 0 || rel.MaxFailures != "" || rel.DeviceTimeout > 0 {
 		if r.sizes, err = protocol.WaveSizes(rel.Waves, len(r.sorted)); err != nil {
 			return nil, fmt.Errorf("updater: release %s: %w", rel.ID, err)
 		}
@@ -83,6 +89,9 @@ func newRun(k *keys, rel *Release, targets []string) (*run, error) {
 		if r.cap = rel.MaxConcurrent; r.cap > 0 {
 			r.offered.Store(int32(offered(rel, r.sizes[r.wave.Load()])))
 		}
+	}
+	if rel.DeviceTimeout > 0 {
+		r.offeredAt = map[string]time.Time{}
 	}
 	if !rel.StartAt.IsZero() || rel.Window != "" {
 		r.gate = &gate{start: rel.StartAt}
@@ -205,6 +214,35 @@ func (g *registry) addTargets(id keychain.ReleaseID, serials []string) {
 			r.targets[s] = struct{}{}
 		}
 	}
+}
+
+// markOffered notes when the targets of release id in serials were first offered its key,
+// for its device timeout.
+func (g *registry) markOffered(id keychain.ReleaseID, serials []string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	r := g.runs[id]
+	if r == nil || r.offeredAt == nil {
+		return
+	}
+	now := g.now()
+	for _, s := range serials {
+		if _, ok := r.offeredAt[s]; !ok {
+			r.offeredAt[s] = now
+		}
+	}
+}
+
+// offeredSince returns when serial was first offered release id's key.
+func (g *registry) offeredSince(id keychain.ReleaseID, serial string) (time.Time, bool) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	r := g.runs[id]
+	if r == nil || r.offeredAt == nil {
+		return time.Time{}, false
+	}
+	t, ok := r.offeredAt[serial]
+	return t, ok
 }
 
 // removeTarget takes serial out of the targets of every held release and returns the ids

@@ -18,7 +18,8 @@ func (a *releaseAdmin) CreateRelease(ctx context.Context, args protocol.ReleaseC
 	if err := checkCreate(&args); err != nil {
 		return nil, err
 	}
-	soak, _ := time.ParseDuration(args.Soak) // checked
+	soak, _ := time.ParseDuration(args.Soak)                // checked
+	devTimeout, _ := time.ParseDuration(args.DeviceTimeout) // checked
 	var startAt time.Time
 	if args.StartAt != nil {
 		startAt = *args.StartAt
@@ -47,7 +48,7 @@ func (a *releaseAdmin) CreateRelease(ctx context.Context, args protocol.ReleaseC
 	}
 	rel := &Release{ID: id, Version: args.Version, Label: args.Label, State: protocol.ReleasePublishing, All: args.All,
 		Select: args.Select, Follow: args.Follow, Waves: args.Waves, MaxFailures: args.MaxFailures, Abort: args.AbortOnFailure,
-		MaxConcurrent: args.MaxConcurrent, Approve: args.Approve, Soak: soak, Window: args.Window, StartAt: startAt,
+		MaxConcurrent: args.MaxConcurrent, Approve: args.Approve, Soak: soak, Window: args.Window, StartAt: startAt, DeviceTimeout: devTimeout,
 		Created: a.now(), ContentKey: sealed, ChunkSize: args.ChunkSize}
 	// The release is recorded as publishing before anything is published, so that a
 	// crash half way leaves a release that the restart cancels, not orphan topics.
@@ -121,6 +122,14 @@ func checkCreate(a *protocol.ReleaseCreateArgs) error {
 	if a.Window != "" {
 		if _, err := protocol.ParseWindow(a.Window); err != nil {
 			return err
+		}
+	}
+	if a.DeviceTimeout != "" {
+		if d, err := time.ParseDuration(a.DeviceTimeout); err != nil || d <= 0 {
+			return protocol.Errorf(protocol.ErrBadRequest, "device_timeout %q: give a duration such as 30m", a.DeviceTimeout)
+		}
+		if len(a.Waves) == 0 && a.MaxConcurrent == 0 && a.MaxFailures == "" {
+			return protocol.Errorf(protocol.ErrBadRequest, "device_timeout counts toward waves, max_concurrent and max_failures: give one of them")
 		}
 	}
 	if a.Soak != "" {
@@ -620,23 +629,32 @@ func (a *releaseAdmin) trip(ctx context.Context, r *run, rel *Release, failed, l
 }
 
 // waveResults counts, among the devices of the waves open, those that installed the
-// release and those that failed it permanently (the failures a threshold counts).
+// release and those that failed it: permanently, or by not settling within the device
+// timeout (the failures a threshold counts, 12.5).
 func (a *releaseAdmin) waveResults(ctx context.Context, r *run) (installed, failed int, err error) {
 	members := r.sorted[:r.open()]
-	id := r.release().ID
+	rel := r.release()
+	now := a.now()
+	timedOut := 0
 	for i := 0; i < len(members); i += batchSize {
-		results, err := a.store.Results(ctx, id, members[i:min(i+batchSize, len(members))])
+		batch := members[i:min(i+batchSize, len(members))]
+		results, err := a.store.Results(ctx, rel.ID, batch)
 		if err != nil {
 			return 0, 0, err
 		}
-		for _, res := range results {
+		for j, res := range results {
 			switch {
 			case res == ResultInstalled:
 				installed++
 			case permanentFailure(res):
 				failed++
+			case rel.DeviceTimeout > 0:
+				if at, ok := a.runs.offeredSince(rel.ID, batch[j]); ok && now.Sub(at) >= rel.DeviceTimeout {
+					timedOut++
+				}
 			}
 		}
 	}
-	return installed, failed, nil
+	r.timedOut.Store(int32(timedOut))
+	return installed, failed + timedOut, nil
 }

@@ -117,12 +117,13 @@ func (s *statusPublisher) releaseStatus(ctx context.Context, rel *Release) proto
 		st.Targets = n
 		if r := s.runs.get(rel.ID); r != nil {
 			st.Wrapped = int(r.wrapped.Load())
+			st.TimedOut = int(r.timedOut.Load())
 		}
 	} else if ts, err := s.store.Targets(ctx, rel.ID); err == nil {
 		st.Targets = len(ts)
 	}
 	st.Pending = max(0, st.Targets-st.Installed-st.Failed)
-	if len(rel.Waves) > 0 || rel.MaxConcurrent > 0 {
+	if len(rel.Waves) > 0 || rel.MaxConcurrent > 0 || rel.MaxFailures != "" || rel.DeviceTimeout > 0 {
 		if sizes, err := protocol.WaveSizes(rel.Waves, st.Targets); err == nil {
 			w := min(rel.Wave, len(sizes)-1)
 			st.Offered = offered(rel, sizes[w])

@@ -181,10 +181,13 @@ type Release struct {
 	SettledAt time.Time
 	Approved  int
 	// StartAt and Window hold every key back until StartAt and outside Window.
-	StartAt  time.Time
-	Window   string
-	Created  time.Time
-	Manifest []byte // the signed manifest
+	StartAt time.Time
+	Window  string
+	// DeviceTimeout counts a target that got its key and has not settled within it as
+	// timed out.
+	DeviceTimeout time.Duration
+	Created       time.Time
+	Manifest      []byte // the signed manifest
 	// ContentKey is the content key sealed under the root secret (SealContentKey).
 	ContentKey []byte
 	ImageSize  uint64
@@ -220,6 +223,7 @@ type releaseMeta struct {
 	Approved   int                   `json:"approved,omitempty"`
 	StartAt    time.Time             `json:"start_at,omitzero"`
 	Window     string                `json:"window,omitempty"`
+	DevTimeout time.Duration         `json:"device_timeout,omitempty"`
 	Created    time.Time             `json:"created"`
 	Manifest   []byte                `json:"manifest,omitempty"`
 	ContentKey []byte                `json:"content_key,omitempty"`
@@ -234,7 +238,7 @@ func MarshalReleaseMeta(r *Release) ([]byte, error) {
 		Version: r.Version, Label: r.Label, State: r.State, All: r.All, Select: r.Select, Follow: r.Follow, Created: r.Created.UTC(),
 		Waves: r.Waves, MaxFail: r.MaxFailures, Abort: r.Abort, Wave: r.Wave, Reason: r.PauseReason, Tolerated: r.Tolerated,
 		MaxConc: r.MaxConcurrent, Admitted: r.Admitted, Soak: r.Soak, Approve: r.Approve, SettledAt: r.SettledAt.UTC(), Approved: r.Approved,
-		StartAt: r.StartAt.UTC(), Window: r.Window,
+		StartAt: r.StartAt.UTC(), Window: r.Window, DevTimeout: r.DeviceTimeout,
 		Manifest: r.Manifest, ContentKey: r.ContentKey, ImageSize: r.ImageSize,
 		ChunkSize: r.ChunkSize, ChunkCount: r.ChunkCount,
 	})
@@ -251,7 +255,7 @@ func UnmarshalReleaseMeta(id keychain.ReleaseID, b []byte) (*Release, error) {
 		ID: id, Version: m.Version, Label: m.Label, State: m.State, All: m.All, Select: m.Select, Follow: m.Follow, Created: m.Created,
 		Waves: m.Waves, MaxFailures: m.MaxFail, Abort: m.Abort, Wave: m.Wave, PauseReason: m.Reason, Tolerated: m.Tolerated,
 		MaxConcurrent: m.MaxConc, Admitted: m.Admitted, Soak: m.Soak, Approve: m.Approve, SettledAt: m.SettledAt, Approved: m.Approved,
-		StartAt: m.StartAt, Window: m.Window,
+		StartAt: m.StartAt, Window: m.Window, DeviceTimeout: m.DevTimeout,
 		Manifest: m.Manifest, ContentKey: m.ContentKey, ImageSize: m.ImageSize,
 		ChunkSize: m.ChunkSize, ChunkCount: m.ChunkCount,
 	}, nil

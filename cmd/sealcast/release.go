@@ -39,6 +39,7 @@ func releaseCommand(e *env) *ffcli.Command {
 	fs.BoolVar(&r.approve, "approve", false, "with -waves: each next wave also waits for sealcast approve RELEASE")
 	fs.StringVar(&r.startAt, "start-at", "", "publish no key before this time (RFC 3339, e.g. 2026-12-24T02:00:00Z)")
 	fs.StringVar(&r.window, "window", "", "publish keys only inside this weekly window: DAYS HH:MM-HH:MM [ZONE], e.g. 'Mon-Fri 01:00-05:00 Europe/Berlin' (PROTOCOL.md 12.6)")
+	fs.DurationVar(&r.deviceTimeout, "device-timeout", 0, "count a target that got its key and has not installed within this as timed out, toward the waves and -max-failures (its late install is still accepted)")
 	fs.IntVar(&r.maxConcurrent, "max-concurrent", 0, "at no time more than this many targets hold a key they have not installed or failed for good: keys go out as others settle (0: no bound)")
 	fs.BoolVar(&r.abortOnFailure, "abort-on-failure", false, "with -max-failures: cancel the release instead of pausing it")
 	fs.DurationVar(&r.timeout, "wait-timeout", 0, "with -wait: stop waiting after this long, print the devices still pending and exit with status 3 (the release goes on)")
@@ -87,6 +88,7 @@ type releaseFlags struct {
 	soak                  time.Duration
 	approve               bool
 	startAt, window       string
+	deviceTimeout         time.Duration
 	chunkSize             uint
 }
 
@@ -99,6 +101,9 @@ func (r *releaseFlags) check() (protocol.ReleaseCreateArgs, *os.File, int64, err
 		a.Soak = r.soak.String()
 	}
 	a.Window = r.window
+	if r.deviceTimeout > 0 {
+		a.DeviceTimeout = r.deviceTimeout.String()
+	}
 	if r.startAt != "" {
 		t, err := time.Parse(time.RFC3339, r.startAt)
 		if err != nil {

@@ -40,6 +40,7 @@ func NewRelease(id keychain.ReleaseID, created time.Time) *updater.Release {
 		Approved:      1,
 		StartAt:       created.Add(2 * time.Hour),
 		Window:        "Mon-Fri 01:00-05:00 Europe/Berlin",
+		DeviceTimeout: 30 * time.Minute,
 		Admitted:      1234,
 		Created:       created,
 		Manifest:      []byte{0, 1, 0xff, '{'},
@@ -75,7 +76,7 @@ func diffRelease(got, want *updater.Release) string {
 		got.Wave != want.Wave || got.PauseReason != want.PauseReason || got.Tolerated != want.Tolerated ||
 		got.MaxConcurrent != want.MaxConcurrent || got.Admitted != want.Admitted || got.Soak != want.Soak ||
 		got.Approve != want.Approve || !sameTime(got.SettledAt, want.SettledAt) || got.Approved != want.Approved ||
-		!sameTime(got.StartAt, want.StartAt) || got.Window != want.Window {
+		!sameTime(got.StartAt, want.StartAt) || got.Window != want.Window || got.DeviceTimeout != want.DeviceTimeout {
 		add("rollout", fmt.Sprint(got.Waves, got.MaxFailures, got.Abort, got.Wave, got.PauseReason, got.Tolerated),
 			fmt.Sprint(want.Waves, want.MaxFailures, want.Abort, want.Wave, want.PauseReason, want.Tolerated))
 	}
