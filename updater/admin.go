@@ -58,6 +58,7 @@ type adminCore struct {
 	revoker   Revoker
 	accounts  Accounts
 	keyStore  KeyStore
+	stats     *counters
 	log       zerolog.Logger
 	now       func() time.Time
 	workers   int

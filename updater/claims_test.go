@@ -277,6 +277,9 @@ func TestWaves(t *testing.T) {
 		st := status()
 		return st.State == protocol.ReleasePaused && st.PauseReason == protocol.PausedByThreshold
 	})
+	if s := e.u.Stats(); s.RolloutStops != 1 || s.WavesOpened != 0 { // wave 2 opened in the updater before the restart
+		t.Fatalf("stats: %d rollout stops, %d waves opened; want 1 and 0", s.RolloutStops, s.WavesOpened)
+	}
 	time.Sleep(2 * rolloutIntervalForTests)
 	for _, s := range wave3 {
 		if len(keyOf(s)) != 0 {

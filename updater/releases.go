@@ -578,6 +578,7 @@ func (a *releaseAdmin) stepRollout(ctx context.Context, r *run, rel *Release) er
 	if err := a.offer(ctx, r, w+1, next); err != nil {
 		return err
 	}
+	a.stats.wavesOpened.Add(1)
 	a.log.Info().Str("release", rel.ID.String()).Int("wave", w+2).Int("of", len(r.sizes)).Int("devices", r.open()).Msg("wave opened")
 	return nil
 }
@@ -602,6 +603,7 @@ func (a *releaseAdmin) offer(ctx context.Context, r *run, w, n int) error {
 // trip pauses, or with abort_on_failure cancels, a release whose counted failures crossed
 // its threshold.
 func (a *releaseAdmin) trip(ctx context.Context, r *run, rel *Release, failed, limit int) error {
+	a.stats.rolloutStops.Add(1)
 	ev := a.log.Warn().Str("release", rel.ID.String()).Int("failed", failed).Int("limit", limit)
 	if rel.Abort {
 		ev.Msg("failure threshold crossed; cancelling the release")

@@ -151,7 +151,7 @@ func New(o Options) (*Updater, error) {
 	}
 	u.admin = newAdmin(&adminCore{
 		store: o.Store, bus: o.Bus, keys: u.keys, runs: u.runs, life: u.life, place: u.place,
-		status: u.status, uploads: u.uploads, revoker: o.Revoker, accounts: o.Accounts, keyStore: o.KeyStore, log: u.log, now: o.Now,
+		status: u.status, uploads: u.uploads, revoker: o.Revoker, accounts: o.Accounts, keyStore: o.KeyStore, stats: &u.stats, log: u.log, now: o.Now,
 		workers: o.Workers, brokerURL: o.BrokerURL,
 	})
 	if !o.AcksOnly {
@@ -354,6 +354,9 @@ type Stats struct {
 	// released to the device; the index below the one acked; the chain length it sent in
 	// the re-key ([SC-10.2b], [SC-10.2c]). A claim is never believed.
 	Claims int64
+	// WavesOpened counts the waves opened after the first (PROTOCOL.md 12.5);
+	// RolloutStops the releases paused or cancelled by their failure threshold.
+	WavesOpened, RolloutStops int64
 	// ChainSteps counts the hash-chain steps spent on wrapping keys and verifying acks
 	// (keychain.Traversal.Steps): a few per device and release, thanks to the pebbling.
 	ChainSteps int64
@@ -362,6 +365,7 @@ type Stats struct {
 type counters struct {
 	keys, rekeys, accepted, dup, reports, resyncs, acksShed atomic.Int64
 	receipts, chainSteps, reoffers, claims                  atomic.Int64
+	wavesOpened, rolloutStops                               atomic.Int64
 	rejected                                                sync.Map // reason -> *atomic.Int64
 }
 
@@ -379,7 +383,8 @@ func (u *Updater) Stats() Stats {
 		AckQueue: len(u.acks.queue), Resyncs: u.stats.resyncs.Load(),
 		Reoffers:          u.stats.reoffers.Load(),
 		ReceiptsPublished: u.stats.receipts.Load(), ChainSteps: u.stats.chainSteps.Load(),
-		Claims:       u.stats.claims.Load(),
+		Claims:      u.stats.claims.Load(),
+		WavesOpened: u.stats.wavesOpened.Load(), RolloutStops: u.stats.rolloutStops.Load(),
 		AcksRejected: map[string]int64{},
 	}
 	u.stats.rejected.Range(func(k, v any) bool {

@@ -30,6 +30,8 @@ func newCollector(s *stack) *collector {
 		"reports":   d("install_failures_total", "Failure reports recorded from devices."),
 		"resyncs":   d("resyncs_total", "Counters moved down to meet a device that was ahead."),
 		"reoffers":  d("reoffers_total", "Key messages published again for a device that got an outdated one."),
+		"waves":     d("waves_opened_total", "Waves opened after a release's first (PROTOCOL.md 12.5)."),
+		"stops":     d("rollout_stops_total", "Releases paused or cancelled by their failure threshold."),
 		"claims":    d("claims_total", "Acks and stale_key reports whose version or device_seq differs from what the server recorded; a claim is never believed."),
 		"connected": d("broker_clients_connected", "MQTT clients connected to the embedded broker."),
 		"authfail":  d("broker_auth_failures_total", "Connections refused."),
@@ -67,6 +69,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter("resyncs", st.Resyncs)
 	counter("reoffers", st.Reoffers)
 	counter("claims", st.Claims)
+	counter("waves", st.WavesOpened)
+	counter("stops", st.RolloutStops)
 	gauge("online", float64(st.Online))
 	gauge("queue", float64(st.AckQueue), "acks")
 	gauge("queue", float64(st.AdminQueue), "admin")

@@ -382,7 +382,32 @@ func (p *progress) abandon() {
 }
 
 func statusLine(st protocol.ReleaseStatus) string {
-	return fmt.Sprintf("release %s: %s, %d of %d installed, %d failed, %d pending", st.Release, st.State, st.Installed, st.Targets, st.Failed, st.Pending)
+	s := fmt.Sprintf("release %s: %s, %d of %d installed, %d failed, %d pending", st.Release, st.State, st.Installed, st.Targets, st.Failed, st.Pending)
+	if st.PauseReason != "" {
+		s += " (by " + st.PauseReason + ")"
+	}
+	if st.Waves > 0 {
+		s += ", wave " + waveText(st)
+	}
+	if st.TimedOut > 0 {
+		s += fmt.Sprintf(", %d timed out", st.TimedOut)
+	}
+	return s
+}
+
+// waveText is "2/4" with the next wave's wait, for a release with waves, else "-".
+func waveText(st protocol.ReleaseStatus) string {
+	if st.Waves == 0 {
+		return "-"
+	}
+	s := fmt.Sprintf("%d/%d", st.Wave, st.Waves)
+	switch st.NextWave {
+	case "soak":
+		s += " (soaking until " + st.NextWaveAt.Local().Format(time.DateTime) + ")"
+	case "approval":
+		s += " (awaiting approval)"
+	}
+	return s
 }
 
 // short is the first 8 digits of a release id, enough for people and for the commands

@@ -119,10 +119,10 @@ func showStatus(ctx context.Context, e *env, op *operator.Client, timeout time.D
 	}
 	fmt.Fprintln(e.stdout)
 	w := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(w, "RELEASE\tVERSION\tLABEL\tSTATE\tTARGETS\tINSTALLED\tFAILED\tPENDING\tCREATED")
+	fmt.Fprintln(w, "RELEASE\tVERSION\tLABEL\tSTATE\tTARGETS\tINSTALLED\tFAILED\tPENDING\tCREATED\tWAVE")
 	for _, r := range out.Releases {
-		fmt.Fprintf(w, "%s\t%d\t%s\t%s\t%d\t%d\t%d\t%d\t%s\n", r.Release, r.Version, r.Label, r.State,
-			r.Targets, r.Installed, r.Failed, r.Pending, r.Created.Local().Format(time.DateTime))
+		fmt.Fprintf(w, "%s\t%d\t%s\t%s\t%d\t%d\t%d\t%d\t%s\t%s\n", r.Release, r.Version, r.Label, r.State,
+			r.Targets, r.Installed, r.Failed, r.Pending, r.Created.Local().Format(time.DateTime), waveText(r))
 	}
 	return w.Flush()
 }
