@@ -86,6 +86,9 @@ type Options struct {
 	RestartDelay time.Duration
 	// AckDelay delays every first ack publication.
 	AckDelay time.Duration
+	// FailInstall names devices whose installer refuses every image at commit: they
+	// report install_failed, and retry, for every release.
+	FailInstall map[string]bool
 	// Seed makes the fault draw repeatable.
 	Seed uint64
 	// StartSpread spreads the agents' first connections over this duration.
@@ -305,7 +308,7 @@ func (f *Fleet) device(i int, serial string, v device.Vault, delay time.Duration
 	var plan faults
 	for {
 		o := device.Options{
-			Vault: v, Installer: hashInstaller{}, Logger: f.o.Logger, BrokerURL: f.o.BrokerURL,
+			Vault: v, Installer: hashInstaller{fail: f.o.FailInstall[serial]}, Logger: f.o.Logger, BrokerURL: f.o.BrokerURL,
 			Window: f.o.Window, ChunkTimeout: f.o.ChunkTimeout, AckResend: f.o.AckResend, AckResendMax: f.o.AckResendMax,
 			ReconnectMin: f.o.ReconnectMin, ReconnectMax: f.o.ReconnectMax, ProgressInterval: time.Hour,
 		}
@@ -353,21 +356,26 @@ func (f *Fleet) device(i int, serial string, v device.Vault, delay time.Duration
 	}
 }
 
-// hashInstaller discards the image after hashing it against the manifest.
-type hashInstaller struct{}
+// hashInstaller discards the image after hashing it against the manifest; with fail it
+// refuses every image at commit (Options.FailInstall).
+type hashInstaller struct{ fail bool }
 
-func (hashInstaller) Begin(m *keychain.Manifest) (device.Install, error) {
-	return &hashInstall{h: sha256.New(), want: m.ImageSHA256}, nil
+func (hi hashInstaller) Begin(m *keychain.Manifest) (device.Install, error) {
+	return &hashInstall{h: sha256.New(), want: m.ImageSHA256, fail: hi.fail}, nil
 }
 
 type hashInstall struct {
 	h    hash.Hash
 	want [32]byte
+	fail bool
 }
 
 func (i *hashInstall) Write(p []byte) (int, error) { return i.h.Write(p) }
 func (i *hashInstall) Abort() error                { return nil }
 func (i *hashInstall) Commit() error {
+	if i.fail {
+		return errors.New("simulate: this device's installer fails (Options.FailInstall)")
+	}
 	var got [32]byte
 	if i.h.Sum(got[:0]); got != i.want {
 		return errors.New("simulate: image hash differs from the manifest")
