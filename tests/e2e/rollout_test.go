@@ -140,3 +140,77 @@ func retainedKeys(t *testing.T, e *updatertest.Env) map[string]bool {
 	defer mu.Unlock()
 	return held
 }
+
+// TestConcurrencyBoundAtScale: 2,000 simulated devices and max_concurrent 200. Whenever a
+// device receives its key, at most 200 devices hold a key they have not installed and
+// persisted (a device persists before it acks, and the server offers a new key only
+// once an ack is in), and every device installs ([SC-12.5]).
+func TestConcurrencyBoundAtScale(t *testing.T) {
+	if testing.Short() {
+		t.Skip("a fleet of 2,000; skipped under -short")
+	}
+	const n, bound = 2000, 200
+	e := updatertest.Start(t, updatertest.Bolt)
+	ctx := context.Background()
+	serials := make([]string, n)
+	for i := range serials {
+		serials[i] = fmt.Sprintf("cap-%04d", i)
+	}
+	files, err := e.Op.Provision(ctx, serials, 1024)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := image(2*1024, 9)
+	res, err := e.Op.Release(ctx, bytes.NewReader(img), int64(len(img)), protocol.ReleaseCreateArgs{
+		Version: 1, All: true, ChunkSize: 1024, MaxConcurrent: bound})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	holding, done := map[string]bool{}, map[string]bool{}
+	maxHeld, over := 0, 0
+	simCtx, stopSim := context.WithCancel(ctx)
+	fleet, err := simulate.Start(simCtx, simulate.Options{
+		Devices: files, ChunkTimeout: 10 * time.Second, AckResend: time.Second, AckResendMax: 3 * time.Second,
+		ReconnectMin: 50 * time.Millisecond, ReconnectMax: time.Second, StartSpread: time.Second,
+		Logger: zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.ErrorLevel),
+		OnEvent: func(ev device.Event) {
+			if ev.Release != res.Release {
+				return
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			switch ev.Kind {
+			case device.EventKeyMessage:
+				if !done[ev.Serial] {
+					holding[ev.Serial] = true
+					maxHeld = max(maxHeld, len(holding))
+					if len(holding) > bound {
+						over++
+					}
+				}
+			case device.EventPersisted:
+				done[ev.Serial] = true
+				delete(holding, ev.Serial)
+			}
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { stopSim(); fleet.Wait() }()
+	eventually(t, "every device installed", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(done) == n
+	})
+	mu.Lock()
+	defer mu.Unlock()
+	t.Logf("at most %d devices held a key they had not installed", maxHeld)
+	if over > 0 {
+		t.Fatalf("%d times more than %d devices held a key they had not installed (at most %d)", over, bound, maxHeld)
+	}
+	if maxHeld < bound/2 {
+		t.Fatalf("at most %d devices held a key at once; the bound of %d was never approached", maxHeld, bound)
+	}
+}
