@@ -46,6 +46,7 @@ type config struct {
 	pprofSeconds    int  // length of each CPU profile
 	sysTicks        bool // wait for fresh $SYS figures (up to 10 s each with the embedded broker)
 	scenarios       string
+	maxConcurrent   int // the capped scenario's bound
 	log             func(format string, args ...any)
 }
 
@@ -63,7 +64,8 @@ func main() {
 	flag.BoolVar(&c.pprof, "pprof", true, "take CPU and heap profiles of the server")
 	flag.IntVar(&c.pprofSeconds, "pprof-seconds", 5, "length of each back-to-back CPU profile")
 	flag.BoolVar(&c.sysTicks, "bytes-in", true, "measure the bytes the broker received from its $SYS figures (waits up to 20 s a scenario)")
-	flag.StringVar(&c.scenarios, "scenarios", "envelope,perdevice,mosquitto", "scenarios to run, comma-separated")
+	flag.StringVar(&c.scenarios, "scenarios", "envelope,perdevice,mosquitto", "scenarios to run, comma-separated (also: capped, the envelope with -max-concurrent)")
+	flag.IntVar(&c.maxConcurrent, "max-concurrent", 500, "the capped scenario's bound on devices downloading at once")
 	timeout := flag.Duration("timeout", 45*time.Minute, "give up after this long")
 	short := flag.Bool("short", false, "smoke run: 50 devices, a 64 KiB image, no -bytes-in")
 	flag.Parse()
@@ -117,6 +119,8 @@ func run(ctx context.Context, c config) ([]*result, error) {
 		switch sc.key {
 		case "envelope":
 			sc.title = "Sealcast envelope, embedded broker"
+		case "capped":
+			sc.title, sc.maxConcurrent = fmt.Sprintf("Sealcast envelope, embedded broker, max_concurrent %d", c.maxConcurrent), c.maxConcurrent
 		case "perdevice":
 			sc.title, sc.perDevice, sc.devices = "Per-device images (baseline), embedded broker", true, c.baselineDevices
 			if sc.devices == 0 {
@@ -135,7 +139,7 @@ func run(ctx context.Context, c config) ([]*result, error) {
 			}
 			sc.mosquitto = path
 		default:
-			return nil, fmt.Errorf("unknown scenario %q (want envelope, perdevice, mosquitto)", sc.key)
+			return nil, fmt.Errorf("unknown scenario %q (want envelope, capped, perdevice, mosquitto)", sc.key)
 		}
 		c.log("scenario %s: %d devices, %d-byte image", sc.key, sc.devices, len(img))
 		r, err := runScenario(ctx, c, sc, img)

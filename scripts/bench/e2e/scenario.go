@@ -27,6 +27,8 @@ type scenario struct {
 	devices    int
 	perDevice  bool   // the baseline: one release, so one encryption, per device
 	mosquitto  string // the mosquitto binary; "" for the embedded broker
+	// maxConcurrent bounds the devices downloading at once (0: none).
+	maxConcurrent int
 }
 
 // procFigures are one process's figures: CPU seconds from the release's start until the
@@ -300,7 +302,7 @@ func (r *scenarioRun) measureRelease(ctx context.Context, pr *probe, uploads []s
 		r.profiling = startProfiler(fmt.Sprintf("127.0.0.1:%d", r.pprofPort), filepath.Join(r.c.out, "pprof"), r.sc.key, r.c.pprofSeconds)
 	}
 	r.t0 = time.Now()
-	if r.releases, err = release(ctx, r.op, uploads, r.serials, r.sc.perDevice, uint32(r.c.chunkSize)); err != nil {
+	if r.releases, err = release(ctx, r.op, uploads, r.serials, r.sc.perDevice, uint32(r.c.chunkSize), r.sc.maxConcurrent); err != nil {
 		return err
 	}
 	r.res.Releases = len(r.releases)
@@ -395,10 +397,10 @@ func uploadImages(ctx context.Context, op *operator.Client, img []byte, perDevic
 // device (the baseline: each creates its own content key and encrypts and retains the
 // whole image again). The baseline's requests go one after another: the server handles
 // admin requests in order anyway, and versions must rise.
-func release(ctx context.Context, op *operator.Client, uploads, serials []string, perDevice bool, chunk uint32) ([]keychain.ReleaseID, error) {
+func release(ctx context.Context, op *operator.Client, uploads, serials []string, perDevice bool, chunk uint32, maxConcurrent int) ([]keychain.ReleaseID, error) {
 	if !perDevice {
 		var res protocol.ReleaseCreateResult
-		err := op.Do(ctx, protocol.CmdReleaseCreate, protocol.ReleaseCreateArgs{Upload: uploads[0], Version: 1, All: true, ChunkSize: chunk, Label: "bench"}, &res)
+		err := op.Do(ctx, protocol.CmdReleaseCreate, protocol.ReleaseCreateArgs{Upload: uploads[0], Version: 1, All: true, ChunkSize: chunk, Label: "bench", MaxConcurrent: maxConcurrent}, &res)
 		return []keychain.ReleaseID{res.Release}, err
 	}
 	ids := make([]keychain.ReleaseID, len(serials))
