@@ -186,3 +186,62 @@ func checkCounters(t *testing.T, redisURL string, files []protocol.DeviceFile, m
 		t.Errorf("%d of %d counters did not move exactly %d times", bad, len(files), moves)
 	}
 }
+
+// TestUpdaterKilledMidWave kills the updater (SIGKILL) while the second of three waves of
+// a release to 300 devices is out, and starts it again on the same data directory and
+// Redis: the same wave goes on, no device of the last wave gets its key before the
+// second has settled, the release completes, no device got its key wrapped twice under
+// different keys, and every counter moved exactly once ([SC-12.5]).
+func TestUpdaterKilledMidWave(t *testing.T) {
+	const n = 300
+	m := mosquittotest.Start(t, brokerConfig)
+	rds := redistest.Start(t)
+	dir := dataDir(t, "")
+	up := startServe(t, "updater", nil,
+		"-data", dir, "-broker", m.URL, "-redis", rds.URL(), "-http", "", "-chain-length", "16")
+	op := dialOperator(t, m.URL)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	files, err := op.Provision(ctx, serials("wave", n), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys := watchKeys(t, m.URL)
+	// The ack driver acks every key message at once, without downloading the image.
+	driver := driveAcks(t, m.URL, files, 1, 1)
+	img := randomImage(4 << 10)
+	rel, err := op.Release(ctx, bytes.NewReader(img), int64(len(img)),
+		protocol.ReleaseCreateArgs{Version: 1, All: true, ChunkSize: 4096, Waves: []string{"10%", "40%"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	status := func() *protocol.ReleaseStatus {
+		st, err := op.ReleaseStatus(ctx, rel.Release)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st
+	}
+	eventually(t, 2*time.Minute, "wave 2 opened", func() bool { return status().Wave == 2 })
+	up.kill()
+	atKill := keys.settle(500*time.Millisecond, 10*time.Second)
+	if atKill > 120 {
+		t.Fatalf("%d devices had their key at the kill; waves 1 and 2 hold 120", atKill)
+	}
+	up.restart()
+	if st := status(); st.Wave != 2 && st.Wave != 3 {
+		t.Fatalf("after the restart: wave %d, want 2 going on (or 3 once it settled)", st.Wave)
+	}
+	eventually(t, 5*time.Minute, "every device confirmed by the ack driver", driver.done(rel.Release))
+	var st *protocol.ReleaseStatus
+	eventually(t, 2*time.Minute, "the release completed", func() bool {
+		st = status()
+		return st.State == protocol.ReleaseCompleted
+	})
+	if st.Installed != n || st.Wave != 3 {
+		t.Errorf("release status: %d installed, wave %d; want %d, wave 3", st.Installed, st.Wave, n)
+	}
+	keys.checkOneWrap(t, files, rel.Release)
+	driver.check(t)
+	checkCounters(t, rds.URL(), files, 1)
+}
