@@ -588,6 +588,16 @@ func (a *releaseAdmin) stepRollout(ctx context.Context, r *run, rel *Release) er
 // wraps the keys of the devices newly offered.
 func (a *releaseAdmin) offer(ctx context.Context, r *run, w, n int) error {
 	from := r.open()
+	if r.done != nil {
+		select {
+		case <-r.done:
+		default:
+			// A fan-out is still wrapping its part: halting it would strand the devices
+			// it has not reached. Wrap its part again (the same keys at the same
+			// places) along with the new one.
+			from = r.fanFrom
+		}
+	}
 	if _, err := a.life.edit(ctx, r.release().ID, func(rel *Release) { rel.Wave, rel.Admitted, rel.SettledAt = w, n, time.Time{} }); err != nil {
 		return err
 	}
