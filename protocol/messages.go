@@ -106,7 +106,9 @@ type ReleaseCreateArgs struct {
 	// Waves releases the keys wave by wave (12.5): cumulative "P%", counts, or "all".
 	// MaxFailures ("P%" or a count) pauses the release when more targets than that
 	// fail permanently, or cancels it with AbortOnFailure.
-	Waves          []string `json:"waves,omitempty"`
+	Waves []string `json:"waves,omitempty"`
+	// Canary names devices that form a first wave of their own (12.5).
+	Canary         []string `json:"canary,omitempty"`
 	MaxFailures    string   `json:"max_failures,omitempty"`
 	AbortOnFailure bool     `json:"abort_on_failure,omitempty"`
 	// MaxConcurrent bounds the targets holding a published key they have not settled

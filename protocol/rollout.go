@@ -104,3 +104,40 @@ func FailureLimit(spec string, admitted int) (int, error) {
 	}
 	return c, nil
 }
+
+// CanaryPlan applies canaries to a rollout ([SC-12.5]): the canaries that are targets,
+// in the order given and each once, form a first wave of their own ahead of the rollout
+// order of the other targets, and every later wave holds at least them. It returns the
+// order and the cumulative wave sizes.
+func CanaryPlan(id keychain.ReleaseID, targets, canary []string, specs []string) ([]string, []int, error) {
+	isTarget := make(map[string]bool, len(targets))
+	for _, s := range targets {
+		isTarget[s] = true
+	}
+	var first []string
+	seen := map[string]bool{}
+	for _, s := range canary {
+		if isTarget[s] && !seen[s] {
+			seen[s] = true
+			first = append(first, s)
+		}
+	}
+	var rest []string
+	for _, s := range targets {
+		if !seen[s] {
+			rest = append(rest, s)
+		}
+	}
+	sizes, err := WaveSizes(specs, len(targets))
+	if err != nil || len(first) == 0 {
+		return RolloutOrder(id, targets), sizes, err
+	}
+	order := append(first, RolloutOrder(id, rest)...)
+	out := []int{len(first)}
+	for _, s := range sizes {
+		if s > out[len(out)-1] {
+			out = append(out, s)
+		}
+	}
+	return order, out, nil
+}

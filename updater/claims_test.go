@@ -520,3 +520,37 @@ func TestDeviceTimeout(t *testing.T) {
 	late.ackUntilReceipt(lateAck, keychain.Key(late.u, lateKM.Seq))
 	eventually(t, "the late install accepted", func() bool { st := status(); return st.Installed == 2 && st.TimedOut == 0 })
 }
+
+// TestCanary: canaries form a first wave of their own, in the order given; the other
+// targets follow in rollout order ([SC-12.5]).
+func TestCanary(t *testing.T) {
+	e := startEnv(t, boltOpener)
+	ctx := context.Background()
+	files := e.provision(6)
+	canary := []string{files[4].Serial, files[1].Serial}
+	img := randomImage(500)
+	res, err := e.op.Release(ctx, bytes.NewReader(img), int64(len(img)),
+		protocol.ReleaseCreateArgs{Version: 1, All: true, ChunkSize: 1024, Canary: canary, Waves: []string{"50%"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the canaries wrapped", func() bool { return len(e.retained(protocol.KeyTopic(canary[1]))) > 0 })
+	st, err := e.u.Admin().Release(ctx, res.Release)
+	if err != nil || st.Wave != 1 || st.Waves != 3 || st.Offered != 2 {
+		t.Fatalf("status %+v, %v; want wave 1 of 3 (canaries, 50 %%, all), 2 offered", st, err)
+	}
+	for _, f := range files {
+		if f.Serial != canary[0] && f.Serial != canary[1] && len(e.retained(protocol.KeyTopic(f.Serial))) > 0 {
+			t.Fatalf("%s, not a canary, has a key in the canary wave", f.Serial)
+		}
+	}
+	for _, s := range canary {
+		d := connectDevice(t, e.b.URL, files[slices.IndexFunc(files, func(f protocol.DeviceFile) bool { return f.Serial == s })])
+		ack, km, _ := d.install()
+		d.ackUntilReceipt(ack, keychain.Key(d.u, km.Seq))
+	}
+	eventually(t, "wave 2 opened after the canaries", func() bool {
+		st, err := e.u.Admin().Release(ctx, res.Release)
+		return err == nil && st.Wave == 2 && st.Offered == 3
+	})
+}

@@ -76,11 +76,10 @@ func newRun(k *keys, rel *Release, targets []string) (*run, error) {
 	if !slices.IsSorted(targets) || len(r.targets) != len(targets) {
 		r.sorted = slices.Sorted(maps.Keys(r.targets))
 	}
-	if len(rel.Waves) > 0 || rel.MaxConcurrent > 0 || rel.MaxFailures != "" || rel.DeviceTimeout > 0 {
-		if r.sizes, err = protocol.WaveSizes(rel.Waves, len(r.sorted)); err != nil {
+	if len(rel.Waves) > 0 || len(rel.Canary) > 0 || rel.MaxConcurrent > 0 || rel.MaxFailures != "" || rel.DeviceTimeout > 0 {
+		if r.sorted, r.sizes, err = protocol.CanaryPlan(rel.ID, r.sorted, rel.Canary, rel.Waves); err != nil {
 			return nil, fmt.Errorf("updater: release %s: %w", rel.ID, err)
 		}
-		r.sorted = protocol.RolloutOrder(rel.ID, r.sorted)
 		r.rank = make(map[string]int, len(r.sorted))
 		for i, s := range r.sorted {
 			r.rank[s] = i

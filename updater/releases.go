@@ -47,7 +47,7 @@ func (a *releaseAdmin) CreateRelease(ctx context.Context, args protocol.ReleaseC
 		return nil, err
 	}
 	rel := &Release{ID: id, Version: args.Version, Label: args.Label, State: protocol.ReleasePublishing, All: args.All,
-		Select: args.Select, Follow: args.Follow, Waves: args.Waves, MaxFailures: args.MaxFailures, Abort: args.AbortOnFailure,
+		Select: args.Select, Follow: args.Follow, Waves: args.Waves, Canary: args.Canary, MaxFailures: args.MaxFailures, Abort: args.AbortOnFailure,
 		MaxConcurrent: args.MaxConcurrent, Approve: args.Approve, Soak: soak, Window: args.Window, StartAt: startAt, DeviceTimeout: devTimeout,
 		Created: a.now(), ContentKey: sealed, ChunkSize: args.ChunkSize}
 	// The release is recorded as publishing before anything is published, so that a
@@ -108,10 +108,15 @@ func checkCreate(a *protocol.ReleaseCreateArgs) error {
 	if a.MaxConcurrent < 0 {
 		return protocol.Errorf(protocol.ErrBadRequest, "max_concurrent %d must not be negative", a.MaxConcurrent)
 	}
-	if (len(a.Waves) > 0 || a.MaxConcurrent > 0) && a.Follow {
+	if (len(a.Waves) > 0 || len(a.Canary) > 0 || a.MaxConcurrent > 0) && a.Follow {
 		return protocol.Errorf(protocol.ErrBadRequest, "waves or max_concurrent together with follow are not supported: a device that joins later has no place in the rollout order")
 	}
-	if len(a.Waves) > 0 {
+	for _, s := range a.Canary {
+		if err := keychain.CheckSerial(s); err != nil {
+			return protocol.Errorf(protocol.ErrBadRequest, "canary: %v", err)
+		}
+	}
+	if len(a.Waves) > 0 || len(a.Canary) > 0 {
 		if _, err := protocol.WaveSizes(a.Waves, 100); err != nil {
 			return err
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -123,11 +124,17 @@ func (s *statusPublisher) releaseStatus(ctx context.Context, rel *Release) proto
 		st.Targets = len(ts)
 	}
 	st.Pending = max(0, st.Targets-st.Installed-st.Failed)
-	if len(rel.Waves) > 0 || rel.MaxConcurrent > 0 || rel.MaxFailures != "" || rel.DeviceTimeout > 0 {
-		if sizes, err := protocol.WaveSizes(rel.Waves, st.Targets); err == nil {
+	if len(rel.Waves) > 0 || len(rel.Canary) > 0 || rel.MaxConcurrent > 0 || rel.MaxFailures != "" || rel.DeviceTimeout > 0 {
+		sizes, err := protocol.WaveSizes(rel.Waves, st.Targets)
+		if r := s.runs.get(rel.ID); r != nil && r.sizes != nil {
+			sizes, err = r.sizes, nil // the plan the release runs by, canaries included
+		} else if len(rel.Canary) > 0 && err == nil {
+			sizes = slices.Compact(append([]int{min(len(rel.Canary), st.Targets)}, sizes...))
+		}
+		if err == nil {
 			w := min(rel.Wave, len(sizes)-1)
 			st.Offered = offered(rel, sizes[w])
-			if len(rel.Waves) > 0 {
+			if len(rel.Waves) > 0 || len(rel.Canary) > 0 {
 				st.Wave, st.Waves = w+1, len(sizes)
 			}
 			if !rel.SettledAt.IsZero() && w+1 < len(sizes) {

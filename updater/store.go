@@ -165,6 +165,7 @@ type Release struct {
 	// index of the wave open now, PauseReason why the release is paused, and Tolerated
 	// how many counted failures an operator's resume accepted.
 	Waves       []string
+	Canary      []string // devices that form a first wave of their own
 	MaxFailures string
 	Abort       bool
 	Wave        int
@@ -210,6 +211,7 @@ type releaseMeta struct {
 	Select     map[string]string     `json:"select,omitempty"`
 	Follow     bool                  `json:"follow,omitempty"`
 	Waves      []string              `json:"waves,omitempty"`
+	Canary     []string              `json:"canary,omitempty"`
 	MaxFail    string                `json:"max_failures,omitempty"`
 	Abort      bool                  `json:"abort,omitempty"`
 	Wave       int                   `json:"wave,omitempty"`
@@ -236,7 +238,7 @@ type releaseMeta struct {
 func MarshalReleaseMeta(r *Release) ([]byte, error) {
 	return json.Marshal(releaseMeta{
 		Version: r.Version, Label: r.Label, State: r.State, All: r.All, Select: r.Select, Follow: r.Follow, Created: r.Created.UTC(),
-		Waves: r.Waves, MaxFail: r.MaxFailures, Abort: r.Abort, Wave: r.Wave, Reason: r.PauseReason, Tolerated: r.Tolerated,
+		Waves: r.Waves, Canary: r.Canary, MaxFail: r.MaxFailures, Abort: r.Abort, Wave: r.Wave, Reason: r.PauseReason, Tolerated: r.Tolerated,
 		MaxConc: r.MaxConcurrent, Admitted: r.Admitted, Soak: r.Soak, Approve: r.Approve, SettledAt: r.SettledAt.UTC(), Approved: r.Approved,
 		StartAt: r.StartAt.UTC(), Window: r.Window, DevTimeout: r.DeviceTimeout,
 		Manifest: r.Manifest, ContentKey: r.ContentKey, ImageSize: r.ImageSize,
@@ -253,7 +255,7 @@ func UnmarshalReleaseMeta(id keychain.ReleaseID, b []byte) (*Release, error) {
 	}
 	return &Release{
 		ID: id, Version: m.Version, Label: m.Label, State: m.State, All: m.All, Select: m.Select, Follow: m.Follow, Created: m.Created,
-		Waves: m.Waves, MaxFailures: m.MaxFail, Abort: m.Abort, Wave: m.Wave, PauseReason: m.Reason, Tolerated: m.Tolerated,
+		Waves: m.Waves, Canary: m.Canary, MaxFailures: m.MaxFail, Abort: m.Abort, Wave: m.Wave, PauseReason: m.Reason, Tolerated: m.Tolerated,
 		MaxConcurrent: m.MaxConc, Admitted: m.Admitted, Soak: m.Soak, Approve: m.Approve, SettledAt: m.SettledAt, Approved: m.Approved,
 		StartAt: m.StartAt, Window: m.Window, DeviceTimeout: m.DevTimeout,
 		Manifest: m.Manifest, ContentKey: m.ContentKey, ImageSize: m.ImageSize,

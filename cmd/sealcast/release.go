@@ -34,6 +34,7 @@ func releaseCommand(e *env) *ffcli.Command {
 	fs.StringVar(&r.label, "label", "", "a name for people, e.g. 2.1.0 (at most 64 characters)")
 	fs.BoolVar(&r.allowJump, "allow-jump", false, fmt.Sprintf("allow a version more than %d above the highest release's (a guard against a mistyped version)", uint64(protocol.MaxVersionJump)))
 	fs.StringVar(&r.waves, "waves", "", "release the keys wave by wave: cumulative percentages or counts separated by commas, e.g. 1%,10%,50% (a last wave takes the rest; PROTOCOL.md 12.5)")
+	fs.StringVar(&r.canary, "canary", "", "serials, separated by commas, that form a first wave of their own")
 	fs.StringVar(&r.maxFailures, "max-failures", "", "pause the release by itself when more targets than this fail permanently: a percentage of the devices in open waves, e.g. 5%, or a count")
 	fs.DurationVar(&r.soak, "soak", 0, "with -waves: how long the open waves must have settled before the next opens")
 	fs.BoolVar(&r.approve, "approve", false, "with -waves: each next wave also waits for sealcast approve RELEASE")
@@ -83,6 +84,7 @@ type releaseFlags struct {
 	follow                bool
 	timeout               time.Duration
 	waves, maxFailures    string
+	canary                string
 	abortOnFailure        bool
 	maxConcurrent         int
 	soak                  time.Duration
@@ -118,6 +120,9 @@ func (r *releaseFlags) check() (protocol.ReleaseCreateArgs, *os.File, int64, err
 	}
 	if r.waves != "" {
 		a.Waves = strings.Split(r.waves, ",")
+	}
+	if r.canary != "" {
+		a.Canary = strings.Split(r.canary, ",")
 	}
 	if r.sel != "" {
 		sel, err := protocol.ParseTags(r.sel)

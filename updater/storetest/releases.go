@@ -28,6 +28,7 @@ func NewRelease(id keychain.ReleaseID, created time.Time) *updater.Release {
 		Select:        map[string]string{"region": "eu", "hw": ""},
 		Follow:        true,
 		Waves:         []string{"1%", "10", "all"},
+		Canary:        []string{"c-2", "c-1"},
 		MaxFailures:   "5%",
 		Abort:         true,
 		Wave:          2,
@@ -72,7 +73,7 @@ func diffRelease(got, want *updater.Release) string {
 	if got.All != want.All {
 		add("All", got.All, want.All)
 	}
-	if !slices.Equal(got.Waves, want.Waves) || got.MaxFailures != want.MaxFailures || got.Abort != want.Abort ||
+	if !slices.Equal(got.Waves, want.Waves) || !slices.Equal(got.Canary, want.Canary) || got.MaxFailures != want.MaxFailures || got.Abort != want.Abort ||
 		got.Wave != want.Wave || got.PauseReason != want.PauseReason || got.Tolerated != want.Tolerated ||
 		got.MaxConcurrent != want.MaxConcurrent || got.Admitted != want.Admitted || got.Soak != want.Soak ||
 		got.Approve != want.Approve || !sameTime(got.SettledAt, want.SettledAt) || got.Approved != want.Approved ||
