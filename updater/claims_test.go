@@ -211,11 +211,7 @@ func TestWaves(t *testing.T) {
 	e := startEnv(t, boltOpener)
 	ctx := context.Background()
 	files := e.provision(12)
-	byS := map[string]protocol.DeviceFile{}
-	serials := make([]string, len(files))
-	for i, f := range files {
-		byS[f.Serial], serials[i] = f, f.Serial
-	}
+	byS, serials := bySerial(files)
 	img := randomImage(600)
 	res, err := e.op.Release(ctx, bytes.NewReader(img), int64(len(img)),
 		protocol.ReleaseCreateArgs{Version: 1, All: true, ChunkSize: 1024, Waves: []string{"25%", "50%"}, MaxFailures: "1"})
@@ -383,11 +379,7 @@ func TestSoakAndApprove(t *testing.T) {
 	e := startEnv(t, boltOpener, func(o *updater.Options) { o.Now = clock.Now })
 	ctx := context.Background()
 	files := e.provision(4)
-	byS := map[string]protocol.DeviceFile{}
-	serials := make([]string, len(files))
-	for i, f := range files {
-		byS[f.Serial], serials[i] = f, f.Serial
-	}
+	byS, serials := bySerial(files)
 	img := randomImage(500)
 	res, err := e.op.Release(ctx, bytes.NewReader(img), int64(len(img)),
 		protocol.ReleaseCreateArgs{Version: 1, All: true, ChunkSize: 1024, Waves: []string{"50%"}, Soak: "10m", Approve: true})
@@ -484,11 +476,7 @@ func TestDeviceTimeout(t *testing.T) {
 	e := startEnv(t, boltOpener, func(o *updater.Options) { o.Now = clock.Now })
 	ctx := context.Background()
 	files := e.provision(4)
-	byS := map[string]protocol.DeviceFile{}
-	serials := make([]string, len(files))
-	for i, f := range files {
-		byS[f.Serial], serials[i] = f, f.Serial
-	}
+	byS, serials := bySerial(files)
 	img := randomImage(500)
 	res, err := e.op.Release(ctx, bytes.NewReader(img), int64(len(img)), protocol.ReleaseCreateArgs{
 		Version: 1, All: true, ChunkSize: 1024, Waves: []string{"50%"}, MaxFailures: "1", DeviceTimeout: "10m"})
@@ -553,4 +541,14 @@ func TestCanary(t *testing.T) {
 		st, err := e.u.Admin().Release(ctx, res.Release)
 		return err == nil && st.Wave == 2 && st.Offered == 3
 	})
+}
+
+// bySerial indexes device files by serial and lists their serials in order.
+func bySerial(files []protocol.DeviceFile) (map[string]protocol.DeviceFile, []string) {
+	byS := make(map[string]protocol.DeviceFile, len(files))
+	serials := make([]string, len(files))
+	for i, f := range files {
+		byS[f.Serial], serials[i] = f, f.Serial
+	}
+	return byS, serials
 }
