@@ -12,6 +12,10 @@ cd "$(dirname "$0")/.."
 tmp="$(mktemp -d)"
 redis_pid=""
 cleanup() {
+	if [ -n "$redis_pid" ] && ! kill -0 "$redis_pid" 2>/dev/null; then
+		echo "test.sh: the shared redis-server exited during the tests; its log:" >&2
+		cat "$tmp/redis.log" >&2 || true
+	fi
 	if [ -n "$redis_pid" ]; then kill "$redis_pid" 2>/dev/null || true; wait "$redis_pid" 2>/dev/null || true; fi
 	rm -rf "$tmp"
 }
