@@ -111,8 +111,8 @@ type ReleaseCreateArgs struct {
 	Canary         []string `json:"canary,omitempty"`
 	MaxFailures    string   `json:"max_failures,omitempty"`
 	AbortOnFailure bool     `json:"abort_on_failure,omitempty"`
-	// MaxConcurrent bounds the targets holding a published key they have not settled
-	// (12.5); 0: no bound.
+	// MaxConcurrent bounds the targets holding a key they have not settled (12.5): 0 or
+	// absent takes the server's default, NoBound (-1) sets none.
 	MaxConcurrent int `json:"max_concurrent,omitempty"`
 	// Soak is how long the open waves must have settled before the next opens (a Go
 	// duration such as "10m"); with Approve, the next wave also waits for
@@ -126,6 +126,13 @@ type ReleaseCreateArgs struct {
 	// timed out (12.5): a duration such as "30m".
 	DeviceTimeout string `json:"device_timeout,omitempty"`
 }
+
+// NoBound as a release's max_concurrent sets no concurrency bound (12.5).
+const NoBound = -1
+
+// DefaultMaxConcurrent is the concurrency bound of a release that gives none, unless the
+// server is configured otherwise (12.5).
+const DefaultMaxConcurrent = 1000
 
 // MaxVersionJump is how far above the version floor (the highest version of a release
 // neither cancelled nor retired) release.create accepts a version without allow_jump:
@@ -185,14 +192,18 @@ type ReleaseStatus struct {
 	Installed int                `json:"installed"`
 	Failed    int                `json:"failed"`
 	Pending   int                `json:"pending"`
-	// Wave is the wave open now, from 1, of Waves (0 and 0 for a release without waves);
-	// PauseReason says why a paused release is paused: operator or failure_threshold.
-	Wave        int    `json:"wave,omitempty"`
-	Waves       int    `json:"waves,omitempty"`
-	PauseReason string `json:"pause_reason,omitempty"`
-	// Offered is how many targets have been offered the release so far, with waves or
-	// a concurrency bound (12.5).
-	Offered int `json:"offered,omitempty"`
+	// Wave is the wave open now, from 1, and Waves every wave of the plan (none for a
+	// release without waves); PauseReason says why a paused release is paused: operator
+	// or failure_threshold.
+	Wave        int          `json:"wave,omitempty"`
+	Waves       []WaveStatus `json:"waves,omitempty"`
+	PauseReason string       `json:"pause_reason,omitempty"`
+	// MaxConcurrent is the release's concurrency bound (0: none); DefaultBound says it
+	// is the server's default, which counts online targets only. Offered is how many
+	// targets have been offered the release so far, with waves or a bound (12.5).
+	MaxConcurrent int  `json:"max_concurrent,omitempty"`
+	DefaultBound  bool `json:"default_bound,omitempty"`
+	Offered       int  `json:"offered,omitempty"`
 	// TimedOut is how many offered targets have not settled within the device timeout.
 	TimedOut int `json:"timed_out,omitempty"`
 	// NextWave says, once the open waves have settled, what the next one waits for:
@@ -204,6 +215,18 @@ type ReleaseStatus struct {
 	ImageSize  uint64     `json:"image_size"`
 	Created    time.Time  `json:"created"`
 	Updated    time.Time  `json:"updated"`
+}
+
+// WaveStatus is one wave of a release's status (PROTOCOL.md 13.2): its devices (not
+// cumulative), when it opened and closed, and how its devices have settled.
+type WaveStatus struct {
+	Wave      int        `json:"wave"` // from 1
+	Size      int        `json:"size"`
+	Opened    *time.Time `json:"opened,omitempty"`
+	Closed    *time.Time `json:"closed,omitempty"`
+	Installed int        `json:"installed"`
+	Failed    int        `json:"failed"`
+	TimedOut  int        `json:"timed_out"`
 }
 
 // DeviceStatusState is a device's state as the server sees it, the state of a

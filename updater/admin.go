@@ -47,22 +47,24 @@ type releaseAdmin struct{ *adminCore }
 
 // adminCore is what both halves of Admin use; its lock runs one command at a time.
 type adminCore struct {
-	store     Store
-	bus       Bus
-	keys      *keys
-	runs      *registry
-	life      *lifecycle
-	place     *placer
-	status    *statusPublisher
-	uploads   *uploads
-	revoker   Revoker
-	accounts  Accounts
-	keyStore  KeyStore
-	stats     *counters
-	log       zerolog.Logger
-	now       func() time.Time
-	workers   int
-	brokerURL string
+	// maxConcurrent is the bound of releases that give none (protocol.NoBound: none).
+	maxConcurrent int
+	store         Store
+	bus           Bus
+	keys          *keys
+	runs          *registry
+	life          *lifecycle
+	place         *placer
+	status        *statusPublisher
+	uploads       *uploads
+	revoker       Revoker
+	accounts      Accounts
+	keyStore      KeyStore
+	stats         *counters
+	log           zerolog.Logger
+	now           func() time.Time
+	workers       int
+	brokerURL     string
 
 	mu sync.Mutex // one command at a time
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/ed25519"
+	"encoding/json"
 	"slices"
 	"sync"
 	"testing"
@@ -251,8 +252,8 @@ func TestWaves(t *testing.T) {
 		d.receipt(rep, k)
 	}
 	eventually(t, "wave 1 wrapped", func() bool { return len(keyOf(wave1[2])) > 0 })
-	if st := status(); st.Wave != 1 || st.Waves != 3 {
-		t.Fatalf("status wave %d of %d, want 1 of 3", st.Wave, st.Waves)
+	if st := status(); st.Wave != 1 || len(st.Waves) != 3 {
+		t.Fatalf("status wave %d of %d, want 1 of 3", st.Wave, len(st.Waves))
 	}
 	for _, s := range append(slices.Clone(wave2), wave3...) {
 		if len(keyOf(s)) != 0 {
@@ -261,6 +262,11 @@ func TestWaves(t *testing.T) {
 	}
 	install(wave1)
 	eventually(t, "wave 2 opened", func() bool { return status().Wave == 2 })
+	if ws := status().Waves; ws[0].Opened == nil || ws[0].Closed == nil || ws[1].Opened == nil || ws[1].Closed != nil || ws[2].Opened != nil ||
+		ws[0].Size != 3 || ws[1].Size != 3 || ws[2].Size != 6 || ws[0].Opened.After(*ws[0].Closed) || ws[0].Closed.After(*ws[1].Opened) {
+		t.Fatalf("waves %s; want wave 1 opened and closed, then wave 2 opened, sizes 3, 3, 6", waveDump(ws))
+	}
+	eventually(t, "wave 1 counted", func() bool { ws := status().Waves; return ws[0].Installed == 3 && ws[0].Failed == 0 })
 	// The open wave is kept in the store: a restarted updater goes on with it.
 	e.stop()
 	e.startUpdater()
@@ -273,6 +279,9 @@ func TestWaves(t *testing.T) {
 		st := status()
 		return st.State == protocol.ReleasePaused && st.PauseReason == protocol.PausedByThreshold
 	})
+	if ws := status().Waves; ws[1].Failed != 2 || ws[1].Installed != 0 || ws[1].Closed != nil {
+		t.Fatalf("waves %s; want 2 failed in wave 2, still open", waveDump(ws))
+	}
 	if s := e.u.Stats(); s.RolloutStops != 1 || s.WavesOpened != 0 { // wave 2 opened in the updater before the restart
 		t.Fatalf("stats: %d rollout stops, %d waves opened; want 1 and 0", s.RolloutStops, s.WavesOpened)
 	}
@@ -292,6 +301,70 @@ func TestWaves(t *testing.T) {
 		st := status()
 		return st.State == protocol.ReleaseCompleted && st.Installed == 10 && st.Failed == 2
 	})
+	// A completed release keeps how each wave ended.
+	ws := status().Waves
+	for i, want := range [][2]int{{3, 0}, {1, 2}, {6, 0}} {
+		if ws[i].Installed != want[0] || ws[i].Failed != want[1] || ws[i].Opened == nil || ws[i].Closed == nil {
+			t.Fatalf("waves of the completed release %s; want installed and failed %v", waveDump(ws), [][2]int{{3, 0}, {1, 2}, {6, 0}})
+		}
+	}
+}
+
+// waveDump prints a release status's waves for a failure message.
+func waveDump(ws []protocol.WaveStatus) string {
+	b, _ := json.Marshal(ws)
+	return string(b)
+}
+
+// TestWaveThreshold: a failure threshold applies to each wave as well as to the release
+// ([SC-12.5]): one failure in a one-device wave is over 20 % of that wave, though not
+// over 20 % of the devices offered so far, and pauses the release; after a resume, the
+// waves open then are exempt, and the next wave opens.
+func TestWaveThreshold(t *testing.T) {
+	e := startEnv(t, boltOpener)
+	ctx := context.Background()
+	files := e.provision(12)
+	byS, serials := bySerial(files)
+	img := randomImage(600)
+	res, err := e.op.Release(ctx, bytes.NewReader(img), int64(len(img)),
+		protocol.ReleaseCreateArgs{Version: 1, All: true, ChunkSize: 1024, Waves: []string{"6", "7"}, MaxFailures: "20%"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	order := protocol.RolloutOrder(res.Release, serials)
+	status := func() protocol.ReleaseStatus {
+		st, err := e.u.Admin().Release(ctx, res.Release)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st
+	}
+	for _, s := range order[:6] {
+		d := connectDevice(t, e.b.URL, byS[s])
+		ack, km, _ := d.install()
+		d.ackUntilReceipt(ack, keychain.Key(d.u, km.Seq))
+	}
+	eventually(t, "wave 2 opened", func() bool { return status().Wave == 2 })
+	d := connectDevice(t, e.b.URL, byS[order[6]])
+	km, err := keychain.ParseKeyMessage(d.next(d.keys, "key message"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := keychain.Key(d.u, km.Seq)
+	rep, _ := keychain.Ack{Kind: keychain.AckFailed, Epoch: km.Epoch, Seq: km.Seq, ID: km.ID, Version: 1, DeviceSeq: km.Seq, Code: uint16(protocol.CodeRollback)}.Seal(k, order[6])
+	d.publishAck(rep)
+	d.receipt(rep, k)
+	eventually(t, "the release paused by wave 2's threshold", func() bool {
+		st := status()
+		return st.State == protocol.ReleasePaused && st.PauseReason == protocol.PausedByThreshold
+	})
+	if _, err := e.u.Admin().ResumeRelease(ctx, res.Release); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "wave 3 opened after the resume", func() bool { return status().Wave == 3 })
+	if st := status(); st.State != protocol.ReleaseActive {
+		t.Fatalf("after the resume: %s, want active", st.State)
+	}
 }
 
 const rolloutIntervalForTests = time.Second
@@ -352,6 +425,61 @@ func TestMaxConcurrent(t *testing.T) {
 		st, err := e.u.Admin().Release(ctx, res.Release)
 		return err == nil && st.State == protocol.ReleaseCompleted && st.Installed == n && st.Offered == n
 	})
+}
+
+// TestDefaultBound: a release that gives no max_concurrent gets the server's default
+// bound, which counts only targets online (by their presence): offline targets get
+// their key at once, retained for when they come back, and hold no place; at most the
+// bound of online targets hold an unsettled key ([SC-12.5]). max_concurrent -1 sets none.
+func TestDefaultBound(t *testing.T) {
+	e := startEnv(t, boltOpener, func(o *updater.Options) { o.MaxConcurrent = 2 })
+	ctx := context.Background()
+	files := e.provision(8)
+	byS, serials := bySerial(files)
+	img := randomImage(600)
+	res, err := e.op.Release(ctx, bytes.NewReader(img), int64(len(img)), protocol.ReleaseCreateArgs{Version: 1, All: true, ChunkSize: 1024})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Three targets online, late in the rollout order so that offline ones come first.
+	order := protocol.RolloutOrder(res.Release, serials)
+	online := map[string]*testDevice{}
+	for _, s := range order[4:7] {
+		d := connectDevice(t, e.b.URL, byS[s])
+		if tok := d.c.Publish(protocol.PresenceTopic(s), 1, true, protocol.Online); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+			t.Fatalf("presence: %v", tok.Error())
+		}
+		online[s] = d
+	}
+	hasKey := func(s string) bool { return len(e.retained(protocol.KeyTopic(s))) > 0 }
+	eventually(t, "the first two online targets and the offline ones before them have their key", func() bool {
+		for _, s := range order[:6] {
+			if !hasKey(s) {
+				return false
+			}
+		}
+		return true
+	})
+	time.Sleep(2 * rolloutIntervalForTests)
+	if hasKey(order[6]) || hasKey(order[7]) {
+		t.Fatal("a third online target, or one after it, got its key while two online targets hold theirs")
+	}
+	st, err := e.u.Admin().Release(ctx, res.Release)
+	if err != nil || st.MaxConcurrent != 2 || !st.DefaultBound || st.Offered != 6 {
+		t.Fatalf("status %+v, %v; want the default bound 2, 6 offered", st, err)
+	}
+	d := online[order[4]]
+	ack, km, _ := d.install()
+	d.ackUntilReceipt(ack, keychain.Key(d.u, km.Seq))
+	eventually(t, "the third online target got its key once one installed", func() bool { return hasKey(order[6]) })
+
+	res2, err := e.op.Release(ctx, bytes.NewReader(img), int64(len(img)), protocol.ReleaseCreateArgs{Version: 2, All: true, ChunkSize: 1024, MaxConcurrent: protocol.NoBound})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, err := e.u.Admin().Release(ctx, res2.Release); err != nil || st.MaxConcurrent != 0 || st.DefaultBound {
+		t.Fatalf("release with max_concurrent -1: status %+v, %v; want no bound", st, err)
+	}
 }
 
 // testClock is a clock a test moves by hand.
@@ -524,7 +652,7 @@ func TestCanary(t *testing.T) {
 	}
 	eventually(t, "the canaries wrapped", func() bool { return len(e.retained(protocol.KeyTopic(canary[1]))) > 0 })
 	st, err := e.u.Admin().Release(ctx, res.Release)
-	if err != nil || st.Wave != 1 || st.Waves != 3 || st.Offered != 2 {
+	if err != nil || st.Wave != 1 || len(st.Waves) != 3 || st.Offered != 2 {
 		t.Fatalf("status %+v, %v; want wave 1 of 3 (canaries, 50 %%, all), 2 offered", st, err)
 	}
 	for _, f := range files {

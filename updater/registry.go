@@ -39,6 +39,13 @@ type run struct {
 	// targets the rollout loop last found timed out.
 	offeredAt map[string]time.Time
 	timedOut  atomic.Int32
+	// removed holds the targets in sorted that were deprovisioned since the start
+	// (guarded by the registry's lock): they no longer count in their wave.
+	removed map[string]bool
+	// installed marks the targets in sorted known to have installed the release (the
+	// rollout loop's alone: it reads them no more), and tally is what it last counted.
+	installed []bool
+	tally     atomic.Pointer[tally]
 
 	// gate, if set, holds every key back until a start time and outside a window;
 	// gateOpen is whether the admin service last found it open (it owns the field).
@@ -127,6 +134,24 @@ func (r *run) open() int {
 		n = min(n, int(r.offered.Load()))
 	}
 	return n
+}
+
+// planWaves returns a WaveStatus for each wave of the plan, with its number and size.
+func (r *run) planWaves() []protocol.WaveStatus {
+	ws := make([]protocol.WaveStatus, len(r.sizes))
+	for i, end := range r.sizes {
+		ws[i] = protocol.WaveStatus{Wave: i + 1, Size: end}
+		if i > 0 {
+			ws[i].Size -= r.sizes[i-1]
+		}
+	}
+	return ws
+}
+
+// waveOf returns the wave of the target at index i of sorted.
+func (r *run) waveOf(i int) int {
+	w, _ := slices.BinarySearch(r.sizes, i+1)
+	return w
 }
 
 // admitted reports whether serial's wave is open. Called with the registry's lock held.
@@ -232,16 +257,27 @@ func (g *registry) markOffered(id keychain.ReleaseID, serials []string) {
 	}
 }
 
-// offeredSince returns when serial was first offered release id's key.
-func (g *registry) offeredSince(id keychain.ReleaseID, serial string) (time.Time, bool) {
+// timedOut reports whether serial was first offered release id's key at least d before now.
+func (g *registry) timedOut(id keychain.ReleaseID, serial string, now time.Time, d time.Duration) bool {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	r := g.runs[id]
 	if r == nil || r.offeredAt == nil {
-		return time.Time{}, false
+		return false
 	}
 	t, ok := r.offeredAt[serial]
-	return t, ok
+	return ok && now.Sub(t) >= d
+}
+
+// removedFrom returns a copy of the targets deprovisioned from release id since it was
+// loaded.
+func (g *registry) removedFrom(id keychain.ReleaseID) map[string]bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if r := g.runs[id]; r != nil {
+		return maps.Clone(r.removed)
+	}
+	return nil
 }
 
 // removeTarget takes serial out of the targets of every held release and returns the ids
@@ -254,6 +290,10 @@ func (g *registry) removeTarget(serial string) []keychain.ReleaseID {
 		if _, ok := r.targets[serial]; ok {
 			delete(r.targets, serial)
 			ids = append(ids, id)
+			if r.removed == nil {
+				r.removed = map[string]bool{}
+			}
+			r.removed[serial] = true
 		}
 	}
 	return ids

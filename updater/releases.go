@@ -18,6 +18,12 @@ func (a *releaseAdmin) CreateRelease(ctx context.Context, args protocol.ReleaseC
 	if err := checkCreate(&args); err != nil {
 		return nil, err
 	}
+	bound, byDefault := args.MaxConcurrent, false
+	if bound == 0 && !args.Follow {
+		// The server's default; a release that follows has none (12.5).
+		bound, byDefault = a.maxConcurrent, a.maxConcurrent > 0
+	}
+	bound = max(bound, 0)
 	soak, _ := time.ParseDuration(args.Soak)                // checked
 	devTimeout, _ := time.ParseDuration(args.DeviceTimeout) // checked
 	var startAt time.Time
@@ -48,7 +54,7 @@ func (a *releaseAdmin) CreateRelease(ctx context.Context, args protocol.ReleaseC
 	}
 	rel := &Release{ID: id, Version: args.Version, Label: args.Label, State: protocol.ReleasePublishing, All: args.All,
 		Select: args.Select, Follow: args.Follow, Waves: args.Waves, Canary: args.Canary, MaxFailures: args.MaxFailures, Abort: args.AbortOnFailure,
-		MaxConcurrent: args.MaxConcurrent, Approve: args.Approve, Soak: soak, Window: args.Window, StartAt: startAt, DeviceTimeout: devTimeout,
+		MaxConcurrent: bound, DefaultBound: byDefault, Approve: args.Approve, Soak: soak, Window: args.Window, StartAt: startAt, DeviceTimeout: devTimeout,
 		Created: a.now(), ContentKey: sealed, ChunkSize: args.ChunkSize}
 	// The release is recorded as publishing before anything is published, so that a
 	// crash half way leaves a release that the restart cancels, not orphan topics.
@@ -105,8 +111,8 @@ func checkCreate(a *protocol.ReleaseCreateArgs) error {
 			return err
 		}
 	}
-	if a.MaxConcurrent < 0 {
-		return protocol.Errorf(protocol.ErrBadRequest, "max_concurrent %d must not be negative", a.MaxConcurrent)
+	if a.MaxConcurrent < protocol.NoBound {
+		return protocol.Errorf(protocol.ErrBadRequest, "max_concurrent %d: give a bound, 0 for the server's default, or -1 for none", a.MaxConcurrent)
 	}
 	if (len(a.Waves) > 0 || len(a.Canary) > 0 || a.MaxConcurrent > 0) && a.Follow {
 		return protocol.Errorf(protocol.ErrBadRequest, "waves or max_concurrent together with follow are not supported: a device that joins later has no place in the rollout order")
@@ -133,7 +139,7 @@ func checkCreate(a *protocol.ReleaseCreateArgs) error {
 		if d, err := time.ParseDuration(a.DeviceTimeout); err != nil || d <= 0 {
 			return protocol.Errorf(protocol.ErrBadRequest, "device_timeout %q: give a duration such as 30m", a.DeviceTimeout)
 		}
-		if len(a.Waves) == 0 && a.MaxConcurrent == 0 && a.MaxFailures == "" {
+		if len(a.Waves) == 0 && (a.MaxConcurrent == protocol.NoBound || a.Follow) && a.MaxFailures == "" {
 			return protocol.Errorf(protocol.ErrBadRequest, "device_timeout counts toward waves, max_concurrent and max_failures: give one of them")
 		}
 	}
@@ -345,16 +351,26 @@ func (a *releaseAdmin) setState(ctx context.Context, id keychain.ReleaseID, to p
 	}
 	edit := func(rel *Release) { rel.PauseReason = "" }
 	switch to {
+	case protocol.ReleaseCancelled:
+		if r != nil {
+			keep := lastCounts(r)
+			edit = func(rel *Release) { rel.PauseReason = ""; keep(rel) }
+		}
 	case protocol.ReleasePaused:
 		edit = func(rel *Release) { rel.PauseReason = protocol.PausedByOperator }
 	case protocol.ReleaseActive:
-		// A resume accepts the failures counted so far: the threshold applies to new ones.
+		// A resume accepts the failures counted so far: the release's threshold applies
+		// to new ones, and the waves open now are exempt from their own.
 		if r.sizes != nil {
-			_, failed, err := a.waveResults(ctx, r)
+			t, err := a.count(ctx, r)
 			if err != nil {
 				return protocol.ReleaseStatus{}, unavailable(err)
 			}
-			edit = func(rel *Release) { rel.PauseReason, rel.Tolerated = "", failed }
+			r.tally.Store(t)
+			w := int(r.wave.Load())
+			edit = func(rel *Release) {
+				rel.PauseReason, rel.Tolerated, rel.ToleratedWaves = "", t.failed+t.timedOut, w+1
+			}
 		}
 	}
 	if rel, err = a.life.change(ctx, id, to, edit); err != nil {
@@ -480,198 +496,4 @@ func (a *releaseAdmin) resume(ctx context.Context) {
 			a.startIfOpen(r)
 		}
 	}
-}
-
-// startIfOpen starts the release's fan-out if its gate lets keys out now (12.6); the
-// rollout loop starts it when the gate opens, and stops it when it closes.
-func (a *releaseAdmin) startIfOpen(r *run) {
-	if r.gateOpen = r.gate.open(a.now()); r.gateOpen {
-		a.place.start(r)
-	}
-}
-
-// stepGate starts or stops a release's fan-out as its gate opens or closes, and reports
-// whether it is open.
-func (a *releaseAdmin) stepGate(r *run) bool {
-	open := r.gate.open(a.now())
-	switch {
-	case open && !r.gateOpen:
-		r.fanFrom = 0
-		a.place.start(r)
-		a.log.Info().Str("release", r.release().ID.String()).Msg("release window opened: keys go out")
-	case !open && r.gateOpen:
-		a.place.halt(r)
-		a.log.Info().Str("release", r.release().ID.String()).Msg("release window closed: no new key goes out")
-	}
-	r.gateOpen = open
-	return open
-}
-
-// rolloutInterval is how often the waves of releases in progress are looked at.
-const rolloutInterval = 250 * time.Millisecond
-
-// rolloutLoop moves the waves of the releases in progress on until ctx ends.
-func (a *releaseAdmin) rolloutLoop(ctx context.Context) {
-	t := time.NewTicker(rolloutInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			a.stepRollouts(ctx)
-		}
-	}
-}
-
-// stepRollouts applies [SC-12.5] to every active release with waves: it pauses (or
-// cancels) a release whose counted failures cross its threshold, and opens the next wave
-// of one whose open waves have settled.
-func (a *releaseAdmin) stepRollouts(ctx context.Context) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	for _, r := range a.runs.all() {
-		rel := r.release()
-		if r.sizes == nil && r.gate == nil || rel.State != protocol.ReleaseActive || r.paused.Load() {
-			continue
-		}
-		if r.gate != nil && !a.stepGate(r) || r.sizes == nil {
-			continue
-		}
-		if err := a.stepRollout(ctx, r, rel); err != nil && ctx.Err() == nil {
-			a.log.Warn().Err(err).Str("release", rel.ID.String()).Msg("moving the rollout on; will retry")
-		}
-	}
-}
-
-func (a *releaseAdmin) stepRollout(ctx context.Context, r *run, rel *Release) error {
-	installed, failed, err := a.waveResults(ctx, r)
-	if err != nil {
-		return err
-	}
-	admitted := r.open()
-	limit, _ := protocol.FailureLimit(rel.MaxFailures, admitted)
-	if limit >= 0 && failed-rel.Tolerated > limit {
-		return a.trip(ctx, r, rel, failed, limit)
-	}
-	w := int(r.wave.Load())
-	settled := installed + failed
-	if r.cap > 0 && admitted < r.sizes[w] {
-		// The sliding window inside the open wave: a key for every one that settled.
-		if admitted-settled < r.cap {
-			return a.offer(ctx, r, w, min(r.sizes[w], settled+r.cap))
-		}
-		return nil
-	}
-	if settled < admitted || w+1 >= len(r.sizes) {
-		return nil
-	}
-	// The open waves have settled: the next waits for its soak time and approval.
-	if (rel.Soak > 0 || rel.Approve) && rel.SettledAt.IsZero() {
-		now := a.now()
-		_, err := a.life.edit(ctx, rel.ID, func(rel *Release) { rel.SettledAt = now })
-		a.status.releaseChanged(rel.ID)
-		return err
-	}
-	if a.now().Before(rel.SettledAt.Add(rel.Soak)) || rel.Approve && rel.Approved <= w {
-		return nil
-	}
-	next := r.sizes[w+1]
-	if r.cap > 0 {
-		next = min(next, settled+r.cap)
-	}
-	if err := a.offer(ctx, r, w+1, next); err != nil {
-		return err
-	}
-	a.stats.wavesOpened.Add(1)
-	a.log.Info().Str("release", rel.ID.String()).Int("wave", w+2).Int("of", len(r.sizes)).Int("devices", r.open()).Msg("wave opened")
-	return nil
-}
-
-// offer makes wave w open with its first n devices offered (n only counts with a
-// concurrency bound), kept with the release before any of their keys goes out, and
-// wraps the keys of the devices newly offered.
-func (a *releaseAdmin) offer(ctx context.Context, r *run, w, n int) error {
-	from := r.open()
-	if r.done != nil {
-		select {
-		case <-r.done:
-		default:
-			// A fan-out is still wrapping its part: halting it would strand the devices
-			// it has not reached. Wrap its part again (the same keys at the same
-			// places) along with the new one.
-			from = r.fanFrom
-		}
-	}
-	if _, err := a.life.edit(ctx, r.release().ID, func(rel *Release) { rel.Wave, rel.Admitted, rel.SettledAt = w, n, time.Time{} }); err != nil {
-		return err
-	}
-	a.place.halt(r)
-	r.fanFrom = from
-	r.wave.Store(int32(w))
-	r.offered.Store(int32(n))
-	a.place.start(r)
-	a.status.releaseChanged(r.release().ID)
-	return nil
-}
-
-// trip pauses, or with abort_on_failure cancels, a release whose counted failures crossed
-// its threshold.
-func (a *releaseAdmin) trip(ctx context.Context, r *run, rel *Release, failed, limit int) error {
-	a.stats.rolloutStops.Add(1)
-	ev := a.log.Warn().Str("release", rel.ID.String()).Int("failed", failed).Int("limit", limit)
-	if rel.Abort {
-		ev.Msg("failure threshold crossed; cancelling the release")
-		r.paused.Store(true)
-		a.place.halt(r)
-		if _, err := a.life.change(ctx, rel.ID, protocol.ReleaseCancelled, func(rel *Release) { rel.PauseReason = protocol.PausedByThreshold }); err != nil {
-			r.paused.Store(false)
-			return err
-		}
-		a.runs.remove(rel.ID)
-		a.status.releaseChanged(rel.ID)
-		a.status.fleetChanged()
-		return a.place.withdraw(ctx, rel.ID)
-	}
-	ev.Msg("failure threshold crossed; pausing the release")
-	r.paused.Store(true)
-	a.place.halt(r)
-	if _, err := a.life.change(ctx, rel.ID, protocol.ReleasePaused, func(rel *Release) { rel.PauseReason = protocol.PausedByThreshold }); err != nil {
-		r.paused.Store(false)
-		return err
-	}
-	a.status.releaseChanged(rel.ID)
-	a.status.fleetChanged()
-	return nil
-}
-
-// waveResults counts, among the devices of the waves open, those that installed the
-// release and those that failed it: permanently, or by not settling within the device
-// timeout (the failures a threshold counts, 12.5).
-func (a *releaseAdmin) waveResults(ctx context.Context, r *run) (installed, failed int, err error) {
-	members := r.sorted[:r.open()]
-	rel := r.release()
-	now := a.now()
-	timedOut := 0
-	for i := 0; i < len(members); i += batchSize {
-		batch := members[i:min(i+batchSize, len(members))]
-		results, err := a.store.Results(ctx, rel.ID, batch)
-		if err != nil {
-			return 0, 0, err
-		}
-		for j, res := range results {
-			switch {
-			case res == ResultInstalled:
-				installed++
-			case permanentFailure(res):
-				failed++
-			case rel.DeviceTimeout > 0:
-				if at, ok := a.runs.offeredSince(rel.ID, batch[j]); ok && now.Sub(at) >= rel.DeviceTimeout {
-					timedOut++
-				}
-			}
-		}
-	}
-	r.timedOut.Store(int32(timedOut))
-	return installed, failed + timedOut, nil
 }

@@ -96,6 +96,17 @@ func (s *statusPublisher) onPresence(topic string, payload []byte) {
 	s.mu.Unlock()
 }
 
+// onlineOf reports, for each serial, whether its presence says online now.
+func (s *statusPublisher) onlineOf(serials []string) []bool {
+	on := make([]bool, len(serials))
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i, serial := range serials {
+		on[i] = s.online[serial]
+	}
+	return on
+}
+
 // onlineCount is how many devices' presence says online now.
 func (s *statusPublisher) onlineCount() int {
 	s.mu.Lock()
@@ -125,31 +136,71 @@ func (s *statusPublisher) releaseStatus(ctx context.Context, rel *Release) proto
 	}
 	st.Pending = max(0, st.Targets-st.Installed-st.Failed)
 	if len(rel.Waves) > 0 || len(rel.Canary) > 0 || rel.MaxConcurrent > 0 || rel.MaxFailures != "" || rel.DeviceTimeout > 0 {
-		sizes, err := protocol.WaveSizes(rel.Waves, st.Targets)
-		if r := s.runs.get(rel.ID); r != nil && r.sizes != nil {
-			sizes, err = r.sizes, nil // the plan the release runs by, canaries included
-		} else if len(rel.Canary) > 0 && err == nil {
-			sizes = slices.Compact(append([]int{min(len(rel.Canary), st.Targets)}, sizes...))
-		}
-		if err == nil {
-			w := min(rel.Wave, len(sizes)-1)
-			st.Offered = offered(rel, sizes[w])
-			if len(rel.Waves) > 0 || len(rel.Canary) > 0 {
-				st.Wave, st.Waves = w+1, len(sizes)
-			}
-			if !rel.SettledAt.IsZero() && w+1 < len(sizes) {
-				if at := rel.SettledAt.Add(rel.Soak); s.now().Before(at) {
-					st.NextWave, st.NextWaveAt = "soak", &at
-				} else if rel.Approve && rel.Approved <= w {
-					st.NextWave = "approval"
-				}
-			}
-		}
+		s.rolloutStatus(&st, rel)
 	}
 	if rel.State == protocol.ReleasePaused || rel.State == protocol.ReleaseCancelled {
 		st.PauseReason = rel.PauseReason
 	}
 	return st
+}
+
+// rolloutStatus fills in the rollout fields of st, the status of rel (13.2): the plan's
+// waves, their times, and, while the release is held, what the rollout loop last
+// counted of each.
+func (s *statusPublisher) rolloutStatus(st *protocol.ReleaseStatus, rel *Release) {
+	st.MaxConcurrent, st.DefaultBound = rel.MaxConcurrent, rel.DefaultBound
+	sizes, err := protocol.WaveSizes(rel.Waves, st.Targets)
+	r := s.runs.get(rel.ID)
+	if r != nil && r.sizes != nil {
+		sizes, err = r.sizes, nil // the plan the release runs by, canaries included
+	} else if len(rel.Canary) > 0 && err == nil {
+		sizes = slices.Compact(append([]int{min(len(rel.Canary), st.Targets)}, sizes...))
+	}
+	if err != nil {
+		return
+	}
+	w := min(rel.Wave, len(sizes)-1)
+	st.Offered = offered(rel, sizes[w])
+	var t *tally
+	if r != nil {
+		t = r.tally.Load()
+	}
+	if t != nil {
+		st.TimedOut = t.timedOut
+	}
+	if len(rel.Waves) == 0 && len(rel.Canary) == 0 {
+		return
+	}
+	st.Wave = w + 1
+	for i := range sizes {
+		ws := protocol.WaveStatus{Wave: i + 1, Size: sizes[i]}
+		if i > 0 {
+			ws.Size -= sizes[i-1]
+		}
+		if i < len(rel.WaveLog) {
+			rec := rel.WaveLog[i]
+			ws.Opened, ws.Closed = timeOrNil(rec.Opened), timeOrNil(rec.Closed)
+			ws.Installed, ws.Failed, ws.TimedOut = rec.Installed, rec.Failed, rec.TimedOut
+		}
+		if t != nil && i < len(t.waves) {
+			ws.Size, ws.Installed, ws.Failed, ws.TimedOut = t.waves[i].Size, t.waves[i].Installed, t.waves[i].Failed, t.waves[i].TimedOut
+		}
+		st.Waves = append(st.Waves, ws)
+	}
+	if w+1 < len(sizes) && w < len(rel.WaveLog) && !rel.WaveLog[w].Closed.IsZero() {
+		if at := rel.WaveLog[w].Closed.Add(rel.Soak); s.now().Before(at) {
+			st.NextWave, st.NextWaveAt = "soak", &at
+		} else if rel.Approve && rel.Approved <= w {
+			st.NextWave = "approval"
+		}
+	}
+}
+
+func timeOrNil(t time.Time) *time.Time {
+	if t.IsZero() {
+		return nil
+	}
+	return &t
 }
 
 // loop publishes the statuses that changed every statusInterval, and every release's
@@ -212,7 +263,7 @@ func (s *statusPublisher) flush(ctx context.Context, all bool) {
 			continue
 		}
 		st := s.releaseStatus(ctx, rel)
-		if st.State == protocol.ReleaseActive && s.settled(ctx, rel, st) && s.complete(ctx, st) {
+		if st.State == protocol.ReleaseActive && s.settled(ctx, rel, st) && s.complete(ctx, &st) {
 			st.State = protocol.ReleaseCompleted
 			fleet = true
 		}
@@ -233,8 +284,32 @@ func (s *statusPublisher) flush(ctx context.Context, all bool) {
 }
 
 // complete marks a settled release completed and reports whether it is.
-func (s *statusPublisher) complete(ctx context.Context, st protocol.ReleaseStatus) bool {
-	if _, err := s.life.change(ctx, st.Release, protocol.ReleaseCompleted); err != nil {
+func (s *statusPublisher) complete(ctx context.Context, st *protocol.ReleaseStatus) bool {
+	var keep []func(*Release)
+	if r := s.runs.get(st.Release); r != nil && len(st.Waves) > 0 {
+		// Its final counts, kept with the release for its status once it leaves memory.
+		ws, err := finalCounts(ctx, s.store, r, s.runs.removedFrom(st.Release), st.Failed == 0)
+		if err != nil {
+			s.releaseChanged(st.Release)
+			return false
+		}
+		now := s.now()
+		keep = append(keep, keepCounts(ws), func(rel *Release) {
+			for i := range rel.WaveLog { // every target settled: the waves still open close now
+				if rel.WaveLog[i].Closed.IsZero() {
+					rel.WaveLog[i].Closed = now
+				}
+			}
+		})
+		for i := range st.Waves {
+			sw := &st.Waves[i]
+			sw.Size, sw.Installed, sw.Failed, sw.TimedOut = ws[i].Size, ws[i].Installed, ws[i].Failed, 0
+			if sw.Opened != nil && sw.Closed == nil {
+				sw.Closed = &now
+			}
+		}
+	}
+	if _, err := s.life.change(ctx, st.Release, protocol.ReleaseCompleted, keep...); err != nil {
 		if !errors.Is(err, ErrTransition) && !errors.Is(err, ErrNotFound) { // else paused, cancelled or gone meanwhile
 			s.log.Warn().Err(err).Str("release", st.Release.String()).Msg("marking the release completed; will retry")
 			s.releaseChanged(st.Release)

@@ -162,8 +162,9 @@ type Release struct {
 	Select map[string]string
 	Follow bool
 	// Waves, MaxFailures and Abort are the rollout plan (PROTOCOL.md 12.5); Wave is the
-	// index of the wave open now, PauseReason why the release is paused, and Tolerated
-	// how many counted failures an operator's resume accepted.
+	// index of the wave open now, PauseReason why the release is paused, Tolerated how
+	// many counted failures an operator's resume accepted over the release, and
+	// ToleratedWaves how many waves from the first it exempted from their own threshold.
 	Waves       []string
 	Canary      []string // devices that form a first wave of their own
 	MaxFailures string
@@ -171,16 +172,23 @@ type Release struct {
 	Wave        int
 	PauseReason string
 	Tolerated   int
-	// MaxConcurrent bounds the targets holding an unsettled key (0: none); Admitted is
-	// how many targets, in rollout order, have been offered the release under it.
+	// ToleratedWaves is how many waves, from the first, an operator's resume exempted
+	// from their own failure threshold.
+	ToleratedWaves int
+	// WaveLog is when each wave opened and closed, from the first; a wave not opened
+	// yet has no entry.
+	WaveLog []WaveRecord
+	// MaxConcurrent bounds the targets holding an unsettled key (0: none); with
+	// DefaultBound (the server's default) only targets online count. Admitted is how
+	// many targets, in rollout order, have been offered the release under it.
 	MaxConcurrent int
+	DefaultBound  bool
 	Admitted      int
-	// Soak and Approve hold the next wave back; SettledAt is when the open waves
-	// settled (zero while they have not), Approved how many waves an operator approved.
-	Soak      time.Duration
-	Approve   bool
-	SettledAt time.Time
-	Approved  int
+	// Soak and Approve hold the next wave back once the open waves have closed;
+	// Approved is how many waves an operator approved.
+	Soak     time.Duration
+	Approve  bool
+	Approved int
 	// StartAt and Window hold every key back until StartAt and outside Window.
 	StartAt time.Time
 	Window  string
@@ -200,6 +208,18 @@ type Release struct {
 	Failed    int
 }
 
+// WaveRecord is what a release keeps of one of its waves: when it opened (its first key
+// was offered) and closed (every device of it settled), zero while it has not, and how
+// its devices had settled when the release left the updater's memory (completed or
+// cancelled; while the release is in progress the rollout loop counts them).
+type WaveRecord struct {
+	Opened    time.Time `json:"opened,omitzero"`
+	Closed    time.Time `json:"closed,omitzero"`
+	Installed int       `json:"installed,omitempty"`
+	Failed    int       `json:"failed,omitempty"`
+	TimedOut  int       `json:"timed_out,omitempty"`
+}
+
 // releaseMeta is the one mapping of release records that every store keeps: what
 // PutRelease writes, that is everything but the id (the record's key) and the counts
 // (RecordResults keeps those). A new release field is one line here and a storetest case.
@@ -217,11 +237,13 @@ type releaseMeta struct {
 	Wave       int                   `json:"wave,omitempty"`
 	Reason     string                `json:"pause_reason,omitempty"`
 	Tolerated  int                   `json:"tolerated,omitempty"`
+	TolWaves   int                   `json:"tolerated_waves,omitempty"`
+	WaveLog    []WaveRecord          `json:"wave_log,omitempty"`
 	MaxConc    int                   `json:"max_concurrent,omitempty"`
+	DefBound   bool                  `json:"default_bound,omitempty"`
 	Admitted   int                   `json:"admitted,omitempty"`
 	Soak       time.Duration         `json:"soak,omitempty"`
 	Approve    bool                  `json:"approve,omitempty"`
-	SettledAt  time.Time             `json:"settled_at,omitzero"`
 	Approved   int                   `json:"approved,omitempty"`
 	StartAt    time.Time             `json:"start_at,omitzero"`
 	Window     string                `json:"window,omitempty"`
@@ -239,7 +261,8 @@ func MarshalReleaseMeta(r *Release) ([]byte, error) {
 	return json.Marshal(releaseMeta{
 		Version: r.Version, Label: r.Label, State: r.State, All: r.All, Select: r.Select, Follow: r.Follow, Created: r.Created.UTC(),
 		Waves: r.Waves, Canary: r.Canary, MaxFail: r.MaxFailures, Abort: r.Abort, Wave: r.Wave, Reason: r.PauseReason, Tolerated: r.Tolerated,
-		MaxConc: r.MaxConcurrent, Admitted: r.Admitted, Soak: r.Soak, Approve: r.Approve, SettledAt: r.SettledAt.UTC(), Approved: r.Approved,
+		MaxConc: r.MaxConcurrent, DefBound: r.DefaultBound, Admitted: r.Admitted, Soak: r.Soak, Approve: r.Approve, Approved: r.Approved,
+		TolWaves: r.ToleratedWaves, WaveLog: r.WaveLog,
 		StartAt: r.StartAt.UTC(), Window: r.Window, DevTimeout: r.DeviceTimeout,
 		Manifest: r.Manifest, ContentKey: r.ContentKey, ImageSize: r.ImageSize,
 		ChunkSize: r.ChunkSize, ChunkCount: r.ChunkCount,
@@ -256,7 +279,8 @@ func UnmarshalReleaseMeta(id keychain.ReleaseID, b []byte) (*Release, error) {
 	return &Release{
 		ID: id, Version: m.Version, Label: m.Label, State: m.State, All: m.All, Select: m.Select, Follow: m.Follow, Created: m.Created,
 		Waves: m.Waves, Canary: m.Canary, MaxFailures: m.MaxFail, Abort: m.Abort, Wave: m.Wave, PauseReason: m.Reason, Tolerated: m.Tolerated,
-		MaxConcurrent: m.MaxConc, Admitted: m.Admitted, Soak: m.Soak, Approve: m.Approve, SettledAt: m.SettledAt, Approved: m.Approved,
+		MaxConcurrent: m.MaxConc, DefaultBound: m.DefBound, Admitted: m.Admitted, Soak: m.Soak, Approve: m.Approve, Approved: m.Approved,
+		ToleratedWaves: m.TolWaves, WaveLog: m.WaveLog,
 		StartAt: m.StartAt, Window: m.Window, DeviceTimeout: m.DevTimeout,
 		Manifest: m.Manifest, ContentKey: m.ContentKey, ImageSize: m.ImageSize,
 		ChunkSize: m.ChunkSize, ChunkCount: m.ChunkCount,

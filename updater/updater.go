@@ -94,6 +94,9 @@ type Options struct {
 	Accounts Accounts
 	// MaxUploadSize bounds one image (default 4 GiB).
 	MaxUploadSize uint64
+	// MaxConcurrent is the concurrency bound of a release that gives none (PROTOCOL.md
+	// 12.5): default protocol.DefaultMaxConcurrent, protocol.NoBound for none.
+	MaxConcurrent int
 	// Workers is how many goroutines wrap keys and verify acks (default GOMAXPROCS).
 	Workers int
 	// Now is the clock (default time.Now).
@@ -152,7 +155,7 @@ func New(o Options) (*Updater, error) {
 	u.admin = newAdmin(&adminCore{
 		store: o.Store, bus: o.Bus, keys: u.keys, runs: u.runs, life: u.life, place: u.place,
 		status: u.status, uploads: u.uploads, revoker: o.Revoker, accounts: o.Accounts, keyStore: o.KeyStore, stats: &u.stats, log: u.log, now: o.Now,
-		workers: o.Workers, brokerURL: o.BrokerURL,
+		workers: o.Workers, brokerURL: o.BrokerURL, maxConcurrent: o.MaxConcurrent,
 	})
 	if !o.AcksOnly {
 		u.mqtt = newMQTTAdmin(u.admin, o.Bus, u.log)
@@ -183,6 +186,12 @@ func (o Options) withDefaults() (Options, error) {
 	}
 	if o.MaxUploadSize == 0 {
 		o.MaxUploadSize = 4 << 30
+	}
+	switch {
+	case o.MaxConcurrent == 0:
+		o.MaxConcurrent = protocol.DefaultMaxConcurrent
+	case o.MaxConcurrent < protocol.NoBound:
+		return o, fmt.Errorf("updater: Options.MaxConcurrent %d: give a bound, or protocol.NoBound for none", o.MaxConcurrent)
 	}
 	if o.Workers <= 0 {
 		o.Workers = runtime.GOMAXPROCS(0)

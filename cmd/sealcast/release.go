@@ -41,7 +41,7 @@ func releaseCommand(e *env) *ffcli.Command {
 	fs.StringVar(&r.startAt, "start-at", "", "publish no key before this time (RFC 3339, e.g. 2026-12-24T02:00:00Z)")
 	fs.StringVar(&r.window, "window", "", "publish keys only inside this weekly window: DAYS HH:MM-HH:MM [ZONE], e.g. 'Mon-Fri 01:00-05:00 Europe/Berlin' (PROTOCOL.md 12.6)")
 	fs.DurationVar(&r.deviceTimeout, "device-timeout", 0, "count a target that got its key and has not installed within this as timed out, toward the waves and -max-failures (its late install is still accepted)")
-	fs.IntVar(&r.maxConcurrent, "max-concurrent", 0, "at no time more than this many targets hold a key they have not installed or failed for good: keys go out as others settle (0: no bound)")
+	fs.IntVar(&r.maxConcurrent, "max-concurrent", 0, "at no time more than this many targets hold a key they have not installed or failed for good: keys go out as others settle (0: the server's default, which counts only targets online; -1: no bound)")
 	fs.BoolVar(&r.abortOnFailure, "abort-on-failure", false, "with -max-failures: cancel the release instead of pausing it")
 	fs.DurationVar(&r.timeout, "wait-timeout", 0, "with -wait: stop waiting after this long, print the devices still pending and exit with status 3 (the release goes on)")
 	fs.BoolVar(&r.wait, "wait", false, "show progress until every target installed or failed; exit non-zero if any failed or the release was cancelled")
@@ -391,7 +391,7 @@ func statusLine(st protocol.ReleaseStatus) string {
 	if st.PauseReason != "" {
 		s += " (by " + st.PauseReason + ")"
 	}
-	if st.Waves > 0 {
+	if len(st.Waves) > 0 {
 		s += ", wave " + waveText(st)
 	}
 	if st.TimedOut > 0 {
@@ -402,10 +402,10 @@ func statusLine(st protocol.ReleaseStatus) string {
 
 // waveText is "2/4" with the next wave's wait, for a release with waves, else "-".
 func waveText(st protocol.ReleaseStatus) string {
-	if st.Waves == 0 {
+	if len(st.Waves) == 0 {
 		return "-"
 	}
-	s := fmt.Sprintf("%d/%d", st.Wave, st.Waves)
+	s := fmt.Sprintf("%d/%d", st.Wave, len(st.Waves))
 	switch st.NextWave {
 	case "soak":
 		s += " (soaking until " + st.NextWaveAt.Local().Format(time.DateTime) + ")"

@@ -7,6 +7,7 @@ import (
 	"github.com/peterbourgon/ff/v3/ffcli"
 
 	"github.com/sealcast/sealcast/broker"
+	"github.com/sealcast/sealcast/protocol"
 )
 
 func serveCommand(e *env) *ffcli.Command {
@@ -32,6 +33,7 @@ func serveCommand(e *env) *ffcli.Command {
 	fs.StringVar(&c.adminPassword, "admin-password", "", "password of the admin account when serve creates it (first start); prefer the environment, SEALCAST_ADMIN_PASSWORD (default: generated and printed once)")
 	fs.DurationVar(&c.writeDeadline, "write-deadline", broker.DefaultWriteDeadline, "disconnect a client of the embedded broker that takes no part of 64 KiB written to it within this long (a slow consumer; raise it for very slow links)")
 	fs.IntVar(&c.maxPending, "max-pending", broker.DefaultMaxPending, "disconnect a client of the embedded broker once this many bytes wait to be written to it (a slow consumer)")
+	fs.IntVar(&c.maxConcurrent, "max-concurrent", protocol.DefaultMaxConcurrent, "the concurrency bound of a release that gives none: at most this many online targets download it at once (-1: no bound; PROTOCOL.md 12.5)")
 	fs.StringVar(&c.pprofAddr, "pprof", "", "serve Go profiles on this address at /debug/pprof/ (off when empty; keep it on loopback, e.g. 127.0.0.1:6060)")
 	return &ffcli.Command{
 		Name:       "serve",
@@ -52,6 +54,9 @@ so that port 0 works: -listen 127.0.0.1:0.`,
 			}
 			if c.writeDeadline < 0 || c.maxPending < 0 {
 				return fmt.Errorf("-write-deadline and -max-pending must not be negative")
+			}
+			if c.maxConcurrent == 0 || c.maxConcurrent < protocol.NoBound {
+				return fmt.Errorf("-max-concurrent %d: give a bound, or -1 for none", c.maxConcurrent)
 			}
 			log := e.logger()
 			s, err := startStack(ctx, c, log)

@@ -51,6 +51,8 @@ type stackConfig struct {
 	// (broker.Limits); zero takes the broker's defaults.
 	writeDeadline time.Duration
 	maxPending    int
+	// maxConcurrent is the concurrency bound of releases that give none.
+	maxConcurrent int
 }
 
 // stack is a running service.
@@ -181,6 +183,7 @@ func (s *stack) startUpdater(c stackConfig) (err error) {
 		Store: s.store, Bus: s.bus,
 		Logger: s.log.With().Str("component", "updater").Logger(), DataDir: c.dataDir,
 		ChainLength: uint32(c.chainLength), BrokerURL: publicURL, AckGroup: ackGroup, AcksOnly: c.acksOnly,
+		MaxConcurrent: c.maxConcurrent,
 	}
 	if s.broker != nil {
 		uo.Revoker, uo.Accounts = s.broker, s.broker

@@ -80,7 +80,40 @@ func showRelease(ctx context.Context, e *env, op *operator.Client, arg string, a
 	fmt.Fprintf(w, "pending\t%d\n", st.Pending)
 	fmt.Fprintf(w, "image\t%d bytes, %d chunks of %d\n", st.ImageSize, st.ChunkCount, st.ChunkSize)
 	fmt.Fprintf(w, "created\t%s\n", st.Created.Local().Format(time.DateTime))
+	if st.PauseReason != "" {
+		fmt.Fprintf(w, "paused by\t%s\n", st.PauseReason)
+	}
+	switch {
+	case st.MaxConcurrent > 0 && st.DefaultBound:
+		fmt.Fprintf(w, "bound\t%d online targets with an unsettled key at once (the server's default); %d offered so far\n", st.MaxConcurrent, st.Offered)
+	case st.MaxConcurrent > 0:
+		fmt.Fprintf(w, "bound\t%d targets with an unsettled key at once; %d offered so far\n", st.MaxConcurrent, st.Offered)
+	}
+	if st.TimedOut > 0 {
+		fmt.Fprintf(w, "timed out\t%d\n", st.TimedOut)
+	}
+	if len(st.Waves) == 0 {
+		return w.Flush()
+	}
+	fmt.Fprintf(w, "wave\t%s\n", waveText(*st))
+	if err := w.Flush(); err != nil {
+		return err
+	}
+	fmt.Fprintln(e.stdout)
+	w = tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "WAVE\tDEVICES\tOPENED\tCLOSED\tINSTALLED\tFAILED\tTIMED OUT")
+	for _, ws := range st.Waves {
+		fmt.Fprintf(w, "%d\t%d\t%s\t%s\t%d\t%d\t%d\n", ws.Wave, ws.Size, timeText(ws.Opened), timeText(ws.Closed), ws.Installed, ws.Failed, ws.TimedOut)
+	}
 	return w.Flush()
+}
+
+// timeText is t in local time, or "-" for none.
+func timeText(t *time.Time) string {
+	if t == nil {
+		return "-"
+	}
+	return t.Local().Format(time.DateTime)
 }
 
 // statusJSON is what status -json prints.

@@ -120,3 +120,60 @@ func acksReceived(u *serve) float64 {
 	}
 	return v
 }
+
+// TestRolloutAcrossAckGroup runs a release with waves, a concurrency bound and a failure
+// threshold on two updaters in one ack group, the second -acks-only ([SC-12.5] with
+// several updaters): the acks-only one records the progress of the devices whose acks
+// Mosquitto hands it in the shared store, and the admin-serving one, which alone opens
+// waves and offers keys, moves the rollout on from there. Both updaters accept acks,
+// every wave closes with all its devices installed, no device gets more than one key,
+// and every counter moves once.
+func TestRolloutAcrossAckGroup(t *testing.T) {
+	const n, bound = 300, 40
+	m := mosquittotest.Start(t, brokerConfig)
+	rds := redistest.Start(t)
+	dirA := dataDir(t, "")
+	common := []string{"-broker", m.URL, "-redis", rds.URL(), "-http", "127.0.0.1:0", "-ack-group", "g", "-chain-length", "16"}
+	a := startServe(t, "updater-a", nil, append([]string{"-data", dirA}, common...)...)
+	b := startServe(t, "updater-b", nil, append([]string{"-data", dataDir(t, dirA), "-acks-only"}, common...)...)
+	op := dialOperator(t, m.URL)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	files, err := op.Provision(ctx, serials("roll", n), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys := watchKeys(t, m.URL)
+	driver := driveAcks(t, m.URL, files, 1, 1)
+	img := randomImage(4 << 10)
+	rel, err := op.Release(ctx, bytes.NewReader(img), int64(len(img)), protocol.ReleaseCreateArgs{
+		Version: 1, All: true, ChunkSize: 4096, Waves: []string{"10%", "50%"}, MaxConcurrent: bound, MaxFailures: "5%"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Minute, "every ack confirmed by a receipt", driver.done(rel.Release))
+	var st *protocol.ReleaseStatus
+	eventually(t, time.Minute, "the release completed", func() bool {
+		st, err = op.ReleaseStatus(ctx, rel.Release)
+		return err == nil && st.State == protocol.ReleaseCompleted
+	})
+	if st.Installed != n || st.Wave != 3 || len(st.Waves) != 3 {
+		t.Fatalf("release status: %d installed, wave %d of %d; want %d, wave 3 of 3", st.Installed, st.Wave, len(st.Waves), n)
+	}
+	for _, ws := range st.Waves {
+		if ws.Installed != ws.Size || ws.Opened == nil || ws.Closed == nil {
+			t.Errorf("wave %d: %d of %d installed, opened %v, closed %v; want all, opened and closed", ws.Wave, ws.Installed, ws.Size, ws.Opened, ws.Closed)
+		}
+	}
+	for _, u := range []*serve{a, b} {
+		if acc := u.metric("sealcast_acks_accepted_total"); acc == 0 {
+			t.Errorf("%s accepted no ack: the ack load was not shared", u.name)
+		}
+	}
+	if opened := a.metric("sealcast_waves_opened_total"); opened != 2 {
+		t.Errorf("updater-a opened %v waves, want 2", opened)
+	}
+	keys.checkOneWrap(t, files, rel.Release)
+	driver.check(t)
+	checkCounters(t, rds.URL(), files, 1)
+}

@@ -20,24 +20,28 @@ import (
 // NewRelease returns a release with every field PutRelease takes set.
 func NewRelease(id keychain.ReleaseID, created time.Time) *updater.Release {
 	return &updater.Release{
-		ID:            id,
-		Version:       1<<64 - 1,
-		Label:         "spring \"fixes\" ✓",
-		State:         "active",
-		All:           true,
-		Select:        map[string]string{"region": "eu", "hw": ""},
-		Follow:        true,
-		Waves:         []string{"1%", "10", "all"},
-		Canary:        []string{"c-2", "c-1"},
-		MaxFailures:   "5%",
-		Abort:         true,
-		Wave:          2,
-		PauseReason:   "failure_threshold",
-		Tolerated:     3,
-		MaxConcurrent: 500,
-		Soak:          90 * time.Second,
-		Approve:       true,
-		SettledAt:     created.Add(time.Hour),
+		ID:             id,
+		Version:        1<<64 - 1,
+		Label:          "spring \"fixes\" ✓",
+		State:          "active",
+		All:            true,
+		Select:         map[string]string{"region": "eu", "hw": ""},
+		Follow:         true,
+		Waves:          []string{"1%", "10", "all"},
+		Canary:         []string{"c-2", "c-1"},
+		MaxFailures:    "5%",
+		Abort:          true,
+		Wave:           2,
+		PauseReason:    "failure_threshold",
+		Tolerated:      3,
+		MaxConcurrent:  500,
+		Soak:           90 * time.Second,
+		Approve:        true,
+		ToleratedWaves: 2,
+		WaveLog: []updater.WaveRecord{
+			{Opened: created, Closed: created.Add(time.Hour)},
+			{Opened: created.Add(61 * time.Minute)},
+		},
 		Approved:      1,
 		StartAt:       created.Add(2 * time.Hour),
 		Window:        "Mon-Fri 01:00-05:00 Europe/Berlin",
@@ -50,6 +54,10 @@ func NewRelease(id keychain.ReleaseID, created time.Time) *updater.Release {
 		ChunkSize:     1<<32 - 1,
 		ChunkCount:    77,
 	}
+}
+
+func sameWaveRecord(a, b updater.WaveRecord) bool {
+	return sameTime(a.Opened, b.Opened) && sameTime(a.Closed, b.Closed)
 }
 
 func diffRelease(got, want *updater.Release) string {
@@ -75,11 +83,11 @@ func diffRelease(got, want *updater.Release) string {
 	}
 	if !slices.Equal(got.Waves, want.Waves) || !slices.Equal(got.Canary, want.Canary) || got.MaxFailures != want.MaxFailures || got.Abort != want.Abort ||
 		got.Wave != want.Wave || got.PauseReason != want.PauseReason || got.Tolerated != want.Tolerated ||
-		got.MaxConcurrent != want.MaxConcurrent || got.Admitted != want.Admitted || got.Soak != want.Soak ||
-		got.Approve != want.Approve || !sameTime(got.SettledAt, want.SettledAt) || got.Approved != want.Approved ||
+		got.MaxConcurrent != want.MaxConcurrent || got.DefaultBound != want.DefaultBound || got.Admitted != want.Admitted || got.Soak != want.Soak ||
+		got.Approve != want.Approve || got.ToleratedWaves != want.ToleratedWaves || !slices.EqualFunc(got.WaveLog, want.WaveLog, sameWaveRecord) || got.Approved != want.Approved ||
 		!sameTime(got.StartAt, want.StartAt) || got.Window != want.Window || got.DeviceTimeout != want.DeviceTimeout {
-		add("rollout", fmt.Sprint(got.Waves, got.MaxFailures, got.Abort, got.Wave, got.PauseReason, got.Tolerated),
-			fmt.Sprint(want.Waves, want.MaxFailures, want.Abort, want.Wave, want.PauseReason, want.Tolerated))
+		add("rollout", fmt.Sprint(got.Waves, got.MaxFailures, got.Abort, got.Wave, got.PauseReason, got.Tolerated, got.ToleratedWaves, got.WaveLog),
+			fmt.Sprint(want.Waves, want.MaxFailures, want.Abort, want.Wave, want.PauseReason, want.Tolerated, want.ToleratedWaves, want.WaveLog))
 	}
 	if !maps.Equal(got.Select, want.Select) || got.Follow != want.Follow {
 		add("Select, Follow", fmt.Sprint(got.Select, got.Follow), fmt.Sprint(want.Select, want.Follow))

@@ -31,6 +31,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/sealcast/sealcast/protocol"
 )
 
 // config is what one invocation runs.
@@ -64,7 +66,7 @@ func main() {
 	flag.BoolVar(&c.pprof, "pprof", true, "take CPU and heap profiles of the server")
 	flag.IntVar(&c.pprofSeconds, "pprof-seconds", 5, "length of each back-to-back CPU profile")
 	flag.BoolVar(&c.sysTicks, "bytes-in", true, "measure the bytes the broker received from its $SYS figures (waits up to 20 s a scenario)")
-	flag.StringVar(&c.scenarios, "scenarios", "envelope,perdevice,mosquitto", "scenarios to run, comma-separated (also: capped, the envelope with -max-concurrent)")
+	flag.StringVar(&c.scenarios, "scenarios", "envelope,perdevice,mosquitto", "scenarios to run, comma-separated (also: capped, the envelope with -max-concurrent; default, the envelope with the server's default bound)")
 	flag.IntVar(&c.maxConcurrent, "max-concurrent", 500, "the capped scenario's bound on devices downloading at once")
 	timeout := flag.Duration("timeout", 45*time.Minute, "give up after this long")
 	short := flag.Bool("short", false, "smoke run: 50 devices, a 64 KiB image, no -bytes-in")
@@ -118,7 +120,9 @@ func run(ctx context.Context, c config) ([]*result, error) {
 		sc := scenario{key: strings.TrimSpace(name), devices: c.devices}
 		switch sc.key {
 		case "envelope":
-			sc.title = "Sealcast envelope, embedded broker"
+			sc.title, sc.maxConcurrent = "Sealcast envelope, embedded broker, no bound", protocol.NoBound
+		case "default":
+			sc.title = fmt.Sprintf("Sealcast envelope, embedded broker, the default bound (%d online)", protocol.DefaultMaxConcurrent)
 		case "capped":
 			sc.title, sc.maxConcurrent = fmt.Sprintf("Sealcast envelope, embedded broker, max_concurrent %d", c.maxConcurrent), c.maxConcurrent
 		case "perdevice":
@@ -128,7 +132,7 @@ func run(ctx context.Context, c config) ([]*result, error) {
 				continue
 			}
 		case "mosquitto":
-			sc.title = "Sealcast envelope, external Mosquitto"
+			sc.title, sc.maxConcurrent = "Sealcast envelope, external Mosquitto, no bound", protocol.NoBound
 			path, err := findMosquitto(c.mosquitto)
 			if err != nil {
 				if os.Getenv("SEALCAST_REQUIRE_TOOLS") == "1" {

@@ -27,7 +27,8 @@ type scenario struct {
 	devices    int
 	perDevice  bool   // the baseline: one release, so one encryption, per device
 	mosquitto  string // the mosquitto binary; "" for the embedded broker
-	// maxConcurrent bounds the devices downloading at once (0: none).
+	// maxConcurrent is the release's max_concurrent (0: the server's default,
+	// protocol.NoBound: none).
 	maxConcurrent int
 }
 
