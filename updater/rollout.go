@@ -85,11 +85,11 @@ func (a *releaseAdmin) stepRollout(ctx context.Context, r *run) error {
 	if prev := r.tally.Swap(t); prev == nil || !prev.same(t) {
 		a.status.releaseChanged(r.release().ID)
 	}
-	if over, failed, limit := overThreshold(r.release(), t, r.open()); over {
-		return a.trip(ctx, r, failed, limit)
-	}
 	if err := a.recordWaveLog(ctx, r, t); err != nil {
 		return err
+	}
+	if over, failed, limit := overThreshold(r.release(), t, r.open()); over {
+		return a.trip(ctx, r, failed, limit)
 	}
 	rel, w, admitted := r.release(), int(r.wave.Load()), r.open()
 	if r.cap > 0 && admitted < r.sizes[w] {

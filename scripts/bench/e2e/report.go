@@ -82,13 +82,13 @@ func markdown(c config, rs []*result) string {
 	for _, r := range rs {
 		p("| %s | %d | %d | %.1f | %.1f | %.1f | %.1f | %d | %d |\n", r.Title, r.Devices, r.Releases, r.Published, r.T50, r.T90, r.T100, r.Confirmed, r.ServerInstalled)
 	}
-	p("\n| scenario | server CPU s | server peak RSS MiB | simulator CPU s | simulator peak RSS MiB | Mosquitto CPU s | Mosquitto peak RSS MiB |\n|---|---|---|---|---|---|---|\n")
+	p("\n| scenario | server CPU s | server RSS before the release MiB | server peak RSS MiB | simulator CPU s | simulator peak RSS MiB | Mosquitto CPU s | Mosquitto peak RSS MiB |\n|---|---|---|---|---|---|---|---|\n")
 	for _, r := range rs {
 		mc, mr := "–", "–"
 		if r.Mosquitto != nil {
 			mc, mr = fmt.Sprintf("%.1f", r.Mosquitto.CPU), mib(r.Mosquitto.PeakRSS)
 		}
-		p("| %s | %.1f | %s | %.1f | %s | %s | %s |\n", r.Title, r.Server.CPU, mib(r.Server.PeakRSS), r.Sim.CPU, mib(r.Sim.PeakRSS), mc, mr)
+		p("| %s | %.1f | %s | %s | %.1f | %s | %s | %s |\n", r.Title, r.Server.CPU, mib(r.Server.IdleRSS), mib(r.Server.PeakRSS), r.Sim.CPU, mib(r.Sim.PeakRSS), mc, mr)
 	}
 	p("\n| scenario | MB into the broker | MB retained | of which image (releases/) | retained messages read back | broker's count ($SYS, incl. its own) | MB in the embedded broker's store |\n|---|---|---|---|---|---|---|\n")
 	for _, r := range rs {

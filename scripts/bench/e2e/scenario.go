@@ -37,6 +37,9 @@ type scenario struct {
 type procFigures struct {
 	CPU     float64 `json:"cpu_seconds"`
 	PeakRSS int64   `json:"peak_rss_kib"`
+	// IdleRSS is the resident set just before the release, every device connected:
+	// what the connections cost without a download.
+	IdleRSS int64 `json:"idle_rss_kib"`
 }
 
 // result is what one scenario measured. Times are seconds from the first release.create (the image is uploaded before).
@@ -317,7 +320,7 @@ func (r *scenarioRun) measureRelease(ctx context.Context, pr *probe, uploads []s
 		if err != nil {
 			return err
 		}
-		f := procFigures{CPU: after.CPU - r.before[k].CPU, PeakRSS: after.PeakRSS}
+		f := procFigures{CPU: after.CPU - r.before[k].CPU, PeakRSS: after.PeakRSS, IdleRSS: r.before[k].RSS}
 		switch k {
 		case "server":
 			r.res.Server = f
