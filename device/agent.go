@@ -66,6 +66,11 @@ type Options struct {
 	// ProgressInterval is the least time between two "downloading" state publications
 	// (2 s).
 	ProgressInterval time.Duration
+	// TrialBoots bounds, with a TrialInstaller, both the switches to an image on trial
+	// and the starts with it running before it passes its health check (3); past it the
+	// trial fails. HealthTimeout bounds the health check (5 min) [SC-10.5].
+	TrialBoots    int
+	HealthTimeout time.Duration
 
 	// BrokerURL, if set, replaces the vault's broker URL (tests, simulators, a changed
 	// broker address). TLSConfig is used for ssl://, tls:// and mqtts:// URLs.
@@ -113,6 +118,10 @@ func (o *Options) setDefaults() error {
 	def(&o.ConnectTimeout, 10*time.Second)
 	def(&o.KeepAlive, time.Minute)
 	def(&o.ProgressInterval, 2*time.Second)
+	def(&o.HealthTimeout, trialDeadline)
+	if o.TrialBoots <= 0 {
+		o.TrialBoots = 3
+	}
 	if o.RetryMax < o.RetryAfter {
 		o.RetryMax = o.RetryAfter
 	}
@@ -170,6 +179,8 @@ type Agent struct {
 	doc          protocol.DeviceState
 	fatal        error
 	runCtx       context.Context
+	heldKey      []byte         // a key message that arrived during a trial [SC-10.5]
+	trialWait    sync.WaitGroup // the health check running
 }
 
 type inbound struct {
@@ -178,7 +189,8 @@ type inbound struct {
 	payload []byte
 	lost    bool
 	err     error
-	refused []string // subscriptions the broker refused
+	refused []string    // subscriptions the broker refused
+	health  *healthDone // a health check ended
 }
 
 // connection is one paho client and its network connection.
@@ -305,7 +317,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer func() {
 		close(a.stopped)
 		a.subWatch.Wait()
+		a.trialWait.Wait()
 	}()
+	a.resumeTrial()
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	for {
@@ -391,6 +405,10 @@ func (a *Agent) handle(in *inbound) {
 	}
 	if in.refused != nil {
 		a.onRefused(in.gen, in.refused)
+		return
+	}
+	if in.health != nil {
+		a.onHealth(in.health)
 		return
 	}
 	switch in.topic {

@@ -63,18 +63,20 @@ type Stats struct {
 	ChunkFetches   uint64 // chunk subscriptions, including re-fetches
 	ChunksBad      uint64
 	ChunksDone     uint64
-	Installs       uint64 // images committed
+	Installs       uint64 // images committed (with a TrialInstaller: confirmed healthy)
 	AcksSent       uint64 // including re-sends
 	ReportsSent    uint64
 	Confirmed      uint64
 	StatePublishes uint64
 	SubRetries     uint64 // subscriptions sent again after the broker refused them
 	Retries        uint64 // transient failures tried again while connected
+	Trials         uint64 // switches to an image on trial [SC-10.5]
+	Unhealthy      uint64 // trials that failed: back on the previous image
 }
 
 type counters struct {
 	connects, disconnects, keyMessages, chunkFetches, chunksBad, chunksDone,
-	installs, acksSent, reportsSent, confirmed, statePublishes, subRetries, retries atomic.Uint64
+	installs, acksSent, reportsSent, confirmed, statePublishes, subRetries, retries, trials, unhealthy atomic.Uint64
 }
 
 func (c *counters) snapshot() Stats {
@@ -83,7 +85,7 @@ func (c *counters) snapshot() Stats {
 		ChunkFetches: c.chunkFetches.Load(), ChunksBad: c.chunksBad.Load(), ChunksDone: c.chunksDone.Load(),
 		Installs: c.installs.Load(), AcksSent: c.acksSent.Load(), ReportsSent: c.reportsSent.Load(),
 		Confirmed: c.confirmed.Load(), StatePublishes: c.statePublishes.Load(), SubRetries: c.subRetries.Load(),
-		Retries: c.retries.Load(),
+		Retries: c.retries.Load(), Trials: c.trials.Load(), Unhealthy: c.unhealthy.Load(),
 	}
 }
 
@@ -123,9 +125,19 @@ const (
 	// CrashPersisted: the vault holds D = n-1 and the ack; the ack was not published
 	// (between steps 5 and 6). The ack is sent after the reboot.
 	CrashPersisted
+	// CrashStaged: with a TrialInstaller, the trial is recorded in the vault and the
+	// switch to the new image not made yet [SC-10.5]. After the reboot the device
+	// switches to it.
+	CrashStaged
+	// CrashTrial: the image runs on trial and this start was counted; its health check
+	// has not run. After the reboot the device counts another start and checks it.
+	CrashTrial
+	// CrashHealthy: the image on trial passed its health check; the vault still holds
+	// the trial (before [SC-10.5] step 4's write). After the reboot it is checked again.
+	CrashHealthy
 )
 
-var crashPointNames = [...]string{"", "downloading", "installed", "persisted"}
+var crashPointNames = [...]string{"", "downloading", "installed", "persisted", "staged", "trial", "healthy"}
 
 func (p CrashPoint) String() string {
 	if int(p) < len(crashPointNames) && p > 0 {

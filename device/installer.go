@@ -34,7 +34,8 @@ type Installer interface {
 // Install is one image being installed.
 type Install interface {
 	io.Writer
-	// Commit makes the image live. It is called at most once, after all plaintext.
+	// Commit makes the image live, or, for a TrialInstaller, stages it (Switch makes it
+	// run). It is called at most once, after all plaintext.
 	Commit() error
 	// Abort discards the image. It may be called after a failed Write or Commit.
 	Abort() error
@@ -43,25 +44,43 @@ type Install interface {
 // ---------------------------------------------------------------------------------------
 
 // SlotInstaller installs into two slot files, slot-a.img and slot-b.img, in a directory
-// (A/B updates). The inactive slot is written; Commit fsyncs it and switches the
-// "active" pointer file with an atomic rename, so a power loss leaves either the old or
-// the new slot active. Re-installing the release that is already active only verifies
-// the stream and keeps both slots, so the fallback image survives a redone update.
+// (A/B updates), and runs each new image on trial before the device confirms it
+// [SC-10.5]. The inactive slot is written; Commit fsyncs it and records it as staged.
+// Switch makes the staged slot active, on trial, by an atomic rename of the "active"
+// pointer file (so a power loss leaves either the old or the new slot active) and runs
+// SwitchCmd; Health runs HealthCmd; Confirm clears the trial mark and runs ConfirmCmd;
+// Revert makes the previous slot active again and runs SwitchCmd for it. Re-installing
+// the release that is already active only verifies the stream and keeps both slots, so
+// the fallback image survives a redone update.
+//
+// The commands are the integrator's: SwitchCmd tells the bootloader which slot to boot
+// (and may reboot into it), HealthCmd checks that the new image works and MUST fail
+// unless it is the one running; ConfirmCmd tells the bootloader to keep it. An argument
+// may hold {slot} (a or b), {image} (the slot file), {release} and {version}, which are
+// also in the environment as SEALCAST_SLOT, SEALCAST_IMAGE, SEALCAST_RELEASE and
+// SEALCAST_VERSION; success is exit status 0. Empty commands do nothing (HealthCmd:
+// healthy). Set them before the first Begin.
 //
 // A SlotInstaller is safe for concurrent use, but installs one image at a time.
 type SlotInstaller struct {
+	SwitchCmd, HealthCmd, ConfirmCmd []string
+
 	dir  string
 	mu   sync.Mutex
 	busy bool
 }
 
-// ActiveSlot is the content of the "active" pointer file.
+// ActiveSlot is the content of the "active" (and "staged") pointer file.
 type ActiveSlot struct {
 	Slot        string             `json:"slot"` // "a" or "b"
 	Release     keychain.ReleaseID `json:"release"`
 	Version     uint64             `json:"version"`
 	ImageSHA256 string             `json:"image_sha256"`
 	ImageSize   uint64             `json:"image_size"`
+	// Trial is set while the image runs on trial; Previous is the slot active before
+	// it, which Revert makes active again (nil if there was none).
+	Trial    bool        `json:"trial,omitempty"`
+	Previous *ActiveSlot `json:"previous,omitempty"`
 }
 
 // ErrInstallBusy is returned by Begin while another install is open.
@@ -82,17 +101,151 @@ func (s *SlotInstaller) SlotPath(slot string) string {
 
 // Active returns the active slot, or ok = false if nothing was ever installed.
 func (s *SlotInstaller) Active() (a ActiveSlot, ok bool, err error) {
-	b, err := os.ReadFile(filepath.Join(s.dir, "active"))
+	return s.pointer("active")
+}
+
+// pointer reads the pointer file name ("active" or "staged").
+func (s *SlotInstaller) pointer(name string) (a ActiveSlot, ok bool, err error) {
+	path := filepath.Join(s.dir, name)
+	b, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return a, false, nil
 	}
 	if err != nil {
-		return a, false, fmt.Errorf("device: reading active slot pointer: %w", err)
+		return a, false, fmt.Errorf("device: reading slot pointer %s: %w", path, err)
 	}
 	if err := json.Unmarshal(b, &a); err != nil || (a.Slot != "a" && a.Slot != "b") {
-		return a, false, fmt.Errorf("device: active slot pointer %s is damaged: %q", filepath.Join(s.dir, "active"), b)
+		return a, false, fmt.Errorf("device: slot pointer %s is damaged: %q", path, b)
 	}
 	return a, true, nil
+}
+
+// setPointer replaces the pointer file name with a, atomically; nil removes it.
+func (s *SlotInstaller) setPointer(name string, a *ActiveSlot) error {
+	path := filepath.Join(s.dir, name)
+	if a == nil {
+		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("device: removing slot pointer %s: %w", path, err)
+		}
+		return syncDir(s.dir)
+	}
+	b, _ := json.Marshal(a)
+	if err := writeFileAtomic(path, append(b, '\n'), 0o600); err != nil {
+		return fmt.Errorf("device: writing slot pointer %s: %w", path, err)
+	}
+	return nil
+}
+
+// Switch makes release id's staged slot active, on trial, and runs SwitchCmd for it
+// [SC-10.5]. If the command fails, the previous slot stays active.
+func (s *SlotInstaller) Switch(id keychain.ReleaseID) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	cur, ok, err := s.Active()
+	if err != nil {
+		return err
+	}
+	if ok && cur.Release == id {
+		return nil // switched already (a redone switch after a power loss, or a redone update)
+	}
+	st, staged, err := s.pointer("staged")
+	if err != nil {
+		return err
+	}
+	if !staged || st.Release != id {
+		return fmt.Errorf("device: no image of release %s is staged", id)
+	}
+	st.Trial = true
+	if ok {
+		prev := cur
+		prev.Trial, prev.Previous = false, nil
+		st.Previous = &prev
+	}
+	if err := s.setPointer("active", &st); err != nil {
+		return err
+	}
+	if err := s.run(context.Background(), s.SwitchCmd, st); err != nil {
+		var back *ActiveSlot
+		if ok {
+			back = &cur
+		}
+		if rerr := s.setPointer("active", back); rerr != nil {
+			return fmt.Errorf("%w; and restoring the previous slot: %v", err, rerr)
+		}
+		return err
+	}
+	return s.setPointer("staged", nil)
+}
+
+// Running reports whether release id's image is the active slot.
+func (s *SlotInstaller) Running(id keychain.ReleaseID) (bool, error) {
+	cur, ok, err := s.Active()
+	return ok && cur.Release == id, err
+}
+
+// Health runs HealthCmd for release id's image; it fails if that image is not active.
+func (s *SlotInstaller) Health(ctx context.Context, id keychain.ReleaseID) error {
+	cur, ok, err := s.Active()
+	if err != nil {
+		return err
+	}
+	if !ok || cur.Release != id {
+		return fmt.Errorf("device: release %s is not the active slot", id)
+	}
+	return s.run(ctx, s.HealthCmd, cur)
+}
+
+// Confirm makes release id's image, on trial, permanent and runs ConfirmCmd.
+func (s *SlotInstaller) Confirm(id keychain.ReleaseID) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	cur, ok, err := s.Active()
+	if err != nil || !ok || cur.Release != id || !cur.Trial {
+		return err // nothing on trial: confirmed already
+	}
+	cur.Trial, cur.Previous = false, nil
+	if err := s.run(context.Background(), s.ConfirmCmd, cur); err != nil {
+		return err
+	}
+	return s.setPointer("active", &cur)
+}
+
+// Revert makes the slot active before release id's trial active again and runs
+// SwitchCmd for it.
+func (s *SlotInstaller) Revert(id keychain.ReleaseID) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	cur, ok, err := s.Active()
+	if err != nil || !ok || cur.Release != id || !cur.Trial {
+		return err // not on trial: gone back already
+	}
+	if cur.Previous != nil {
+		if err := s.run(context.Background(), s.SwitchCmd, *cur.Previous); err != nil {
+			return err
+		}
+	}
+	return s.setPointer("active", cur.Previous)
+}
+
+// run runs cmd with the placeholders of slot a filled in; an empty cmd succeeds.
+func (s *SlotInstaller) run(ctx context.Context, cmd []string, a ActiveSlot) error {
+	if len(cmd) == 0 {
+		return nil
+	}
+	r := strings.NewReplacer("{slot}", a.Slot, "{image}", s.SlotPath(a.Slot), "{release}", a.Release.String(), "{version}", strconv.FormatUint(a.Version, 10))
+	args := make([]string, len(cmd))
+	for i, c := range cmd {
+		args[i] = r.Replace(c)
+	}
+	tail := &tailBuffer{max: stderrTail}
+	c := exec.CommandContext(ctx, args[0], args[1:]...)
+	c.Env = append(os.Environ(), "SEALCAST_SLOT="+a.Slot, "SEALCAST_IMAGE="+s.SlotPath(a.Slot),
+		"SEALCAST_RELEASE="+a.Release.String(), "SEALCAST_VERSION="+strconv.FormatUint(a.Version, 10))
+	c.Stderr = tail
+	if err := c.Run(); err != nil {
+		return fmt.Errorf("device: %s: %w%s", strings.Join(args, " "), err, tail.suffix())
+	}
+	return nil
 }
 
 // Begin opens the inactive slot for writing.
@@ -170,9 +323,8 @@ func (i *slotInstall) Commit() (err error) {
 	if err = syncDir(i.s.dir); err != nil {
 		return fmt.Errorf("device: syncing slot directory: %w", err)
 	}
-	ptr, _ := json.Marshal(i.want)
-	if err = writeFileAtomic(filepath.Join(i.s.dir, "active"), append(ptr, '\n'), 0o600); err != nil {
-		return fmt.Errorf("device: switching active slot to %s: %w (the previous slot stays active)", i.want.Slot, err)
+	if err = i.s.setPointer("staged", &i.want); err != nil {
+		return fmt.Errorf("device: staging slot %s: %w (the previous slot stays active)", i.want.Slot, err)
 	}
 	return nil
 }

@@ -36,6 +36,10 @@ type State struct {
 	// verify the receipt, and after a re-key the unit data it came from is gone. It is a
 	// spent key: it reveals only older keys of its chain [SC-3.3]. Zeroed once confirmed.
 	LastAckKey keychain.ChainKey
+
+	// Trial is the update on trial, or the last one that failed its trial, nil if none
+	// [SC-10.5].
+	Trial *Trial
 }
 
 // ErrInvalidState is wrapped by every validation error of a State or device file.
@@ -45,6 +49,11 @@ var ErrInvalidState = errors.New("device: invalid device state")
 func (s State) Clone() State {
 	s.ReleasePublicKey = bytes.Clone(s.ReleasePublicKey)
 	s.LastAck = bytes.Clone(s.LastAck)
+	if s.Trial != nil {
+		t := *s.Trial
+		t.Report = bytes.Clone(t.Report)
+		s.Trial = &t
+	}
 	return s
 }
 
@@ -89,6 +98,14 @@ func (s *State) Validate() error {
 		}
 		if _, err := keychain.ParseAck(s.LastAck); err != nil {
 			return bad("last_ack: %v", err)
+		}
+	}
+	if t := s.Trial; t != nil {
+		if t.Epoch != s.Epoch || t.Seq < 1 || t.Seq > s.Seq {
+			return bad("trial at epoch %d index %d, but the device is at epoch %d index %d", t.Epoch, t.Seq, s.Epoch, s.Seq)
+		}
+		if t.Report != nil && len(t.Report) != keychain.AckSize {
+			return bad("trial report is %d bytes, want %d", len(t.Report), keychain.AckSize)
 		}
 	}
 	return nil

@@ -46,6 +46,15 @@ func (a *Agent) onKey(p []byte) {
 	}
 	log := a.log.With().Stringer("kind", km.Kind).Uint32("epoch", km.Epoch).Uint32("seq", km.Seq).Stringer("id", km.ID).Logger()
 	a.emit(Event{Kind: EventKeyMessage, Release: km.ID})
+	// [SC-10.5]: nothing starts while an image runs on trial, and a key message whose
+	// trial failed gets its report again.
+	if tr := a.st.Trial; tr != nil && !tr.failed() {
+		a.holdKey(p)
+		return
+	} else if tr.answers(km.Epoch, km.Seq, km.ID) {
+		a.publishReport(tr.Report)
+		return
+	}
 	// Step 1: the message our last ack answers. Re-sent even if confirmed: a server whose
 	// store lost its latest writes is back at this position and needs it again.
 	if l := a.lastAck; l != nil && l.Epoch == km.Epoch && l.Seq == km.Seq && l.ID == km.ID {
@@ -583,10 +592,17 @@ func (a *Agent) finish() {
 	}
 	j.inst = nil
 	a.job = nil
-	a.c.installs.Add(1)
-	a.emit(Event{Kind: EventCommitted, Release: j.km.ID, Version: j.m.Version})
+	ti, trial := a.opts.Installer.(TrialInstaller)
+	if !trial {
+		a.c.installs.Add(1)
+		a.emit(Event{Kind: EventCommitted, Release: j.km.ID, Version: j.m.Version})
+	}
 	if a.opts.Faults.CrashAfterInstall || a.crashAt(CrashInstalled, j.km.ID, 0) {
 		a.crash()
+		return
+	}
+	if trial {
+		a.beginTrial(ti, j.km, j.m.Version) // the image is staged, not running yet
 		return
 	}
 	n := j.km.Seq

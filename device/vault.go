@@ -30,6 +30,18 @@ type vaultFile struct {
 	LastAck          protocol.HexBytes     `json:"last_ack,omitempty"`
 	LastAckConfirmed bool                  `json:"last_ack_confirmed,omitempty"`
 	LastAckKey       protocol.HexBytes     `json:"last_ack_key,omitempty"`
+	Trial            *trialFile            `json:"trial,omitempty"`
+}
+
+// trialFile is the JSON form of a Trial.
+type trialFile struct {
+	Epoch    uint32             `json:"epoch"`
+	Seq      uint32             `json:"seq"`
+	ID       keychain.ReleaseID `json:"id"`
+	Version  uint64             `json:"version"`
+	Switches uint32             `json:"switches"`
+	Boots    uint32             `json:"boots"`
+	Report   protocol.HexBytes  `json:"report,omitempty"`
 }
 
 func encodeState(s State) ([]byte, error) {
@@ -43,6 +55,9 @@ func encodeState(s State) ([]byte, error) {
 	}
 	if s.LastAck != nil {
 		f.LastAckKey = s.LastAckKey[:]
+	}
+	if t := s.Trial; t != nil {
+		f.Trial = &trialFile{Epoch: t.Epoch, Seq: t.Seq, ID: t.ID, Version: t.Version, Switches: t.Switches, Boots: t.Boots, Report: t.Report}
 	}
 	return json.MarshalIndent(f, "", "  ")
 }
@@ -61,6 +76,9 @@ func decodeState(b []byte) (State, error) {
 		return State{}, fmt.Errorf("%w: unit_data is %d bytes, want %d", ErrInvalidState, len(f.UnitData), keychain.Size)
 	}
 	copy(s.UnitData[:], f.UnitData)
+	if t := f.Trial; t != nil {
+		s.Trial = &Trial{Epoch: t.Epoch, Seq: t.Seq, ID: t.ID, Version: t.Version, Switches: t.Switches, Boots: t.Boots, Report: []byte(t.Report)}
+	}
 	if s.LastAck != nil {
 		if len(f.LastAckKey) != keychain.Size {
 			return State{}, fmt.Errorf("%w: last_ack_key is %d bytes, want %d", ErrInvalidState, len(f.LastAckKey), keychain.Size)

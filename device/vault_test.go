@@ -2,6 +2,7 @@ package device_test
 
 import (
 	"bytes"
+	"context"
 	"crypto/ed25519"
 	"crypto/sha256"
 	"errors"
@@ -133,7 +134,17 @@ func TestSlotInstaller(t *testing.T) {
 		}
 		in.Write(img)
 		if commit {
+			// Commit stages the image; Switch runs it on trial; Confirm keeps it [SC-10.5].
 			if err := in.Commit(); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Switch(m.Release); err != nil {
+				t.Fatal(err)
+			}
+			if a, _, _ := s.Active(); !a.Trial && a.Release != m.Release {
+				t.Fatalf("after Switch: active %+v, want release %s on trial", a, m.Release)
+			}
+			if err := s.Confirm(m.Release); err != nil {
 				t.Fatal(err)
 			}
 		} else {
@@ -178,6 +189,38 @@ func TestSlotInstaller(t *testing.T) {
 		t.Fatalf("second Begin: %v", err)
 	}
 	in.Abort()
+
+	// A trial that fails: the staged image runs on trial in slot a, and Revert makes
+	// slot b (release 2) active again, not on trial [SC-10.5].
+	m3 := man(3, []byte("three"))
+	in, _ = s.Begin(m3)
+	in.Write([]byte("three"))
+	if err := in.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if a, _, _ := s.Active(); a.Release != m2.Release {
+		t.Fatalf("Commit made the staged image active: %+v", a)
+	}
+	if err := s.Switch(m3.Release); err != nil {
+		t.Fatal(err)
+	}
+	a, _, _ = s.Active()
+	if running, _ := s.Running(m3.Release); !running || a.Slot != "a" || !a.Trial || a.Previous == nil || a.Previous.Release != m2.Release {
+		t.Fatalf("on trial: active %+v (running %v)", a, running)
+	}
+	if err := s.Health(context.Background(), m2.Release); err == nil {
+		t.Fatal("the health check of an image not running passed")
+	}
+	if err := s.Revert(m3.Release); err != nil {
+		t.Fatal(err)
+	}
+	a, _, _ = s.Active()
+	if running, _ := s.Running(m3.Release); running || a.Release != m2.Release || a.Slot != "b" || a.Trial {
+		t.Fatalf("after Revert: active %+v, want release 2 in slot b, not on trial", a)
+	}
+	if err := s.Revert(m3.Release); err != nil { // again, after a power loss: nothing to do
+		t.Fatal(err)
+	}
 }
 
 func TestCommandInstaller(t *testing.T) {

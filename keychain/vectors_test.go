@@ -76,9 +76,11 @@ type Vectors struct {
 		NextUnitData string `json:"next_unit_data"`
 		Message      string `json:"message"`
 	} `json:"key_message_rekey"`
-	Ack             ackVector     `json:"ack_installed"`
-	Report          ackVector     `json:"report_failed"`
-	ReportStaleKey  ackVector     `json:"report_stale_key"`
+	Ack            ackVector `json:"ack_installed"`
+	Report         ackVector `json:"report_failed"`
+	ReportStaleKey ackVector `json:"report_stale_key"`
+	// ReportUnhealthy: a failed trial (10.5 step 5), the device back on version 6.
+	ReportUnhealthy ackVector     `json:"report_unhealthy"`
 	AckRekeyed      ackVector     `json:"ack_rekeyed"`
 	ReceiptAccepted receiptVector `json:"receipt_accepted"`
 	ReceiptRecorded receiptVector `json:"receipt_recorded"`
@@ -271,6 +273,8 @@ func makeVectors(t *testing.T) *Vectors {
 	// A stale_key report (10.1 step 2): the device at D = n-3 answers a key message for n.
 	stale := Ack{Kind: AckFailed, Epoch: 0, Seq: n, ID: id, Version: 7, DeviceSeq: n - 3, Code: 8}
 	v.ReportStaleKey = ackVectorOf(t, stale, k, v.Serial)
+	unhealthy := Ack{Kind: AckFailed, Epoch: 0, Seq: n, ID: id, Version: 6, DeviceSeq: n, Code: 11}
+	v.ReportUnhealthy = ackVectorOf(t, unhealthy, k, v.Serial)
 	v.AckRekeyed = ackVectorOf(t, Ack{Kind: AckRekeyed, Epoch: 0, Seq: 1, ID: rid, DeviceSeq: 1024}, Key(u0, 1), v.Serial)
 	v.ReceiptAccepted = receiptVectorOf(t, ReceiptFor(ack, ReceiptAccepted), k, v.Serial)
 	v.ReceiptRecorded = receiptVectorOf(t, ReceiptFor(rep, ReceiptRecorded), k, v.Serial)
@@ -477,7 +481,7 @@ func TestVectors(t *testing.T) {
 			t.Errorf("negative vector %q: the implementation concludes %s, the file says %s", n.Name, got, n.Error)
 		}
 	}
-	for _, av := range []ackVector{v.Ack, v.Report, v.ReportStaleKey, v.AckRekeyed} {
+	for _, av := range []ackVector{v.Ack, v.Report, v.ReportStaleKey, v.ReportUnhealthy, v.AckRekeyed} {
 		b := mustHex(t, av.Message)
 		a, err := ParseAck(b)
 		if err != nil {

@@ -21,10 +21,13 @@ const (
 	CodeStaleKey      Code = 8
 	CodeTimeout       Code = 9
 	CodeUnsupported   Code = 10
+	// CodeUnhealthy: the image installed, but failed its health check on trial (or its
+	// trial boots ran out) and the device went back to the image it ran before (10.5).
+	CodeUnhealthy Code = 11
 )
 
 var codeNames = [...]string{"ok", "bad_message", "unwrap_failed", "bad_manifest", "rollback",
-	"chunk_corrupt", "image_corrupt", "install_failed", "stale_key", "timeout", "unsupported"}
+	"chunk_corrupt", "image_corrupt", "install_failed", "stale_key", "timeout", "unsupported", "unhealthy"}
 
 // String returns the code's name as PROTOCOL.md spells it.
 func (c Code) String() string {
@@ -35,13 +38,13 @@ func (c Code) String() string {
 }
 
 // Permanent reports whether a failure with code c is final for the key message it
-// answers: a device does not retry bad_message, unwrap_failed, bad_manifest, rollback or
-// unsupported, while it retries timeout, chunk_corrupt, image_corrupt and install_failed
+// answers: a device does not retry bad_message, unwrap_failed, bad_manifest, rollback,
+// unsupported or unhealthy, while it retries timeout, chunk_corrupt, image_corrupt and install_failed
 // (PROTOCOL.md 10.1). A release is completed once every target installed it or failed
 // permanently (PROTOCOL.md 12.2).
 func (c Code) Permanent() bool {
 	switch c {
-	case CodeBadMessage, CodeUnwrapFailed, CodeBadManifest, CodeRollback, CodeUnsupported:
+	case CodeBadMessage, CodeUnwrapFailed, CodeBadManifest, CodeRollback, CodeUnsupported, CodeUnhealthy:
 		return true
 	}
 	return false

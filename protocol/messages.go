@@ -264,6 +264,7 @@ const (
 	AgentInstalling  = "installing"
 	AgentInstalled   = "installed"
 	AgentFailed      = "failed"
+	AgentTrial       = "trial" // the new image runs on trial; its health is being checked (10.5)
 )
 
 // DeviceState is what a device retains on its StateTopic (PROTOCOL.md 13.3).

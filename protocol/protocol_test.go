@@ -78,7 +78,7 @@ func TestValidID(t *testing.T) {
 }
 
 func TestCodes(t *testing.T) {
-	for c := CodeOK; c <= CodeUnsupported; c++ {
+	for c := CodeOK; c <= CodeUnhealthy; c++ {
 		b, _ := json.Marshal(c)
 		var back Code
 		if err := json.Unmarshal(b, &back); err != nil || back != c {
@@ -98,12 +98,12 @@ func TestPermanentCodes(t *testing.T) {
 	// PROTOCOL.md 10.1: permanent ones are not retried for the same key message,
 	// transient ones are; ok and stale_key are neither.
 	var permanent []string
-	for c := CodeOK; c <= CodeUnsupported; c++ {
+	for c := CodeOK; c <= CodeUnhealthy; c++ {
 		if c.Permanent() {
 			permanent = append(permanent, c.String())
 		}
 	}
-	if got, want := strings.Join(permanent, " "), "bad_message unwrap_failed bad_manifest rollback unsupported"; got != want {
+	if got, want := strings.Join(permanent, " "), "bad_message unwrap_failed bad_manifest rollback unsupported unhealthy"; got != want {
 		t.Errorf("permanent codes %q, want %q", got, want)
 	}
 	if Code(99).Permanent() {
@@ -177,7 +177,7 @@ func TestFiltersMatchTopics(t *testing.T) {
 // TestCodeClasses: every failure code is permanent or transient, never both; ok and
 // stale_key are neither (PROTOCOL.md 10.1).
 func TestCodeClasses(t *testing.T) {
-	for c := CodeOK; c <= CodeUnsupported; c++ {
+	for c := CodeOK; c <= CodeUnhealthy; c++ {
 		p, tr := c.Permanent(), c.Transient()
 		neither := c == CodeOK || c == CodeStaleKey
 		if p && tr || neither && (p || tr) || !neither && !p && !tr {

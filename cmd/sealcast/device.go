@@ -30,6 +30,11 @@ func deviceCommand(e *env) *ffcli.Command {
 	tlsCA := fs.String("tls-ca", "", "PEM CA bundle that signed the broker's certificate, for ssl:// URLs (default: the system's roots)")
 	window := fs.Int("window", 4, "chunk subscriptions open at once, 1 to 64 (PROTOCOL.md 9.2)")
 	chunkTimeout := fs.Duration("chunk-timeout", 30*time.Second, "fetch the manifest or a chunk again after waiting this long; the third timeout fails the update")
+	switchCmd := fs.String("switch-cmd", "", "with -install-dir: /bin/sh command line that makes the bootloader boot slot $SEALCAST_SLOT ({slot}), run to start a new image on trial and to go back (it may reboot)")
+	healthCmd := fs.String("health-cmd", "", "with -install-dir: /bin/sh command line that checks the image on trial; exit 0 is healthy, and it must fail unless slot $SEALCAST_SLOT runs (default: healthy once started)")
+	confirmCmd := fs.String("confirm-cmd", "", "with -install-dir: /bin/sh command line that makes the bootloader keep the slot on trial, run once it is healthy")
+	trialBoots := fs.Int("trial-boots", 3, "with -install-dir: fail a trial after this many switches to the new image, or starts with it, without a passed health check")
+	healthTimeout := fs.Duration("health-timeout", 5*time.Minute, "with -install-dir: a health check that has not passed within this long fails")
 	return &ffcli.Command{
 		Name:       "device",
 		ShortUsage: "sealcast device -file F (-install-dir DIR | -install-cmd CMD) [flags]",
@@ -50,7 +55,17 @@ Installs go to A/B slot files (-install-dir) or to a command (-install-cmd), for
   -install-cmd 'cat > /tmp/firmware.bin'
   -install-cmd 'fw-flash --image {image}'
 The command must exit 0 only when it applied the image; it sees SEALCAST_RELEASE,
-SEALCAST_VERSION, SEALCAST_IMAGE_SIZE and SEALCAST_IMAGE_SHA256 in its environment.
+SEALCAST_VERSION, SEALCAST_IMAGE_SIZE and SEALCAST_IMAGE_SHA256 in its environment. Its
+exit status is the image's health: the device acks once it exits 0 (PROTOCOL.md 10.5).
+
+With -install-dir, every new image runs on trial first (PROTOCOL.md 10.5): the device
+switches to it (-switch-cmd), checks it (-health-cmd), and only then records the update
+and acks it (-confirm-cmd keeps it). A failed check, or -trial-boots starts without a
+passed one, switches back to the previous slot and reports "unhealthy"; the trial is
+kept in the vault, so a reboot in the middle goes on with it. For example, with U-Boot:
+  -switch-cmd 'fw_setenv boot_slot {slot} && fw_setenv upgrade_available 1 && reboot'
+  -health-cmd 'test "$(cat /run/booted-slot)" = {slot} && systemctl is-system-running'
+  -confirm-cmd 'fw_setenv upgrade_available 0'
 
 Each install is printed on standard output. Stops cleanly on SIGINT or SIGTERM.`),
 		FlagSet: fs,
@@ -61,6 +76,8 @@ Each install is printed on standard output. Stops cleanly on SIGINT or SIGTERM.`
 			c := deviceConfig{
 				file: *file, vault: *vault, installDir: *installDir, installCmd: *installCmd,
 				brokerURL: *brokerURL, tlsCA: *tlsCA, window: *window, chunkTimeout: *chunkTimeout,
+				switchCmd: *switchCmd, healthCmd: *healthCmd, confirmCmd: *confirmCmd,
+				trialBoots: *trialBoots, healthTimeout: *healthTimeout,
 			}
 			return runDevice(ctx, e, c)
 		},
@@ -72,6 +89,18 @@ type deviceConfig struct {
 	brokerURL, tlsCA                    string
 	window                              int
 	chunkTimeout                        time.Duration
+	// The trial of -install-dir images [SC-10.5].
+	switchCmd, healthCmd, confirmCmd string
+	trialBoots                       int
+	healthTimeout                    time.Duration
+}
+
+// shellCmd is cmdline run by /bin/sh, or nothing for an empty one.
+func shellCmd(cmdline string) []string {
+	if cmdline == "" {
+		return nil
+	}
+	return []string{"/bin/sh", "-c", cmdline}
 }
 
 func runDevice(ctx context.Context, e *env, c deviceConfig) error {
@@ -81,6 +110,12 @@ func runDevice(ctx context.Context, e *env, c deviceConfig) error {
 	if c.window < 1 || c.window > 64 {
 		return fmt.Errorf("-window %d is outside 1..64", c.window)
 	}
+	if c.installDir == "" && c.switchCmd+c.healthCmd+c.confirmCmd != "" {
+		return errors.New("-switch-cmd, -health-cmd and -confirm-cmd go with -install-dir; an -install-cmd's exit status is its health")
+	}
+	if c.trialBoots < 1 || c.healthTimeout <= 0 {
+		return fmt.Errorf("-trial-boots %d and -health-timeout %v must be positive", c.trialBoots, c.healthTimeout)
+	}
 	log := e.logger()
 	v, err := openDeviceVault(c.file, c.vault, log)
 	if err != nil {
@@ -88,6 +123,7 @@ func runDevice(ctx context.Context, e *env, c deviceConfig) error {
 	}
 	o := device.Options{
 		Vault: v, Logger: log, Window: c.window, ChunkTimeout: c.chunkTimeout, BrokerURL: c.brokerURL,
+		TrialBoots: c.trialBoots, HealthTimeout: c.healthTimeout,
 	}
 	if c.tlsCA != "" {
 		pem, err := os.ReadFile(c.tlsCA)
@@ -106,6 +142,7 @@ func runDevice(ctx context.Context, e *env, c deviceConfig) error {
 		if slots, err = device.NewSlotInstaller(c.installDir); err != nil {
 			return err
 		}
+		slots.SwitchCmd, slots.HealthCmd, slots.ConfirmCmd = shellCmd(c.switchCmd), shellCmd(c.healthCmd), shellCmd(c.confirmCmd)
 		o.Installer = slots
 	} else {
 		o.Installer = shellInstaller(c.installCmd)

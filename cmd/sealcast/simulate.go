@@ -57,6 +57,8 @@ func simulateCommand(e *env) *ffcli.Command {
 	fs.Float64Var(&c.opts.DropFraction, "drop", 0, "fraction of devices that drop their connection in the middle of each download")
 	fs.Float64Var(&c.opts.KillFraction, "kill", 0, "fraction of devices that lose power during each update: mid-install, after the install, or after the vault write")
 	fs.DurationVar(&c.opts.AckDelay, "ack-delay", 0, "delay every device's first ack publication")
+	fs.Var((*shareFlag)(&c.opts.UnhealthyFraction), "unhealthy", "share of devices (5% or 0.05) on which every new image fails its health check on trial: they go back and report unhealthy")
+	fs.Float64Var(&c.opts.CrashInTrialFraction, "crash-in-trial", 0, "fraction of devices that lose power once per release while the new image runs on trial, before its health check")
 	fs.IntVar(&c.opts.Window, "window", 4, "chunk subscriptions open at once per device, 1 to 64")
 	fs.DurationVar(&c.opts.ChunkTimeout, "chunk-timeout", 30*time.Second, "fetch the manifest or a chunk again after waiting this long")
 	fs.Uint64Var(&c.opts.Seed, "seed", 1, "seed of the fault draw (the same seed, serials and releases give the same faults)")
@@ -82,7 +84,8 @@ With -until-version V it exits 0 once every device has confirmed version V or ne
 when a device failed for good (a report code the agent does not retry) or -timeout passed.
 Without it, it runs until SIGINT or SIGTERM. Either way it ends with a summary.
 
-Faults are drawn per device and release from -seed: -drop and -kill fractions, -ack-delay.`),
+Faults are drawn per device and release from -seed: -drop, -kill and -crash-in-trial
+fractions, -ack-delay; -unhealthy devices are drawn once, and fail every health check.`),
 		FlagSet: fs,
 		Exec: func(ctx context.Context, args []string) error {
 			if len(args) > 0 {
@@ -92,6 +95,23 @@ Faults are drawn per device and release from -seed: -drop and -kill fractions, -
 			return runSimulate(ctx, e, c)
 		},
 	}
+}
+
+// shareFlag is a share of devices, given as a percentage ("5%") or a fraction ("0.05").
+type shareFlag float64
+
+func (f *shareFlag) String() string { return strconv.FormatFloat(float64(*f)*100, 'g', -1, 64) + "%" }
+
+func (f *shareFlag) Set(s string) error {
+	v, err := strconv.ParseFloat(strings.TrimSuffix(s, "%"), 64)
+	if strings.HasSuffix(s, "%") {
+		v /= 100
+	}
+	if err != nil || v < 0 || v > 1 {
+		return fmt.Errorf("%q is not a share of devices such as 5%% or 0.05", s)
+	}
+	*f = shareFlag(v)
+	return nil
 }
 
 func (c *simConfig) check() error {
@@ -104,6 +124,8 @@ func (c *simConfig) check() error {
 		return fmt.Errorf("-drop %v is not a fraction between 0 and 1", c.opts.DropFraction)
 	case c.opts.KillFraction < 0 || c.opts.KillFraction > 1:
 		return fmt.Errorf("-kill %v is not a fraction between 0 and 1", c.opts.KillFraction)
+	case c.opts.CrashInTrialFraction < 0 || c.opts.CrashInTrialFraction > 1:
+		return fmt.Errorf("-crash-in-trial %v is not a fraction between 0 and 1", c.opts.CrashInTrialFraction)
 	case c.opts.Window < 1 || c.opts.Window > 64:
 		return fmt.Errorf("-window %d is outside 1..64", c.opts.Window)
 	case c.broker == "":
@@ -471,7 +493,8 @@ func simPrintSummary(w io.Writer, c simConfig, s simulate.Summary, where string)
 	fmt.Fprintf(b, "\n  chunk fetches:         %d\n", s.Stats.ChunkFetches)
 	fmt.Fprintf(b, "  reconnects:            %d (connections lost: %d)\n", s.Stats.Connects-min(s.Stats.Connects, uint64(s.Devices)), s.Stats.Disconnects)
 	fmt.Fprintf(b, "  acks / reports sent:   %d / %d\n", s.Stats.AcksSent, s.Stats.ReportsSent)
-	if c.opts.DropFraction > 0 || c.opts.KillFraction > 0 {
+	fmt.Fprintf(b, "  trials:                %d switches to a new image, %d unhealthy (went back)\n", s.Stats.Trials, s.Stats.Unhealthy)
+	if c.opts.DropFraction > 0 || c.opts.KillFraction > 0 || c.opts.CrashInTrialFraction > 0 {
 		fmt.Fprintf(b, "  faults injected:       %d dropped connections, %d power losses (seed %d)\n", s.Drops, s.Kills, c.opts.Seed)
 	}
 	fmt.Fprintf(b, "  peak memory:           heap %.1f MiB, RSS %s\n", float64(s.PeakHeap)/(1<<20), peakRSS())

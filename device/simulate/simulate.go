@@ -89,6 +89,14 @@ type Options struct {
 	// FailInstall names devices whose installer refuses every image at commit: they
 	// report install_failed, and retry, for every release.
 	FailInstall map[string]bool
+	// Unhealthy names devices on which every new image fails its health check on trial:
+	// they go back to the image they ran and report unhealthy [SC-10.5].
+	// UnhealthyFraction of the other devices, drawn from Seed and the serial, do too.
+	Unhealthy         map[string]bool
+	UnhealthyFraction float64
+	// CrashInTrialFraction of the devices lose power once per release while the new
+	// image runs on trial, before its health check; they restart after RestartDelay.
+	CrashInTrialFraction float64
 	// Seed makes the fault draw repeatable.
 	Seed uint64
 	// StartSpread spreads the agents' first connections over this duration.
@@ -266,6 +274,10 @@ func addStats(sum *device.Stats, st device.Stats) {
 	sum.ReportsSent += st.ReportsSent
 	sum.Confirmed += st.Confirmed
 	sum.StatePublishes += st.StatePublishes
+	sum.SubRetries += st.SubRetries
+	sum.Retries += st.Retries
+	sum.Trials += st.Trials
+	sum.Unhealthy += st.Unhealthy
 }
 
 // faults is one device's fault plan for the release it is working on. It lives across
@@ -289,9 +301,22 @@ func (f *Fleet) draw(serial string, id keychain.ReleaseID) faults {
 	r := rand.New(rand.NewPCG(binary.BigEndian.Uint64(sum[:8]), binary.BigEndian.Uint64(sum[8:16])))
 	p := faults{release: id, drop: r.Float64() < f.o.DropFraction}
 	if r.Float64() < f.o.KillFraction {
-		p.kill = device.CrashPoint(1 + r.IntN(3))
+		p.kill = device.CrashPoint(1 + r.IntN(5)) // downloading, installed, persisted, staged, trial
+	}
+	if r.Float64() < f.o.CrashInTrialFraction {
+		p.kill = device.CrashTrial
 	}
 	return p
+}
+
+// drawUnhealthy decides whether a device fails every health check
+// (Options.UnhealthyFraction): the same for the same seed and serial.
+func (f *Fleet) drawUnhealthy(serial string) bool {
+	if f.o.UnhealthyFraction <= 0 {
+		return false
+	}
+	h := sha256.Sum256(binary.BigEndian.AppendUint64([]byte("unhealthy "+serial+" "), f.o.Seed))
+	return float64(binary.BigEndian.Uint64(h[:8])>>11)/(1<<53) < f.o.UnhealthyFraction
 }
 
 // device runs one device, restarting its agent after a simulated power loss.
@@ -306,9 +331,11 @@ func (f *Fleet) device(i int, serial string, v device.Vault, delay time.Duration
 	var total device.Stats
 	defer func() { f.stats[i] = total }() // read by Wait after wg.Wait
 	var plan faults
+	// The slots outlive the agent: a power loss keeps what the device runs.
+	inst := &hashInstaller{fail: f.o.FailInstall[serial], unhealthy: f.o.Unhealthy[serial] || f.drawUnhealthy(serial)}
 	for {
 		o := device.Options{
-			Vault: v, Installer: hashInstaller{fail: f.o.FailInstall[serial]}, Logger: f.o.Logger, BrokerURL: f.o.BrokerURL,
+			Vault: v, Installer: inst, Logger: f.o.Logger, BrokerURL: f.o.BrokerURL,
 			Window: f.o.Window, ChunkTimeout: f.o.ChunkTimeout, AckResend: f.o.AckResend, AckResendMax: f.o.AckResendMax,
 			ReconnectMin: f.o.ReconnectMin, ReconnectMax: f.o.ReconnectMax, ProgressInterval: time.Hour,
 		}
@@ -356,18 +383,81 @@ func (f *Fleet) device(i int, serial string, v device.Vault, delay time.Duration
 	}
 }
 
-// hashInstaller discards the image after hashing it against the manifest; with fail it
-// refuses every image at commit (Options.FailInstall).
-type hashInstaller struct{ fail bool }
+// hashInstaller discards the image after hashing it against the manifest, and keeps A/B
+// slots in memory: which release is staged, which runs, and whether it runs on trial
+// [SC-10.5]. With fail it refuses every image at commit (Options.FailInstall); with
+// unhealthy every image fails its health check (Options.Unhealthy).
+type hashInstaller struct {
+	fail, unhealthy bool
 
-func (hi hashInstaller) Begin(m *keychain.Manifest) (device.Install, error) {
-	return &hashInstall{h: sha256.New(), want: m.ImageSHA256, fail: hi.fail}, nil
+	mu             sync.Mutex
+	staged, active keychain.ReleaseID
+	previous       keychain.ReleaseID
+	trial          bool
+}
+
+func (hi *hashInstaller) Begin(m *keychain.Manifest) (device.Install, error) {
+	return &hashInstall{h: sha256.New(), want: m.ImageSHA256, fail: hi.fail, stage: func() {
+		hi.mu.Lock()
+		hi.staged = m.Release
+		hi.mu.Unlock()
+	}}, nil
+}
+
+func (hi *hashInstaller) Switch(id keychain.ReleaseID) error {
+	hi.mu.Lock()
+	defer hi.mu.Unlock()
+	switch {
+	case hi.active == id:
+		return nil
+	case hi.staged != id:
+		return fmt.Errorf("simulate: release %s is not staged", id)
+	}
+	hi.previous, hi.active, hi.trial = hi.active, id, true
+	return nil
+}
+
+func (hi *hashInstaller) Running(id keychain.ReleaseID) (bool, error) {
+	hi.mu.Lock()
+	defer hi.mu.Unlock()
+	return hi.active == id, nil
+}
+
+func (hi *hashInstaller) Health(_ context.Context, id keychain.ReleaseID) error {
+	hi.mu.Lock()
+	defer hi.mu.Unlock()
+	switch {
+	case hi.active != id:
+		return fmt.Errorf("simulate: release %s does not run", id)
+	case hi.unhealthy:
+		return errors.New("simulate: this device fails every health check (Options.Unhealthy)")
+	}
+	return nil
+}
+
+func (hi *hashInstaller) Confirm(id keychain.ReleaseID) error {
+	hi.mu.Lock()
+	defer hi.mu.Unlock()
+	if hi.active == id {
+		hi.trial = false
+	}
+	return nil
+}
+
+func (hi *hashInstaller) Revert(id keychain.ReleaseID) error {
+	hi.mu.Lock()
+	defer hi.mu.Unlock()
+	if hi.active == id && hi.trial {
+		hi.active, hi.trial = hi.previous, false
+	}
+	return nil
 }
 
 type hashInstall struct {
-	h    hash.Hash
-	want [32]byte
-	fail bool
+	h     hash.Hash
+	want  [32]byte
+	fail  bool
+	stage func()
 }
 
 func (i *hashInstall) Write(p []byte) (int, error) { return i.h.Write(p) }
@@ -380,5 +470,6 @@ func (i *hashInstall) Commit() error {
 	if i.h.Sum(got[:0]); got != i.want {
 		return errors.New("simulate: image hash differs from the manifest")
 	}
+	i.stage()
 	return nil
 }

@@ -364,7 +364,7 @@ function checkAckVector(v, U) {
   return ack;
 }
 
-test('7: acks (installed, rekeyed) and report (failed): fields, MAC key, rebuild', () => {
+test('7: acks (installed, rekeyed) and reports (failed, stale_key, unhealthy): fields, MAC key, rebuild', () => {
   const km = V.key_message_release;
   const U = unitData(R, km.epoch, S);
   const ack = checkAckVector(V.ack_installed, U);
@@ -372,10 +372,15 @@ test('7: acks (installed, rekeyed) and report (failed): fields, MAC key, rebuild
   const rep = checkAckVector(V.report_failed, U);
   assert.equal(rep.kind, 3);
   assert.equal(rep.deviceSeq, km.seq); // unchanged
-  assert.ok(rep.code >= 1 && rep.code <= 10, `code ${rep.code} is a 15.1 report code`);
+  assert.ok(rep.code >= 1 && rep.code <= 11, `code ${rep.code} is a 15.1 report code`);
   const st = checkAckVector(V.report_stale_key, U);
   // 10.1 step 2: a stale_key report (code 8) carries the device's own sequence number.
   assert.deepEqual([st.kind, st.code, st.seq, st.deviceSeq], [3, 8, km.seq, km.seq - 3]);
+  const uh = checkAckVector(V.report_unhealthy, U);
+  // 10.5 step 5: an unhealthy report (code 11) keeps D and carries the version the device
+  // runs again, below the release's.
+  assert.deepEqual([uh.kind, uh.code, uh.seq, uh.deviceSeq], [3, 11, km.seq, km.seq]);
+  assert.ok(uh.version < ack.version, 'the unhealthy report carries the version the device went back to');
   const rk = checkAckVector(V.ack_rekeyed, U);
   // 10.1 step 5: a re-key ack answers the re-key message and carries the new length.
   assert.deepEqual([rk.kind, rk.seq, hex(rk.id), rk.deviceSeq],
