@@ -56,9 +56,10 @@ func Allowed(role Role, serial, topic string, write bool) bool {
 			// Only its own ack, state and presence.
 			return ownTopic(topic, serial, "ack", "state", "presence")
 		}
-		// releases/#, the key statements, and its own key and receipt, named literally.
+		// releases/#, the key statements, and its own key, receipt and prefetch notice,
+		// named literally.
 		return filterWithin(topic, protocol.ReleasesFilter) || filterWithin(topic, protocol.KeysFilter) ||
-			ownTopic(topic, serial, "key", "receipt", "")
+			ownTopic(topic, serial, "key", "receipt", "prefetch")
 	}
 	return false
 }

@@ -66,6 +66,10 @@ type Options struct {
 	// ProgressInterval is the least time between two "downloading" state publications
 	// (2 s).
 	ProgressInterval time.Duration
+	// Prefetch, if set, keeps the chunks of releases announced by a prefetch notice,
+	// fetched ahead of their key [SC-9.9]; nil: the device does not prefetch.
+	Prefetch ChunkStore
+
 	// TrialBoots bounds, with a TrialInstaller, both the switches to an image on trial
 	// and the starts with it running before it passes its health check (3); past it the
 	// trial fails. HealthTimeout bounds the health check (5 min) [SC-10.5].
@@ -180,6 +184,7 @@ type Agent struct {
 	fatal        error
 	runCtx       context.Context
 	heldKey      []byte         // a key message that arrived during a trial [SC-10.5]
+	pre          *prefetch      // the release announced for prefetch [SC-9.9]
 	trialWait    sync.WaitGroup // the health check running
 }
 
@@ -418,6 +423,8 @@ func (a *Agent) handle(in *inbound) {
 		a.onReceipt(in.payload)
 	case protocol.KeyStatementTopic(a.st.KeySeq + 1):
 		a.onKeyStatement(in.payload)
+	case protocol.PrefetchTopic(a.serial):
+		a.onPrefetch(in.payload)
 	default:
 		a.onRelease(in.topic, in.payload)
 	}
@@ -448,6 +455,13 @@ func (a *Agent) nextWake(now time.Time) time.Duration {
 		}
 		if f := a.failed; f != nil && f.transient() && !f.retrying {
 			at(f.retryAt)
+		}
+		if pf := a.pre; pf != nil && a.prefetchIdle() {
+			if pf.started {
+				at(pf.due)
+			} else {
+				at(pf.startAt)
+			}
 		}
 	}
 	if d := next.Sub(now); d > 0 {
@@ -488,6 +502,7 @@ func (a *Agent) tick(now time.Time) {
 		a.log.Info().Int("attempt", f.attempts+1).Stringer("code", f.code).Msg("retrying a failed update")
 		a.subscribe(protocol.KeyTopic(a.serial))
 	}
+	a.stepPrefetch(now)
 	if a.lastAck != nil && !a.st.LastAckConfirmed && !now.Before(a.ackAt) {
 		a.sendAck()
 		a.ackHeld = false
@@ -619,8 +634,11 @@ func (a *Agent) onConnected() {
 		cl.Unsubscribe(topics...)
 		clear(a.unsub)
 	}
-	a.watchSuback(a.conn, cl.SubscribeMultiple(map[string]byte{protocol.KeyTopic(a.serial): 1, protocol.ReceiptTopic(a.serial): 1,
-		protocol.KeyStatementTopic(a.st.KeySeq + 1): 1}, nil))
+	subs := map[string]byte{protocol.KeyTopic(a.serial): 1, protocol.ReceiptTopic(a.serial): 1, protocol.KeyStatementTopic(a.st.KeySeq + 1): 1}
+	if a.opts.Prefetch != nil {
+		subs[protocol.PrefetchTopic(a.serial)] = 1
+	}
+	a.watchSuback(a.conn, cl.SubscribeMultiple(subs, nil))
 	if a.failed != nil && a.failed.transient() {
 		a.failed = nil // a redelivered key message is tried again
 	}
@@ -633,6 +651,15 @@ func (a *Agent) onConnected() {
 	}
 	if a.job != nil {
 		a.job.resume(time.Now())
+		a.process()
+	}
+	if pf := a.pre; pf != nil && pf.started && a.prefetchIdle() {
+		if pf.m == nil {
+			a.prefetchManifest(time.Now())
+		} else {
+			clear(pf.subbed)
+			a.prefetchFill(time.Now())
+		}
 	}
 	a.publishState()
 }
@@ -653,6 +680,9 @@ func (a *Agent) onLost(gen uint64, err error) {
 	a.emit(Event{Kind: EventDisconnected, Err: err})
 	if a.job != nil {
 		a.job.disconnected()
+	}
+	if a.pre != nil {
+		clear(a.pre.subbed)
 	}
 	a.scheduleReconnect(now)
 }
@@ -741,8 +771,18 @@ func (a *Agent) onRefused(gen uint64, topics []string) {
 // wanted reports whether topic is still worth subscribing to: the key and receipt
 // topics always, the manifest and chunks while the job waits for them.
 func (a *Agent) wanted(topic string) bool {
-	if topic == protocol.KeyTopic(a.serial) || topic == protocol.ReceiptTopic(a.serial) || topic == protocol.KeyStatementTopic(a.st.KeySeq+1) {
+	if topic == protocol.KeyTopic(a.serial) || topic == protocol.ReceiptTopic(a.serial) || topic == protocol.KeyStatementTopic(a.st.KeySeq+1) ||
+		a.opts.Prefetch != nil && topic == protocol.PrefetchTopic(a.serial) {
 		return true
+	}
+	if pf := a.pre; pf != nil && pf.started {
+		if pf.m == nil && topic == protocol.ManifestTopic(pf.n.ID) {
+			return true
+		}
+		if rest, ok := strings.CutPrefix(topic, pf.prefix); ok && pf.m != nil {
+			n, err := strconv.ParseUint(rest, 10, 32)
+			return err == nil && pf.subbed[uint32(n)]
+		}
 	}
 	j := a.job
 	if j == nil {

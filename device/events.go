@@ -28,11 +28,12 @@ const (
 	EventConfirmed                          // a receipt confirmed the last ack
 	EventFailed                             // the update failed with Code (Err says why)
 	EventKeyRotated                         // a key statement made release key Index current [SC-5.3]
+	EventPrefetched                         // every chunk of Release is kept ahead of its key [SC-9.9]
 )
 
 var eventNames = [...]string{"", "connected", "disconnected", "key_message", "manifest_fetch",
 	"chunk_fetch", "chunk_received", "chunk_bad", "chunk_done", "committed", "persisted",
-	"ack_sent", "report_sent", "confirmed", "failed", "key_rotated"}
+	"ack_sent", "report_sent", "confirmed", "failed", "key_rotated", "prefetched"}
 
 func (k EventKind) String() string {
 	if int(k) < len(eventNames) && k > 0 {

@@ -258,6 +258,7 @@ func (a *Agent) publishState() {
 	}
 	d := a.doc
 	d.Serial, d.Version, d.Epoch, d.Seq, d.Updated = a.serial, a.st.Version, a.st.Epoch, a.st.Seq, time.Now().UTC()
+	d.Prefetch = a.prefetchState()
 	if d.State == "" {
 		d.State = protocol.AgentIdle
 	}
@@ -306,6 +307,7 @@ type job struct {
 }
 
 func (a *Agent) startJob(km *keychain.KeyMessage, k keychain.ChainKey, ck keychain.ContentKey) {
+	a.abortPrefetch() // the update takes the connection; what was prefetched is used [SC-9.9]
 	j := &job{a: a, km: km, key: k, ck: ck}
 	a.job = j
 	id := km.ID
@@ -338,9 +340,14 @@ func (j *job) fill(now time.Time) {
 	end := uint64(j.next) + uint64(j.a.opts.Window)
 	end = min(end, uint64(j.m.ChunkCount))
 	for i := j.next; uint64(i) < end; i++ {
-		if _, ok := j.buf[i]; !ok && !j.subbed[i] {
-			j.fetch(i, now)
+		if _, ok := j.buf[i]; ok || j.subbed[i] {
+			continue
 		}
+		if p, ok := j.a.stored(j.km.ID, i); ok {
+			j.buf[i] = p // prefetched [SC-9.9]; process opens it as any chunk
+			continue
+		}
+		j.fetch(i, now)
 	}
 }
 
@@ -425,6 +432,9 @@ func (a *Agent) jobTimeout(now time.Time) {
 
 // onRelease handles a manifest or chunk of the release being downloaded.
 func (a *Agent) onRelease(topic string, p []byte) {
+	if a.routePrefetch(topic, p) {
+		return
+	}
 	j := a.job
 	if j == nil {
 		return
@@ -519,6 +529,7 @@ func (a *Agent) onManifest(p []byte) {
 	a.publishState()
 	j.lastPr = now
 	j.fill(now)
+	a.process()
 }
 
 // process opens, in order, every chunk that arrived, and finishes the install after the
@@ -592,6 +603,11 @@ func (a *Agent) finish() {
 	}
 	j.inst = nil
 	a.job = nil
+	if a.opts.Prefetch != nil {
+		if err := a.opts.Prefetch.Drop(j.km.ID); err != nil {
+			a.log.Warn().Err(err).Msg("dropping the prefetched chunks")
+		}
+	}
 	ti, trial := a.opts.Installer.(TrialInstaller)
 	if !trial {
 		a.c.installs.Add(1)

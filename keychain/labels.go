@@ -16,6 +16,7 @@ const (
 	LabelRekeyID      = "sealcast/v1 rekey-id"      // the key that derives re-key ids (3.6)
 	LabelRekey        = "sealcast/v2 rekey"         // the next unit data from the current one and the re-key secret (3.2)
 	LabelKeyStatement = "sealcast/v2 key-statement" // signed by the previous release key (5.1)
+	LabelPrefetch     = "sealcast/v2 prefetch"      // PK, the key of prefetch notices (6.4)
 
 	// AES-GCM associated data of a release's content key sealed under the state-seal key
 	// (server only): this, then the release id in hex. It predates the sealcast/v1 naming
@@ -35,4 +36,6 @@ const (
 	MagicReceipt  = "SCR2"
 	// MagicKeyStatement begins a key statement (5.1).
 	MagicKeyStatement = "SCS2"
+	// MagicPrefetch begins a prefetch notice (6.4).
+	MagicPrefetch = "SCP2"
 )

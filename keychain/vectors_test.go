@@ -93,6 +93,16 @@ type Vectors struct {
 		Message   string `json:"message"`
 	} `json:"key_statement"`
 	RotatedManifest string `json:"rotated_manifest"`
+	// Prefetch is a prefetch notice (6.4) for the release, at the key message's position.
+	Prefetch struct {
+		Epoch          uint32 `json:"epoch"`
+		Seq            uint32 `json:"seq"`
+		ID             string `json:"id"`
+		ManifestDigest string `json:"manifest_digest"`
+		Jitter         uint32 `json:"jitter"`
+		MACKey         string `json:"mac_key"`
+		Message        string `json:"message"`
+	} `json:"prefetch_notice"`
 	// Negative holds messages a decoder must refuse, each with what it must conclude.
 	Negative []negativeVector `json:"negative"`
 }
@@ -276,6 +286,14 @@ func makeVectors(t *testing.T) *Vectors {
 	unhealthy := Ack{Kind: AckFailed, Epoch: 0, Seq: n, ID: id, Version: 6, DeviceSeq: n, Code: 11}
 	v.ReportUnhealthy = ackVectorOf(t, unhealthy, k, v.Serial)
 	v.AckRekeyed = ackVectorOf(t, Ack{Kind: AckRekeyed, Epoch: 0, Seq: 1, ID: rid, DeviceSeq: 1024}, Key(u0, 1), v.Serial)
+	pn := PrefetchNotice{Epoch: 0, Seq: n, ID: id, ManifestDigest: ManifestDigest(mustHex(t, v.Release.Manifest)), Jitter: 600}
+	pb, err := pn.Seal(k, v.Serial)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pfk := k.PrefetchKey()
+	v.Prefetch.Epoch, v.Prefetch.Seq, v.Prefetch.ID, v.Prefetch.ManifestDigest = pn.Epoch, pn.Seq, h(id[:]), h(pn.ManifestDigest[:])
+	v.Prefetch.Jitter, v.Prefetch.MACKey, v.Prefetch.Message = pn.Jitter, h(pfk[:]), h(pb)
 	v.ReceiptAccepted = receiptVectorOf(t, ReceiptFor(ack, ReceiptAccepted), k, v.Serial)
 	v.ReceiptRecorded = receiptVectorOf(t, ReceiptFor(rep, ReceiptRecorded), k, v.Serial)
 	next := ed25519.NewKeyFromSeed(seqBytes(32, 0x60))
@@ -348,6 +366,8 @@ func negativeVectors(t *testing.T, v *Vectors, priv ed25519.PrivateKey, pk [Size
 		{Name: "ack of protocol version 1 (magic SCA1)", Kind: "ack", Message: h(append([]byte("SCA1"), mustHex(t, v.Ack.Message)[4:]...)), Error: "malformed"},
 		{Name: "receipt with a flipped MAC bit", Kind: "receipt", Message: flip(v.ReceiptAccepted.Message, 61), Error: "ignored"},
 		{Name: "receipt with a flipped status bit", Kind: "receipt", Message: flip(v.ReceiptAccepted.Message, 29), Error: "ignored"},
+		{Name: "prefetch notice with a flipped MAC bit", Kind: "prefetch_notice", Message: flip(v.Prefetch.Message, 90), Error: "ignored"},
+		{Name: "prefetch notice with a flipped jitter bit", Kind: "prefetch_notice", Message: flip(v.Prefetch.Message, 63), Error: "ignored"},
 	}
 }
 
@@ -399,6 +419,10 @@ func refusal(t *testing.T, v *Vectors, n negativeVector) string {
 		}
 	case "key_statement":
 		if _, err := ParseKeyStatement(b, pub); err != nil {
+			return "ignored"
+		}
+	case "prefetch_notice":
+		if _, err := ParsePrefetchNotice(b); err != nil || VerifyPrefetchNotice(b, k, v.Serial) != nil {
 			return "ignored"
 		}
 	}
@@ -493,6 +517,18 @@ func TestVectors(t *testing.T) {
 		if err := VerifyAck(b, Key(u0, a.Seq), v.Serial); err != nil {
 			t.Fatal(err)
 		}
+	}
+	pb := mustHex(t, v.Prefetch.Message)
+	pn, err := ParsePrefetchNotice(pb)
+	if err != nil || pn.Epoch != v.Prefetch.Epoch || pn.Seq != v.Prefetch.Seq || hex.EncodeToString(pn.ID[:]) != v.Prefetch.ID ||
+		hex.EncodeToString(pn.ManifestDigest[:]) != v.Prefetch.ManifestDigest || pn.Jitter != v.Prefetch.Jitter {
+		t.Fatalf("prefetch notice %+v, %v: fields differ from the file", pn, err)
+	}
+	if err := VerifyPrefetchNotice(pb, Key(u0, pn.Seq), v.Serial); err != nil {
+		t.Fatal(err)
+	}
+	if pk := Key(u0, pn.Seq).PrefetchKey(); hex.EncodeToString(pk[:]) != v.Prefetch.MACKey {
+		t.Fatal("prefetch key differs from the file")
 	}
 	for _, rv := range []receiptVector{v.ReceiptAccepted, v.ReceiptRecorded} {
 		b := mustHex(t, rv.Message)

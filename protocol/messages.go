@@ -125,7 +125,16 @@ type ReleaseCreateArgs struct {
 	// DeviceTimeout counts a target that got its key and has not settled within it as
 	// timed out (12.5): a duration such as "30m".
 	DeviceTimeout string `json:"device_timeout,omitempty"`
+	// Prefetch announces the release to every target at once, before any key, so that
+	// devices that can download it ahead do, spread over PrefetchJitter (a duration,
+	// default 10m) (12.7).
+	Prefetch       bool   `json:"prefetch,omitempty"`
+	PrefetchJitter string `json:"prefetch_jitter,omitempty"`
 }
+
+// DefaultPrefetchJitter is the period over which devices spread their prefetch, unless
+// release.create gives prefetch_jitter (12.7).
+const DefaultPrefetchJitter = 10 * time.Minute
 
 // NoBound as a release's max_concurrent sets no concurrency bound (12.5).
 const NoBound = -1
@@ -206,6 +215,10 @@ type ReleaseStatus struct {
 	Offered       int  `json:"offered,omitempty"`
 	// TimedOut is how many offered targets have not settled within the device timeout.
 	TimedOut int `json:"timed_out,omitempty"`
+	// Prefetch says the release was announced for prefetch, and Prefetched how many
+	// devices said they hold every chunk of it (12.7).
+	Prefetch   bool `json:"prefetch,omitempty"`
+	Prefetched int  `json:"prefetched,omitempty"`
 	// NextWave says, once the open waves have settled, what the next one waits for:
 	// "soak" until NextWaveAt, or "approval".
 	NextWave   string     `json:"next_wave,omitempty"`
@@ -278,7 +291,17 @@ type DeviceState struct {
 	ChunksDone uint32              `json:"chunks_done,omitempty"`
 	ChunkCount uint32              `json:"chunk_count,omitempty"`
 	Error      *DeviceError        `json:"error,omitempty"`
-	Updated    time.Time           `json:"updated"`
+	// Prefetch is the release the device fetches ahead of its key, and how far (9.9).
+	Prefetch *PrefetchState `json:"prefetch,omitempty"`
+	Updated  time.Time      `json:"updated"`
+}
+
+// PrefetchState is the prefetch part of a DeviceState (13.3): the release, how many of
+// its chunks, from the first, the device keeps, and how many it has.
+type PrefetchState struct {
+	Release    keychain.ReleaseID `json:"release"`
+	ChunksDone uint32             `json:"chunks_done"`
+	ChunkCount uint32             `json:"chunk_count"`
 }
 
 // DeviceError is the error part of a DeviceState.

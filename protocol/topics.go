@@ -103,6 +103,9 @@ func AckTopic(serial string) string { return deviceTopic(serial, "ack") }
 // StateTopic is where a device publishes its own state (retained JSON).
 func StateTopic(serial string) string { return deviceTopic(serial, "state") }
 
+// PrefetchTopic is a device's retained prefetch notice (PROTOCOL.md 6.4).
+func PrefetchTopic(serial string) string { return deviceTopic(serial, "prefetch") }
+
 // PresenceTopic is a device's retained online/offline flag, also its will.
 func PresenceTopic(serial string) string { return deviceTopic(serial, "presence") }
 

@@ -370,3 +370,58 @@ func (p *placer) withdraw(ctx context.Context, id keychain.ReleaseID) error {
 	}
 	return nil
 }
+
+// announce publishes, in the background, a prefetch notice for every target of a release
+// that prefetches, at the target's current position, so that devices can download the
+// release before its key ([SC-9.9], 12.7). Devices that already run its version or a
+// newer one get none.
+func (p *placer) announce(r *run) {
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		rel := r.release()
+		n, err := p.announceAll(p.ctx, r)
+		ev := p.log.Info()
+		if err != nil && p.ctx.Err() == nil {
+			ev = p.log.Error().Err(err)
+		}
+		ev.Str("release", rel.ID.String()).Int("notices", n).Msg("prefetch notices published")
+	}()
+}
+
+func (p *placer) announceAll(ctx context.Context, r *run) (int, error) {
+	rel := r.release()
+	jitter := uint32(rel.PrefetchJitter / time.Second)
+	total := 0
+	for i := 0; i < len(r.sorted) && ctx.Err() == nil; i += batchSize {
+		devs, err := p.store.Devices(ctx, r.sorted[i:min(i+batchSize, len(r.sorted))])
+		if err != nil {
+			return total, fmt.Errorf("reading devices: %w", err)
+		}
+		var msgs []protocol.Message
+		for _, d := range devs {
+			if d == nil || d.Version >= rel.Version {
+				continue
+			}
+			tr, err := p.keys.sealer.Open(d.Serial, d.Epoch, d.Chain)
+			if err != nil || tr.Pos() != d.Seq {
+				p.log.Error().Err(err).Str("serial", d.Serial).Msg("opening chain state for a prefetch notice")
+				continue
+			}
+			p.stats.chainSteps.Add(int64(tr.Steps()))
+			b, err := keychain.PrefetchNotice{Epoch: d.Epoch, Seq: d.Seq, ID: rel.ID, ManifestDigest: r.digest, Jitter: jitter}.Seal(tr.Current(), d.Serial)
+			if err != nil {
+				return total, err
+			}
+			msgs = append(msgs, protocol.Message{Topic: protocol.PrefetchTopic(d.Serial), Payload: b, Retain: true})
+		}
+		if len(msgs) == 0 {
+			continue
+		}
+		if err := p.bus.Publish(ctx, msgs...); err != nil {
+			return total, fmt.Errorf("publishing prefetch notices: %w", err)
+		}
+		total += len(msgs)
+	}
+	return total, nil
+}

@@ -26,6 +26,13 @@ func (a *releaseAdmin) CreateRelease(ctx context.Context, args protocol.ReleaseC
 	bound = max(bound, 0)
 	soak, _ := time.ParseDuration(args.Soak)                // checked
 	devTimeout, _ := time.ParseDuration(args.DeviceTimeout) // checked
+	jitter := protocol.DefaultPrefetchJitter
+	if args.PrefetchJitter != "" {
+		jitter, _ = time.ParseDuration(args.PrefetchJitter) // checked
+	}
+	if !args.Prefetch {
+		jitter = 0
+	}
 	var startAt time.Time
 	if args.StartAt != nil {
 		startAt = *args.StartAt
@@ -54,7 +61,7 @@ func (a *releaseAdmin) CreateRelease(ctx context.Context, args protocol.ReleaseC
 	}
 	rel := &Release{ID: id, Version: args.Version, Label: args.Label, State: protocol.ReleasePublishing, All: args.All,
 		Select: args.Select, Follow: args.Follow, Waves: args.Waves, Canary: args.Canary, MaxFailures: args.MaxFailures, Abort: args.AbortOnFailure,
-		MaxConcurrent: bound, DefaultBound: byDefault, Approve: args.Approve, Soak: soak, Window: args.Window, StartAt: startAt, DeviceTimeout: devTimeout,
+		Prefetch: args.Prefetch, PrefetchJitter: jitter, MaxConcurrent: bound, DefaultBound: byDefault, Approve: args.Approve, Soak: soak, Window: args.Window, StartAt: startAt, DeviceTimeout: devTimeout,
 		Created: a.now(), ContentKey: sealed, ChunkSize: args.ChunkSize}
 	// The release is recorded as publishing before anything is published, so that a
 	// crash half way leaves a release that the restart cancels, not orphan topics.
@@ -85,6 +92,9 @@ func (a *releaseAdmin) CreateRelease(ctx context.Context, args protocol.ReleaseC
 	a.log.Info().Str("release", id.String()).Uint64("version", args.Version).Int("targets", len(targets)).Uint32("chunks", m.ChunkCount).Msg("release created")
 	// The image is published; its upload would otherwise hold a copy on disk for a day.
 	a.uploads.remove(args.Upload)
+	if rel.Prefetch {
+		a.place.announce(r)
+	}
 	a.startIfOpen(r)
 	return &protocol.ReleaseCreateResult{Release: id, Targets: len(targets)}, nil
 }
@@ -141,6 +151,11 @@ func checkCreate(a *protocol.ReleaseCreateArgs) error {
 		}
 		if len(a.Waves) == 0 && (a.MaxConcurrent == protocol.NoBound || a.Follow) && a.MaxFailures == "" {
 			return protocol.Errorf(protocol.ErrBadRequest, "device_timeout counts toward waves, max_concurrent and max_failures: give one of them")
+		}
+	}
+	if a.PrefetchJitter != "" {
+		if d, err := time.ParseDuration(a.PrefetchJitter); err != nil || d < 0 || d > 24*time.Hour || !a.Prefetch {
+			return protocol.Errorf(protocol.ErrBadRequest, "prefetch_jitter %q: give a duration from 0 to 24h, with prefetch", a.PrefetchJitter)
 		}
 	}
 	if a.Soak != "" {
@@ -492,6 +507,9 @@ func (a *releaseAdmin) resume(ctx context.Context) {
 		}
 		// The last process may have recorded the last results and died before it
 		// noticed that the release is complete: the status publisher looks again.
+		if r.release().Prefetch {
+			a.place.announce(r) // the notices the last process had not published yet
+		}
 		if !r.paused.Load() {
 			a.startIfOpen(r)
 		}

@@ -1,6 +1,7 @@
 package updater
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -57,12 +58,17 @@ type statusPublisher struct {
 	dirty  map[keychain.ReleaseID]bool // release statuses to publish
 	fleet  bool                        // the fleet status changed
 	online map[string]bool
+	// prefetched is the release each device said it holds whole (12.7), and count how
+	// many devices hold each.
+	prefetched map[string]keychain.ReleaseID
+	count      map[keychain.ReleaseID]int
 }
 
 func newStatusPublisher(store Store, bus Bus, runs *registry, life *lifecycle, log zerolog.Logger, now func() time.Time) *statusPublisher {
 	return &statusPublisher{
 		store: store, bus: bus, runs: runs, life: life, log: log, now: now,
 		dirty: map[keychain.ReleaseID]bool{}, online: map[string]bool{},
+		prefetched: map[string]keychain.ReleaseID{}, count: map[keychain.ReleaseID]int{},
 	}
 }
 
@@ -94,6 +100,49 @@ func (s *statusPublisher) onPresence(topic string, payload []byte) {
 	}
 	s.fleet = true
 	s.mu.Unlock()
+}
+
+// onState follows the devices' state documents for their prefetch (13.3, 12.7): a
+// device whose document says it holds every chunk of a release counts for it.
+func (s *statusPublisher) onState(topic string, payload []byte) {
+	serial, _, ok := protocol.DeviceOf(topic)
+	if !ok {
+		return
+	}
+	var id keychain.ReleaseID
+	if bytes.Contains(payload, []byte(`"prefetch"`)) {
+		var d struct {
+			Prefetch *protocol.PrefetchState `json:"prefetch"`
+		}
+		if json.Unmarshal(payload, &d) == nil && d.Prefetch != nil && d.Prefetch.ChunkCount > 0 && d.Prefetch.ChunksDone == d.Prefetch.ChunkCount {
+			id = d.Prefetch.Release
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	old, had := s.prefetched[serial]
+	if had && old == id {
+		return
+	}
+	if had {
+		if s.count[old]--; s.count[old] <= 0 {
+			delete(s.count, old)
+		}
+		delete(s.prefetched, serial)
+		s.dirty[old] = true
+	}
+	if id != (keychain.ReleaseID{}) {
+		s.prefetched[serial] = id
+		s.count[id]++
+		s.dirty[id] = true
+	}
+}
+
+// prefetchedCount is how many devices said they hold every chunk of release id.
+func (s *statusPublisher) prefetchedCount(id keychain.ReleaseID) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.count[id]
 }
 
 // onlineOf reports, for each serial, whether its presence says online now.
@@ -135,6 +184,9 @@ func (s *statusPublisher) releaseStatus(ctx context.Context, rel *Release) proto
 		st.Targets = len(ts)
 	}
 	st.Pending = max(0, st.Targets-st.Installed-st.Failed)
+	if rel.Prefetch {
+		st.Prefetch, st.Prefetched = true, s.prefetchedCount(rel.ID)
+	}
 	if len(rel.Waves) > 0 || len(rel.Canary) > 0 || rel.MaxConcurrent > 0 || rel.MaxFailures != "" || rel.DeviceTimeout > 0 {
 		s.rolloutStatus(&st, rel)
 	}

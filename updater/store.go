@@ -195,8 +195,12 @@ type Release struct {
 	// DeviceTimeout counts a target that got its key and has not settled within it as
 	// timed out.
 	DeviceTimeout time.Duration
-	Created       time.Time
-	Manifest      []byte // the signed manifest
+	// Prefetch announces the release to its targets before their keys, for them to
+	// download it within PrefetchJitter (PROTOCOL.md 12.7).
+	Prefetch       bool
+	PrefetchJitter time.Duration
+	Created        time.Time
+	Manifest       []byte // the signed manifest
 	// ContentKey is the content key sealed under the root secret (SealContentKey).
 	ContentKey []byte
 	ImageSize  uint64
@@ -248,6 +252,8 @@ type releaseMeta struct {
 	StartAt    time.Time             `json:"start_at,omitzero"`
 	Window     string                `json:"window,omitempty"`
 	DevTimeout time.Duration         `json:"device_timeout,omitempty"`
+	Prefetch   bool                  `json:"prefetch,omitempty"`
+	PreJitter  time.Duration         `json:"prefetch_jitter,omitempty"`
 	Created    time.Time             `json:"created"`
 	Manifest   []byte                `json:"manifest,omitempty"`
 	ContentKey []byte                `json:"content_key,omitempty"`
@@ -263,7 +269,7 @@ func MarshalReleaseMeta(r *Release) ([]byte, error) {
 		Waves: r.Waves, Canary: r.Canary, MaxFail: r.MaxFailures, Abort: r.Abort, Wave: r.Wave, Reason: r.PauseReason, Tolerated: r.Tolerated,
 		MaxConc: r.MaxConcurrent, DefBound: r.DefaultBound, Admitted: r.Admitted, Soak: r.Soak, Approve: r.Approve, Approved: r.Approved,
 		TolWaves: r.ToleratedWaves, WaveLog: r.WaveLog,
-		StartAt: r.StartAt.UTC(), Window: r.Window, DevTimeout: r.DeviceTimeout,
+		StartAt: r.StartAt.UTC(), Window: r.Window, DevTimeout: r.DeviceTimeout, Prefetch: r.Prefetch, PreJitter: r.PrefetchJitter,
 		Manifest: r.Manifest, ContentKey: r.ContentKey, ImageSize: r.ImageSize,
 		ChunkSize: r.ChunkSize, ChunkCount: r.ChunkCount,
 	})
@@ -281,7 +287,7 @@ func UnmarshalReleaseMeta(id keychain.ReleaseID, b []byte) (*Release, error) {
 		Waves: m.Waves, Canary: m.Canary, MaxFailures: m.MaxFail, Abort: m.Abort, Wave: m.Wave, PauseReason: m.Reason, Tolerated: m.Tolerated,
 		MaxConcurrent: m.MaxConc, DefaultBound: m.DefBound, Admitted: m.Admitted, Soak: m.Soak, Approve: m.Approve, Approved: m.Approved,
 		ToleratedWaves: m.TolWaves, WaveLog: m.WaveLog,
-		StartAt: m.StartAt, Window: m.Window, DeviceTimeout: m.DevTimeout,
+		StartAt: m.StartAt, Window: m.Window, DeviceTimeout: m.DevTimeout, Prefetch: m.Prefetch, PrefetchJitter: m.PreJitter,
 		Manifest: m.Manifest, ContentKey: m.ContentKey, ImageSize: m.ImageSize,
 		ChunkSize: m.ChunkSize, ChunkCount: m.ChunkCount,
 	}, nil

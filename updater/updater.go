@@ -282,6 +282,9 @@ func (u *Updater) serveAdmin(ctx context.Context) error {
 	if err := u.o.Bus.Subscribe(ctx, protocol.PresenceFilter, u.status.onPresence); err != nil {
 		return fmt.Errorf("updater: %w", err)
 	}
+	if err := u.o.Bus.Subscribe(ctx, protocol.StateFilter, u.status.onState); err != nil {
+		return fmt.Errorf("updater: %w", err)
+	}
 	err := u.o.Bus.Subscribe(ctx, protocol.UploadFilter, func(t string, p []byte) {
 		if err := u.uploads.receive(t, p); err != nil {
 			u.log.Warn().Err(err).Msg("upload part ignored")

@@ -42,6 +42,8 @@ func releaseCommand(e *env) *ffcli.Command {
 	fs.StringVar(&r.window, "window", "", "publish keys only inside this weekly window: DAYS HH:MM-HH:MM [ZONE], e.g. 'Mon-Fri 01:00-05:00 Europe/Berlin' (PROTOCOL.md 12.6)")
 	fs.DurationVar(&r.deviceTimeout, "device-timeout", 0, "count a target that got its key and has not installed within this as timed out, toward the waves and -max-failures (its late install is still accepted)")
 	fs.IntVar(&r.maxConcurrent, "max-concurrent", 0, "at no time more than this many targets hold a key they have not installed or failed for good: keys go out as others settle (0: the server's default, which counts only targets online; -1: no bound)")
+	fs.BoolVar(&r.prefetch, "prefetch", false, "announce the release to every target at once, so that devices that can download it before their key does (with -start-at or -window the key activates it later; PROTOCOL.md 12.7)")
+	fs.DurationVar(&r.prefetchJitter, "prefetch-jitter", protocol.DefaultPrefetchJitter, "with -prefetch: devices spread their downloads over this long")
 	fs.BoolVar(&r.abortOnFailure, "abort-on-failure", false, "with -max-failures: cancel the release instead of pausing it")
 	fs.DurationVar(&r.timeout, "wait-timeout", 0, "with -wait: stop waiting after this long, print the devices still pending and exit with status 3 (the release goes on)")
 	fs.BoolVar(&r.wait, "wait", false, "show progress until every target installed or failed; exit non-zero if any failed or the release was cancelled")
@@ -92,6 +94,8 @@ type releaseFlags struct {
 	startAt, window       string
 	deviceTimeout         time.Duration
 	chunkSize             uint
+	prefetch              bool
+	prefetchJitter        time.Duration
 }
 
 // check validates the flags without the network and returns the request and the open
@@ -103,6 +107,9 @@ func (r *releaseFlags) check() (protocol.ReleaseCreateArgs, *os.File, int64, err
 		a.Soak = r.soak.String()
 	}
 	a.Window = r.window
+	if a.Prefetch = r.prefetch; r.prefetch {
+		a.PrefetchJitter = r.prefetchJitter.String()
+	}
 	if r.deviceTimeout > 0 {
 		a.DeviceTimeout = r.deviceTimeout.String()
 	}

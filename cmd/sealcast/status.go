@@ -92,6 +92,9 @@ func showRelease(ctx context.Context, e *env, op *operator.Client, arg string, a
 	if st.TimedOut > 0 {
 		fmt.Fprintf(w, "timed out\t%d\n", st.TimedOut)
 	}
+	if st.Prefetch {
+		fmt.Fprintf(w, "prefetched\t%d of %d targets hold every chunk\n", st.Prefetched, st.Targets)
+	}
 	if len(st.Waves) == 0 {
 		return w.Flush()
 	}

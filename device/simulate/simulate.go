@@ -94,6 +94,9 @@ type Options struct {
 	// UnhealthyFraction of the other devices, drawn from Seed and the serial, do too.
 	Unhealthy         map[string]bool
 	UnhealthyFraction float64
+	// PrefetchLimit, if set, makes every device prefetch releases announced to it
+	// (PROTOCOL.md 9.3), keeping up to this many bytes in memory.
+	PrefetchLimit uint64
 	// CrashInTrialFraction of the devices lose power once per release while the new
 	// image runs on trial, before its health check; they restart after RestartDelay.
 	CrashInTrialFraction float64
@@ -333,9 +336,13 @@ func (f *Fleet) device(i int, serial string, v device.Vault, delay time.Duration
 	var plan faults
 	// The slots outlive the agent: a power loss keeps what the device runs.
 	inst := &hashInstaller{fail: f.o.FailInstall[serial], unhealthy: f.o.Unhealthy[serial] || f.drawUnhealthy(serial)}
+	var kept device.ChunkStore
+	if f.o.PrefetchLimit > 0 {
+		kept = device.NewMemChunkStore(f.o.PrefetchLimit)
+	}
 	for {
 		o := device.Options{
-			Vault: v, Installer: inst, Logger: f.o.Logger, BrokerURL: f.o.BrokerURL,
+			Vault: v, Installer: inst, Prefetch: kept, Logger: f.o.Logger, BrokerURL: f.o.BrokerURL,
 			Window: f.o.Window, ChunkTimeout: f.o.ChunkTimeout, AckResend: f.o.AckResend, AckResendMax: f.o.AckResendMax,
 			ReconnectMin: f.o.ReconnectMin, ReconnectMax: f.o.ReconnectMax, ProgressInterval: time.Hour,
 		}

@@ -41,7 +41,7 @@ const L = {
   payload: ascii('sealcast/v1 payload'), manifest: ascii('sealcast/v1 manifest'),
   keyStatement: ascii('sealcast/v2 key-statement'),
   brokerAuth: ascii('sealcast/v1 broker-auth'), mqttPassword: ascii('sealcast/v1 mqtt-password'),
-  rekey: ascii('sealcast/v2 rekey'),
+  rekey: ascii('sealcast/v2 rekey'), prefetch: ascii('sealcast/v2 prefetch'),
 };
 
 // [SC-2.1] serial syntax
@@ -61,7 +61,7 @@ function chainKey(U, n) {                                                       
   for (let i = 0; i < n; i++) k = sha256(L.chainStep, k);
   return k;
 }
-const subkeys = (K) => ({ wk: hmac(K, L.wrap), ak: hmac(K, L.ack), rk: hmac(K, L.receipt) }); // 3.4
+const subkeys = (K) => ({ wk: hmac(K, L.wrap), ak: hmac(K, L.ack), rk: hmac(K, L.receipt), pk: hmac(K, L.prefetch) }); // 3.4
 const brokerAuthKey = (R) => hmac(R, L.brokerAuth);                                  // 3.5
 const mqttPassword = (A, S) => hmac(A, L.mqttPassword, [0], ascii(S)).toString('base64url'); // no padding
 
@@ -231,6 +231,20 @@ function parseReceipt(b, U, S) { // device side
   return f;
 }
 
+// ---- 6.4 Prefetch notice --------------------------------------------------------------------
+function buildPrefetchNotice({ epoch, seq, id, manifestDigest, jitter }, U, S) {
+  const body = cat(ascii('SCP2'), be32(epoch), be32(seq), id, manifestDigest, be32(jitter));
+  return cat(body, hmac(subkeys(chainKey(U, seq)).pk, body, ascii(S)));
+}
+function parsePrefetchNotice(b, U, S) { // device side (9.3 step 1; the caller checks epoch and seq are its own)
+  if (b.length !== 96 || b.subarray(0, 4).toString('ascii') !== 'SCP2') throw new Error('bad prefetch notice');
+  const f = { epoch: b.readUInt32BE(4), seq: b.readUInt32BE(8), id: b.subarray(12, 28), manifestDigest: b.subarray(28, 60), jitter: b.readUInt32BE(60) };
+  if (f.seq < 1) throw new Error('bad prefetch notice');
+  const mac = hmac(subkeys(chainKey(U, f.seq)).pk, b.subarray(0, 64), ascii(S));
+  if (!crypto.timingSafeEqual(mac, b.subarray(64))) throw new Error('bad prefetch notice mac');
+  return f;
+}
+
 // ---- Vector inputs ---------------------------------------------------------------------------
 const R = unhex(V.root_secret), S = V.serial;
 const U0 = unitData(R, 0, S);
@@ -387,6 +401,18 @@ test('7: acks (installed, rekeyed) and reports (failed, stale_key, unhealthy): f
     [2, V.key_message_rekey.seq, V.key_message_rekey.rekey_id, V.key_message_rekey.new_length]);
 });
 
+test('6.4: prefetch notice: fields, MAC key, rebuild', () => {
+  const v = V.prefetch_notice, km = V.key_message_release;
+  const U = unitData(R, v.epoch, S);
+  const n = parsePrefetchNotice(unhex(v.message), U, S);
+  assert.deepEqual([n.epoch, n.seq, hex(n.id), hex(n.manifestDigest), n.jitter], [v.epoch, v.seq, v.id, v.manifest_digest, v.jitter]);
+  // At the position of the release's key message, naming the release and its signed manifest.
+  assert.deepEqual([n.epoch, n.seq, hex(n.id)], [km.epoch, km.seq, rel.release_id]);
+  assert.equal(hex(n.manifestDigest), hex(sha256(manifest)));
+  assert.equal(hex(subkeys(chainKey(U, v.seq)).pk), v.mac_key);
+  assert.equal(hex(buildPrefetchNotice(n, U, S)), v.message);
+});
+
 test('8: receipts (accepted, recorded): fields, MAC key, rebuild', () => {
   const U = unitData(R, V.key_message_release.epoch, S);
   for (const [v, answers, status] of [[V.receipt_accepted, V.ack_installed, 0], [V.receipt_recorded, V.report_failed, 1]]) {
@@ -464,6 +490,7 @@ test('11: negative vectors', () => {
         try { parseAck(b, U, S); return 'accepted'; } catch (e) { return e.message === 'bad ack mac' ? 'forged' : 'malformed'; }
       case 'receipt': return fails(() => parseReceipt(b, U, S)) ? 'ignored' : 'accepted';
       case 'key_statement': return fails(() => parseKeyStatement(b, pub, 1)) ? 'ignored' : 'accepted';
+      case 'prefetch_notice': return fails(() => parsePrefetchNotice(b, U, S)) ? 'ignored' : 'accepted';
     }
     throw new Error(`unknown kind ${n.kind}`);
   };

@@ -42,17 +42,19 @@ func NewRelease(id keychain.ReleaseID, created time.Time) *updater.Release {
 			{Opened: created, Closed: created.Add(time.Hour)},
 			{Opened: created.Add(61 * time.Minute)},
 		},
-		Approved:      1,
-		StartAt:       created.Add(2 * time.Hour),
-		Window:        "Mon-Fri 01:00-05:00 Europe/Berlin",
-		DeviceTimeout: 30 * time.Minute,
-		Admitted:      1234,
-		Created:       created,
-		Manifest:      []byte{0, 1, 0xff, '{'},
-		ContentKey:    bytes.Repeat([]byte{0, 0x80}, 30),
-		ImageSize:     1<<40 + 3,
-		ChunkSize:     1<<32 - 1,
-		ChunkCount:    77,
+		Approved:       1,
+		StartAt:        created.Add(2 * time.Hour),
+		Window:         "Mon-Fri 01:00-05:00 Europe/Berlin",
+		DeviceTimeout:  30 * time.Minute,
+		Prefetch:       true,
+		PrefetchJitter: 90 * time.Minute,
+		Admitted:       1234,
+		Created:        created,
+		Manifest:       []byte{0, 1, 0xff, '{'},
+		ContentKey:     bytes.Repeat([]byte{0, 0x80}, 30),
+		ImageSize:      1<<40 + 3,
+		ChunkSize:      1<<32 - 1,
+		ChunkCount:     77,
 	}
 }
 
@@ -85,7 +87,8 @@ func diffRelease(got, want *updater.Release) string {
 		got.Wave != want.Wave || got.PauseReason != want.PauseReason || got.Tolerated != want.Tolerated ||
 		got.MaxConcurrent != want.MaxConcurrent || got.DefaultBound != want.DefaultBound || got.Admitted != want.Admitted || got.Soak != want.Soak ||
 		got.Approve != want.Approve || got.ToleratedWaves != want.ToleratedWaves || !slices.EqualFunc(got.WaveLog, want.WaveLog, sameWaveRecord) || got.Approved != want.Approved ||
-		!sameTime(got.StartAt, want.StartAt) || got.Window != want.Window || got.DeviceTimeout != want.DeviceTimeout {
+		!sameTime(got.StartAt, want.StartAt) || got.Window != want.Window || got.DeviceTimeout != want.DeviceTimeout ||
+		got.Prefetch != want.Prefetch || got.PrefetchJitter != want.PrefetchJitter {
 		add("rollout", fmt.Sprint(got.Waves, got.MaxFailures, got.Abort, got.Wave, got.PauseReason, got.Tolerated, got.ToleratedWaves, got.WaveLog),
 			fmt.Sprint(want.Waves, want.MaxFailures, want.Abort, want.Wave, want.PauseReason, want.Tolerated, want.ToleratedWaves, want.WaveLog))
 	}

@@ -199,6 +199,19 @@ func (s *Server) KeyMessage(r *Release, serial string) []byte {
 	return b
 }
 
+// Notice seals a prefetch notice of the release for serial at (e, C), without publishing.
+func (s *Server) Notice(r *Release, serial string, jitter uint32) []byte {
+	s.mu.Lock()
+	d := s.devs[serial]
+	e, c, u := d.Epoch, d.C, d.U
+	s.mu.Unlock()
+	b, err := keychain.PrefetchNotice{Epoch: e, Seq: c, ID: r.ID, ManifestDigest: r.Digest, Jitter: jitter}.Seal(keychain.Key(u, c), serial)
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
 // Wrap publishes the release's key message for serial at (e, C), retained.
 func (s *Server) Wrap(r *Release, serial string) error {
 	return s.Publish(protocol.KeyTopic(serial), s.KeyMessage(r, serial), true)
