@@ -33,6 +33,8 @@ func deviceCommand(e *env) *ffcli.Command {
 	switchCmd := fs.String("switch-cmd", "", "with -install-dir: /bin/sh command line that makes the bootloader boot slot $SEALCAST_SLOT ({slot}), run to start a new image on trial and to go back (it may reboot)")
 	healthCmd := fs.String("health-cmd", "", "with -install-dir: /bin/sh command line that checks the image on trial; exit 0 is healthy, and it must fail unless slot $SEALCAST_SLOT runs (default: healthy once started)")
 	confirmCmd := fs.String("confirm-cmd", "", "with -install-dir: /bin/sh command line that makes the bootloader keep the slot on trial, run once it is healthy")
+	prefetchDir := fs.String("prefetch-dir", "", "download releases announced for prefetch before their key, keeping their chunks in this directory (PROTOCOL.md 9.3; off when empty)")
+	prefetchLimit := fs.Uint64("prefetch-limit", 256<<20, "with -prefetch-dir: the most bytes of chunks kept; a larger release is not prefetched")
 	trialBoots := fs.Int("trial-boots", 3, "with -install-dir: fail a trial after this many switches to the new image, or starts with it, without a passed health check")
 	healthTimeout := fs.Duration("health-timeout", 5*time.Minute, "with -install-dir: a health check that has not passed within this long fails")
 	return &ffcli.Command{
@@ -67,6 +69,10 @@ kept in the vault, so a reboot in the middle goes on with it. For example, with 
   -health-cmd 'test "$(cat /run/booted-slot)" = {slot} && systemctl is-system-running'
   -confirm-cmd 'fw_setenv upgrade_available 0'
 
+With -prefetch-dir, a release announced for prefetch (release -prefetch) is downloaded
+before its key comes, within the period the server gives, and kept there (at most
+-prefetch-limit bytes); the key then installs it from there (PROTOCOL.md 9.3).
+
 Each install is printed on standard output. Stops cleanly on SIGINT or SIGTERM.`),
 		FlagSet: fs,
 		Exec: func(ctx context.Context, args []string) error {
@@ -78,6 +84,7 @@ Each install is printed on standard output. Stops cleanly on SIGINT or SIGTERM.`
 				brokerURL: *brokerURL, tlsCA: *tlsCA, window: *window, chunkTimeout: *chunkTimeout,
 				switchCmd: *switchCmd, healthCmd: *healthCmd, confirmCmd: *confirmCmd,
 				trialBoots: *trialBoots, healthTimeout: *healthTimeout,
+				prefetchDir: *prefetchDir, prefetchLimit: *prefetchLimit,
 			}
 			return runDevice(ctx, e, c)
 		},
@@ -93,6 +100,9 @@ type deviceConfig struct {
 	switchCmd, healthCmd, confirmCmd string
 	trialBoots                       int
 	healthTimeout                    time.Duration
+	// Prefetch [SC-9.9].
+	prefetchDir   string
+	prefetchLimit uint64
 }
 
 // shellCmd is cmdline run by /bin/sh, or nothing for an empty one.
@@ -124,6 +134,11 @@ func runDevice(ctx context.Context, e *env, c deviceConfig) error {
 	o := device.Options{
 		Vault: v, Logger: log, Window: c.window, ChunkTimeout: c.chunkTimeout, BrokerURL: c.brokerURL,
 		TrialBoots: c.trialBoots, HealthTimeout: c.healthTimeout,
+	}
+	if c.prefetchDir != "" {
+		if o.Prefetch, err = device.NewDirChunkStore(c.prefetchDir, c.prefetchLimit); err != nil {
+			return err
+		}
 	}
 	if c.tlsCA != "" {
 		pem, err := os.ReadFile(c.tlsCA)

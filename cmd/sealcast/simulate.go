@@ -58,6 +58,7 @@ func simulateCommand(e *env) *ffcli.Command {
 	fs.Float64Var(&c.opts.KillFraction, "kill", 0, "fraction of devices that lose power during each update: mid-install, after the install, or after the vault write")
 	fs.DurationVar(&c.opts.AckDelay, "ack-delay", 0, "delay every device's first ack publication")
 	fs.Var((*shareFlag)(&c.opts.UnhealthyFraction), "unhealthy", "share of devices (5% or 0.05) on which every new image fails its health check on trial: they go back and report unhealthy")
+	fs.Uint64Var(&c.opts.PrefetchLimit, "prefetch-limit", 0, "every device prefetches releases announced for prefetch, keeping up to this many bytes in memory (0: no prefetch)")
 	fs.Float64Var(&c.opts.CrashInTrialFraction, "crash-in-trial", 0, "fraction of devices that lose power once per release while the new image runs on trial, before its health check")
 	fs.IntVar(&c.opts.Window, "window", 4, "chunk subscriptions open at once per device, 1 to 64")
 	fs.DurationVar(&c.opts.ChunkTimeout, "chunk-timeout", 30*time.Second, "fetch the manifest or a chunk again after waiting this long")

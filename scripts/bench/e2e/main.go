@@ -49,6 +49,7 @@ type config struct {
 	sysTicks        bool // wait for fresh $SYS figures (up to 10 s each with the embedded broker)
 	scenarios       string
 	maxConcurrent   int // the capped scenario's bound
+	activate        time.Duration
 	log             func(format string, args ...any)
 }
 
@@ -66,8 +67,9 @@ func main() {
 	flag.BoolVar(&c.pprof, "pprof", true, "take CPU and heap profiles of the server")
 	flag.IntVar(&c.pprofSeconds, "pprof-seconds", 5, "length of each back-to-back CPU profile")
 	flag.BoolVar(&c.sysTicks, "bytes-in", true, "measure the bytes the broker received from its $SYS figures (waits up to 20 s a scenario)")
-	flag.StringVar(&c.scenarios, "scenarios", "envelope,perdevice,mosquitto", "scenarios to run, comma-separated (also: capped, the envelope with -max-concurrent; default, the envelope with the server's default bound)")
+	flag.StringVar(&c.scenarios, "scenarios", "envelope,perdevice,mosquitto", "scenarios to run, comma-separated (also: capped, the envelope with -max-concurrent; default, the envelope with the server's default bound; activate and prefetch, a release whose keys go out -activate-after its creation, without and with prefetch)")
 	flag.IntVar(&c.maxConcurrent, "max-concurrent", 500, "the capped scenario's bound on devices downloading at once")
+	flag.DurationVar(&c.activate, "activate-after", time.Minute, "the activate and prefetch scenarios: the release's start time, this long after its creation (times count from it)")
 	timeout := flag.Duration("timeout", 45*time.Minute, "give up after this long")
 	short := flag.Bool("short", false, "smoke run: 50 devices, a 64 KiB image, no -bytes-in")
 	flag.Parse()
@@ -121,6 +123,12 @@ func run(ctx context.Context, c config) ([]*result, error) {
 		switch sc.key {
 		case "envelope":
 			sc.title, sc.maxConcurrent = "Sealcast envelope, embedded broker, no bound", protocol.NoBound
+		case "activate", "prefetch":
+			sc.activate, sc.prefetch = c.activate, sc.key == "prefetch"
+			sc.title = fmt.Sprintf("Sealcast envelope, embedded broker, keys at a start time %v after creation", c.activate)
+			if sc.prefetch {
+				sc.title += ", prefetched"
+			}
 		case "default":
 			sc.title = fmt.Sprintf("Sealcast envelope, embedded broker, the default bound (%d online)", protocol.DefaultMaxConcurrent)
 		case "capped":

@@ -75,7 +75,7 @@ func markdown(c config, rs []*result) string {
 	p("%s; %s.\n\n", time.Now().UTC().Format("2006-01-02 15:04 MST"), machine())
 	p("Image %d bytes (chunk size %s); every device a separate MQTT connection over TCP on 127.0.0.1, "+
 		"all devices in one simulator process; `sealcast serve` with its embedded store. "+
-		"Times are seconds from the first release.create (the operator uploads the image before, unmeasured); CPU is user+system seconds from then until the last device confirmed; "+
+		"Times are seconds from the first release.create (for the activate and prefetch scenarios, from the release's start time, when its keys go out) (the operator uploads the image before, unmeasured); CPU is user+system seconds from then until the last device confirmed; "+
 		"peak RSS is the process's VmHWM.\n\n", rs[0].ImageSize, chunkName(c.chunkSize))
 
 	p("| scenario | devices | releases | created in s | t50 s | t90 s | t100 s | confirmed | server counted |\n|---|---|---|---|---|---|---|---|---|\n")

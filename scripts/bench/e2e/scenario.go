@@ -30,6 +30,11 @@ type scenario struct {
 	// maxConcurrent is the release's max_concurrent (0: the server's default,
 	// protocol.NoBound: none).
 	maxConcurrent int
+	// activate, if set, creates the release with a start time that far away, and times
+	// the release from that start; with prefetch the release is announced for prefetch
+	// and the devices prefetch (PROTOCOL.md 12.7).
+	activate time.Duration
+	prefetch bool
 }
 
 // procFigures are one process's figures: CPU seconds from the release's start until the
@@ -244,7 +249,11 @@ func (r *scenarioRun) startDevices(ctx context.Context) error {
 	}
 	cfgPath := filepath.Join(r.dir, "sim-config.json")
 	r.simOut = filepath.Join(r.dir, "sim-result.json")
-	b, _ := json.Marshal(simConfig{Devices: files, Out: r.simOut})
+	sc := simConfig{Devices: files, Out: r.simOut}
+	if r.sc.prefetch {
+		sc.PrefetchLimit = uint64(r.c.imageSize) * 2
+	}
+	b, _ := json.Marshal(sc)
 	if err := os.WriteFile(cfgPath, b, 0o600); err != nil {
 		return err
 	}
@@ -306,12 +315,57 @@ func (r *scenarioRun) measureRelease(ctx context.Context, pr *probe, uploads []s
 		r.profiling = startProfiler(fmt.Sprintf("127.0.0.1:%d", r.pprofPort), filepath.Join(r.c.out, "pprof"), r.sc.key, r.c.pprofSeconds)
 	}
 	r.t0 = time.Now()
+	if r.sc.activate > 0 {
+		return r.measureActivation(ctx, uploads)
+	}
 	if r.releases, err = release(ctx, r.op, uploads, r.serials, r.sc.perDevice, uint32(r.c.chunkSize), r.sc.maxConcurrent); err != nil {
 		return err
 	}
 	r.res.Releases = len(r.releases)
 	r.res.Published = time.Since(r.t0).Seconds()
 	r.c.log("scenario %s: %d release(s) created in %.1f s", r.sc.key, len(r.releases), r.res.Published)
+	return r.finishRelease(ctx)
+}
+
+// measureActivation creates the release with a start time r.sc.activate away (and with
+// prefetch, if the scenario prefetches), waits for the start time, and measures from
+// there: the time from the keys' release to every install, and the CPU in that interval.
+func (r *scenarioRun) measureActivation(ctx context.Context, uploads []string) (err error) {
+	startAt := time.Now().Add(r.sc.activate)
+	args := protocol.ReleaseCreateArgs{Upload: uploads[0], Version: 1, All: true, ChunkSize: uint32(r.c.chunkSize), Label: "bench",
+		MaxConcurrent: protocol.NoBound, StartAt: &startAt, Prefetch: r.sc.prefetch}
+	if r.sc.prefetch {
+		args.PrefetchJitter = (r.sc.activate / 3).Round(time.Second).String()
+	}
+	var res protocol.ReleaseCreateResult
+	if err := r.op.Do(ctx, protocol.CmdReleaseCreate, args, &res); err != nil {
+		return err
+	}
+	r.releases, r.res.Releases = []keychain.ReleaseID{res.Release}, 1
+	r.c.log("scenario %s: release created; keys go out at %s", r.sc.key, startAt.Format(time.TimeOnly))
+	for r.sc.prefetch {
+		var st protocol.ReleaseStatus
+		if err := r.op.Do(ctx, protocol.CmdReleaseGet, protocol.ReleaseArgs{Release: res.Release}, &st); err != nil {
+			return err
+		}
+		if st.Prefetched == r.sc.devices || time.Now().After(startAt) {
+			r.c.log("scenario %s: %d of %d devices prefetched the release %.1f s after its creation", r.sc.key, st.Prefetched, r.sc.devices, time.Since(r.t0).Seconds())
+			break
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	time.Sleep(time.Until(startAt))
+	for k, p := range r.procs() {
+		if r.before[k], err = readUsage(p.pid()); err != nil {
+			return err
+		}
+	}
+	r.t0 = startAt
+	return r.finishRelease(ctx)
+}
+
+// finishRelease waits for every device to install and reads the processes' figures.
+func (r *scenarioRun) finishRelease(ctx context.Context) error {
 	if err := waitSignal(ctx, r.simDone, r.sim, 0); err != nil {
 		return fmt.Errorf("waiting for every device to install: %w", err)
 	}

@@ -20,6 +20,8 @@ import (
 type simConfig struct {
 	Devices []protocol.DeviceFile `json:"devices"`
 	Out     string                `json:"out"` // where to write the simResult
+	// PrefetchLimit, if set, makes every device prefetch, keeping this many bytes.
+	PrefetchLimit uint64 `json:"prefetch_limit,omitempty"`
 }
 
 // simResult is what the simulator child reports: when each device confirmed (Unix
@@ -48,7 +50,7 @@ func runSim(ctx context.Context, path string) error {
 		confirmed = map[string]int64{}
 	)
 	opts := simulate.Options{
-		Devices: c.Devices, TargetVersion: 1,
+		Devices: c.Devices, TargetVersion: 1, PrefetchLimit: c.PrefetchLimit,
 		// A loaded two-core machine delivers 2 GB to 2,000 devices: the agents' defaults
 		// (30 s chunk timeout, first ack re-send after 30 s) would make one lost message
 		// dominate the tail, so re-send sooner.
