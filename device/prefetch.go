@@ -140,6 +140,7 @@ type prefetch struct {
 	fails   int             // failed fetches of the manifest, or of chunk next
 	due     time.Time       // when the manifest or chunk next is late
 	lastPr  time.Time
+	done    bool // every chunk is kept
 }
 
 // onPrefetch follows [SC-9.9] for a prefetch notice: one that verifies under the key of
@@ -252,6 +253,9 @@ func prefetchSize(m *keychain.Manifest) uint64 {
 // prefetchFill subscribes to the window of chunks not kept yet, as 9.2 does.
 func (a *Agent) prefetchFill(now time.Time) {
 	pf := a.pre
+	if pf.done {
+		return
+	}
 	if pf.next == pf.m.ChunkCount {
 		a.prefetchDone()
 		return
@@ -306,7 +310,7 @@ func (a *Agent) onPrefetchChunk(i uint32, p []byte) {
 // prefetchDone records a release whose every chunk is kept.
 func (a *Agent) prefetchDone() {
 	pf := a.pre
-	pf.due = time.Now().Add(100 * 365 * 24 * time.Hour)
+	pf.done, pf.due = true, time.Now().Add(100*365*24*time.Hour)
 	a.log.Info().Stringer("id", pf.m.Release).Uint32("chunks", pf.m.ChunkCount).Msg("release prefetched")
 	a.emit(Event{Kind: EventPrefetched, Release: pf.m.Release})
 	a.publishState()

@@ -46,19 +46,19 @@ func (a *Agent) onKey(p []byte) {
 	}
 	log := a.log.With().Stringer("kind", km.Kind).Uint32("epoch", km.Epoch).Uint32("seq", km.Seq).Stringer("id", km.ID).Logger()
 	a.emit(Event{Kind: EventKeyMessage, Release: km.ID})
-	// [SC-10.5]: nothing starts while an image runs on trial, and a key message whose
-	// trial failed gets its report again.
+	// Step 1: the message our last ack answers. Re-sent even if confirmed: a server whose
+	// store lost its latest writes is back at this position and needs it again.
+	if l := a.lastAck; l != nil && l.Epoch == km.Epoch && l.Seq == km.Seq && l.ID == km.ID {
+		a.sendAck()
+		return
+	}
+	// [SC-10.5]: nothing else starts while an image runs on trial, and a key message
+	// whose trial failed gets its report again.
 	if tr := a.st.Trial; tr != nil && !tr.failed() {
 		a.holdKey(p)
 		return
 	} else if tr.answers(km.Epoch, km.Seq, km.ID) {
 		a.publishReport(tr.Report)
-		return
-	}
-	// Step 1: the message our last ack answers. Re-sent even if confirmed: a server whose
-	// store lost its latest writes is back at this position and needs it again.
-	if l := a.lastAck; l != nil && l.Epoch == km.Epoch && l.Seq == km.Seq && l.ID == km.ID {
-		a.sendAck()
 		return
 	}
 	if j := a.job; j != nil && j.km.Epoch == km.Epoch && j.km.Seq == km.Seq && j.km.ID == km.ID {
