@@ -351,6 +351,10 @@ func (a *releaseAdmin) setState(ctx context.Context, id keychain.ReleaseID, to p
 	}
 	conflict := protocol.Errorf(protocol.ErrConflict, "release %s is %s; %s is not possible", id, rel.State, cmd)
 	r := a.runs.get(id)
+	if rel.State == to && (to == protocol.ReleasePaused || to == protocol.ReleaseActive) && r != nil {
+		// Pausing a paused release, or resuming an active one, is what was asked already.
+		return a.status.releaseStatus(ctx, rel), nil
+	}
 	running := r != nil && !r.paused.Load()
 	// A release still publishing belongs to the release.create publishing it; pause and
 	// resume need it running in this updater.

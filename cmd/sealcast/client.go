@@ -43,10 +43,10 @@ SEALCAST_BROKER, SEALCAST_USER, SEALCAST_PASSWORD, SEALCAST_CA and SEALCAST_TIME
 // dial connects to the broker as the configured user.
 func (c *clientFlags) dial(ctx context.Context) (*operator.Client, error) {
 	if c.password == "" {
-		return nil, errors.New("no password: export SEALCAST_PASSWORD (serve prints the admin password on its first start) or pass -password")
+		return nil, usagef("no password: export SEALCAST_PASSWORD (serve prints the admin password on its first start) or pass -password")
 	}
 	if c.timeout <= 0 {
-		return nil, fmt.Errorf("-timeout must be positive (got %s)", c.timeout)
+		return nil, usagef("-timeout must be positive (got %s)", c.timeout)
 	}
 	url := c.broker
 	if !strings.Contains(url, "://") {
@@ -68,10 +68,10 @@ func (c *clientFlags) dial(ctx context.Context) (*operator.Client, error) {
 	defer cancel()
 	op, err := operator.Dial(dctx, o)
 	if errors.Is(err, context.DeadlineExceeded) {
-		return nil, fmt.Errorf("connecting to %s: no answer within %s (is the service running there?)", url, c.timeout)
+		return nil, exitCodeError{fmt.Errorf("connecting to %s: no answer within %s (is the service running there?)", url, c.timeout), exitConnect}
 	}
 	if err != nil {
-		return nil, err
+		return nil, exitCodeError{err, exitConnect}
 	}
 	return op, nil
 }
@@ -80,7 +80,7 @@ func (c *clientFlags) dial(ctx context.Context) (*operator.Client, error) {
 // by the service reads "<code>: <message>", its stable code first (PROTOCOL.md 15.2).
 func adminError(err error) error {
 	if errors.Is(err, operator.ErrNoReply) {
-		return errors.New("no reply from the service in time (is `sealcast serve` running and connected to this broker? raise -timeout for a slow store)")
+		return exitCodeError{errors.New("no reply from the service in time (is `sealcast serve` running and connected to this broker? raise -timeout for a slow store)"), exitTimeout}
 	}
 	return err
 }
@@ -128,7 +128,7 @@ func positional(fs *flag.FlagSet, args []string) ([]string, error) {
 				if errors.Is(err, flag.ErrHelp) {
 					return nil, err
 				}
-				return nil, fmt.Errorf("%w; run with -h for help", err)
+				return nil, usagef("%v; run with -h for help", err)
 			}
 			args = fs.Args()
 		}

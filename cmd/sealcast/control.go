@@ -52,7 +52,7 @@ lists them). A release not in a state that allows this exits non-zero with code 
 				return err
 			}
 			if len(args) != 1 {
-				return fmt.Errorf("%s takes one release id (got %d arguments)", verb, len(args))
+				return usagef("%s takes one release id (got %d arguments)", verb, len(args))
 			}
 			op, err := cf.dial(ctx)
 			if err != nil {

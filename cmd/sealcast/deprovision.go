@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 
 	"github.com/peterbourgon/ff/v3/ffcli"
@@ -34,7 +33,7 @@ Every serial is tried; the command names those that failed and exits non-zero if
 				return err
 			}
 			if len(args) == 0 {
-				return errors.New("give the serials to deprovision")
+				return usagef("give the serials to deprovision")
 			}
 			op, err := cf.dial(ctx)
 			if err != nil {

@@ -77,7 +77,7 @@ Each install is printed on standard output. Stops cleanly on SIGINT or SIGTERM.`
 		FlagSet: fs,
 		Exec: func(ctx context.Context, args []string) error {
 			if len(args) > 0 {
-				return fmt.Errorf("device takes no arguments (got %q); flags go before them", args)
+				return usagef("device takes no arguments (got %q); flags go before them", args)
 			}
 			c := deviceConfig{
 				file: *file, vault: *vault, installDir: *installDir, installCmd: *installCmd,
@@ -115,16 +115,16 @@ func shellCmd(cmdline string) []string {
 
 func runDevice(ctx context.Context, e *env, c deviceConfig) error {
 	if (c.installDir == "") == (c.installCmd == "") {
-		return errors.New("give exactly one of -install-dir DIR (A/B slot files) and -install-cmd CMD")
+		return usagef("give exactly one of -install-dir DIR (A/B slot files) and -install-cmd CMD")
 	}
 	if c.window < 1 || c.window > 64 {
-		return fmt.Errorf("-window %d is outside 1..64", c.window)
+		return usagef("-window %d is outside 1..64", c.window)
 	}
 	if c.installDir == "" && c.switchCmd+c.healthCmd+c.confirmCmd != "" {
-		return errors.New("-switch-cmd, -health-cmd and -confirm-cmd go with -install-dir; an -install-cmd's exit status is its health")
+		return usagef("-switch-cmd, -health-cmd and -confirm-cmd go with -install-dir; an -install-cmd's exit status is its health")
 	}
 	if c.trialBoots < 1 || c.healthTimeout <= 0 {
-		return fmt.Errorf("-trial-boots %d and -health-timeout %v must be positive", c.trialBoots, c.healthTimeout)
+		return usagef("-trial-boots %d and -health-timeout %v must be positive", c.trialBoots, c.healthTimeout)
 	}
 	log := e.logger()
 	v, err := openDeviceVault(c.file, c.vault, log)
@@ -201,7 +201,7 @@ func runDevice(ctx context.Context, e *env, c deviceConfig) error {
 func openDeviceVault(file, vaultPath string, log zerolog.Logger) (*device.FileVault, error) {
 	if vaultPath == "" {
 		if file == "" {
-			return nil, errors.New("give -file (the device file from provisioning) or -vault (a vault created earlier)")
+			return nil, usagef("give -file (the device file from provisioning) or -vault (a vault created earlier)")
 		}
 		vaultPath = strings.TrimSuffix(file, filepath.Ext(file)) + ".vault"
 		if vaultPath == file {

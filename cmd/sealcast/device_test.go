@@ -137,16 +137,17 @@ func TestDeviceFlagErrors(t *testing.T) {
 	for _, tc := range []struct {
 		args []string
 		want string
+		code int // 2: a usage error; 1: another
 	}{
-		{[]string{"device", "-file", "x.json"}, "exactly one of -install-dir"},
-		{[]string{"device", "-file", "x.json", "-install-dir", dir, "-install-cmd", "true"}, "exactly one of -install-dir"},
-		{[]string{"device", "-install-dir", dir}, "give -file"},
-		{[]string{"device", "-file", filepath.Join(dir, "missing.json"), "-install-dir", dir}, "no such file"},
-		{[]string{"device", "-file", "x.json", "-install-dir", dir, "-window", "65"}, "-window 65"},
+		{[]string{"device", "-file", "x.json"}, "exactly one of -install-dir", 2},
+		{[]string{"device", "-file", "x.json", "-install-dir", dir, "-install-cmd", "true"}, "exactly one of -install-dir", 2},
+		{[]string{"device", "-install-dir", dir}, "give -file", 2},
+		{[]string{"device", "-file", filepath.Join(dir, "missing.json"), "-install-dir", dir}, "no such file", 1},
+		{[]string{"device", "-file", "x.json", "-install-dir", dir, "-window", "65"}, "-window 65", 2},
 	} {
 		p := runProc(t, nil, tc.args...)
-		if p.exitCode() != 1 || !strings.Contains(p.stderr.String(), tc.want) {
-			t.Errorf("sealcast %s: exit %d, stderr %q; want exit 1 and %q", strings.Join(tc.args, " "), p.exitCode(), p.stderr, tc.want)
+		if p.exitCode() != tc.code || !strings.Contains(p.stderr.String(), tc.want) {
+			t.Errorf("sealcast %s: exit %d, stderr %q; want exit %d and %q", strings.Join(tc.args, " "), p.exitCode(), p.stderr, tc.code, tc.want)
 		}
 	}
 }

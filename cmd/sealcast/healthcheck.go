@@ -27,7 +27,7 @@ exits 1. Meant for HEALTHCHECK in the container image and docker-compose's healt
 		FlagSet: fs,
 		Exec: func(ctx context.Context, args []string) error {
 			if len(args) > 0 {
-				return fmt.Errorf("healthcheck takes no arguments (got %q)", args)
+				return usagef("healthcheck takes no arguments (got %q)", args)
 			}
 			ctx, cancel := context.WithTimeout(ctx, *timeout)
 			defer cancel()

@@ -33,7 +33,7 @@ complete, first. Back up the data directory afterwards: its keys/ are new.
 		FlagSet: fs,
 		Exec: func(ctx context.Context, args []string) error {
 			if len(args) > 0 {
-				return fmt.Errorf("keys rotate takes no arguments (got %q)", args)
+				return usagef("keys rotate takes no arguments (got %q)", args)
 			}
 			op, err := cf.dial(ctx)
 			if err != nil {
@@ -58,7 +58,7 @@ complete, first. Back up the data directory afterwards: its keys/ are new.
 		FlagSet:     newFlags("keys", e),
 		Subcommands: []*ffcli.Command{rotate},
 		Exec: func(context.Context, []string) error {
-			return fmt.Errorf("give a subcommand: sealcast keys rotate")
+			return usagef("give a subcommand: sealcast keys rotate")
 		},
 	}
 }

@@ -23,28 +23,32 @@ import (
 	"github.com/peterbourgon/ff/v3"
 	"github.com/peterbourgon/ff/v3/ffcli"
 	"github.com/rs/zerolog"
+	"github.com/sealcast/sealcast/operator"
+	"github.com/sealcast/sealcast/protocol"
 )
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	stop()
-	var ec exitCodeError
-	switch {
-	case err == nil:
-	case errors.Is(err, flag.ErrHelp):
-		os.Exit(2)
-	default:
+	if err != nil {
 		// One line, always: scripts grep for it and people read the last line.
 		fmt.Fprintln(os.Stderr, "sealcast:", strings.Join(strings.Fields(err.Error()), " "))
-		if errors.As(err, &ec) {
-			os.Exit(ec.code)
-		}
-		os.Exit(1)
+		os.Exit(exitStatus(err))
 	}
 }
 
-// exitCodeError is an error with an exit status of its own (documented by its command).
+// Exit statuses, the same for every command (sealcast help).
+const (
+	exitError    = 1 // anything below does not say
+	exitUsage    = 2 // bad flags or arguments, or a request the service calls bad_request
+	exitTimeout  = 3 // no reply in time, or release -wait-timeout passed
+	exitNotFound = 4 // no such device, release or upload
+	exitConflict = 5 // not possible in the current state, or a version not newer
+	exitConnect  = 6 // cannot reach or log in to the broker, or the service is unavailable
+)
+
+// exitCodeError is an error with an exit status of its own.
 type exitCodeError struct {
 	error
 	code int
@@ -52,8 +56,37 @@ type exitCodeError struct {
 
 func (e exitCodeError) Unwrap() error { return e.error }
 
-// exitTimeout is the exit status of release -wait when -wait-timeout passes first.
-const exitTimeout = 3
+// usagef is a usage error: bad flags or arguments (exit status 2).
+func usagef(format string, args ...any) error {
+	return exitCodeError{fmt.Errorf(format, args...), exitUsage}
+}
+
+// exitStatus is the exit status err calls for.
+func exitStatus(err error) int {
+	var ec exitCodeError
+	if errors.As(err, &ec) {
+		return ec.code
+	}
+	var pe *protocol.Error
+	if errors.As(err, &pe) {
+		switch pe.Code {
+		case protocol.ErrBadRequest, protocol.ErrUnknownCommand, protocol.ErrTooLarge:
+			return exitUsage
+		case protocol.ErrNotFound:
+			return exitNotFound
+		case protocol.ErrConflict, protocol.ErrVersionNotNewer:
+			return exitConflict
+		case protocol.ErrUnavailable:
+			return exitConnect
+		case protocol.ErrTimeoutWaiting:
+			return exitTimeout
+		}
+	}
+	if errors.Is(err, operator.ErrNoReply) {
+		return exitTimeout
+	}
+	return exitError
+}
 
 // env is what every command gets: where to print, and the logger.
 type env struct {
@@ -89,6 +122,8 @@ var ffOptions = []ff.Option{ff.WithEnvVarPrefix("SEALCAST")}
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	e := &env{stdout: stdout, stderr: stderr, logLevel: new(string)}
+	rootFlags := flag.NewFlagSet("sealcast", flag.ContinueOnError)
+	showVersion := rootFlags.Bool("version", false, "print the version and exit")
 	root := &ffcli.Command{
 		Name:       "sealcast",
 		ShortUsage: "sealcast <command> [flags]",
@@ -107,30 +142,66 @@ Start here:
   sealcast status                the fleet and its releases
   sealcast watch                 live progress, from the status topics
 
-Every flag has an environment twin: -redis is SEALCAST_REDIS, and so on.`),
-		FlagSet: flag.NewFlagSet("sealcast", flag.ContinueOnError),
+Every flag has an environment twin: -redis is SEALCAST_REDIS, and so on.
+"sealcast help COMMAND" (or "sealcast COMMAND -h") explains a command.
+
+Exit status: 0 success; 1 an error not listed here; 2 bad flags or arguments (also a
+request the service refuses as bad_request); 3 no reply in time, or release
+-wait-timeout passed; 4 not found; 5 conflict: not possible in the current state, or a
+version not newer; 6 the broker cannot be reached or refused the login, or the service
+is unavailable.`),
+		FlagSet: rootFlags,
 		Subcommands: []*ffcli.Command{
 			serveCommand(e), demoCommand(e),
 			provisionCommand(e), deprovisionCommand(e), tagCommand(e), releaseCommand(e), statusCommand(e), devicesCommand(e), watchCommand(e),
 			controlCommand(e, "pause"), controlCommand(e, "resume"), controlCommand(e, "cancel"), controlCommand(e, "retire"), controlCommand(e, "approve"),
-			deviceCommand(e), keysCommand(e), simulateCommand(e), healthcheckCommand(e),
+			deviceCommand(e), keysCommand(e), simulateCommand(e), healthcheckCommand(e), versionCommand(e),
 		},
-		Exec: func(_ context.Context, args []string) error {
-			if len(args) > 0 && args[0] != "help" {
-				return fmt.Errorf("unknown command %q; run \"sealcast help\" for the list", args[0])
-			}
+	}
+	root.Exec = func(_ context.Context, args []string) error {
+		switch {
+		case *showVersion:
+			printVersion(stdout)
+			return nil
+		case len(args) == 0:
 			return flag.ErrHelp
-		},
+		case args[0] != "help":
+			return usagef("unknown command %q; run \"sealcast help\" for the list", args[0])
+		case len(args) == 1:
+			return flag.ErrHelp
+		}
+		// help CMD [SUB]: that command's help.
+		cmd := root
+		for _, name := range args[1:] {
+			var next *ffcli.Command
+			for _, c := range cmd.Subcommands {
+				if c.Name == name {
+					next = c
+				}
+			}
+			if next == nil {
+				return usagef("no command %q; run \"sealcast help\" for the list", strings.Join(args[1:], " "))
+			}
+			cmd = next
+		}
+		fmt.Fprintln(stdout, ffcli.DefaultUsageFunc(cmd))
+		return nil
 	}
 	root.FlagSet.SetOutput(&e.usage)
 	for _, c := range root.Subcommands {
 		c.Options = ffOptions
 	}
 	err := root.ParseAndRun(ctx, args)
-	if errors.Is(err, flag.ErrHelp) {
-		e.usage.WriteTo(stderr)
-	} else if msg, ok := strings.CutPrefix(fmt.Sprint(err), "error parsing commandline arguments: "); ok {
-		err = fmt.Errorf("%s; run with -h for help", msg)
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+		// Asked for: help goes to standard output, and is no error.
+		e.usage.WriteTo(stdout)
+		return nil
+	case err == nil:
+		return nil
+	}
+	if msg, ok := strings.CutPrefix(fmt.Sprint(err), "error parsing commandline arguments: "); ok {
+		err = usagef("%s; run with -h for help", msg)
 	}
 	return err
 }

@@ -53,7 +53,7 @@ Examples:
 		FlagSet: fs,
 		Exec: func(ctx context.Context, args []string) error {
 			if len(args) > 0 {
-				return fmt.Errorf("provision takes no arguments (got %q); use -serial, -serials or -count", args)
+				return usagef("provision takes no arguments (got %q); use -serial, -serials or -count", args)
 			}
 			return runProvision(ctx, e, &cf, &p)
 		},
@@ -79,7 +79,7 @@ func (p *provisionFlags) list() ([]string, error) {
 		}
 	}
 	if given != 1 {
-		return nil, errors.New("give exactly one of -serial, -serials and -count")
+		return nil, usagef("give exactly one of -serial, -serials and -count")
 	}
 	var serials []string
 	switch {
@@ -156,7 +156,7 @@ func runProvision(ctx context.Context, e *env, cf *clientFlags, p *provisionFlag
 	// Check every destination before anything is provisioned.
 	switch {
 	case p.out != "" && p.outDir != "":
-		return errors.New("give -out or -out-dir, not both")
+		return usagef("give -out or -out-dir, not both")
 	case len(serials) > 1 && p.outDir == "":
 		return fmt.Errorf("%d devices need -out-dir DIR (one <serial>.json each)", len(serials))
 	case p.out != "":

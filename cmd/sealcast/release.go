@@ -71,7 +71,7 @@ count) and exits with status 3. The release goes on.
 		FlagSet: fs,
 		Exec: func(ctx context.Context, args []string) error {
 			if len(args) > 0 {
-				return fmt.Errorf("release takes no arguments (got %q); did you mean -devices?", args)
+				return usagef("release takes no arguments (got %q); did you mean -devices?", args)
 			}
 			return runRelease(ctx, e, &cf, &r)
 		},
@@ -139,10 +139,10 @@ func (r *releaseFlags) check() (protocol.ReleaseCreateArgs, *os.File, int64, err
 		a.Select = sel
 	}
 	if r.image == "" {
-		return a, nil, 0, errors.New("give the image with -image FILE")
+		return a, nil, 0, usagef("give the image with -image FILE")
 	}
 	if r.version < 1 {
-		return a, nil, 0, errors.New("give -version: 1 or more, higher than every release before")
+		return a, nil, 0, usagef("give -version: 1 or more, higher than every release before")
 	}
 	for _, s := range strings.Split(r.devices, ",") {
 		if s = strings.TrimSpace(s); s == "" {
@@ -161,9 +161,9 @@ func (r *releaseFlags) check() (protocol.ReleaseCreateArgs, *os.File, int64, err
 	}
 	switch {
 	case modes > 1:
-		return a, nil, 0, errors.New("give one of -devices, -all or -select")
+		return a, nil, 0, usagef("give one of -devices, -all or -select")
 	case modes == 0:
-		return a, nil, 0, errors.New("give the targets: -devices a,b,c, -all, or -select key=value,...")
+		return a, nil, 0, usagef("give the targets: -devices a,b,c, -all, or -select key=value,...")
 	case r.follow && len(a.Devices) > 0:
 		return a, nil, 0, errors.New("-follow is for -all or -select")
 	case r.chunkSize != 0 && (r.chunkSize < keychain.MinChunkSize || r.chunkSize > keychain.MaxChunkSize):

@@ -50,7 +50,7 @@ so that port 0 works: -listen 127.0.0.1:0.`,
 		FlagSet: fs,
 		Exec: func(ctx context.Context, args []string) error {
 			if len(args) > 0 {
-				return fmt.Errorf("serve takes no arguments (got %q)", args)
+				return usagef("serve takes no arguments (got %q)", args)
 			}
 			if c.writeDeadline < 0 || c.maxPending < 0 {
 				return fmt.Errorf("-write-deadline and -max-pending must not be negative")

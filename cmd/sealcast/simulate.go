@@ -90,7 +90,7 @@ fractions, -ack-delay; -unhealthy devices are drawn once, and fail every health 
 		FlagSet: fs,
 		Exec: func(ctx context.Context, args []string) error {
 			if len(args) > 0 {
-				return fmt.Errorf("simulate takes no arguments (got %q); flags go before them", args)
+				return usagef("simulate takes no arguments (got %q); flags go before them", args)
 			}
 			fs.Visit(func(f *flag.Flag) { c.devicesSet = c.devicesSet || f.Name == "devices" })
 			return runSimulate(ctx, e, c)
@@ -118,19 +118,19 @@ func (f *shareFlag) Set(s string) error {
 func (c *simConfig) check() error {
 	switch {
 	case c.devices < 1 && !(c.files != "" && !c.devicesSet):
-		return fmt.Errorf("-devices %d: need at least one device", c.devices)
+		return usagef("-devices %d: need at least one device", c.devices)
 	case c.state != "" && c.files != "":
-		return errors.New("give -state or -files, not both: -state provisions what is missing and keeps vaults, -files only runs existing device files")
+		return usagef("give -state or -files, not both: -state provisions what is missing and keeps vaults, -files only runs existing device files")
 	case c.opts.DropFraction < 0 || c.opts.DropFraction > 1:
-		return fmt.Errorf("-drop %v is not a fraction between 0 and 1", c.opts.DropFraction)
+		return usagef("-drop %v is not a fraction between 0 and 1", c.opts.DropFraction)
 	case c.opts.KillFraction < 0 || c.opts.KillFraction > 1:
-		return fmt.Errorf("-kill %v is not a fraction between 0 and 1", c.opts.KillFraction)
+		return usagef("-kill %v is not a fraction between 0 and 1", c.opts.KillFraction)
 	case c.opts.CrashInTrialFraction < 0 || c.opts.CrashInTrialFraction > 1:
-		return fmt.Errorf("-crash-in-trial %v is not a fraction between 0 and 1", c.opts.CrashInTrialFraction)
+		return usagef("-crash-in-trial %v is not a fraction between 0 and 1", c.opts.CrashInTrialFraction)
 	case c.opts.Window < 1 || c.opts.Window > 64:
-		return fmt.Errorf("-window %d is outside 1..64", c.opts.Window)
+		return usagef("-window %d is outside 1..64", c.opts.Window)
 	case c.broker == "":
-		return errors.New("-broker is empty: give the broker's URL, e.g. tcp://localhost:1883")
+		return usagef("-broker is empty: give the broker's URL, e.g. tcp://localhost:1883")
 	}
 	if err := checkSerialPrefix(c.prefix); err != nil {
 		return err
@@ -141,7 +141,7 @@ func (c *simConfig) check() error {
 // checkSerialPrefix checks that prefix+digits is a valid serial [SC-2.1].
 func checkSerialPrefix(prefix string) error {
 	if err := keychain.CheckSerial(prefix + "00001"); err != nil {
-		return fmt.Errorf("-prefix %q does not make valid serials: %w", prefix, err)
+		return usagef("-prefix %q does not make valid serials: %w", prefix, err)
 	}
 	return nil
 }
@@ -293,7 +293,7 @@ func simFileDevices(c simConfig) ([]protocol.DeviceFile, error) {
 		names = names[:c.devices]
 	}
 	if len(names) == 0 {
-		return nil, fmt.Errorf("-files %s holds no device files (*.json)", c.files)
+		return nil, usagef("-files %s holds no device files (*.json)", c.files)
 	}
 	files := make([]protocol.DeviceFile, len(names))
 	for i, name := range names {
@@ -314,7 +314,7 @@ func simProvision(ctx context.Context, c simConfig, log zerolog.Logger, serials 
 		}
 	}
 	if c.password == "" {
-		return nil, fmt.Errorf("%d devices need provisioning, which needs the admin password: give -password or SEALCAST_PASSWORD (the first sealcast serve prints it)", len(serials))
+		return nil, usagef("%d devices need provisioning, which needs the admin password: give -password or SEALCAST_PASSWORD (the first sealcast serve prints it)", len(serials))
 	}
 	op, err := simAdmin(ctx, c, log)
 	if err != nil {
@@ -359,6 +359,9 @@ func simAdmin(ctx context.Context, c simConfig, log zerolog.Logger) (*operator.C
 	deadline := time.Now().Add(time.Minute)
 	for waiting := false; ; waiting = true {
 		op, err := operator.Dial(ctx, operator.Options{URL: c.broker, Username: c.user, Password: c.password})
+		if err != nil {
+			err = exitCodeError{err, exitConnect}
+		}
 		if err == nil {
 			pctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 			err = op.Do(pctx, protocol.CmdReleaseList, nil, nil) // harmless, unlike a provision sent twice

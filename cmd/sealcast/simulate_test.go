@@ -185,7 +185,7 @@ func TestSimulateSerialTaken(t *testing.T) {
 	}
 	// A wrong password is not waited out.
 	p = runProc(t, nil, "simulate", "-broker", s.url, "-password", "wrong", "-devices", "2", "-prefix", "free-", "-until-version", "1")
-	if e := p.stderr.String(); p.exitCode() != 1 || !strings.Contains(e, "bad user name or password") || strings.Contains(e, "waiting") {
+	if e := p.stderr.String(); p.exitCode() != exitConnect || !strings.Contains(e, "bad user name or password") || strings.Contains(e, "waiting") {
 		t.Fatalf("wrong password: exit %d\n%s", p.exitCode(), e)
 	}
 }
@@ -204,8 +204,8 @@ func TestSimulateFlagErrors(t *testing.T) {
 		{[]string{"simulate", "-files", dir}, "no device files"},
 	} {
 		p := runProc(t, []string{"SEALCAST_PASSWORD="}, tc.args...)
-		if p.exitCode() != 1 || !strings.Contains(p.stderr.String(), tc.want) {
-			t.Errorf("sealcast %s: exit %d, stderr %q; want exit 1 and %q", strings.Join(tc.args, " "), p.exitCode(), p.stderr, tc.want)
+		if p.exitCode() != exitUsage || !strings.Contains(p.stderr.String(), tc.want) {
+			t.Errorf("sealcast %s: exit %d, stderr %q; want exit %d (usage) and %q", strings.Join(tc.args, " "), p.exitCode(), p.stderr, exitUsage, tc.want)
 		}
 	}
 }

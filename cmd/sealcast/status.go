@@ -39,7 +39,7 @@ PROTOCOL.md 13.1 and 13.2.
 				return err
 			}
 			if len(args) > 1 {
-				return fmt.Errorf("status takes at most one release id (got %d arguments)", len(args))
+				return usagef("status takes at most one release id (got %d arguments)", len(args))
 			}
 			op, err := cf.dial(ctx)
 			if err != nil {

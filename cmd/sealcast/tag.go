@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"strings"
 
@@ -62,7 +61,7 @@ device. A device that now matches a release in progress that follows its selecti
 				return err
 			}
 			if len(args) == 0 {
-				return errors.New("give a serial, then the tags to set as key=value")
+				return usagef("give a serial, then the tags to set as key=value")
 			}
 			a := protocol.TagArgs{Serial: args[0], Unset: untag}
 			var set tagFlag
@@ -73,7 +72,7 @@ device. A device that now matches a release in progress that follows its selecti
 			}
 			a.Set = set.m
 			if len(a.Set) == 0 && len(a.Unset) == 0 {
-				return errors.New("give tags to set as key=value, or -untag key")
+				return usagef("give tags to set as key=value, or -untag key")
 			}
 			op, err := cf.dial(ctx)
 			if err != nil {

@@ -41,7 +41,7 @@ JSON (a string for presence, null when a retained topic was cleared).
 		FlagSet: fs,
 		Exec: func(ctx context.Context, args []string) error {
 			if len(args) > 0 {
-				return fmt.Errorf("watch takes no arguments (got %q)", args)
+				return usagef("watch takes no arguments (got %q)", args)
 			}
 			if *dur < 0 {
 				return fmt.Errorf("-for must not be negative (got %s)", *dur)
