@@ -4,8 +4,15 @@
 # an unprivileged user. docs/OPERATIONS.md explains how to run it; docker-compose.yml runs
 # it with Redis and a simulated fleet.
 #
+# It needs BuildKit (the RUN --mount cache lines): Docker 23 and later use it by default;
+# with an older Docker, DOCKER_BUILDKIT=1 docker build ... .
+#
 #   docker build -t sealcast .
-#   docker run --rm -p 1883:1883 -p 9090:9090 -v sealcast-data:/data sealcast serve -data /data
+#   docker run --rm -p 127.0.0.1:1883:1883 -p 127.0.0.1:9883:9883 -v sealcast-data:/data sealcast
+#
+# In the container serve listens on every interface (SEALCAST_LISTEN, SEALCAST_HTTP below),
+# so that published ports reach it; publish them on 127.0.0.1 as above unless other
+# machines must reach the broker (then give it TLS: docs/OPERATIONS.md).
 #
 # Static on purpose: the only cgo candidate among the dependencies is DataDog/zstd, which
 # cockroachdb/pebble (the embedded broker's session store) uses only in cgo builds; with
@@ -38,8 +45,11 @@ COPY --from=build --chown=65532:65532 /out/sim /sim
 USER 65532:65532
 WORKDIR /data
 VOLUME ["/data"]
-# 1883 MQTT, 8883 MQTT over TLS (with -tls-cert and -tls-key), 9090 /metrics and /healthz.
-EXPOSE 1883 8883 9090
+# Inside the container every interface: the container's own network namespace is the
+# boundary, and ports are published (or not) by whoever runs it.
+ENV SEALCAST_LISTEN=0.0.0.0:1883 SEALCAST_TLS_LISTEN=0.0.0.0:8883 SEALCAST_HTTP=0.0.0.0:9883
+# 1883 MQTT, 8883 MQTT over TLS (with -tls-cert and -tls-key), 9883 /metrics and /healthz.
+EXPOSE 1883 8883 9883
 # Asks serve's /healthz (the updater answers and the store is reachable). Only meaningful
 # for the serve command on the default -http port; other commands are reported unhealthy.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \

@@ -139,16 +139,26 @@ func TestComposeFile(t *testing.T) {
 		} else if v := volumeAt(t, sc, d); v != "" && p.Volumes[v].Name == "" {
 			t.Errorf("volume %q is not declared", v)
 		}
-		if got := scFlags["admin-password"]; got != pw {
-			t.Errorf("-admin-password %q, want the interpolated SEALCAST_ADMIN_PASSWORD %q", got, pw)
+		// Secrets travel in the environment, never on a command line (docker inspect, ps).
+		if _, ok := scFlags["admin-password"]; ok {
+			t.Errorf("-admin-password is on serve's command line")
 		}
-		published := map[uint32]string{}
+		if got := sc.Environment["SEALCAST_ADMIN_PASSWORD"]; got == nil || *got != pw {
+			t.Errorf("environment SEALCAST_ADMIN_PASSWORD %v, want the interpolated %q", got, pw)
+		}
+		// Published on the host's loopback only, where serve listens in the container.
+		published := map[uint32]types.ServicePortConfig{}
 		for _, port := range sc.Ports {
-			published[port.Target] = port.Published
+			published[port.Target] = port
 		}
-		for _, port := range []uint32{1883, 9090} {
-			if published[port] == "" {
-				t.Errorf("port %d is not published (ports %+v)", port, sc.Ports)
+		for _, port := range []uint32{1883, 9883} {
+			if p := published[port]; p.Published == "" || p.HostIP != "127.0.0.1" {
+				t.Errorf("port %d is not published on 127.0.0.1 (ports %+v)", port, sc.Ports)
+			}
+		}
+		for flag, want := range map[string]string{"listen": "0.0.0.0:1883", "http": "0.0.0.0:9883"} {
+			if scFlags[flag] != want {
+				t.Errorf("-%s %q: want %q, every interface of the container, set explicitly", flag, scFlags[flag], want)
 			}
 		}
 		if dep, ok := sc.DependsOn["redis"]; !ok || dep.Condition != types.ServiceConditionHealthy {
@@ -164,7 +174,7 @@ func TestComposeFile(t *testing.T) {
 		}
 		httpAddr := scFlags["http"]
 		if httpAddr == "" {
-			httpAddr = ":9090" // serve's default
+			httpAddr = "127.0.0.1:" + defaultHTTPPort // serve's default
 		}
 		_, hcFlags := flagPairs(t, "healthcheck", hc.Test[2:])
 		_, httpPort, _ := net.SplitHostPort(httpAddr)
@@ -192,8 +202,8 @@ func TestComposeFile(t *testing.T) {
 		if pub := scFlags["public-url"]; pub != "" && pub != simFlags["broker"] {
 			t.Errorf("device files name %q but the simulator connects to %q", pub, simFlags["broker"])
 		}
-		if simFlags["user"] != "admin" || simFlags["password"] != pw {
-			t.Errorf("-user %q -password %q, want admin and the interpolated password", simFlags["user"], simFlags["password"])
+		if got := sim.Environment["SEALCAST_PASSWORD"]; simFlags["user"] != "admin" || simFlags["password"] != "" || got == nil || *got != pw {
+			t.Errorf("-user %q -password %q, environment SEALCAST_PASSWORD %v: want admin, no password on the command line, and the interpolated password in the environment", simFlags["user"], simFlags["password"], got)
 		}
 		if s := simFlags["state"]; s == "" {
 			t.Errorf("-state is not set")
@@ -327,7 +337,7 @@ func TestDockerfile(t *testing.T) {
 	if !strings.Contains(entrypoint, "sealcast") {
 		t.Errorf("ENTRYPOINT %q does not run sealcast", entrypoint)
 	}
-	for _, port := range []string{"1883", "8883", "9090"} {
+	for _, port := range []string{"1883", "8883", "9883"} {
 		if !slices.Contains(expose, port) {
 			t.Errorf("EXPOSE %q lacks %s", expose, port)
 		}

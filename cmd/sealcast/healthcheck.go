@@ -15,11 +15,11 @@ import (
 // no shell and no HTTP client of its own.
 func healthcheckCommand(e *env) *ffcli.Command {
 	fs := newFlags("healthcheck", e)
-	url := fs.String("url", "http://127.0.0.1:9090/healthz", "the /healthz address of sealcast serve (its -http listener)")
+	url := fs.String("url", "http://127.0.0.1:"+defaultHTTPPort+"/healthz", "the /healthz address of sealcast serve (its -http listener)")
 	timeout := fs.Duration("timeout", 3*time.Second, "give up after this long")
 	return &ffcli.Command{
 		Name:       "healthcheck",
-		ShortUsage: "sealcast healthcheck [-url http://127.0.0.1:9090/healthz]",
+		ShortUsage: "sealcast healthcheck [-url http://127.0.0.1:" + defaultHTTPPort + "/healthz]",
 		ShortHelp:  "exit 0 if sealcast serve is healthy, 1 if not (for container health checks)",
 		LongHelp: `Asks sealcast serve's /healthz and exits 0 when it answers "ok": the updater is
 running (it answers admin requests) and the store answers. Otherwise it prints why and

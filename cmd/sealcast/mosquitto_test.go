@@ -318,7 +318,7 @@ func TestMosquittoExample(t *testing.T) {
 	defer cancel()
 	log := zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel)
 
-	// The updater alone, as `sealcast serve -broker ... -ack-group sealcast` runs it:
+	// The updater alone, as `sealcast serve -external-broker ... -ack-group sealcast` runs it:
 	// its ack subscription is $share/sealcast/sealcast/devices/+/ack.
 	s, err := startStack(ctx, stackConfig{
 		dataDir: filepath.Join(t.TempDir(), "data"), brokerURL: m.url,

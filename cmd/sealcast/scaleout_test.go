@@ -148,7 +148,7 @@ func TestEmbeddedBrokerTwoUpdaters(t *testing.T) {
 	}
 	copyKeys(t, dirA, dirB)
 	httpB := freePort(t)
-	startSealcast(t, "serve", "-data", dirB, "-broker", a.brokerURL, "-broker-user", acct.Username,
+	startSealcast(t, "serve", "-data", dirB, "-external-broker", a.brokerURL, "-broker-user", acct.Username,
 		"-broker-password", pw, "-redis", rs.URL(), "-ack-group", "sealcast", "-acks-only", "-http", httpB)
 	metricsB := "http://" + httpB + "/metrics"
 	eventuallyWithin(t, 60*time.Second, "the second updater's /metrics", func() bool {

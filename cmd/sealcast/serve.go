@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"os"
 
 	"github.com/peterbourgon/ff/v3/ffcli"
 
@@ -10,22 +11,25 @@ import (
 	"github.com/sealcast/sealcast/protocol"
 )
 
+// defaultHTTPPort is serve's metrics and health port: not Prometheus's own 9090.
+const defaultHTTPPort = "9883"
+
 func serveCommand(e *env) *ffcli.Command {
 	fs := newFlags("serve", e)
 	var c stackConfig
 	fs.StringVar(&c.dataDir, "data", "sealcast-data", "data directory: keys, accounts, the embedded store and broker state (created on first start)")
-	fs.StringVar(&c.listen, "listen", ":1883", "MQTT listener of the embedded broker")
-	fs.StringVar(&c.tlsListen, "tls-listen", ":8883", "MQTT-over-TLS listener (with -tls-cert and -tls-key)")
+	fs.StringVar(&c.listen, "listen", "127.0.0.1:1883", "MQTT listener of the embedded broker (loopback unless given: 0.0.0.0:1883 or :1883 for every interface, preferably with TLS)")
+	fs.StringVar(&c.tlsListen, "tls-listen", "127.0.0.1:8883", "MQTT-over-TLS listener (with -tls-cert and -tls-key; :8883 for every interface)")
 	fs.StringVar(&c.tlsCert, "tls-cert", "", "PEM certificate for the TLS listener")
 	fs.StringVar(&c.tlsKey, "tls-key", "", "PEM private key for the TLS listener")
 	fs.StringVar(&c.clientCA, "client-ca", "", "PEM CA bundle: ask TLS clients for certificates (devices then need no password)")
 	fs.StringVar(&c.wsListen, "ws-listen", "", "MQTT-over-WebSocket listener, for browser dashboards (off when empty)")
-	fs.StringVar(&c.httpAddr, "http", ":9090", "HTTP listener for /metrics (Prometheus) and /healthz (off when empty)")
+	fs.StringVar(&c.httpAddr, "http", "127.0.0.1:"+defaultHTTPPort, "HTTP listener for /metrics (Prometheus) and /healthz (off when empty; loopback unless given)")
 	fs.StringVar(&c.redisURL, "redis", "", "use Redis as the store: redis://host:6379/0, redis+sentinel://..., redis+cluster://... (default: embedded store in -data)")
-	fs.StringVar(&c.brokerURL, "broker", "", "run the updater alone against this external MQTT broker, e.g. tcp://mosquitto:1883 (default: embedded broker)")
+	fs.StringVar(&c.brokerURL, "external-broker", "", "run the updater alone against this external MQTT broker, e.g. tcp://mosquitto:1883 (default: the embedded broker); its environment twin is SEALCAST_EXTERNAL_BROKER, not the client commands' SEALCAST_BROKER")
 	fs.StringVar(&c.brokerUser, "broker-user", "", "username on the external broker (needs read/write on sealcast/#)")
 	fs.StringVar(&c.brokerPW, "broker-password", "", "password on the external broker")
-	fs.StringVar(&c.brokerCA, "broker-ca", "", "PEM CA bundle that signed the external broker's TLS certificate (with -broker ssl://host:8883; default: the system's roots)")
+	fs.StringVar(&c.brokerCA, "broker-ca", "", "PEM CA bundle that signed the external broker's TLS certificate (with -external-broker ssl://host:8883; default: the system's roots)")
 	fs.StringVar(&c.publicURL, "public-url", "", "broker URL written into device files (default: this machine's listener)")
 	fs.UintVar(&c.chainLength, "chain-length", 1024, "key chain length for new devices (a power of two, 16 to 1048576); a re-key keeps the device's length")
 	fs.StringVar(&c.ackGroup, "ack-group", "", "share acks with other updaters in this group ($share/<group>/...)")
@@ -42,8 +46,18 @@ func serveCommand(e *env) *ffcli.Command {
 		LongHelp: `Runs the embedded MQTT broker and the updater. On first start it creates the data
 directory with the fleet root secret, the release-signing key and an admin account whose
 password is printed once, or set by -admin-password (for scripted setups; it never
-changes an existing account). With -redis the updater keeps its state in Redis; with -broker it
-runs alone against an external broker. Stops cleanly on SIGINT or SIGTERM.
+changes an existing account). With -redis the updater keeps its state in Redis; with
+-external-broker it runs alone against an external broker. Stops cleanly on SIGINT or
+SIGTERM.
+
+Every listener is on loopback (127.0.0.1) unless given: -listen 0.0.0.0:1883 serves
+other machines, and a plaintext listener on an address other machines reach logs a
+warning that points to TLS (-tls-cert, -tls-key). Metrics and /healthz are on
+127.0.0.1:` + defaultHTTPPort + `.
+
+serve does not read SEALCAST_BROKER, the client commands' broker: with it set in serve's
+environment it refuses to start, since an earlier serve read it as "run against an
+external broker". Unset it for serve, or give -external-broker.
 
 The log line "sealcast serving" names the addresses actually bound (tcp, tls, ws, http),
 so that port 0 works: -listen 127.0.0.1:0.`,
@@ -51,6 +65,9 @@ so that port 0 works: -listen 127.0.0.1:0.`,
 		Exec: func(ctx context.Context, args []string) error {
 			if len(args) > 0 {
 				return usagef("serve takes no arguments (got %q)", args)
+			}
+			if v := os.Getenv("SEALCAST_BROKER"); v != "" {
+				return usagef("SEALCAST_BROKER=%s is set: that is the client commands' broker, and serve does not read it; unset it for serve (env -u SEALCAST_BROKER sealcast serve), or give -external-broker %s to run against that broker", v, v)
 			}
 			if c.writeDeadline < 0 || c.maxPending < 0 {
 				return fmt.Errorf("-write-deadline and -max-pending must not be negative")

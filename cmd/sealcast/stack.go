@@ -156,7 +156,7 @@ func (s *stack) connectBroker(ctx context.Context, c stackConfig) (err error) {
 	}
 	s.brokerURL = c.brokerURL
 	if c.adminPassword != "" {
-		s.log.Warn().Msg("-admin-password is ignored with -broker: it sets the embedded broker's admin account; create accounts on the external broker")
+		s.log.Warn().Msg("-admin-password is ignored with -external-broker: it sets the embedded broker's admin account; create accounts on the external broker")
 	}
 	if s.mbus, err = dialExternal(ctx, c, s.log); err != nil {
 		return err
@@ -336,6 +336,11 @@ func (s *stack) startBroker(c stackConfig) error {
 	}
 	if err := s.broker.Start(); err != nil {
 		return err
+	}
+	for _, l := range []string{broker.ListenerTCP, broker.ListenerWS} {
+		if a, ok := s.broker.Addr(l).(*net.TCPAddr); ok && !a.IP.IsLoopback() {
+			s.log.Warn().Str("listener", l).Str("addr", a.String()).Msg("this plaintext MQTT listener is reachable from other machines: passwords and updates' metadata travel in the clear; give it TLS (-tls-cert, -tls-key, -tls-listen) and keep -listen on 127.0.0.1, or put it on a trusted network")
+		}
 	}
 	_, port, _ := net.SplitHostPort(s.broker.Addr("tcp").String())
 	s.brokerURL = "tcp://127.0.0.1:" + port

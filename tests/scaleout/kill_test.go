@@ -74,7 +74,7 @@ func TestUpdaterKilledMidRelease(t *testing.T) {
 	// crash.
 	g := startGate(t, m.Addr)
 	up := startServe(t, "updater", nil,
-		"-data", dir, "-broker", g.URL(), "-redis", rds.URL(), "-http", "", "-chain-length", "16")
+		"-data", dir, "-external-broker", g.URL(), "-redis", rds.URL(), "-http", "", "-chain-length", "16")
 	op := dialOperator(t, m.URL)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
@@ -198,7 +198,7 @@ func TestUpdaterKilledMidWave(t *testing.T) {
 	rds := redistest.Start(t)
 	dir := dataDir(t, "")
 	up := startServe(t, "updater", nil,
-		"-data", dir, "-broker", m.URL, "-redis", rds.URL(), "-http", "", "-chain-length", "16")
+		"-data", dir, "-external-broker", m.URL, "-redis", rds.URL(), "-http", "", "-chain-length", "16")
 	op := dialOperator(t, m.URL)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()

@@ -35,7 +35,7 @@ func TestSharedAckGroup(t *testing.T) {
 	m := mosquittotest.Start(t, brokerConfig)
 	rds := redistest.Start(t)
 	dirA := dataDir(t, "")
-	common := []string{"-broker", m.URL, "-redis", rds.URL(), "-http", "127.0.0.1:0", "-ack-group", "g", "-chain-length", "16"}
+	common := []string{"-external-broker", m.URL, "-redis", rds.URL(), "-http", "127.0.0.1:0", "-ack-group", "g", "-chain-length", "16"}
 	a := startServe(t, "updater-a", nil, append([]string{"-data", dirA}, common...)...)
 	b := startServe(t, "updater-b", nil, append([]string{"-data", dataDir(t, dirA), "-acks-only"}, common...)...)
 	op := dialOperator(t, m.URL)
@@ -133,7 +133,7 @@ func TestRolloutAcrossAckGroup(t *testing.T) {
 	m := mosquittotest.Start(t, brokerConfig)
 	rds := redistest.Start(t)
 	dirA := dataDir(t, "")
-	common := []string{"-broker", m.URL, "-redis", rds.URL(), "-http", "127.0.0.1:0", "-ack-group", "g", "-chain-length", "16"}
+	common := []string{"-external-broker", m.URL, "-redis", rds.URL(), "-http", "127.0.0.1:0", "-ack-group", "g", "-chain-length", "16"}
 	a := startServe(t, "updater-a", nil, append([]string{"-data", dirA}, common...)...)
 	b := startServe(t, "updater-b", nil, append([]string{"-data", dataDir(t, dirA), "-acks-only"}, common...)...)
 	op := dialOperator(t, m.URL)

@@ -26,7 +26,7 @@ import (
 )
 
 // TestExternalBrokerTLS runs the updater against an external broker's TLS listener,
-// whose certificate a CA generated in the test signed: `sealcast serve -broker ssl://...
+// whose certificate a CA generated in the test signed: `sealcast serve -external-broker ssl://...
 // -broker-ca ca.pem`. The CA is in no system store, so a release going through shows
 // that the updater verified the broker with -broker-ca; the operator talks TLS too. The
 // devices (device/simulate agents) use the plain listener of the same broker: device TLS
@@ -74,7 +74,7 @@ type tlsBroker struct {
 func releaseOverTLS(t *testing.T, b tlsBroker, dir string) {
 	const n = 20
 	rds := redistest.Start(t)
-	startServe(t, "updater", nil, "-data", dir, "-broker", b.url, "-broker-ca", b.caFile,
+	startServe(t, "updater", nil, "-data", dir, "-external-broker", b.url, "-broker-ca", b.caFile,
 		"-broker-user", b.updater.Username, "-broker-password", b.updater.Password,
 		"-public-url", b.public, "-redis", rds.URL(), "-http", "", "-chain-length", "16")
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
@@ -135,8 +135,8 @@ func TestServeStartErrors(t *testing.T) {
 		want string
 	}{
 		{"ca without broker", []string{"-broker-ca", notPEM}, "-broker-ca is for an external broker"},
-		{"missing ca", []string{"-broker", "ssl://127.0.0.1:1", "-broker-ca", filepath.Join(dir, "nothing.pem")}, "reading -broker-ca"},
-		{"ca not PEM", []string{"-broker", "ssl://127.0.0.1:1", "-broker-ca", notPEM}, "holds no PEM certificate"},
+		{"missing ca", []string{"-external-broker", "ssl://127.0.0.1:1", "-broker-ca", filepath.Join(dir, "nothing.pem")}, "reading -broker-ca"},
+		{"ca not PEM", []string{"-external-broker", "ssl://127.0.0.1:1", "-broker-ca", notPEM}, "holds no PEM certificate"},
 		{"redis unreachable", []string{"-redis", "redis://127.0.0.1:1/0"}, "cannot reach Redis"},
 	}
 	for _, c := range cases {

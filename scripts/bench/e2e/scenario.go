@@ -191,7 +191,7 @@ func (r *scenarioRun) startServers(ctx context.Context) error {
 		if err := waitPort(ctx, brokerAddr, r.mq); err != nil {
 			return err
 		}
-		args = append(args, "-broker", r.brokerURL, "-broker-user", updaterUser, "-broker-password", r.users[updaterUser])
+		args = append(args, "-external-broker", r.brokerURL, "-broker-user", updaterUser, "-broker-password", r.users[updaterUser])
 	} else {
 		args = append(args, "-listen", brokerAddr)
 	}
