@@ -141,6 +141,7 @@ type Broker struct {
 
 	mu       sync.RWMutex
 	accounts map[string]Account
+	inMemory map[string]bool     // accounts added by AddAccount, which SetAccounts keeps
 	revoked  map[string]struct{} // deprovisioned serials, kept in dataDir/RevokedFile
 	dataDir  string
 
@@ -195,10 +196,8 @@ func New(opts Options) (*Broker, error) {
 	}
 	b.inline = &Inline{b: b, shared: make(map[string]int)}
 	b.healthToken = rand.Text()
-	for _, a := range opts.Accounts {
-		if err := b.AddAccount(a); err != nil {
-			return nil, err
-		}
+	if err := b.SetAccounts(opts.Accounts); err != nil {
+		return nil, err
 	}
 
 	b.srv = newMochi(opts)
@@ -515,7 +514,31 @@ func (b *Broker) AddAccount(a Account) error {
 	}
 	b.mu.Lock()
 	b.accounts[a.Username] = a
+	if b.inMemory == nil {
+		b.inMemory = map[string]bool{}
+	}
+	b.inMemory[a.Username] = true
 	b.mu.Unlock()
+	return nil
+}
+
+// SetAccounts replaces the accounts with those of the accounts file (as `sealcast
+// accounts` changed it), keeping the ones AddAccount added. New connections use them at
+// once; connected clients stay connected.
+func (b *Broker) SetAccounts(accounts []Account) error {
+	m := make(map[string]Account, len(accounts))
+	for _, a := range accounts {
+		if err := a.validate(); err != nil {
+			return err
+		}
+		m[a.Username] = a
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for name := range b.inMemory {
+		m[name] = b.accounts[name]
+	}
+	b.accounts = m
 	return nil
 }
 

@@ -90,6 +90,7 @@ func exitStatus(err error) int {
 
 // env is what every command gets: where to print, and the logger.
 type env struct {
+	stdin          io.Reader
 	stdout, stderr io.Writer
 	logLevel       *string
 	// usage collects what the flag package prints (help, and usage after a bad flag):
@@ -121,7 +122,7 @@ func newFlags(name string, e *env) *flag.FlagSet {
 var ffOptions = []ff.Option{ff.WithEnvVarPrefix("SEALCAST")}
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	e := &env{stdout: stdout, stderr: stderr, logLevel: new(string)}
+	e := &env{stdin: os.Stdin, stdout: stdout, stderr: stderr, logLevel: new(string)}
 	rootFlags := flag.NewFlagSet("sealcast", flag.ContinueOnError)
 	showVersion := rootFlags.Bool("version", false, "print the version and exit")
 	root := &ffcli.Command{
@@ -155,7 +156,7 @@ is unavailable.`),
 			serveCommand(e), demoCommand(e),
 			provisionCommand(e), deprovisionCommand(e), tagCommand(e), releaseCommand(e), statusCommand(e), devicesCommand(e), watchCommand(e),
 			controlCommand(e, "pause"), controlCommand(e, "resume"), controlCommand(e, "cancel"), controlCommand(e, "retire"), controlCommand(e, "approve"),
-			deviceCommand(e), keysCommand(e), simulateCommand(e), healthcheckCommand(e), versionCommand(e),
+			deviceCommand(e), keysCommand(e), accountsCommand(e), simulateCommand(e), healthcheckCommand(e), versionCommand(e),
 		},
 	}
 	root.Exec = func(_ context.Context, args []string) error {
@@ -190,6 +191,9 @@ is unavailable.`),
 	root.FlagSet.SetOutput(&e.usage)
 	for _, c := range root.Subcommands {
 		c.Options = ffOptions
+		for _, sub := range c.Subcommands {
+			sub.Options = ffOptions
+		}
 	}
 	err := root.ParseAndRun(ctx, args)
 	switch {

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -80,7 +81,14 @@ type proc struct {
 // cleanup kills it if it still runs.
 func startProc(t *testing.T, env []string, args ...string) *proc {
 	t.Helper()
+	return startProcInput(t, env, nil, args...)
+}
+
+// startProcInput is startProc with stdin as the process's standard input.
+func startProcInput(t *testing.T, env []string, stdin io.Reader, args ...string) *proc {
+	t.Helper()
 	cmd := exec.Command(os.Args[0], append([]string{"-test.run=^TestSealcastProcess$", "--"}, args...)...)
+	cmd.Stdin = stdin
 	cmd.Env = append(append(os.Environ(), procEnv+"=1"), env...)
 	p := &proc{name: args[0], cmd: cmd, stdout: &lockedBuffer{}, stderr: &lockedBuffer{}, done: make(chan struct{})}
 	cmd.Stdout, cmd.Stderr = p.stdout, p.stderr
@@ -187,6 +195,7 @@ func freeAddr(t *testing.T) string {
 // testServer is a "sealcast serve" process on loopback with a temporary data directory.
 type testServer struct {
 	url, adminPW string
+	data         string // the data directory
 	p            *proc
 	opOnce       sync.Once
 	op           *operator.Client
@@ -207,7 +216,7 @@ func startServeOn(t *testing.T, addr, pw string) *testServer {
 		rand.Read(b[:])
 		pw = hex.EncodeToString(b[:])
 	}
-	s := &testServer{adminPW: pw}
+	s := &testServer{adminPW: pw, data: data}
 	// The lowest bcrypt cost: every admin connection checks the hash, slowly under -race.
 	h, err := bcrypt.GenerateFromPassword([]byte(s.adminPW), bcrypt.MinCost)
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
 
 	"github.com/peterbourgon/ff/v3/ffcli"
 
@@ -11,13 +12,26 @@ import (
 	"github.com/sealcast/sealcast/protocol"
 )
 
+// defaultDataDir is where serve keeps its data unless told: the XDG state directory
+// ($XDG_STATE_HOME/sealcast, else ~/.local/state/sealcast), so that the fleet's secrets
+// never land in a source tree by accident; ./sealcast-data without a home directory.
+func defaultDataDir() string {
+	if d := os.Getenv("XDG_STATE_HOME"); filepath.IsAbs(d) {
+		return filepath.Join(d, "sealcast")
+	}
+	if home, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(home, ".local", "state", "sealcast")
+	}
+	return "sealcast-data"
+}
+
 // defaultHTTPPort is serve's metrics and health port: not Prometheus's own 9090.
 const defaultHTTPPort = "9883"
 
 func serveCommand(e *env) *ffcli.Command {
 	fs := newFlags("serve", e)
 	var c stackConfig
-	fs.StringVar(&c.dataDir, "data", "sealcast-data", "data directory: keys, accounts, the embedded store and broker state (created on first start)")
+	fs.StringVar(&c.dataDir, "data", defaultDataDir(), "data directory: keys, accounts, the embedded store and broker state (created on first start; outside any repository by default)")
 	fs.StringVar(&c.listen, "listen", "127.0.0.1:1883", "MQTT listener of the embedded broker (loopback unless given: 0.0.0.0:1883 or :1883 for every interface, preferably with TLS)")
 	fs.StringVar(&c.tlsListen, "tls-listen", "127.0.0.1:8883", "MQTT-over-TLS listener (with -tls-cert and -tls-key; :8883 for every interface)")
 	fs.StringVar(&c.tlsCert, "tls-cert", "", "PEM certificate for the TLS listener")

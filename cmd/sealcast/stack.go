@@ -72,6 +72,9 @@ type stack struct {
 	cancel    context.CancelFunc
 	done      chan error
 	log       zerolog.Logger
+	// stopWatch ends the watch of the accounts file; watched is closed when it ended.
+	stopWatch context.CancelFunc
+	watched   chan struct{}
 }
 
 func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (_ *stack, err error) {
@@ -86,7 +89,8 @@ func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (_ *stac
 		return nil, err
 	}
 	if s.dir.Created {
-		log.Info().Str("data", c.dataDir).Msg("created a new data directory: back up root.key and release.key; losing them strands every device")
+		abs, _ := filepath.Abs(c.dataDir)
+		log.Warn().Str("data", abs).Msg("created a new data directory here: back up root.key and release.key (losing them strands every device), and never commit it")
 	}
 	if err := s.openStore(c); err != nil {
 		return nil, err
@@ -196,7 +200,58 @@ func (s *stack) startUpdater(c stackConfig) (err error) {
 	rctx, rcancel := context.WithCancel(context.Background())
 	s.cancel = rcancel
 	go func() { s.done <- s.upd.Run(rctx) }()
+	if s.broker != nil {
+		wctx, wcancel := context.WithCancel(context.Background())
+		s.stopWatch, s.watched = wcancel, make(chan struct{})
+		go func() {
+			defer close(s.watched)
+			s.watchAccounts(wctx, s.dir.File(broker.AccountsFile), accountsPoll)
+		}()
+	}
 	return nil
+}
+
+// accountsPoll is how often serve looks whether `sealcast accounts` changed the
+// accounts file.
+const accountsPoll = time.Second
+
+// watchAccounts gives the embedded broker the accounts file's accounts each time the file
+// changes (sealcast accounts add, remove, passwd), until ctx ends.
+func (s *stack) watchAccounts(ctx context.Context, path string, every time.Duration) {
+	stamp := func() (time.Time, int64) {
+		fi, err := os.Stat(path)
+		if err != nil {
+			return time.Time{}, -1
+		}
+		return fi.ModTime(), fi.Size()
+	}
+	lastT, lastN := stamp()
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		mt, n := stamp()
+		if mt.Equal(lastT) && n == lastN {
+			continue
+		}
+		lastT, lastN = mt, n
+		accounts, err := broker.LoadAccounts(path)
+		if err == nil {
+			err = checkAccounts(ctx, s.store, accounts)
+		}
+		if err == nil {
+			err = s.broker.SetAccounts(accounts)
+		}
+		if err != nil {
+			s.log.Error().Err(err).Str("accounts", path).Msg("the accounts file changed but cannot be used; the accounts before stay")
+			continue
+		}
+		s.log.Info().Str("accounts", path).Int("accounts", len(accounts)).Msg("accounts reloaded")
+	}
 }
 
 // store is the updater's store, which /healthz also pings.
@@ -415,6 +470,10 @@ func (s *stack) check(ctx context.Context) error {
 // is doing), then its connection, the broker, the store.
 func (s *stack) close() error {
 	var errs []error
+	if s.stopWatch != nil {
+		s.stopWatch()
+		<-s.watched
+	}
 	if s.cancel != nil {
 		s.cancel()
 		if err := <-s.done; err != nil && !errors.Is(err, context.Canceled) {
