@@ -1,13 +1,37 @@
 #!/usr/bin/env bash
-# The project's test command (README.md names it; .ci/run calls it).
+# The project's test command (README.md names it; .ci/run only calls it).
 #
-# Checks formatting, runs go vet, then runs every test with the race detector against real
-# parts: a throwaway redis-server on a free loopback port (unless REDIS_URL is already set)
-# and, for the tests that need them, mosquitto and mosquitto_sub from PATH.
-# Set SEALCAST_REQUIRE_TOOLS=1 (CI does) to make a missing redis-server or mosquitto a
-# failure instead of a skip.
+# Installs what the tests need when it is missing (redis-server, redis-tools, mosquitto,
+# mosquitto-clients and nodejs, with apt-get, through sudo when not root), checks
+# formatting, runs go vet, then runs every test with the race detector against real
+# parts: a throwaway redis-server on a free loopback port (unless REDIS_URL is already
+# set), mosquitto and mosquitto_sub, and node for the JavaScript vectors check. Nothing
+# is skipped: a tool that is missing and cannot be installed is a failure.
+# SEALCAST_NO_INSTALL=1 installs nothing; SEALCAST_REQUIRE_TOOLS=0 then lets the tests
+# that need a missing tool skip instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+need=()
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v redis-benchmark >/dev/null || need+=(redis-tools)
+command -v mosquitto >/dev/null || need+=(mosquitto)
+command -v mosquitto_sub >/dev/null || need+=(mosquitto-clients)
+command -v node >/dev/null || need+=(nodejs)
+if [ ${#need[@]} -gt 0 ] && [ "${SEALCAST_NO_INSTALL:-}" != 1 ]; then
+	if command -v apt-get >/dev/null; then
+		sudo=""
+		if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+		echo "test.sh: installing ${need[*]} (apt-get; set SEALCAST_NO_INSTALL=1 to stop this)"
+		export DEBIAN_FRONTEND=noninteractive
+		$sudo apt-get update -qq
+		$sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
+	else
+		echo "test.sh: missing ${need[*]}, and no apt-get to install them: install them, or run with SEALCAST_NO_INSTALL=1 SEALCAST_REQUIRE_TOOLS=0 to skip the tests that need them" >&2
+		exit 1
+	fi
+fi
+export SEALCAST_REQUIRE_TOOLS="${SEALCAST_REQUIRE_TOOLS:-1}"
 
 tmp="$(mktemp -d)"
 redis_pid=""
