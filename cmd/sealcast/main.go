@@ -14,6 +14,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -191,6 +192,9 @@ is unavailable.`),
 	root.FlagSet.SetOutput(&e.usage)
 	for _, c := range root.Subcommands {
 		c.Options = ffOptions
+		if c.Name == "serve" {
+			c.Options = append(slices.Clone(ffOptions), ff.WithConfigFileFlag("config"), ff.WithConfigFileParser(ff.PlainParser))
+		}
 		for _, sub := range c.Subcommands {
 			sub.Options = ffOptions
 		}

@@ -52,6 +52,7 @@ func serveCommand(e *env) *ffcli.Command {
 	fs.DurationVar(&c.writeDeadline, "write-deadline", broker.DefaultWriteDeadline, "disconnect a client of the embedded broker that takes no part of 64 KiB written to it within this long (a slow consumer; raise it for very slow links)")
 	fs.IntVar(&c.maxPending, "max-pending", broker.DefaultMaxPending, "disconnect a client of the embedded broker once this many bytes wait to be written to it (a slow consumer)")
 	fs.IntVar(&c.maxConcurrent, "max-concurrent", protocol.DefaultMaxConcurrent, "the concurrency bound of a release that gives none: at most this many online targets download it at once (-1: no bound; PROTOCOL.md 12.5)")
+	fs.String("config", "", "read flags from this file: one flag a line, its name and value separated by a space (\"listen 0.0.0.0:1883\"), # comments; the command line and SEALCAST_* variables override it")
 	fs.StringVar(&c.pprofAddr, "pprof", "", "serve Go profiles on this address at /debug/pprof/ (off when empty; keep it on loopback, e.g. 127.0.0.1:6060)")
 	return &ffcli.Command{
 		Name:       "serve",
@@ -72,6 +73,12 @@ warning that points to TLS (-tls-cert, -tls-key). Metrics and /healthz are on
 serve does not read SEALCAST_BROKER, the client commands' broker: with it set in serve's
 environment it refuses to start, since an earlier serve read it as "run against an
 external broker". Unset it for serve, or give -external-broker.
+
+Every flag can also come from a file given with -config (or SEALCAST_CONFIG), e.g.
+  data /var/lib/sealcast
+  listen 0.0.0.0:1883
+  redis redis://127.0.0.1:6379/0
+The command line wins over the environment, which wins over the file.
 
 The log line "sealcast serving" names the addresses actually bound (tcp, tls, ws, http),
 so that port 0 works: -listen 127.0.0.1:0.`,
