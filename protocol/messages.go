@@ -27,6 +27,7 @@ const (
 	CmdProvision      = "device.provision"
 	CmdDeprovision    = "device.deprovision"
 	CmdDeviceGet      = "device.get"
+	CmdDeviceList     = "device.list"
 	CmdDeviceTag      = "device.tag"
 	CmdUploadBegin    = "upload.begin"
 	CmdUploadFinish   = "upload.finish"
@@ -52,6 +53,22 @@ type ProvisionArgs struct {
 	ChainLength uint32   `json:"chain_length,omitempty"`
 	// Tags are set on every device of the request (12.4).
 	Tags map[string]string `json:"tags,omitempty"`
+}
+
+// DeviceListArgs are the arguments of device.list: the devices whose serials sort after
+// After, at most Limit of them (1 to 1,000; 0 is 1,000).
+type DeviceListArgs struct {
+	After string `json:"after,omitempty"`
+	Limit int    `json:"limit,omitempty"`
+}
+
+// DeviceListResult is the result of device.list: devices in serial order with their
+// presence, Next to pass as After for the following page ("" after the last), and how
+// many devices there are.
+type DeviceListResult struct {
+	Devices []DeviceStatus `json:"devices"`
+	Next    string         `json:"next,omitempty"`
+	Total   int            `json:"total"`
 }
 
 // ProvisionResult is the result of device.provision.
@@ -266,8 +283,11 @@ type DeviceStatus struct {
 	Release    *keychain.ReleaseID `json:"release,omitempty"`
 	LastResult string              `json:"last_result,omitempty"`
 	LastSeen   *time.Time          `json:"last_seen,omitempty"`
-	Tags       map[string]string   `json:"tags,omitempty"`
-	Updated    time.Time           `json:"updated"`
+	// Online is set in device.list replies only: whether the device's presence says
+	// online (9.1).
+	Online  *bool             `json:"online,omitempty"`
+	Tags    map[string]string `json:"tags,omitempty"`
+	Updated time.Time         `json:"updated"`
 }
 
 // Device agent states (PROTOCOL.md 13.3).

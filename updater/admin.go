@@ -244,6 +244,50 @@ func (a *fleetAdmin) Deprovision(ctx context.Context, serial string) error {
 		protocol.Message{Topic: protocol.DeviceStatusTopic(serial), Retain: true})
 }
 
+// maxDeviceList is the most devices one device.list reply holds.
+const maxDeviceList = 1000
+
+// Devices returns a page of the fleet as the store has it, in serial order, with each
+// device's presence (device.list).
+func (a *fleetAdmin) Devices(ctx context.Context, args protocol.DeviceListArgs) (protocol.DeviceListResult, error) {
+	if args.Limit < 0 || args.Limit > maxDeviceList {
+		return protocol.DeviceListResult{}, protocol.Errorf(protocol.ErrBadRequest, "limit %d: give 1 to %d (0: %d)", args.Limit, maxDeviceList, maxDeviceList)
+	}
+	limit := args.Limit
+	if limit == 0 {
+		limit = maxDeviceList
+	}
+	serials, err := a.store.Serials(ctx)
+	if err != nil {
+		return protocol.DeviceListResult{}, unavailable(err)
+	}
+	i, _ := slices.BinarySearch(serials, args.After) // Serials are sorted
+	if i < len(serials) && serials[i] == args.After {
+		i++
+	}
+	page := serials[i:min(i+limit, len(serials))]
+	res := protocol.DeviceListResult{Devices: []protocol.DeviceStatus{}, Total: len(serials)}
+	if i+len(page) < len(serials) && len(page) > 0 {
+		res.Next = page[len(page)-1]
+	}
+	devs, err := a.store.Devices(ctx, page)
+	if err != nil {
+		return protocol.DeviceListResult{}, unavailable(err)
+	}
+	online := a.status.onlineOf(page)
+	now := a.now()
+	for k, d := range devs {
+		if d == nil {
+			continue // deprovisioned meanwhile
+		}
+		st := deviceStatus(d, d.State, d.LastResult, now)
+		on := online[k]
+		st.Online = &on
+		res.Devices = append(res.Devices, st)
+	}
+	return res, nil
+}
+
 // Device returns the server's view of a device (device.get).
 func (a *fleetAdmin) Device(ctx context.Context, serial string) (protocol.DeviceStatus, error) {
 	d, err := findDevice(ctx, a.store, serial)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"testing"
 
@@ -174,6 +175,47 @@ func TestReservedNames(t *testing.T) {
 type accountSet map[string]bool
 
 func (s accountSet) IsAccount(name string) bool { return s[name] }
+
+// TestDeviceList: device.list pages through the fleet in serial order, says how many
+// there are and where the next page starts, with each device's presence; a bad limit is
+// bad_request.
+func TestDeviceList(t *testing.T) {
+	e := startEnv(t, boltOpener)
+	ctx := context.Background()
+	files := e.provision(5)
+	var got []string
+	pages := 0
+	for after := ""; ; pages++ {
+		var page protocol.DeviceListResult
+		if err := e.op.Do(ctx, protocol.CmdDeviceList, protocol.DeviceListArgs{After: after, Limit: 2}, &page); err != nil {
+			t.Fatal(err)
+		}
+		if page.Total != 5 || len(page.Devices) > 2 {
+			t.Fatalf("page %+v: want at most 2 devices of 5", page)
+		}
+		for _, d := range page.Devices {
+			if d.Online == nil || *d.Online {
+				t.Fatalf("device %s: online %v; want known, and false (no presence published)", d.Serial, d.Online)
+			}
+			got = append(got, d.Serial)
+		}
+		if page.Next == "" {
+			break
+		}
+		after = page.Next
+	}
+	var want []string
+	for _, f := range files {
+		want = append(want, f.Serial)
+	}
+	slices.Sort(want)
+	if !slices.Equal(got, want) || pages != 2 {
+		t.Fatalf("listed %v in %d pages after the first; want %v in 2", got, pages, want)
+	}
+	if err := e.op.Do(ctx, protocol.CmdDeviceList, protocol.DeviceListArgs{Limit: 5000}, nil); protocol.CodeOf(err) != protocol.ErrBadRequest {
+		t.Fatalf("limit 5000: %v, want bad_request", err)
+	}
+}
 
 // TestDeprovisionLetsReleaseComplete: a target deprovisioned while a release is in
 // progress leaves its targets, with its result, so that the release completes with the

@@ -37,6 +37,7 @@ func newMQTTAdmin(svc *Admin, bus Bus, log zerolog.Logger) *mqttAdmin {
 			return svc.Device(ctx, a.Serial)
 		}),
 		protocol.CmdDeviceTag:   withArgs(svc.Tag),
+		protocol.CmdDeviceList:  withArgs(svc.Devices),
 		protocol.CmdUploadBegin: withArgs(svc.BeginUpload),
 		protocol.CmdUploadFinish: withArgs(func(ctx context.Context, a protocol.UploadArgs) (protocol.UploadFinishResult, error) {
 			return svc.FinishUpload(ctx, a.Upload)

@@ -55,7 +55,7 @@ func runDemo(ctx context.Context, e *env, n, size int, chunk uint32) error {
 		log = log.Level(warnLevel) // the demo prints its own story
 	}
 	fmt.Fprintf(e.stdout, "Starting broker and updater on 127.0.0.1 (data in %s)\n", dir)
-	s, err := startStack(ctx, stackConfig{dataDir: dir, listen: "127.0.0.1:0", chainLength: 1024}, log)
+	s, err := startStack(ctx, stackConfig{dataDir: dir, listen: "127.0.0.1:0", chainLength: 1024, scratch: true}, log)
 	if err != nil {
 		return err
 	}
@@ -156,20 +156,26 @@ func sum(m map[string]int64) (n int64) {
 	return n
 }
 
-// waitRelease shows a progress bar until every target installed the release.
+// waitRelease shows a progress bar, on a terminal, until every target installed the
+// release.
 func waitRelease(ctx context.Context, e *env, op *operator.Client, id keychain.ReleaseID, targets int) error {
-	bar := progressbar.NewOptions(targets, progressbar.OptionSetWriter(e.stdout), progressbar.OptionSetWidth(30),
-		progressbar.OptionSetDescription("  installed"), progressbar.OptionShowCount())
-	defer func() {
-		bar.Finish()
-		fmt.Fprintln(e.stdout)
-	}()
+	var bar *progressbar.ProgressBar
+	if isTerminal(e.stdout) {
+		bar = progressbar.NewOptions(targets, progressbar.OptionSetWriter(e.stdout), progressbar.OptionSetWidth(30),
+			progressbar.OptionSetDescription("  installed"), progressbar.OptionShowCount())
+		defer func() {
+			bar.Finish()
+			fmt.Fprintln(e.stdout)
+		}()
+	}
 	for {
 		st, err := op.ReleaseStatus(ctx, id)
 		if err != nil {
 			return err
 		}
-		bar.Set(st.Installed)
+		if bar != nil {
+			bar.Set(st.Installed)
+		}
 		if st.Installed >= targets {
 			return nil
 		}

@@ -26,7 +26,7 @@ func deviceCommand(e *env) *ffcli.Command {
 	vault := fs.String("vault", "", "the vault: the device's protected memory, created from -file on first start (default: -file with the extension .vault)")
 	installDir := fs.String("install-dir", "", "install into A/B slot files in this directory: slot-a.img, slot-b.img and the pointer file \"active\"")
 	installCmd := fs.String("install-cmd", "", "install by running this /bin/sh command line, the image on its standard input; if it contains {image}, the image is a temporary file whose quoted path replaces {image}")
-	brokerURL := fs.String("broker", "", "broker URL, replacing the one in the vault, e.g. tcp://localhost:1883")
+	brokerURL := fs.String("broker", "", "broker URL, replacing the one in the vault, e.g. tcp://127.0.0.1:1883")
 	tlsCA := fs.String("tls-ca", "", "PEM CA bundle that signed the broker's certificate, for ssl:// URLs (default: the system's roots)")
 	window := fs.Int("window", 4, "chunk subscriptions open at once, 1 to 64 (PROTOCOL.md 9.2)")
 	chunkTimeout := fs.Duration("chunk-timeout", 30*time.Second, "fetch the manifest or a chunk again after waiting this long; the third timeout fails the update")

@@ -44,7 +44,7 @@ type simConfig struct {
 func simulateCommand(e *env) *ffcli.Command {
 	fs := newFlags("simulate", e)
 	var c simConfig
-	fs.StringVar(&c.broker, "broker", "tcp://localhost:1883", "MQTT broker URL: for provisioning and for every device (replaces the device files' URL)")
+	fs.StringVar(&c.broker, "broker", "tcp://127.0.0.1:1883", "MQTT broker URL: for provisioning and for every device (replaces the device files' URL)")
 	fs.StringVar(&c.user, "user", "admin", "admin account, to provision devices")
 	fs.StringVar(&c.password, "password", "", "admin password, to provision devices (the first sealcast serve prints it)")
 	fs.IntVar(&c.devices, "devices", 100, "number of devices: <prefix>00001, <prefix>00002, ... (with -files: at most this many, default all)")
@@ -130,7 +130,7 @@ func (c *simConfig) check() error {
 	case c.opts.Window < 1 || c.opts.Window > 64:
 		return usagef("-window %d is outside 1..64", c.opts.Window)
 	case c.broker == "":
-		return usagef("-broker is empty: give the broker's URL, e.g. tcp://localhost:1883")
+		return usagef("-broker is empty: give the broker's URL, e.g. tcp://127.0.0.1:1883")
 	}
 	if err := checkSerialPrefix(c.prefix); err != nil {
 		return err
@@ -417,9 +417,11 @@ func simShowProgress(e *env, fl *simulate.Fleet, log zerolog.Logger, broker stri
 		defer t.Stop()
 		var last string
 		warned := false
-		show := func() {
+		// show prints the progress; final is the last time, after the fleet stopped (its
+		// devices are offline because it stopped, which is no reason to warn).
+		show := func(final bool) {
 			p := fl.Progress()
-			if p.Online == 0 && p.Elapsed > 20*time.Second && !warned {
+			if !final && p.Online == 0 && p.Elapsed > 20*time.Second && !warned {
 				// The agents log connection failures only at debug level.
 				log.Warn().Str("broker", broker).Msg("no device is connected: check -broker, that the server runs, and that these device files belong to it (-log-level debug shows why)")
 				warned = true
@@ -447,14 +449,14 @@ func simShowProgress(e *env, fl *simulate.Fleet, log zerolog.Logger, broker stri
 		for {
 			select {
 			case <-quit:
-				show()
+				show(true)
 				if bar != nil {
 					bar.Finish()
 					fmt.Fprintln(e.stderr)
 				}
 				return
 			case <-t.C:
-				show()
+				show(false)
 			}
 		}
 	}()

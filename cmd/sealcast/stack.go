@@ -53,6 +53,8 @@ type stackConfig struct {
 	maxPending    int
 	// maxConcurrent is the concurrency bound of releases that give none.
 	maxConcurrent int
+	// scratch: the data directory is thrown away afterwards (demo): no warning about it.
+	scratch bool
 }
 
 // stack is a running service.
@@ -90,7 +92,11 @@ func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (_ *stac
 	}
 	if s.dir.Created {
 		abs, _ := filepath.Abs(c.dataDir)
-		log.Warn().Str("data", abs).Msg("created a new data directory here: back up root.key and release.key (losing them strands every device), and never commit it")
+		ev := log.Warn()
+		if c.scratch {
+			ev = log.Debug()
+		}
+		ev.Str("data", abs).Msg("created a new data directory here: back up root.key and release.key (losing them strands every device), and never commit it")
 	}
 	if err := s.openStore(c); err != nil {
 		return nil, err

@@ -259,14 +259,16 @@ func devicesCommand(e *env) *ffcli.Command {
 	asJSON := fs.Bool("json", false, "print a JSON array of device statuses (PROTOCOL.md 13.4, with \"online\")")
 	var tags tagFlag
 	fs.Var(&tags, "tag", "only devices with this tag key=value (repeat for more: all must match)")
+	retained := fs.Bool("retained", false, "read the retained status topics instead of asking the service (for a monitor account)")
 	return &ffcli.Command{
 		Name:       "devices",
 		ShortUsage: "sealcast devices [-json] [SERIAL...]",
 		ShortHelp:  "show devices as the service sees them",
 		LongHelp: `With serials, asks the service for each device (admin request device.get); an unknown
-serial exits non-zero with code not_found. Without, lists every device from the retained
-topics sealcast/status/devices/+ and sealcast/devices/+/presence, which a monitor account
-may read too.
+serial exits with status 4 (not found). Without, lists every device, page by page
+(device.list), as the store holds them. With -retained it reads the retained topics
+sealcast/status/devices/+ and sealcast/devices/+/presence instead, which a monitor
+account may read too (they can lag a moment behind the store).
 ` + clientHelp,
 		FlagSet: fs,
 		Exec: func(ctx context.Context, args []string) error {
@@ -288,7 +290,11 @@ may read too.
 					}
 					devs = append(devs, d)
 				}
-			} else if devs, err = readDevices(ctx, op, cf.timeout); err != nil {
+			} else if *retained {
+				if devs, err = readDevices(ctx, op, cf.timeout); err != nil {
+					return err
+				}
+			} else if devs, err = listDevices(ctx, op); err != nil {
 				return err
 			}
 			devs = slices.DeleteFunc(devs, func(d deviceJSON) bool { return !protocol.Matches(d.Tags, tags.m) })
@@ -300,6 +306,26 @@ may read too.
 			}
 			return printDevices(e.stdout, devs)
 		},
+	}
+}
+
+// listDevices asks the service for every device, a page at a time (device.list).
+func listDevices(ctx context.Context, op *operator.Client) ([]deviceJSON, error) {
+	var out []deviceJSON
+	for after := ""; ; {
+		var page protocol.DeviceListResult
+		if err := op.Do(ctx, protocol.CmdDeviceList, protocol.DeviceListArgs{After: after}, &page); err != nil {
+			return nil, adminError(err)
+		}
+		for _, d := range page.Devices {
+			online := d.Online
+			d.Online = nil
+			out = append(out, deviceJSON{DeviceStatus: d, Online: online})
+		}
+		if page.Next == "" {
+			return out, nil
+		}
+		after = page.Next
 	}
 }
 
