@@ -16,6 +16,7 @@ const ackBatch = 256
 type inbound struct {
 	serial  string
 	payload []byte
+	at      time.Time // when it arrived
 }
 
 // ackEngine applies [SC-10.2] to the acks devices send: it decodes and verifies them
@@ -32,6 +33,7 @@ type ackEngine struct {
 	stats  *counters
 	log    zerolog.Logger
 	now    func() time.Time
+	obs    Observer // nil: none
 
 	queue chan inbound
 }
@@ -46,7 +48,7 @@ func (e *ackEngine) onAck(ctx context.Context, topic string, payload []byte) {
 		return
 	}
 	select {
-	case e.queue <- inbound{serial: serial, payload: append([]byte(nil), payload...)}:
+	case e.queue <- inbound{serial: serial, payload: append([]byte(nil), payload...), at: time.Now()}:
 	case <-ctx.Done():
 		e.stats.acksShed.Add(1)
 	}
@@ -72,6 +74,11 @@ func (e *ackEngine) worker(ctx context.Context) {
 			}
 		}
 		e.process(ctx, batch)
+		if e.obs != nil {
+			for _, in := range batch {
+				e.obs.AckHandled(time.Since(in.at))
+			}
+		}
 	}
 }
 
@@ -221,6 +228,7 @@ func (e *ackEngine) advance(ctx context.Context, t *triage, now time.Time) bool 
 		}
 		if v.ack.Kind == keychain.AckInstalled {
 			installed = append(installed, v)
+			e.observeInstall(v, now)
 		} else {
 			t.receipts = append(t.receipts, receiptMessage(v))
 		}
@@ -237,6 +245,30 @@ func (e *ackEngine) advance(ctx context.Context, t *triage, now time.Time) bool 
 	}
 	t.statuses = nil
 	return true
+}
+
+// observeInstall tells the observer how long after its wave opened (its release's
+// creation, without waves) the device's install was accepted.
+func (e *ackEngine) observeInstall(v *verdict, now time.Time) {
+	if e.obs == nil {
+		return
+	}
+	r := e.runs.get(v.ack.ID)
+	if r == nil {
+		return
+	}
+	rel := r.release()
+	opened := rel.Created
+	if r.sizes != nil {
+		if rank, ok := r.rankOf(v.in.serial); ok {
+			if w := r.waveOf(rank); w < len(rel.WaveLog) && !rel.WaveLog[w].Opened.IsZero() {
+				opened = rel.WaveLog[w].Opened
+			}
+		}
+	}
+	if d := now.Sub(opened); d >= 0 {
+		e.obs.Installed(d)
+	}
 }
 
 func receiptMessage(v *verdict) protocol.Message {

@@ -148,6 +148,13 @@ func (r *run) planWaves() []protocol.WaveStatus {
 	return ws
 }
 
+// rankOf returns serial's place in the rollout order (rank is set once, at newRun, and
+// only read afterwards).
+func (r *run) rankOf(serial string) (int, bool) {
+	i, ok := r.rank[serial]
+	return i, ok
+}
+
 // waveOf returns the wave of the target at index i of sorted.
 func (r *run) waveOf(i int) int {
 	w, _ := slices.BinarySearch(r.sizes, i+1)

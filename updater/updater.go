@@ -101,6 +101,18 @@ type Options struct {
 	Workers int
 	// Now is the clock (default time.Now).
 	Now func() time.Time
+	// Observer, if set, receives the timings the updater measures (for histograms).
+	Observer Observer
+}
+
+// Observer receives timings the updater measures; serve feeds them to Prometheus
+// histograms.
+type Observer interface {
+	// AckHandled: an ack or report was answered (or dropped) d after it arrived.
+	AckHandled(d time.Duration)
+	// Installed: a device's install ack was accepted d after its wave opened (its
+	// release's creation, for a release without waves).
+	Installed(d time.Duration)
 }
 
 // Updater is the release and ack server. Its methods are safe for concurrent use.
@@ -150,7 +162,7 @@ func New(o Options) (*Updater, error) {
 	}).init()
 	u.acks = &ackEngine{
 		store: o.Store, bus: o.Bus, keys: u.keys, runs: u.runs, place: u.place, status: u.status,
-		stats: &u.stats, log: u.log, now: o.Now, queue: make(chan inbound, 1<<16),
+		stats: &u.stats, log: u.log, now: o.Now, obs: o.Observer, queue: make(chan inbound, 1<<16),
 	}
 	u.admin = newAdmin(&adminCore{
 		store: o.Store, bus: o.Bus, keys: u.keys, runs: u.runs, life: u.life, place: u.place,

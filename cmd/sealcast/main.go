@@ -94,6 +94,7 @@ type env struct {
 	stdin          io.Reader
 	stdout, stderr io.Writer
 	logLevel       *string
+	logFormat      *string
 	// usage collects what the flag package prints (help, and usage after a bad flag):
 	// run shows it for -h and drops it after a bad flag, whose error is one line.
 	usage bytes.Buffer
@@ -105,9 +106,11 @@ func (e *env) logger() zerolog.Logger {
 		lvl = zerolog.InfoLevel
 	}
 	var w io.Writer = e.stderr
-	if f, ok := e.stderr.(*os.File); ok && isatty.IsTerminal(f.Fd()) {
+	f, ok := e.stderr.(*os.File)
+	tty := ok && isatty.IsTerminal(f.Fd())
+	if *e.logFormat == "console" || *e.logFormat != "json" && tty {
 		// Humans get readable lines; everything else gets JSON.
-		w = zerolog.ConsoleWriter{Out: f, TimeFormat: time.TimeOnly}
+		w = zerolog.ConsoleWriter{Out: e.stderr, TimeFormat: time.TimeOnly, NoColor: !tty}
 	}
 	return zerolog.New(w).Level(lvl).With().Timestamp().Logger()
 }
@@ -117,13 +120,22 @@ func newFlags(name string, e *env) *flag.FlagSet {
 	fs := flag.NewFlagSet("sealcast "+name, flag.ContinueOnError)
 	fs.SetOutput(&e.usage)
 	fs.StringVar(e.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fs.Func("log-format", "log format: json (one object a line), console (readable lines), or auto (the default): console on a terminal, else json", func(s string) error {
+		switch s {
+		case "auto", "json", "console":
+			*e.logFormat = s
+			return nil
+		}
+		return fmt.Errorf("give json, console or auto")
+	})
 	return fs
 }
 
 var ffOptions = []ff.Option{ff.WithEnvVarPrefix("SEALCAST")}
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	e := &env{stdin: os.Stdin, stdout: stdout, stderr: stderr, logLevel: new(string)}
+	logFormat := "auto"
+	e := &env{stdin: os.Stdin, stdout: stdout, stderr: stderr, logLevel: new(string), logFormat: &logFormat}
 	rootFlags := flag.NewFlagSet("sealcast", flag.ContinueOnError)
 	showVersion := rootFlags.Bool("version", false, "print the version and exit")
 	root := &ffcli.Command{

@@ -9,6 +9,42 @@ import (
 	"github.com/sealcast/sealcast/protocol"
 )
 
+// histograms are the timings the updater measures (updater.Observer).
+type histograms struct {
+	ack, install prometheus.Histogram
+}
+
+func newHistograms() *histograms {
+	return &histograms{
+		ack: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "sealcast_ack_seconds",
+			Help:    "Time from an ack's or report's arrival to its answer (receipt published, or dropped).",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 4, 10), // 0.5 ms to 131 s
+		}),
+		install: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "sealcast_install_seconds",
+			Help:    "Time from the opening of a device's wave (its release's creation, without waves) to the server accepting its install.",
+			Buckets: prometheus.ExponentialBuckets(1, 4, 10), // 1 s to 3 days
+		}),
+	}
+}
+
+func (h *histograms) AckHandled(d time.Duration) { h.ack.Observe(d.Seconds()) }
+func (h *histograms) Installed(d time.Duration)  { h.install.Observe(d.Seconds()) }
+
+// buildInfo is sealcast_build_info: 1, labelled with the version, VCS revision and Go
+// version (the Prometheus convention).
+func buildInfo() prometheus.Collector {
+	v, rev, gov := buildVersion()
+	g := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name:        "sealcast_build_info",
+		Help:        "The running sealcast's version, VCS revision and Go version; always 1.",
+		ConstLabels: prometheus.Labels{"version": v, "revision": rev, "goversion": gov},
+	})
+	g.Set(1)
+	return g
+}
+
 // collector exposes the updater's and broker's counters to Prometheus, read at scrape
 // time so that nothing is counted twice.
 type collector struct {

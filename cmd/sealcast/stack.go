@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/rs/zerolog"
 
@@ -74,6 +75,7 @@ type stack struct {
 	cancel    context.CancelFunc
 	done      chan error
 	log       zerolog.Logger
+	hist      *histograms // the updater's timings, for /metrics
 	// stopWatch ends the watch of the accounts file; watched is closed when it ended.
 	stopWatch context.CancelFunc
 	watched   chan struct{}
@@ -81,7 +83,7 @@ type stack struct {
 
 func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (_ *stack, err error) {
 	// s is not the named result: "return nil, err" must not hide it from the cleanup.
-	s := &stack{log: log, done: make(chan error, 1)}
+	s := &stack{log: log, done: make(chan error, 1), hist: newHistograms()}
 	defer func() {
 		if err != nil {
 			s.close()
@@ -193,7 +195,7 @@ func (s *stack) startUpdater(c stackConfig) (err error) {
 		Store: s.store, Bus: s.bus,
 		Logger: s.log.With().Str("component", "updater").Logger(), DataDir: c.dataDir,
 		ChainLength: uint32(c.chainLength), BrokerURL: publicURL, AckGroup: ackGroup, AcksOnly: c.acksOnly,
-		MaxConcurrent: c.maxConcurrent,
+		MaxConcurrent: c.maxConcurrent, Observer: s.hist,
 	}
 	if s.broker != nil {
 		uo.Revoker, uo.Accounts = s.broker, s.broker
@@ -425,7 +427,8 @@ func (s *stack) newAdmin(pw string) (broker.Account, string, error) {
 
 func (s *stack) startHTTP(addr string) error {
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(newCollector(s))
+	reg.MustRegister(newCollector(s), s.hist.ack, s.hist.install, buildInfo(),
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
