@@ -139,6 +139,8 @@ type Broker struct {
 	limits  Limits
 	store   *store // nil without DataDir
 
+	logins *loginGuard // failed logins by source address
+
 	mu       sync.RWMutex
 	accounts map[string]Account
 	inMemory map[string]bool     // accounts added by AddAccount, which SetAccounts keeps
@@ -190,6 +192,7 @@ func New(opts Options) (*Broker, error) {
 		authKey:  opts.AuthKey,
 		limits:   opts.Limits,
 		accounts: make(map[string]Account),
+		logins:   newLoginGuard(),
 		revoked:  make(map[string]struct{}),
 		addrs:    make(map[string]net.Addr),
 		conns:    make(map[*clientConn]struct{}),

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/tls"
 	"errors"
+	"fmt"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -47,7 +48,16 @@ var errRefused = errors.New("broker: connection refused")
 // (0x05) where that is the truth, since OnConnectAuthenticate can only answer "bad
 // username or password" (0x04).
 func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
-	id, code, reason := h.b.authenticate(cl, pk)
+	var (
+		id     identity
+		code   packets.Code
+		reason string
+	)
+	if h.b.logins.blocked(cl.Net.Remote) {
+		code, reason = packets.ErrNotAuthorized, "too many failed logins from this address; refused for a minute"
+	} else if id, code, reason = h.b.authenticate(cl, pk); code != packets.CodeSuccess && h.b.logins.failed(cl.Net.Remote) {
+		reason += fmt.Sprintf("; more than %d failed logins from this address within %v: refused for %v", loginFailures, loginWindow, loginBlock)
+	}
 	ev := h.b.log.With().Str("client", cl.ID).Str("remote", cl.Net.Remote).
 		Str("listener", cl.Net.Listener).Logger()
 	if code != packets.CodeSuccess {
@@ -205,9 +215,11 @@ func (b *Broker) authenticate(cl *mqtt.Client, pk packets.Packet) (identity, pac
 		default:
 			serial = string(username)
 			if !keychain.ValidSerial(serial) {
+				spendLikeAccount(pk.Connect.Password)
 				return id, packets.ErrBadUsernameOrPassword, "unknown user"
 			}
 			if !b.authKey.CheckDevicePassword(serial, pk.Connect.Password) {
+				spendLikeAccount(pk.Connect.Password)
 				return id, packets.ErrBadUsernameOrPassword, "wrong device password"
 			}
 		}

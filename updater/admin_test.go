@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 
@@ -324,5 +325,36 @@ func TestTagsSelectAndFollow(t *testing.T) {
 	rs, err := admin.Release(ctx, res.Release)
 	if err != nil || rs.Targets != 4 {
 		t.Fatalf("release status %+v, %v; want 4 targets", rs, err)
+	}
+}
+
+// TestUploadLimits: the service keeps at most 16 unfinished uploads at once, and no more
+// than four times the largest image in all; past that, upload.begin is refused with a
+// conflict that says what to do, and nothing is created.
+func TestUploadLimits(t *testing.T) {
+	e := startEnv(t, boltOpener, func(o *updater.Options) { o.MaxUploadSize = 1000 })
+	ctx := context.Background()
+	sum := strings.Repeat("ab", 32)
+	admin := e.u.Admin()
+	if _, err := admin.BeginUpload(ctx, protocol.UploadBeginArgs{Size: 1000, SHA256: sum}); err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		if _, err := admin.BeginUpload(ctx, protocol.UploadBeginArgs{Size: 1000, SHA256: sum}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err := admin.BeginUpload(ctx, protocol.UploadBeginArgs{Size: 1, SHA256: sum})
+	if protocol.CodeOf(err) != protocol.ErrConflict || !strings.Contains(err.Error(), "create releases from them") {
+		t.Fatalf("a fifth upload past 4 x 1000 bytes: %v, want conflict", err)
+	}
+	e2 := startEnv(t, boltOpener)
+	for i := range 16 {
+		if _, err := e2.u.Admin().BeginUpload(ctx, protocol.UploadBeginArgs{Size: 1, SHA256: sum}); err != nil {
+			t.Fatalf("upload %d: %v", i+1, err)
+		}
+	}
+	if _, err := e2.u.Admin().BeginUpload(ctx, protocol.UploadBeginArgs{Size: 1, SHA256: sum}); protocol.CodeOf(err) != protocol.ErrConflict {
+		t.Fatalf("a 17th unfinished upload: %v, want conflict", err)
 	}
 }

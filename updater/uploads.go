@@ -21,6 +21,14 @@ const partSize = 256 << 10
 // uploadTTL is how long an unfinished or unused upload is kept.
 const uploadTTL = 24 * time.Hour
 
+// maxOpenUploads bounds the uploads kept at once (each holds a file descriptor and its
+// declared size on disk); together they hold at most maxUploadShare times the largest
+// image allowed.
+const (
+	maxOpenUploads = 16
+	maxUploadShare = 4
+)
+
 // uploads receives images published in parts on the upload topics and keeps them as
 // files in dir until a release uses them.
 type uploads struct {
@@ -60,6 +68,16 @@ func (us *uploads) begin(size uint64, sum string) (*upload, error) {
 	}
 	if b, err := hex.DecodeString(sum); err != nil || len(b) != sha256.Size || strings.ToLower(sum) != sum {
 		return nil, protocol.Errorf(protocol.ErrBadRequest, "sha256 must be 64 lowercase hex digits")
+	}
+	us.mu.Lock()
+	us.gc()
+	open, held := len(us.m), uint64(0)
+	for _, u := range us.m {
+		held += u.size
+	}
+	us.mu.Unlock()
+	if open >= maxOpenUploads || held+size > maxUploadShare*us.max {
+		return nil, protocol.Errorf(protocol.ErrConflict, "%d uploads (%d bytes) are kept already, the most the service holds at once (%d uploads, %d bytes): create releases from them, or wait: an upload is dropped %s after it began", open, held, maxOpenUploads, maxUploadShare*us.max, uploadTTL)
 	}
 	var rnd [8]byte
 	rand.Read(rnd[:])

@@ -14,6 +14,7 @@ import (
 	"github.com/sealcast/sealcast/device/simulate"
 	"github.com/sealcast/sealcast/internal/testkit/updatertest"
 	"github.com/sealcast/sealcast/protocol"
+	"github.com/sealcast/sealcast/updater"
 )
 
 // TestUnhealthyDevices: 100 simulated devices run every new image on trial, and on 5 of
@@ -78,10 +79,21 @@ func TestUnhealthyDevices(t *testing.T) {
 	if st.Installed != n-len(unhealthy) || st.Failed != len(unhealthy) {
 		t.Fatalf("release 1: %d installed, %d failed; want %d and %d", st.Installed, st.Failed, n-len(unhealthy), len(unhealthy))
 	}
-	devs, err := e.Store.Devices(ctx, serials)
-	if err != nil {
-		t.Fatal(err)
-	}
+	// A device's last result is noted after its report's receipt, so a moment after the
+	// release's counts.
+	var devs []*updater.Device
+	eventually(t, "the unhealthy devices' results noted", func() bool {
+		devs, err = e.Store.Devices(ctx, serials)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, d := range devs {
+			if unhealthy[d.Serial] && d.LastResult == "" {
+				return false
+			}
+		}
+		return true
+	})
 	mu.Lock()
 	for _, d := range devs {
 		switch {
