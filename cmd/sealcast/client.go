@@ -24,6 +24,7 @@ import (
 // broker, as any MQTT client could (PROTOCOL.md 12 and 13).
 type clientFlags struct {
 	broker, user, password, ca string
+	cert, key                  string
 	timeout                    time.Duration
 }
 
@@ -32,6 +33,8 @@ func (c *clientFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.user, "user", "admin", "account on the broker (the admin role can do everything; a monitor account can only read status)")
 	fs.StringVar(&c.password, "password", "", "password of -user; prefer the environment: export SEALCAST_PASSWORD=... (serve prints it on first start)")
 	fs.StringVar(&c.ca, "ca", "", "PEM CA bundle to verify the broker's TLS certificate (ssl:// URLs; default: the system's roots)")
+	fs.StringVar(&c.cert, "cert", "", "PEM client certificate to present to the broker (ssl:// URLs, with -key), for a broker that asks for one")
+	fs.StringVar(&c.key, "key", "", "PEM private key of -cert")
 	fs.DurationVar(&c.timeout, "timeout", 30*time.Second, "how long to wait for the connection and for each reply of the service")
 }
 
@@ -53,16 +56,9 @@ func (c *clientFlags) dial(ctx context.Context) (*operator.Client, error) {
 		url = "tcp://" + url
 	}
 	o := operator.Options{URL: url, Username: c.user, Password: c.password, Timeout: c.timeout}
-	if c.ca != "" {
-		pem, err := os.ReadFile(c.ca)
-		if err != nil {
-			return nil, fmt.Errorf("reading -ca: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("-ca %s holds no PEM certificate", c.ca)
-		}
-		o.TLS = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	var err error
+	if o.TLS, err = clientTLS(c.ca, c.cert, c.key, "-ca", "-cert", "-key"); err != nil {
+		return nil, err
 	}
 	dctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
@@ -74,6 +70,38 @@ func (c *clientFlags) dial(ctx context.Context) (*operator.Client, error) {
 		return nil, exitCodeError{err, exitConnect}
 	}
 	return op, nil
+}
+
+// clientTLS is the TLS configuration of a client: the broker's CA bundle caFile (none:
+// the system's roots) and a client certificate certFile with its key keyFile (none: no
+// certificate); nil when none is given. The flag names are for the errors.
+func clientTLS(caFile, certFile, keyFile, caFlag, certFlag, keyFlag string) (*tls.Config, error) {
+	if caFile == "" && certFile == "" && keyFile == "" {
+		return nil, nil
+	}
+	conf := &tls.Config{MinVersion: tls.VersionTLS12}
+	if caFile != "" {
+		pem, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("reading %s: %w", caFlag, err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("%s %s holds no PEM certificate", caFlag, caFile)
+		}
+		conf.RootCAs = pool
+	}
+	if (certFile == "") != (keyFile == "") {
+		return nil, usagef("give %s and %s together", certFlag, keyFlag)
+	}
+	if certFile != "" {
+		pair, err := tls.LoadX509KeyPair(certFile, keyFile)
+		if err != nil {
+			return nil, fmt.Errorf("reading %s and %s: %w", certFlag, keyFlag, err)
+		}
+		conf.Certificates = []tls.Certificate{pair}
+	}
+	return conf, nil
 }
 
 // adminError rewords the errors of admin requests for a person at a terminal. A refusal

@@ -2,8 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -28,6 +26,8 @@ func deviceCommand(e *env) *ffcli.Command {
 	installCmd := fs.String("install-cmd", "", "install by running this /bin/sh command line, the image on its standard input; if it contains {image}, the image is a temporary file whose quoted path replaces {image}")
 	brokerURL := fs.String("broker", "", "broker URL, replacing the one in the vault, e.g. tcp://127.0.0.1:1883")
 	tlsCA := fs.String("tls-ca", "", "PEM CA bundle that signed the broker's certificate, for ssl:// URLs (default: the system's roots)")
+	tlsCert := fs.String("tls-cert", "", "PEM client certificate whose CN is the serial, for a broker that admits devices by certificate (serve -client-ca), with -tls-key")
+	tlsKey := fs.String("tls-key", "", "PEM private key of -tls-cert")
 	window := fs.Int("window", 4, "chunk subscriptions open at once, 1 to 64 (PROTOCOL.md 9.2)")
 	chunkTimeout := fs.Duration("chunk-timeout", 30*time.Second, "fetch the manifest or a chunk again after waiting this long; the third timeout fails the update")
 	switchCmd := fs.String("switch-cmd", "", "with -install-dir: /bin/sh command line that makes the bootloader boot slot $SEALCAST_SLOT ({slot}), run to start a new image on trial and to go back (it may reboot)")
@@ -81,7 +81,7 @@ Each install is printed on standard output. Stops cleanly on SIGINT or SIGTERM.`
 			}
 			c := deviceConfig{
 				file: *file, vault: *vault, installDir: *installDir, installCmd: *installCmd,
-				brokerURL: *brokerURL, tlsCA: *tlsCA, window: *window, chunkTimeout: *chunkTimeout,
+				brokerURL: *brokerURL, tlsCA: *tlsCA, tlsCert: *tlsCert, tlsKey: *tlsKey, window: *window, chunkTimeout: *chunkTimeout,
 				switchCmd: *switchCmd, healthCmd: *healthCmd, confirmCmd: *confirmCmd,
 				trialBoots: *trialBoots, healthTimeout: *healthTimeout,
 				prefetchDir: *prefetchDir, prefetchLimit: *prefetchLimit,
@@ -93,7 +93,7 @@ Each install is printed on standard output. Stops cleanly on SIGINT or SIGTERM.`
 
 type deviceConfig struct {
 	file, vault, installDir, installCmd string
-	brokerURL, tlsCA                    string
+	brokerURL, tlsCA, tlsCert, tlsKey   string
 	window                              int
 	chunkTimeout                        time.Duration
 	// The trial of -install-dir images [SC-10.5].
@@ -140,16 +140,8 @@ func runDevice(ctx context.Context, e *env, c deviceConfig) error {
 			return err
 		}
 	}
-	if c.tlsCA != "" {
-		pem, err := os.ReadFile(c.tlsCA)
-		if err != nil {
-			return fmt.Errorf("reading -tls-ca: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return fmt.Errorf("-tls-ca %s holds no PEM certificate", c.tlsCA)
-		}
-		o.TLSConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	if o.TLSConfig, err = clientTLS(c.tlsCA, c.tlsCert, c.tlsKey, "-tls-ca", "-tls-cert", "-tls-key"); err != nil {
+		return err
 	}
 	var slots *device.SlotInstaller
 	where := "with the install command"

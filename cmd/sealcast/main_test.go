@@ -364,8 +364,8 @@ func cmdSimulate(ts *testscript.TestScript, neg bool, args []string) {
 
 // gencert CERT KEY: writes a self-signed ECDSA certificate for 127.0.0.1 and its key, PEM.
 func cmdGenCert(ts *testscript.TestScript, neg bool, args []string) {
-	if neg || len(args) != 2 {
-		ts.Fatalf("usage: gencert CERT KEY")
+	if neg || len(args) < 2 || len(args) > 3 {
+		ts.Fatalf("usage: gencert CERT KEY [CLIENT-CN]")
 	}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	ts.Check(err)
@@ -374,6 +374,9 @@ func cmdGenCert(ts *testscript.TestScript, neg bool, args []string) {
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
 		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}, KeyUsage: x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	if len(args) == 3 { // a self-signed client certificate, its own CA for serve -client-ca
+		tmpl.Subject.CommonName, tmpl.ExtKeyUsage = args[2], []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
 	ts.Check(err)

@@ -90,6 +90,9 @@ func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (_ *stac
 		}
 	}()
 	if s.dir, err = datadir.Open(c.dataDir); err != nil {
+		if errors.Is(err, fs.ErrPermission) {
+			err = fmt.Errorf("%w: the data directory must be writable by this process's user, uid %d (in the container image: uid 65532; on the host, chown -R 65532:65532 the directory you mount)", err, os.Getuid())
+		}
 		return nil, err
 	}
 	if s.dir.Created {
