@@ -349,7 +349,9 @@ func (a *releaseAdmin) setState(ctx context.Context, id keychain.ReleaseID, to p
 	if err != nil {
 		return protocol.ReleaseStatus{}, err
 	}
-	conflict := protocol.Errorf(protocol.ErrConflict, "release %s is %s; %s is not possible", id, rel.State, cmd)
+	conflict := protocol.Errorf(protocol.ErrConflict, "release %s is %s, so it cannot be %s (%s)", id, rel.State, map[protocol.ReleaseState]string{
+		protocol.ReleasePaused: "paused", protocol.ReleaseActive: "resumed", protocol.ReleaseCancelled: "cancelled", protocol.ReleaseRetired: "retired",
+	}[to], cmd)
 	r := a.runs.get(id)
 	if rel.State == to && (to == protocol.ReleasePaused || to == protocol.ReleaseActive) && r != nil {
 		// Pausing a paused release, or resuming an active one, is what was asked already.

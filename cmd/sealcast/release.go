@@ -350,8 +350,12 @@ type progress struct {
 	lastT time.Time
 }
 
-// plainEvery is how often a changed status is printed when stderr is not a terminal.
-const plainEvery = 2 * time.Second
+// plainEvery is how often a changed status is printed when stderr is not a terminal, and
+// plainHeartbeat how often an unchanged one is, so that a long wait shows it is alive.
+const (
+	plainEvery     = 2 * time.Second
+	plainHeartbeat = 30 * time.Second
+)
 
 func newProgress(w io.Writer, id keychain.ReleaseID) *progress {
 	return &progress{w: w, id: id}
@@ -369,7 +373,7 @@ func (p *progress) update(st protocol.ReleaseStatus) {
 		return
 	}
 	line := statusLine(st)
-	if line != p.last && time.Since(p.lastT) >= plainEvery {
+	if since := time.Since(p.lastT); line != p.last && since >= plainEvery || since >= plainHeartbeat {
 		fmt.Fprintln(p.w, line)
 		p.last, p.lastT = line, time.Now()
 	}

@@ -336,13 +336,13 @@ func simProvision(ctx context.Context, c simConfig, log zerolog.Logger, serials 
 		}
 		files = append(files, got...)
 		if errors.Is(err, &protocol.Error{Code: protocol.ErrConflict}) {
-			hint := "run with another -prefix, or deprovision them"
-			if c.state == "" {
-				hint = "their device files are lost with this run's memory vaults: use another -prefix, or -state DIR to keep devices across runs"
-			} else {
-				hint = "their device files are not in " + c.state + ": use another -prefix or -state directory, or deprovision them"
+			last := serials[min(i+batch, len(serials))-1]
+			forget := fmt.Sprintf("sealcast deprovision %s ... %s (every serial of the earlier run, which also takes them out of releases in progress)", serials[i], last)
+			hint := "their device files are lost with the earlier run's memory vaults: use another -prefix, -state DIR to keep devices across runs, or forget them: " + forget
+			if c.state != "" {
+				hint = "their device files are not in " + c.state + ": use another -prefix or -state directory, or forget them: " + forget
 			}
-			return nil, fmt.Errorf("provisioning %s...: the server already has some of these serials (%v); %s", serials[i], err, hint)
+			return nil, exitCodeError{fmt.Errorf("provisioning %s...: the server already has some of these serials (%v); %s", serials[i], err, hint), exitConflict}
 		}
 		if err != nil {
 			return nil, fmt.Errorf("provisioning: %w", err)

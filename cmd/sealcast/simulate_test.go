@@ -177,10 +177,10 @@ func TestSimulateSerialTaken(t *testing.T) {
 	dir := t.TempDir()
 	provisionFile(t, s, dir, "taken-00001")
 	p := runProc(t, nil, "simulate", "-broker", s.url, "-password", s.adminPW, "-devices", "2", "-prefix", "taken-", "-until-version", "1")
-	if p.exitCode() != 1 {
-		t.Fatalf("exit %d, want 1", p.exitCode())
+	if p.exitCode() != exitConflict {
+		t.Fatalf("exit %d, want %d (conflict)", p.exitCode(), exitConflict)
 	}
-	if e := p.stderr.String(); !strings.Contains(e, "already") || !strings.Contains(e, "-prefix") || !strings.Contains(e, "-state") {
+	if e := p.stderr.String(); !strings.Contains(e, "already") || !strings.Contains(e, "-prefix") || !strings.Contains(e, "-state") || !strings.Contains(e, "sealcast deprovision taken-00001 ... taken-00002") {
 		t.Fatalf("stderr does not explain the collision:\n%s", e)
 	}
 	// A wrong password is not waited out.
