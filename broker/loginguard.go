@@ -11,7 +11,9 @@ import (
 // Login throttling: a source address (IP) with more than loginFailures failed CONNECTs
 // within loginWindow is refused without a check for loginBlock. Devices that log in
 // correctly never count; a misconfigured client behind the same NAT as good ones delays
-// them by at most loginBlock.
+// them by at most loginBlock. Loopback addresses are never throttled: a client on the
+// broker's own machine is no remote guesser, and the service's own parts (the CLI, a
+// local proxy, the tests' hostile clients) all share 127.0.0.1.
 const (
 	loginFailures = 20
 	loginWindow   = time.Minute
@@ -44,8 +46,17 @@ func sourceIP(remote string) string {
 	return remote
 }
 
+// exempt reports whether remote is a loopback address, which is never throttled.
+func exempt(remote string) bool {
+	ip := net.ParseIP(sourceIP(remote))
+	return ip != nil && ip.IsLoopback()
+}
+
 // blocked reports whether logins from remote are refused now.
 func (g *loginGuard) blocked(remote string) bool {
+	if exempt(remote) {
+		return false
+	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	s := g.m[sourceIP(remote)]
@@ -54,6 +65,9 @@ func (g *loginGuard) blocked(remote string) bool {
 
 // failed counts a failed login from remote, and reports whether it blocked the source.
 func (g *loginGuard) failed(remote string) bool {
+	if exempt(remote) {
+		return false
+	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	now, ip := g.now(), sourceIP(remote)

@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"fmt"
 	"testing"
 	"time"
 )
@@ -37,9 +38,18 @@ func TestLoginGuard(t *testing.T) {
 			t.Fatal("failures spread wider than the window blocked a source")
 		}
 	}
+	// Loopback is never throttled.
+	for range 3 * loginFailures {
+		if g.failed("127.0.0.1:1") || g.failed("[::1]:1") {
+			t.Fatal("a loopback address was blocked")
+		}
+	}
+	if g.blocked("127.0.0.1:1") {
+		t.Fatal("a loopback address is blocked")
+	}
 	// The table of sources is bounded.
 	for i := range loginSources + 10 {
-		g.failed(time.Unix(int64(i), 0).String() + ":1")
+		g.failed(fmt.Sprintf("10.%d.%d.%d:1", i>>16&255, i>>8&255, i&255))
 	}
 	if len(g.m) > loginSources {
 		t.Fatalf("%d sources remembered; the bound is %d", len(g.m), loginSources)
