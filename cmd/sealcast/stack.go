@@ -185,6 +185,11 @@ func (s *stack) startUpdater(c stackConfig) (err error) {
 	publicURL := c.publicURL
 	if publicURL == "" {
 		publicURL = s.brokerURL
+		if a, ok := s.listenAddr().(*net.TCPAddr); ok && !a.IP.IsLoopback() {
+			// Listening for other machines (in a container, say), but device files would
+			// send devices to their own loopback.
+			s.log.Warn().Str("device_files_say", publicURL).Msg("device files name this machine's loopback address, which other machines cannot reach: give -public-url with the address devices dial, e.g. tcp://updates.example.com:1883")
+		}
 	}
 	// With the embedded broker, the acks subscription is shared in group "sealcast" all
 	// the same, so that more updaters (-acks-only, over MQTT) can join it
@@ -411,6 +416,14 @@ func (s *stack) startBroker(c stackConfig) error {
 	_, port, _ := net.SplitHostPort(s.broker.Addr("tcp").String())
 	s.brokerURL = "tcp://127.0.0.1:" + port
 	return nil
+}
+
+// listenAddr is the embedded broker's plain MQTT listener, nil without one.
+func (s *stack) listenAddr() net.Addr {
+	if s.broker == nil {
+		return nil
+	}
+	return s.broker.Addr(broker.ListenerTCP)
 }
 
 // newAdmin returns the account "admin" with password pw, or a generated password if pw is
