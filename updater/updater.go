@@ -92,8 +92,11 @@ type Options struct {
 	Revoker Revoker
 	// Accounts, if set, names the broker's accounts; provisioning refuses their names.
 	Accounts Accounts
-	// MaxUploadSize bounds one image (default 4 GiB).
+	// MaxUploadSize bounds one image (default 4 GiB). MaxUploads bounds the unfinished or
+	// unused uploads kept at once (default 16); together they hold at most four times
+	// MaxUploadSize.
 	MaxUploadSize uint64
+	MaxUploads    int
 	// MaxConcurrent is the concurrency bound of a release that gives none (PROTOCOL.md
 	// 12.5): default protocol.DefaultMaxConcurrent, protocol.NoBound for none.
 	MaxConcurrent int
@@ -149,7 +152,7 @@ func New(o Options) (*Updater, error) {
 	release := &releaseKeys{seq: o.KeySeq, key: o.SigningKey, statements: o.KeyStatements}
 	u := &Updater{o: o, log: o.Logger, keys: newKeys(o.Root, release, o.ChainLength), ready: make(chan struct{})}
 	if !o.AcksOnly {
-		if u.uploads, err = newUploads(o.DataDir, o.MaxUploadSize); err != nil {
+		if u.uploads, err = newUploads(o.DataDir, o.MaxUploadSize, o.MaxUploads); err != nil {
 			return nil, err
 		}
 	}
@@ -198,6 +201,9 @@ func (o Options) withDefaults() (Options, error) {
 	}
 	if o.MaxUploadSize == 0 {
 		o.MaxUploadSize = 4 << 30
+	}
+	if o.MaxUploads <= 0 {
+		o.MaxUploads = defaultMaxUploads
 	}
 	switch {
 	case o.MaxConcurrent == 0:

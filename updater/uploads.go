@@ -21,12 +21,12 @@ const partSize = 256 << 10
 // uploadTTL is how long an unfinished or unused upload is kept.
 const uploadTTL = 24 * time.Hour
 
-// maxOpenUploads bounds the uploads kept at once (each holds a file descriptor and its
-// declared size on disk); together they hold at most maxUploadShare times the largest
-// image allowed.
+// defaultMaxUploads bounds the uploads kept at once unless Options.MaxUploads says (each
+// holds a file descriptor and its declared size on disk); together they hold at most
+// maxUploadShare times the largest image allowed.
 const (
-	maxOpenUploads = 16
-	maxUploadShare = 4
+	defaultMaxUploads = 16
+	maxUploadShare    = 4
 )
 
 // uploads receives images published in parts on the upload topics and keeps them as
@@ -34,8 +34,10 @@ const (
 type uploads struct {
 	dir string
 	max uint64
-	mu  sync.Mutex
-	m   map[string]*upload
+	// open is the most uploads kept at once.
+	open int
+	mu   sync.Mutex
+	m    map[string]*upload
 }
 
 type upload struct {
@@ -49,7 +51,7 @@ type upload struct {
 	started  time.Time
 }
 
-func newUploads(dataDir string, max uint64) (*uploads, error) {
+func newUploads(dataDir string, max uint64, open int) (*uploads, error) {
 	dir := filepath.Join(dataDir, "uploads")
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("updater: creating the upload directory: %w", err)
@@ -59,7 +61,7 @@ func newUploads(dataDir string, max uint64) (*uploads, error) {
 	for _, p := range old {
 		os.Remove(p)
 	}
-	return &uploads{dir: dir, max: max, m: map[string]*upload{}}, nil
+	return &uploads{dir: dir, max: max, open: open, m: map[string]*upload{}}, nil
 }
 
 func (us *uploads) begin(size uint64, sum string) (*upload, error) {
@@ -76,8 +78,8 @@ func (us *uploads) begin(size uint64, sum string) (*upload, error) {
 		held += u.size
 	}
 	us.mu.Unlock()
-	if open >= maxOpenUploads || held+size > maxUploadShare*us.max {
-		return nil, protocol.Errorf(protocol.ErrConflict, "%d uploads (%d bytes) are kept already, the most the service holds at once (%d uploads, %d bytes): create releases from them, or wait: an upload is dropped %s after it began", open, held, maxOpenUploads, maxUploadShare*us.max, uploadTTL)
+	if open >= us.open || held+size > uint64(max(maxUploadShare, us.open/4))*us.max {
+		return nil, protocol.Errorf(protocol.ErrConflict, "%d uploads (%d bytes) are kept already, the most the service holds at once (%d uploads, %d bytes): create releases from them, or wait: an upload is dropped %s after it began", open, held, us.open, uint64(max(maxUploadShare, us.open/4))*us.max, uploadTTL)
 	}
 	var rnd [8]byte
 	rand.Read(rnd[:])

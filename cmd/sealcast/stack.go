@@ -56,6 +56,8 @@ type stackConfig struct {
 	maxConcurrent int
 	// scratch: the data directory is thrown away afterwards (demo): no warning about it.
 	scratch bool
+	// maxUploads bounds the uploads kept at once.
+	maxUploads int
 }
 
 // stack is a running service.
@@ -203,7 +205,7 @@ func (s *stack) startUpdater(c stackConfig) (err error) {
 		Store: s.store, Bus: s.bus,
 		Logger: s.log.With().Str("component", "updater").Logger(), DataDir: c.dataDir,
 		ChainLength: uint32(c.chainLength), BrokerURL: publicURL, AckGroup: ackGroup, AcksOnly: c.acksOnly,
-		MaxConcurrent: c.maxConcurrent, Observer: s.hist,
+		MaxConcurrent: c.maxConcurrent, Observer: s.hist, MaxUploads: c.maxUploads,
 	}
 	if s.broker != nil {
 		uo.Revoker, uo.Accounts = s.broker, s.broker

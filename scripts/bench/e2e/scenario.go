@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"sync"
 	"time"
 
@@ -194,6 +195,10 @@ func (r *scenarioRun) startServers(ctx context.Context) error {
 		args = append(args, "-external-broker", r.brokerURL, "-broker-user", updaterUser, "-broker-password", r.users[updaterUser])
 	} else {
 		args = append(args, "-listen", brokerAddr)
+	}
+	if r.sc.perDevice {
+		// The baseline uploads one image per device before creating any release.
+		args = append(args, "-max-uploads", strconv.Itoa(r.sc.devices+1))
 	}
 	serveLog := filepath.Join(r.dir, "serve.log")
 	if r.srv, err = startChild("sealcast serve", exec.Command(r.c.sealcast, args...), serveLog, nil); err != nil {
