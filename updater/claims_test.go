@@ -240,17 +240,7 @@ func TestWaves(t *testing.T) {
 			d.ackUntilReceipt(ack, keychain.Key(d.u, km.Seq))
 		}
 	}
-	fail := func(serial string) {
-		d := devs[serial]
-		km, err := keychain.ParseKeyMessage(d.next(d.keys, "key message"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		k := keychain.Key(d.u, km.Seq)
-		rep, _ := keychain.Ack{Kind: keychain.AckFailed, Epoch: km.Epoch, Seq: km.Seq, ID: km.ID, Version: 1, DeviceSeq: km.Seq, Code: uint16(protocol.CodeRollback)}.Seal(k, serial)
-		d.publishAck(rep)
-		d.receipt(rep, k)
-	}
+	fail := func(serial string) { devs[serial].report(devs[serial].nextKey(devs[serial].d), protocol.CodeRollback) }
 	eventually(t, "wave 1 wrapped", func() bool { return len(keyOf(wave1[2])) > 0 })
 	if st := status(); st.Wave != 1 || len(st.Waves) != 3 {
 		t.Fatalf("status wave %d of %d, want 1 of 3", st.Wave, len(st.Waves))
@@ -332,28 +322,11 @@ func TestWaveThreshold(t *testing.T) {
 		t.Fatal(err)
 	}
 	order := protocol.RolloutOrder(res.Release, serials)
-	status := func() protocol.ReleaseStatus {
-		st, err := e.u.Admin().Release(ctx, res.Release)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return st
-	}
-	for _, s := range order[:6] {
-		d := connectDevice(t, e.b.URL, byS[s])
-		ack, km, _ := d.install()
-		d.ackUntilReceipt(ack, keychain.Key(d.u, km.Seq))
-	}
+	status := func() protocol.ReleaseStatus { return e.releaseStatus(res.Release) }
+	e.installAll(byS, order[:6])
 	eventually(t, "wave 2 opened", func() bool { return status().Wave == 2 })
 	d := connectDevice(t, e.b.URL, byS[order[6]])
-	km, err := keychain.ParseKeyMessage(d.next(d.keys, "key message"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	k := keychain.Key(d.u, km.Seq)
-	rep, _ := keychain.Ack{Kind: keychain.AckFailed, Epoch: km.Epoch, Seq: km.Seq, ID: km.ID, Version: 1, DeviceSeq: km.Seq, Code: uint16(protocol.CodeRollback)}.Seal(k, order[6])
-	d.publishAck(rep)
-	d.receipt(rep, k)
+	d.report(d.nextKey(d.d), protocol.CodeRollback)
 	eventually(t, "the release paused by wave 2's threshold", func() bool {
 		st := status()
 		return st.State == protocol.ReleasePaused && st.PauseReason == protocol.PausedByThreshold
@@ -515,18 +488,8 @@ func TestSoakAndApprove(t *testing.T) {
 		t.Fatal(err)
 	}
 	order := protocol.RolloutOrder(res.Release, serials)
-	status := func() protocol.ReleaseStatus {
-		st, err := e.u.Admin().Release(ctx, res.Release)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return st
-	}
-	for _, s := range order[:2] {
-		d := connectDevice(t, e.b.URL, byS[s])
-		ack, km, _ := d.install()
-		d.ackUntilReceipt(ack, keychain.Key(d.u, km.Seq))
-	}
+	status := func() protocol.ReleaseStatus { return e.releaseStatus(res.Release) }
+	e.installAll(byS, order[:2])
 	eventually(t, "wave 1 settled, soaking", func() bool { return status().NextWave == "soak" })
 	if st := status(); st.NextWaveAt == nil || !st.NextWaveAt.Equal(clock.Now().Add(10*time.Minute)) {
 		t.Fatalf("next wave at %v, want 10 minutes after %v", st.NextWaveAt, clock.Now())

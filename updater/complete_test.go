@@ -26,18 +26,7 @@ func TestReleaseCompletesWithPermanentFailures(t *testing.T) {
 		})
 		return st
 	}
-	report := func(d *testDevice, km *keychain.KeyMessage, code protocol.Code) {
-		t.Helper()
-		k := keychain.Key(d.u, km.Seq)
-		rep, err := keychain.Ack{Kind: keychain.AckFailed, Epoch: km.Epoch, Seq: km.Seq, ID: km.ID, Version: 1, DeviceSeq: km.Seq, Code: uint16(code)}.Seal(k, d.file.Serial)
-		if err != nil {
-			t.Fatal(err)
-		}
-		d.publishAck(rep)
-		if r := d.receipt(rep, k); r.Status != keychain.ReceiptRecorded {
-			t.Fatalf("receipt status %d", r.Status)
-		}
-	}
+	report := func(d *testDevice, km *keychain.KeyMessage, code protocol.Code) { t.Helper(); d.report(km, code) }
 
 	ackA, kmA, _ := a.install()
 	a.publishAck(ackA)

@@ -325,3 +325,39 @@ func (d *testDevice) ackUntilReceipt(ack []byte, k keychain.ChainKey) keychain.R
 	d.t.Fatalf("device %s: no receipt in 60 s", d.file.Serial)
 	return keychain.Receipt{}
 }
+
+// installAll connects each device of serials (files by serial) and has it install and
+// confirm the release it is offered.
+func (e *env) installAll(byS map[string]protocol.DeviceFile, serials []string) {
+	e.t.Helper()
+	for _, s := range serials {
+		d := connectDevice(e.t, e.b.URL, byS[s])
+		ack, km, _ := d.install()
+		d.ackUntilReceipt(ack, keychain.Key(d.u, km.Seq))
+	}
+}
+
+// releaseStatus returns release id's status from the admin service.
+func (e *env) releaseStatus(id keychain.ReleaseID) protocol.ReleaseStatus {
+	e.t.Helper()
+	st, err := e.u.Admin().Release(context.Background(), id)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return st
+}
+
+// report sends the report (kind 3) of a failure with code for km, as the device would
+// (version 1, its sequence number unchanged), and waits for its recorded receipt.
+func (d *testDevice) report(km *keychain.KeyMessage, code protocol.Code) {
+	d.t.Helper()
+	k := keychain.Key(d.u, km.Seq)
+	rep, err := keychain.Ack{Kind: keychain.AckFailed, Epoch: km.Epoch, Seq: km.Seq, ID: km.ID, Version: 1, DeviceSeq: km.Seq, Code: uint16(code)}.Seal(k, d.file.Serial)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	d.publishAck(rep)
+	if r := d.receipt(rep, k); r.Status != keychain.ReceiptRecorded {
+		d.t.Fatalf("device %s: receipt status %d for a report, want recorded", d.file.Serial, r.Status)
+	}
+}

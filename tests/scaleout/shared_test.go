@@ -32,12 +32,7 @@ var rejectReasons = []string{"malformed", "unknown_device", "forged", "stale", "
 // devices re-send their acks until a receipt comes (PROTOCOL.md 10.1 step 6).
 func TestSharedAckGroup(t *testing.T) {
 	n := envInt("SEALCAST_SCALE_DEVICES", 1000)
-	m := mosquittotest.Start(t, brokerConfig)
-	rds := redistest.Start(t)
-	dirA := dataDir(t, "")
-	common := []string{"-external-broker", m.URL, "-redis", rds.URL(), "-http", "127.0.0.1:0", "-ack-group", "g", "-chain-length", "16"}
-	a := startServe(t, "updater-a", nil, append([]string{"-data", dirA}, common...)...)
-	b := startServe(t, "updater-b", nil, append([]string{"-data", dataDir(t, dirA), "-acks-only"}, common...)...)
+	m, rds, a, b := startAckGroup(t)
 	op := dialOperator(t, m.URL)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
@@ -112,6 +107,20 @@ func TestSharedAckGroup(t *testing.T) {
 	checkCounters(t, rds.URL(), files, 2)
 }
 
+// startAckGroup starts Mosquitto, Redis and two updater processes in ack group g on
+// them: updater-a serves admin requests, updater-b (a copy of its data directory) is
+// -acks-only.
+func startAckGroup(t *testing.T) (*mosquittotest.Server, *redistest.Server, *serve, *serve) {
+	t.Helper()
+	m := mosquittotest.Start(t, brokerConfig)
+	rds := redistest.Start(t)
+	dirA := dataDir(t, "")
+	common := []string{"-external-broker", m.URL, "-redis", rds.URL(), "-http", "127.0.0.1:0", "-ack-group", "g", "-chain-length", "16"}
+	a := startServe(t, "updater-a", nil, append([]string{"-data", dirA}, common...)...)
+	b := startServe(t, "updater-b", nil, append([]string{"-data", dataDir(t, dirA), "-acks-only"}, common...)...)
+	return m, rds, a, b
+}
+
 // acksReceived is every ack an updater took off the wire, whatever became of it.
 func acksReceived(u *serve) float64 {
 	v := u.metric("sealcast_acks_accepted_total") + u.metric("sealcast_acks_duplicate_total") + u.metric("sealcast_acks_shed_total")
@@ -130,12 +139,7 @@ func acksReceived(u *serve) float64 {
 // and every counter moves once.
 func TestRolloutAcrossAckGroup(t *testing.T) {
 	const n, bound = 300, 40
-	m := mosquittotest.Start(t, brokerConfig)
-	rds := redistest.Start(t)
-	dirA := dataDir(t, "")
-	common := []string{"-external-broker", m.URL, "-redis", rds.URL(), "-http", "127.0.0.1:0", "-ack-group", "g", "-chain-length", "16"}
-	a := startServe(t, "updater-a", nil, append([]string{"-data", dirA}, common...)...)
-	b := startServe(t, "updater-b", nil, append([]string{"-data", dataDir(t, dirA), "-acks-only"}, common...)...)
+	m, rds, a, b := startAckGroup(t)
 	op := dialOperator(t, m.URL)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
