@@ -75,6 +75,9 @@ type Options struct {
 	ClientCAPEM []byte
 	// WSAddr is the MQTT-over-WebSocket listener address; "" disables it.
 	WSAddr string
+	// WebSocketHandler makes WebSocketHandler serve MQTT over WebSocket on an HTTP
+	// server of the caller's (the dashboard's same-origin /mqtt).
+	WebSocketHandler bool
 	// HealthAddr is the HTTP address serving GET /healthz; "" disables it.
 	HealthAddr string
 
@@ -160,6 +163,7 @@ type Broker struct {
 	health      *http.Server
 	healthLn    net.Listener
 	ws          *wsListener
+	wsHandler   *wsListener    // MQTT over WebSocket on the caller's HTTP server (Options.WebSocketHandler)
 	wg          sync.WaitGroup // the health server goroutine
 
 	started   atomic.Bool
@@ -171,9 +175,12 @@ type Broker struct {
 
 // Listener ids, also used as keys of Addr.
 const (
-	ListenerTCP    = "tcp"
-	ListenerTLS    = "tls"
-	ListenerWS     = "ws"
+	ListenerTCP = "tcp"
+	ListenerTLS = "tls"
+	ListenerWS  = "ws"
+	// ListenerWSHTTP is MQTT over WebSocket through WebSocketHandler, on another HTTP
+	// server (the dashboard's).
+	ListenerWSHTTP = "ws-http"
 	ListenerHealth = "health"
 )
 
@@ -327,6 +334,12 @@ func (b *Broker) listen(opts Options) error {
 		}
 	} else if len(opts.ClientCAPEM) > 0 {
 		return fmt.Errorf("%w: ClientCAPEM needs a TLS listener; set TLSCertPEM and TLSKeyPEM", ErrBadOptions)
+	}
+	if opts.WebSocketHandler {
+		b.wsHandler = newWSListener(ListenerWSHTTP, nil, b.limits.ConnectTimeout, b.wrapConn)
+		if err := b.srv.AddListener(b.wsHandler); err != nil {
+			return err
+		}
 	}
 	if opts.WSAddr != "" {
 		ln, err := net.Listen("tcp", opts.WSAddr)
@@ -494,6 +507,15 @@ func (b *Broker) closeListeners() {
 	if b.healthLn != nil {
 		_ = b.healthLn.Close()
 	}
+}
+
+// WebSocketHandler returns the handler of MQTT over WebSocket (Options.WebSocketHandler),
+// nil without one. Its clients authenticate and are authorized as on any listener.
+func (b *Broker) WebSocketHandler() http.Handler {
+	if b.wsHandler == nil {
+		return nil
+	}
+	return http.HandlerFunc(b.wsHandler.handle)
 }
 
 // Addr returns the bound address of a listener (ListenerTCP, ListenerTLS, ListenerWS,

@@ -16,24 +16,28 @@ import (
 )
 
 // wsListener serves MQTT over WebSocket (subprotocol "mqtt") on a listener the broker
-// bound itself. mochi's own Websocket listener binds in Serve, which hides the port when
-// the address is ":0".
+// bound itself (mochi's own Websocket listener binds in Serve, which hides the port when
+// the address is ":0"), or, in handler mode (ln nil), through handle, which another
+// HTTP server mounts (the dashboard's same-origin /mqtt).
 type wsListener struct {
 	id             string
-	ln             net.Listener
+	ln             net.Listener // nil in handler mode
 	connectTimeout time.Duration
 	wrap           func(net.Conn) *clientConn
 	srv            *http.Server
 	upgrader       websocket.Upgrader
-	establish      listeners.EstablishFn
 	log            *slog.Logger
 	closeOnce      sync.Once
 	done           chan struct{}
+	stop           chan struct{} // closed by Close in handler mode
+
+	mu        sync.Mutex
+	establish listeners.EstablishFn // set by Serve, cleared by Close
 }
 
 func newWSListener(id string, ln net.Listener, connectTimeout time.Duration, wrap func(net.Conn) *clientConn) *wsListener {
 	return &wsListener{
-		id: id, ln: ln, connectTimeout: connectTimeout, wrap: wrap, done: make(chan struct{}),
+		id: id, ln: ln, connectTimeout: connectTimeout, wrap: wrap, done: make(chan struct{}), stop: make(chan struct{}),
 		upgrader: websocket.Upgrader{
 			Subprotocols: []string{"mqtt"},
 			// Devices and tools are not browsers; a browser dashboard would be served by
@@ -43,12 +47,20 @@ func newWSListener(id string, ln net.Listener, connectTimeout time.Duration, wra
 	}
 }
 
-func (l *wsListener) ID() string       { return l.id }
-func (l *wsListener) Address() string  { return l.ln.Addr().String() }
+func (l *wsListener) ID() string { return l.id }
+func (l *wsListener) Address() string {
+	if l.ln == nil {
+		return "handler" // handler mode: the address is the mounting server's
+	}
+	return l.ln.Addr().String()
+}
 func (l *wsListener) Protocol() string { return "ws" }
 
 func (l *wsListener) Init(log *slog.Logger) error {
 	l.log = log
+	if l.ln == nil {
+		return nil // handler mode: another server's mux calls handle
+	}
 	l.srv = &http.Server{
 		Handler:           http.HandlerFunc(l.handle),
 		ReadHeaderTimeout: l.connectTimeout,
@@ -57,6 +69,13 @@ func (l *wsListener) Init(log *slog.Logger) error {
 }
 
 func (l *wsListener) handle(w http.ResponseWriter, r *http.Request) {
+	l.mu.Lock()
+	establish := l.establish
+	l.mu.Unlock()
+	if establish == nil {
+		http.Error(w, "the broker is not serving yet", http.StatusServiceUnavailable)
+		return
+	}
 	c, err := l.upgrader.Upgrade(w, r, nil)
 	if err != nil {
 		return
@@ -64,14 +83,20 @@ func (l *wsListener) handle(w http.ResponseWriter, r *http.Request) {
 	defer c.Close()
 	conn := l.wrap(&wsConn{Conn: c.UnderlyingConn(), c: c})
 	_ = conn.SetDeadline(time.Now().Add(l.connectTimeout))
-	if err := l.establish(l.id, conn); err != nil {
+	if err := establish(l.id, conn); err != nil {
 		l.log.Debug("websocket client ended", "error", err)
 	}
 }
 
 func (l *wsListener) Serve(establish listeners.EstablishFn) {
 	defer close(l.done)
+	l.mu.Lock()
 	l.establish = establish
+	l.mu.Unlock()
+	if l.ln == nil {
+		<-l.stop // handler mode: serve until Close
+		return
+	}
 	if err := l.srv.Serve(l.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		l.log.Error("websocket listener stopped", "error", err)
 	}
@@ -79,7 +104,14 @@ func (l *wsListener) Serve(establish listeners.EstablishFn) {
 
 func (l *wsListener) Close(closeClients listeners.CloseFn) {
 	l.closeOnce.Do(func() {
+		l.mu.Lock()
+		l.establish = nil
+		l.mu.Unlock()
 		closeClients(l.id)
+		if l.ln == nil {
+			close(l.stop)
+			return
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		_ = l.srv.Shutdown(ctx)

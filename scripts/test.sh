@@ -19,6 +19,7 @@ command -v mosquitto >/dev/null || need+=(mosquitto)
 command -v mosquitto_sub >/dev/null || need+=(mosquitto-clients)
 command -v node >/dev/null || need+=(nodejs)
 command -v promtool >/dev/null || need+=(prometheus) # promtool lints /metrics
+command -v chromium >/dev/null || need+=(chromium)   # the dashboard's browser test
 if [ ${#need[@]} -gt 0 ] && [ "${SEALCAST_NO_INSTALL:-}" != 1 ]; then
 	if command -v apt-get >/dev/null; then
 		sudo=""

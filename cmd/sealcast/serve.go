@@ -52,6 +52,7 @@ func serveCommand(e *env) *ffcli.Command {
 	fs.DurationVar(&c.writeDeadline, "write-deadline", broker.DefaultWriteDeadline, "disconnect a client of the embedded broker that takes no part of 64 KiB written to it within this long (a slow consumer; raise it for very slow links)")
 	fs.IntVar(&c.maxPending, "max-pending", broker.DefaultMaxPending, "disconnect a client of the embedded broker once this many bytes wait to be written to it (a slow consumer)")
 	fs.IntVar(&c.maxConcurrent, "max-concurrent", protocol.DefaultMaxConcurrent, "the concurrency bound of a release that gives none: at most this many online targets download it at once (-1: no bound; PROTOCOL.md 12.5)")
+	fs.BoolVar(&c.dashboard, "dashboard", true, "serve the fleet dashboard at / of -http, with MQTT over WebSocket at /mqtt (embedded broker only; log in with a broker account)")
 	fs.IntVar(&c.maxUploads, "max-uploads", 16, "the most unfinished or unused uploads kept at once (each holds a file and its size on disk for up to 24 h)")
 	fs.String("config", "", "read flags from this file: one flag a line, its name and value separated by a space (\"listen 0.0.0.0:1883\"), # comments; the command line and SEALCAST_* variables override it")
 	fs.StringVar(&c.pprofAddr, "pprof", "", "serve Go profiles on this address at /debug/pprof/ (off when empty; keep it on loopback, e.g. 127.0.0.1:6060)")

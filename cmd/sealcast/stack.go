@@ -22,6 +22,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/sealcast/sealcast/broker"
+	"github.com/sealcast/sealcast/dashboard"
 	"github.com/sealcast/sealcast/internal/datadir"
 	"github.com/sealcast/sealcast/protocol"
 	"github.com/sealcast/sealcast/updater"
@@ -58,6 +59,9 @@ type stackConfig struct {
 	scratch bool
 	// maxUploads bounds the uploads kept at once.
 	maxUploads int
+	// dashboard serves the fleet dashboard at / of the HTTP listener, with MQTT over
+	// WebSocket at /mqtt (embedded broker only).
+	dashboard bool
 }
 
 // stack is a running service.
@@ -387,8 +391,9 @@ func (s *stack) startBroker(c stackConfig) error {
 	o := broker.Options{
 		TCPAddr: c.listen, WSAddr: c.wsListen, DataDir: filepath.Join(s.dir.Path, "broker"),
 		AuthKey: s.dir.Root.BrokerAuth(), Accounts: accounts,
-		Logger: s.log, // the broker names its own components
-		Limits: broker.Limits{WriteDeadline: c.writeDeadline, MaxPending: c.maxPending},
+		Logger:           s.log, // the broker names its own components
+		Limits:           broker.Limits{WriteDeadline: c.writeDeadline, MaxPending: c.maxPending},
+		WebSocketHandler: c.dashboard && c.httpAddr != "",
 	}
 	if c.tlsCert != "" || c.tlsKey != "" {
 		if o.TLSCertPEM, err = os.ReadFile(c.tlsCert); err != nil {
@@ -449,6 +454,11 @@ func (s *stack) startHTTP(addr string) error {
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	if s.broker != nil {
+		if ws := s.broker.WebSocketHandler(); ws != nil {
+			mux.Handle("/", dashboard.Handler(ws))
+		}
+	}
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		select {
 		case <-s.upd.Ready():

@@ -1,0 +1,188 @@
+// The Sealcast dashboard: the retained status topics (PROTOCOL.md 13) over MQTT on
+// WebSocket at this page's own origin (/mqtt), and admin requests (PROTOCOL.md 12) for an
+// admin account. No secret is kept but the session's login, in memory.
+'use strict';
+
+const $ = (sel) => document.querySelector(sel);
+const el = (tag, attrs = {}, ...children) => {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === 'class') e.className = v; else if (k.startsWith('data-')) e.setAttribute(k, v); else e[k] = v;
+  }
+  for (const c of children) e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return e;
+};
+
+const state = {
+  client: null, clientId: '', admin: false, requests: new Map(), seq: 0,
+  fleet: null, releases: new Map(), selected: null, devices: [], nextDevices: '',
+};
+
+function bar(done, failed, total) {
+  const b = el('div', { class: 'bar' });
+  const pct = total > 0 ? (100 * done) / total : 0;
+  const fpct = total > 0 ? (100 * failed) / total : 0;
+  const ok = el('div'); ok.style.width = pct + '%';
+  const bad = el('div', { class: 'failed' }); bad.style.width = fpct + '%';
+  b.append(ok, bad);
+  b.title = `${done} of ${total} installed, ${failed} failed`;
+  return b;
+}
+
+// request sends an admin request and resolves with its result (rejects with its error).
+function request(cmd, args) {
+  const id = `${state.clientId}-${++state.seq}`;
+  return new Promise((resolve, reject) => {
+    state.requests.set(id, { resolve, reject });
+    const m = new Paho.Message(JSON.stringify({ id, cmd, args }));
+    m.destinationName = 'sealcast/admin/requests';
+    m.qos = 1;
+    state.client.send(m);
+    setTimeout(() => {
+      if (state.requests.delete(id)) reject(new Error('no reply from the service in time'));
+    }, 30000);
+  });
+}
+
+function onMessage(m) {
+  const topic = m.destinationName;
+  let doc;
+  try { doc = m.payloadString ? JSON.parse(m.payloadString) : null; } catch { return; }
+  if (topic === 'sealcast/status/fleet') {
+    state.fleet = doc;
+    renderFleet();
+  } else if (topic.startsWith('sealcast/status/releases/')) {
+    const id = topic.slice('sealcast/status/releases/'.length);
+    if (doc) state.releases.set(id, doc); else state.releases.delete(id);
+    renderReleases();
+    if (state.selected === id) renderRelease();
+  } else if (topic.startsWith('sealcast/admin/replies/') && doc) {
+    const r = state.requests.get(doc.id);
+    if (!r) return;
+    state.requests.delete(doc.id);
+    if (doc.ok) r.resolve(doc.result); else r.reject(new Error(`${doc.error.code}: ${doc.error.message}`));
+  }
+}
+
+function renderFleet() {
+  const f = state.fleet;
+  if (!f) return;
+  const by = Object.entries(f.releases || {}).map(([s, n]) => `${n} ${s}`).join(', ') || 'no releases';
+  $('#fleet-summary').replaceChildren(
+    el('p', {}, el('strong', { 'data-fleet': 'devices' }, f.devices), ' devices, ',
+      el('strong', { 'data-fleet': 'online' }, f.online), ' online; releases: ', by));
+}
+
+function act(id, cmd) {
+  return request(cmd, { release: id }).then((st) => {
+    state.releases.set(id, st);
+    renderReleases();
+  }).catch((e) => alert(e.message));
+}
+
+function renderReleases() {
+  const rows = [...state.releases.values()].sort((a, b) => b.version - a.version).map((r) => {
+    const actions = el('td', { class: 'admin' });
+    const button = (label, cmd) => {
+      const b = el('button', { 'data-action': cmd, type: 'button' }, label);
+      b.addEventListener('click', (ev) => { ev.stopPropagation(); act(r.release, 'release.' + cmd); });
+      actions.append(b);
+    };
+    if (r.state === 'active') button('Pause', 'pause');
+    if (r.state === 'paused') button('Resume', 'resume');
+    if (r.next_wave === 'approval') button('Approve next wave', 'approve');
+    if (r.state === 'active' || r.state === 'paused') button('Cancel', 'cancel');
+    const wave = r.waves ? `${r.wave}/${r.waves.length}` : '-';
+    const tr = el('tr', { 'data-release': r.release },
+      el('td', {}, r.version), el('td', {}, r.label || ''),
+      el('td', { class: 'state' }, r.state + (r.pause_reason ? ` (${r.pause_reason})` : '')),
+      el('td', {}, wave), el('td', {}, r.targets), el('td', { class: 'installed' }, r.installed),
+      el('td', {}, r.failed), el('td', {}, r.timed_out || 0),
+      el('td', {}, bar(r.installed, r.failed, r.targets)), actions);
+    if (state.selected === r.release) tr.classList.add('selected');
+    tr.addEventListener('click', () => { state.selected = r.release; renderReleases(); renderRelease(); });
+    return tr;
+  });
+  $('#releases tbody').replaceChildren(...rows);
+}
+
+function renderRelease() {
+  const r = state.releases.get(state.selected);
+  if (!r) return;
+  $('#release').hidden = false;
+  $('#release-title').textContent = `Release ${r.version}${r.label ? ' ' + r.label : ''} (${r.release.slice(0, 8)})`;
+  const waves = (r.waves || [{ wave: 1, size: r.targets, installed: r.installed, failed: r.failed, timed_out: r.timed_out || 0 }]).map((w) =>
+    el('p', { 'data-wave': w.wave }, `Wave ${w.wave}: ${w.installed} of ${w.size} installed, ${w.failed} failed, ${w.timed_out} timed out `,
+      !r.waves ? '' : w.closed ? '(closed) ' : w.opened ? '(open) ' : '(not opened) ', bar(w.installed, w.failed, w.size)));
+  const next = r.next_wave ? [el('p', {}, `Next wave waits for ${r.next_wave}${r.next_wave_at ? ' until ' + new Date(r.next_wave_at).toLocaleString() : ''}`)] : [];
+  $('#release-waves').replaceChildren(...waves, ...next);
+  if (state.admin && (r.state === 'active' || r.state === 'paused')) {
+    request('release.pending', { release: r.release, limit: 50 }).then((p) => {
+      $('#release-pending').replaceChildren(el('p', {}, `${p.total} devices still pending${p.total ? ': ' : ''}`,
+        ...(p.pending || []).map((s) => el('span', { class: 'chip' }, s))));
+    }).catch(() => {});
+  } else {
+    $('#release-pending').replaceChildren();
+  }
+}
+
+// Devices come page by page from the service (device.list), never from the per-device
+// topics: with 100,000 devices the page stays small.
+function loadDevices(more) {
+  if (!state.admin) return;
+  request('device.list', { after: more ? state.nextDevices : '', limit: 200 }).then((page) => {
+    state.devices = more ? state.devices.concat(page.devices) : page.devices;
+    state.nextDevices = page.next || '';
+    $('#devices-more').hidden = !state.nextDevices;
+    renderDevices();
+  }).catch((e) => { $('#devices tbody').replaceChildren(el('tr', {}, el('td', {}, e.message))); });
+}
+
+function renderDevices() {
+  const q = $('#device-filter').value.trim();
+  const [k, v] = q.includes('=') ? q.split('=', 2) : [null, null];
+  const match = (d) => !q || (k !== null ? d.tags && d.tags[k] === v :
+    d.serial.includes(q) || d.state === q || String(d.version) === q);
+  const rows = state.devices.filter(match).map((d) => el('tr', { 'data-device': d.serial },
+    el('td', {}, d.serial), el('td', {}, d.state), el('td', {}, d.version), el('td', {}, d.online ? 'yes' : 'no'),
+    el('td', {}, d.last_result || ''), el('td', {}, ...Object.entries(d.tags || {}).map(([tk, tv]) => el('span', { class: 'chip' }, `${tk}=${tv}`)))));
+  $('#devices tbody').replaceChildren(...rows);
+}
+
+function connect(user, password) {
+  const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
+  state.clientId = 'dash-' + Math.random().toString(36).slice(2, 10);
+  const c = new Paho.Client(`${proto}//${location.host}/mqtt`, state.clientId);
+  state.client = c;
+  c.onMessageArrived = onMessage;
+  c.onConnectionLost = (r) => {
+    if (r.errorCode !== 0) { $('#error').textContent = 'connection lost: ' + r.errorMessage; $('#login').hidden = false; }
+  };
+  c.connect({
+    userName: user, password, cleanSession: true, timeout: 10, keepAliveInterval: 30,
+    onSuccess: () => {
+      $('#login').hidden = true;
+      $('#app').hidden = false;
+      $('#who').textContent = `logged in as ${user}`;
+      c.subscribe('sealcast/status/fleet', { qos: 1 });
+      c.subscribe('sealcast/status/releases/+', { qos: 1 });
+      // Only an admin may read the replies topic: the broker's answer says which we are.
+      c.subscribe('sealcast/admin/replies/+', {
+        qos: 1,
+        onSuccess: () => { state.admin = true; document.body.classList.add('is-admin'); $('#who').textContent += ' (admin)'; loadDevices(false); },
+        onFailure: () => { state.admin = false; $('#who').textContent += ' (monitor: watch only)'; },
+      });
+    },
+    onFailure: (e) => { $('#error').textContent = 'log in failed: ' + e.errorMessage; },
+  });
+}
+
+$('#login').addEventListener('submit', (ev) => {
+  ev.preventDefault();
+  $('#error').textContent = '';
+  connect($('#user').value, $('#password').value);
+});
+$('#device-filter').addEventListener('input', renderDevices);
+$('#devices-more').addEventListener('click', () => loadDevices(true));
+// The first page of devices is read again every 10 s (a page, never the whole fleet).
+setInterval(() => { if (state.admin && !state.nextDevices && state.devices.length <= 200) loadDevices(false); }, 10000);
