@@ -232,6 +232,9 @@ type ReleaseStatus struct {
 	Offered       int  `json:"offered,omitempty"`
 	// TimedOut is how many offered targets have not settled within the device timeout.
 	TimedOut int `json:"timed_out,omitempty"`
+	// Failures counts the offered targets whose last result is a failure, by its code
+	// name (15.1), as the server last counted them.
+	Failures map[string]int `json:"failures,omitempty"`
 	// Prefetch says the release was announced for prefetch, and Prefetched how many
 	// devices said they hold every chunk of it (12.7).
 	Prefetch   bool `json:"prefetch,omitempty"`

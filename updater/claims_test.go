@@ -272,6 +272,9 @@ func TestWaves(t *testing.T) {
 	if ws := status().Waves; ws[1].Failed != 2 || ws[1].Installed != 0 || ws[1].Closed != nil {
 		t.Fatalf("waves %s; want 2 failed in wave 2, still open", waveDump(ws))
 	}
+	if f := status().Failures; len(f) != 1 || f["rollback"] != 2 {
+		t.Fatalf("failures by code %v; want rollback: 2", f)
+	}
 	if s := e.u.Stats(); s.RolloutStops != 1 || s.WavesOpened != 0 { // wave 2 opened in the updater before the restart
 		t.Fatalf("stats: %d rollout stops, %d waves opened; want 1 and 0", s.RolloutStops, s.WavesOpened)
 	}

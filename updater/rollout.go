@@ -2,7 +2,9 @@ package updater
 
 import (
 	"context"
+	"maps"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/sealcast/sealcast/protocol"
@@ -254,10 +256,14 @@ type tally struct {
 	// concurrency bound counts.
 	holding int
 	waves   []protocol.WaveStatus // one a wave; only the counts and the size are set
+	// codes counts the offered targets whose last result is a failure, by its code
+	// (transient ones too: a device that retries still fails now).
+	codes map[string]int
 }
 
 func (t *tally) same(o *tally) bool {
-	return t.installed == o.installed && t.failed == o.failed && t.timedOut == o.timedOut && t.holding == o.holding && slices.Equal(t.waves, o.waves)
+	return t.installed == o.installed && t.failed == o.failed && t.timedOut == o.timedOut && t.holding == o.holding &&
+		slices.Equal(t.waves, o.waves) && maps.Equal(t.codes, o.codes)
 }
 
 // count counts, among the targets offered the release so far, those that installed it,
@@ -270,7 +276,7 @@ func (a *releaseAdmin) count(ctx context.Context, r *run) (*tally, error) {
 	if r.installed == nil {
 		r.installed = make([]bool, len(r.sorted))
 	}
-	t := &tally{waves: r.planWaves()}
+	t := &tally{waves: r.planWaves(), codes: map[string]int{}}
 	now := a.now()
 	var idx []int
 	var batch []string
@@ -289,6 +295,9 @@ func (a *releaseAdmin) count(ctx context.Context, r *run) (*tally, error) {
 		for k, res := range results {
 			i, s := idx[k], batch[k]
 			ws := &t.waves[r.waveOf(i)]
+			if code, failed := strings.CutPrefix(res, ResultFailed+":"); failed {
+				t.codes[code]++
+			}
 			switch {
 			case res == ResultInstalled:
 				r.installed[i] = true

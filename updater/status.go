@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -219,6 +220,9 @@ func (s *statusPublisher) rolloutStatus(st *protocol.ReleaseStatus, rel *Release
 	}
 	if t != nil {
 		st.TimedOut = t.timedOut
+		if len(t.codes) > 0 {
+			st.Failures = maps.Clone(t.codes)
+		}
 	}
 	if len(rel.Waves) == 0 && len(rel.Canary) == 0 {
 		return

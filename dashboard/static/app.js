@@ -114,8 +114,10 @@ function renderRelease() {
   const waves = (r.waves || [{ wave: 1, size: r.targets, installed: r.installed, failed: r.failed, timed_out: r.timed_out || 0 }]).map((w) =>
     el('p', { 'data-wave': w.wave }, `Wave ${w.wave}: ${w.installed} of ${w.size} installed, ${w.failed} failed, ${w.timed_out} timed out `,
       !r.waves ? '' : w.closed ? '(closed) ' : w.opened ? '(open) ' : '(not opened) ', bar(w.installed, w.failed, w.size)));
+  const codes = Object.entries(r.failures || {}).map(([code, count]) => el('span', { class: 'chip', 'data-failure': code }, `${code}: ${count}`));
+  const failures = codes.length ? [el('p', {}, 'Failures by code: ', ...codes)] : [];
   const next = r.next_wave ? [el('p', {}, `Next wave waits for ${r.next_wave}${r.next_wave_at ? ' until ' + new Date(r.next_wave_at).toLocaleString() : ''}`)] : [];
-  $('#release-waves').replaceChildren(...waves, ...next);
+  $('#release-waves').replaceChildren(...waves, ...failures, ...next);
   if (state.admin && (r.state === 'active' || r.state === 'paused')) {
     request('release.pending', { release: r.release, limit: 50 }).then((p) => {
       $('#release-pending').replaceChildren(el('p', {}, `${p.total} devices still pending${p.total ? ': ' : ''}`,
