@@ -204,7 +204,10 @@ type FleetStatus struct {
 	Devices  int                  `json:"devices"`
 	Online   int                  `json:"online"`
 	Releases map[ReleaseState]int `json:"releases"`
-	Updated  time.Time            `json:"updated"`
+	// Versions counts the devices by the version the server records as installed
+	// (decimal keys), counted at most once a minute.
+	Versions map[string]int `json:"versions,omitempty"`
+	Updated  time.Time      `json:"updated"`
 }
 
 // ReleaseStatus is retained on ReleaseStatusTopic (PROTOCOL.md 13.2).

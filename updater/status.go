@@ -7,6 +7,7 @@ import (
 	"errors"
 	"maps"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -59,6 +60,11 @@ type statusPublisher struct {
 	dirty  map[keychain.ReleaseID]bool // release statuses to publish
 	fleet  bool                        // the fleet status changed
 	online map[string]bool
+	// versions counts the devices by installed version, as last counted at versionsAt
+	// (at most every versionsEvery, it reads every device; sooner when the number of
+	// devices changed or a release completed).
+	versions   map[string]int
+	versionsAt time.Time
 	// prefetched is the release each device said it holds whole (12.7), and count how
 	// many devices hold each.
 	prefetched map[string]keychain.ReleaseID
@@ -373,6 +379,9 @@ func (s *statusPublisher) complete(ctx context.Context, st *protocol.ReleaseStat
 		return false
 	}
 	s.runs.remove(st.Release)
+	s.mu.Lock()
+	s.versionsAt = time.Time{} // count the versions again at the next fleet status
+	s.mu.Unlock()
 	s.log.Info().Str("release", st.Release.String()).Int("installed", st.Installed).Int("failed", st.Failed).Msg("release completed")
 	return true
 }
@@ -418,7 +427,43 @@ func (s *statusPublisher) fleetStatus(ctx context.Context) (protocol.FleetStatus
 	for _, r := range rels {
 		fs.Releases[r.State]++
 	}
+	fs.Versions = s.versionCounts(ctx, serials)
 	return fs, nil
+}
+
+// versionsEvery is how often the fleet's devices are counted by installed version.
+const versionsEvery = time.Minute
+
+// versionCounts counts the devices of serials by installed version, reading them in
+// batches, at most every versionsEvery (the counts of the last time otherwise).
+func (s *statusPublisher) versionCounts(ctx context.Context, serials []string) map[string]int {
+	s.mu.Lock()
+	total := 0
+	for _, n := range s.versions {
+		total += n
+	}
+	fresh := s.versions != nil && time.Since(s.versionsAt) < versionsEvery && total == len(serials)
+	last := s.versions
+	s.mu.Unlock()
+	if fresh {
+		return last
+	}
+	counts := map[string]int{}
+	for i := 0; i < len(serials); i += batchSize {
+		devs, err := s.store.Devices(ctx, serials[i:min(i+batchSize, len(serials))])
+		if err != nil {
+			return last
+		}
+		for _, d := range devs {
+			if d != nil {
+				counts[strconv.FormatUint(d.Version, 10)]++
+			}
+		}
+	}
+	s.mu.Lock()
+	s.versions, s.versionsAt = counts, time.Now()
+	s.mu.Unlock()
+	return counts
 }
 
 // permanentFailure reports whether a recorded result is a failure the device does not

@@ -182,6 +182,15 @@ func TestDashboard(t *testing.T) {
 	if devices != fmt.Sprint(n+max(extra, 0)) {
 		t.Errorf("the page shows %s devices, want %d", devices, n+max(extra, 0))
 	}
+	// The fleet's versions: the chart counts the 40 devices at version 1 once the
+	// release completed (and any extra ones at 0).
+	if _, err := chromedp.Run(admin, chromedp.Poll[bool](fmt.Sprintf(`(document.querySelector('[data-version="1"]') || {textContent: ''}).textContent.endsWith('%d')`, n))); err != nil {
+		t.Fatalf("the versions chart never showed %d devices at version 1: %v", n, err)
+	}
+	// The device page follows the rollout too.
+	if _, err := chromedp.Run(admin, chromedp.Poll[bool](`(document.querySelector('tr[data-device="dash-000"] td:nth-child(3)') || {textContent: ''}).textContent === '1'`)); err != nil {
+		t.Fatalf("the device page never showed dash-000 at version 1: %v", err)
+	}
 	screenshot(t, admin, "dashboard-admin.png")
 	if shot := os.Getenv("SEALCAST_DASHBOARD_SCREENSHOT"); shot != "" {
 		if chromedp.Do(admin, chromedp.Click(row), chromedp.WaitVisible("#release")) == nil {

@@ -56,6 +56,7 @@ function onMessage(m) {
     if (doc) state.releases.set(id, doc); else state.releases.delete(id);
     renderReleases();
     if (state.selected === id) renderRelease();
+    refreshDevicesSoon();
   } else if (topic.startsWith('sealcast/admin/replies/') && doc) {
     const r = state.requests.get(doc.id);
     if (!r) return;
@@ -68,9 +69,13 @@ function renderFleet() {
   const f = state.fleet;
   if (!f) return;
   const by = Object.entries(f.releases || {}).map(([s, n]) => `${n} ${s}`).join(', ') || 'no releases';
+  const versions = Object.entries(f.versions || {}).sort((a, b) => Number(b[0]) - Number(a[0]));
+  const chart = versions.map(([v, count]) => el('div', { class: 'version', 'data-version': v },
+    el('span', {}, `v${v}`), bar(count, 0, f.devices), el('span', {}, `${count}`)));
   $('#fleet-summary').replaceChildren(
     el('p', {}, el('strong', { 'data-fleet': 'devices' }, f.devices), ' devices, ',
-      el('strong', { 'data-fleet': 'online' }, f.online), ' online; releases: ', by));
+      el('strong', { 'data-fleet': 'online' }, f.online), ' online; releases: ', by),
+    ...(chart.length ? [el('p', {}, 'Installed versions:'), ...chart] : []));
 }
 
 function act(id, cmd) {
@@ -126,6 +131,14 @@ function renderRelease() {
   } else {
     $('#release-pending').replaceChildren();
   }
+}
+
+// refreshDevicesSoon reads the first page of devices again within a second of a release's
+// status changing (at most once a second), so versions and states follow the rollout.
+let devicesTimer = null;
+function refreshDevicesSoon() {
+  if (!state.admin || devicesTimer || state.nextDevices && state.devices.length > 200) return;
+  devicesTimer = setTimeout(() => { devicesTimer = null; loadDevices(false); }, 1000);
 }
 
 // Devices come page by page from the service (device.list), never from the per-device
