@@ -2,7 +2,6 @@ package e2e_test
 
 import (
 	"context"
-	"fmt"
 	"os"
 	"sync"
 	"testing"
@@ -42,10 +41,7 @@ func fleetSize() int {
 func testFleet(t *testing.T, open updatertest.Opener, n int) {
 	const L = 1024
 	e := updatertest.Start(t, open)
-	serials := make([]string, n)
-	for i := range serials {
-		serials[i] = fmt.Sprintf("fleet-%04d", i)
-	}
+	serials := numbered("fleet-%04d", n)
 	keys := watchEach(t, e.Broker, e.Broker.Admin, serials, protocol.KeyTopic)
 	fleet := watchEach(t, e.Broker, e.Broker.Monitor, serials, protocol.PresenceTopic)
 	fleet.add(t, e.Broker, e.Broker.Monitor, protocol.FleetStatusTopic)

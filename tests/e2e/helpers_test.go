@@ -33,6 +33,15 @@ var deadline = func() time.Duration {
 	return time.Minute
 }()
 
+// numbered returns n serials made by format (one %d verb) from 0 to n-1.
+func numbered(format string, n int) []string {
+	serials := make([]string, n)
+	for i := range serials {
+		serials[i] = fmt.Sprintf(format, i)
+	}
+	return serials
+}
+
 func image(n int, seed uint64) []byte {
 	r := rand.New(rand.NewPCG(seed, 7))
 	b := make([]byte, n)

@@ -3,7 +3,6 @@ package e2e_test
 import (
 	"bytes"
 	"context"
-	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -39,10 +38,7 @@ func TestPrefetchThenActivate(t *testing.T) {
 	clk := &clock{t: time.Now()}
 	e := updatertest.Start(t, updatertest.Bolt, func(o *updater.Options) { o.Now = clk.Now })
 	ctx := context.Background()
-	serials := make([]string, n)
-	for i := range serials {
-		serials[i] = fmt.Sprintf("pre-%03d", i)
-	}
+	serials := numbered("pre-%03d", n)
 	files, err := e.Op.Provision(ctx, serials, 1024)
 	if err != nil {
 		t.Fatal(err)

@@ -3,7 +3,6 @@ package e2e_test
 import (
 	"bytes"
 	"context"
-	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -30,10 +29,7 @@ func TestRolloutStopsByItself(t *testing.T) {
 	const n, L = 200, 1024
 	e := updatertest.Start(t, updatertest.Bolt)
 	ctx := context.Background()
-	serials := make([]string, n)
-	for i := range serials {
-		serials[i] = fmt.Sprintf("wave-%03d", i)
-	}
+	serials := numbered("wave-%03d", n)
 	files, err := e.Op.Provision(ctx, serials, L)
 	if err != nil {
 		t.Fatal(err)
@@ -152,10 +148,7 @@ func TestConcurrencyBoundAtScale(t *testing.T) {
 	const n, bound = 2000, 200
 	e := updatertest.Start(t, updatertest.Bolt)
 	ctx := context.Background()
-	serials := make([]string, n)
-	for i := range serials {
-		serials[i] = fmt.Sprintf("cap-%04d", i)
-	}
+	serials := numbered("cap-%04d", n)
 	files, err := e.Op.Provision(ctx, serials, 1024)
 	if err != nil {
 		t.Fatal(err)

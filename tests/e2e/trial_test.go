@@ -3,7 +3,6 @@ package e2e_test
 import (
 	"bytes"
 	"context"
-	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -30,13 +29,10 @@ func TestUnhealthyDevices(t *testing.T) {
 	const n, L = 100, 1024
 	e := updatertest.Start(t, updatertest.Bolt)
 	ctx := context.Background()
-	serials := make([]string, n)
+	serials := numbered("trial-%03d", n)
 	unhealthy := map[string]bool{}
-	for i := range serials {
-		serials[i] = fmt.Sprintf("trial-%03d", i)
-		if i%20 == 7 {
-			unhealthy[serials[i]] = true
-		}
+	for i := 7; i < n; i += 20 {
+		unhealthy[serials[i]] = true
 	}
 	files, err := e.Op.Provision(ctx, serials, L)
 	if err != nil {
