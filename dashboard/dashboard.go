@@ -4,11 +4,13 @@
 // access rules stay the only authority: a monitor account sees and can do what the
 // broker lets it, no more.
 //
-// static/paho-mqtt.js is the Eclipse Paho JavaScript client, vendored unchanged from
-// github.com/eclipse/paho.mqtt.javascript at commit be026e0305f0ae5ed100015df25bbd20fac0a41b
-// (release 1.1.0 and nine commits, src/paho-mqtt.js), under the EPL 1.0 and EDL 1.0
-// (static/paho-mqtt.LICENSE-EPL, -EDL). To update it, copy src/paho-mqtt.js of a newer
-// commit over it and record the commit here.
+// static/paho-mqtt.min.js is the Eclipse Paho JavaScript client, the minified copy of
+// release 1.1.0 from the npm registry (paho-mqtt@1.1.0, tarball integrity
+// sha512-KPbL9KAB0ASvhSDbOrZBaccXS+/s7/LIofbPyERww8hM5Ko71GUJQ6Nmg0BWqj8phAIT8zdf/Sd/RftHU9i2HA==),
+// unchanged, under the EPL 1.0 and EDL 1.0 (static/paho-mqtt.LICENSE-EPL, -EDL). To
+// update it, run scripts/update-paho.sh VERSION, which checks the tarball against the
+// registry's integrity, and record the version, the integrity and the file's SHA-256
+// (pahoSHA256, which a test checks) here.
 package dashboard
 
 import (
@@ -19,6 +21,9 @@ import (
 
 //go:embed static
 var static embed.FS
+
+// pahoSHA256 is the SHA-256 of static/paho-mqtt.min.js as vendored.
+const pahoSHA256 = "51d88704d4e7fdf972635eb56697d163c5c86af7e02859a05c331eda7f3fb730"
 
 // csp allows the page its own scripts, styles and MQTT connection, and nothing else: no
 // inline script, no other origin, no framing.

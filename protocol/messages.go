@@ -242,6 +242,10 @@ type ReleaseStatus struct {
 	// devices said they hold every chunk of it (12.7).
 	Prefetch   bool `json:"prefetch,omitempty"`
 	Prefetched int  `json:"prefetched,omitempty"`
+	// InstallTimes is the time-to-installed curve: for each bound of InstallTimeBounds in
+	// turn, how many targets had installed the release within that time of its start
+	// (cumulative), up to the first bound by which every install counted had happened.
+	InstallTimes []InstallTime `json:"install_times,omitempty"`
 	// NextWave says, once the open waves have settled, what the next one waits for:
 	// "soak" until NextWaveAt, or "approval".
 	NextWave   string     `json:"next_wave,omitempty"`
@@ -251,6 +255,21 @@ type ReleaseStatus struct {
 	ImageSize  uint64     `json:"image_size"`
 	Created    time.Time  `json:"created"`
 	Updated    time.Time  `json:"updated"`
+}
+
+// InstallTimeBounds are the bounds of a release's time-to-installed curve (13.2).
+var InstallTimeBounds = []time.Duration{
+	5 * time.Second, 10 * time.Second, 20 * time.Second, 30 * time.Second,
+	time.Minute, 2 * time.Minute, 5 * time.Minute, 10 * time.Minute, 20 * time.Minute, 30 * time.Minute,
+	time.Hour, 2 * time.Hour, 4 * time.Hour, 8 * time.Hour, 12 * time.Hour,
+	24 * time.Hour, 48 * time.Hour, 96 * time.Hour, 7 * 24 * time.Hour, 14 * 24 * time.Hour, 30 * 24 * time.Hour,
+}
+
+// InstallTime is one point of a release's time-to-installed curve: Installed targets had
+// installed it within Within seconds of its start.
+type InstallTime struct {
+	Within    int64 `json:"within"`
+	Installed int   `json:"installed"`
 }
 
 // WaveStatus is one wave of a release's status (PROTOCOL.md 13.2): its devices (not
@@ -291,10 +310,33 @@ type DeviceStatus struct {
 	LastSeen   *time.Time          `json:"last_seen,omitempty"`
 	// Online is set in device.list replies only: whether the device's presence says
 	// online (9.1).
-	Online  *bool             `json:"online,omitempty"`
-	Tags    map[string]string `json:"tags,omitempty"`
-	Updated time.Time         `json:"updated"`
+	Online *bool             `json:"online,omitempty"`
+	Tags   map[string]string `json:"tags,omitempty"`
+	// History is set in device.get replies only: the device's part in the newest
+	// releases, newest first (13.4).
+	History []DeviceRelease `json:"history,omitempty"`
+	Updated time.Time       `json:"updated"`
 }
+
+// DeviceRelease is a device's part in one release, as the server records it (13.4):
+// Result is "installed", "failed" (with the report's Code), or "pending" (the device's
+// key for it is out and it has not settled).
+type DeviceRelease struct {
+	Release keychain.ReleaseID `json:"release"`
+	Version uint64             `json:"version"`
+	Label   string             `json:"label,omitempty"`
+	State   ReleaseState       `json:"state"`
+	Result  string             `json:"result"`
+	Code    string             `json:"code,omitempty"`
+	Created time.Time          `json:"created"`
+}
+
+// Device results in a device's history (DeviceRelease.Result).
+const (
+	HistoryInstalled = "installed"
+	HistoryFailed    = "failed"
+	HistoryPending   = "pending"
+)
 
 // Device agent states (PROTOCOL.md 13.3).
 const (

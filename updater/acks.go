@@ -127,7 +127,7 @@ func (e *ackEngine) process(ctx context.Context, batch []inbound) {
 	// this counts nothing twice): the process that accepted it may have died, or lost the
 	// store, between moving the counter and recording the result. Its receipt goes out
 	// only once the result is recorded, so the device keeps re-sending until it is.
-	t.receipts = append(t.receipts, e.recordInstalled(ctx, t.dups)...)
+	t.receipts = append(t.receipts, e.recordInstalled(ctx, t.dups, now)...)
 	if len(t.advances) > 0 && !e.advance(ctx, &t, now) {
 		return
 	}
@@ -236,7 +236,7 @@ func (e *ackEngine) advance(ctx context.Context, t *triage, now time.Time) bool 
 		next = append(next, d)
 		t.statuses = append(t.statuses, deviceStatusMessage(d, v.advance.State, v.advance.LastResult, now))
 	}
-	t.receipts = append(t.receipts, e.recordInstalled(ctx, installed)...)
+	t.receipts = append(t.receipts, e.recordInstalled(ctx, installed, now)...)
 	e.publishReceipts(ctx, t.receipts)
 	t.receipts = nil
 	// What each moved device sees next, and its status: one store call, one publish.
@@ -275,19 +275,23 @@ func receiptMessage(v *verdict) protocol.Message {
 	return protocol.Message{Topic: protocol.ReceiptTopic(v.in.serial), Payload: v.receipt, Retain: true}
 }
 
-// recordInstalled records the installed result of each ack and returns the receipts of
-// those recorded: a receipt before the result would stop the device from re-sending an
-// ack whose result could then be lost.
-func (e *ackEngine) recordInstalled(ctx context.Context, vs []*verdict) []protocol.Message {
+// recordInstalled records the installed result of each ack, accepted at now, and returns
+// the receipts of those recorded: a receipt before the result would stop the device from
+// re-sending an ack whose result could then be lost.
+func (e *ackEngine) recordInstalled(ctx context.Context, vs []*verdict, now time.Time) []protocol.Message {
 	byRelease := map[keychain.ReleaseID][]*verdict{}
 	for _, v := range vs {
 		byRelease[v.ack.ID] = append(byRelease[v.ack.ID], v)
 	}
 	var msgs []protocol.Message
 	for id, group := range byRelease {
+		took := time.Duration(-1) // not known: the release is not held here
+		if r := e.runs.get(id); r != nil {
+			took = max(0, now.Sub(ReleaseStart(r.release())))
+		}
 		rs := make([]Result, len(group))
 		for i, v := range group {
-			rs[i] = Result{Serial: v.in.serial, Result: ResultInstalled}
+			rs[i] = Result{Serial: v.in.serial, Result: ResultInstalled, Took: took}
 		}
 		if err := e.store.RecordResults(ctx, id, rs); err != nil {
 			if ctx.Err() == nil {

@@ -294,7 +294,46 @@ func (a *fleetAdmin) Device(ctx context.Context, serial string) (protocol.Device
 	if err != nil {
 		return protocol.DeviceStatus{}, err
 	}
-	return deviceStatus(d, d.State, d.LastResult, a.now()), nil
+	st := deviceStatus(d, d.State, d.LastResult, a.now())
+	if st.History, err = deviceHistory(ctx, a.store, d); err != nil {
+		return protocol.DeviceStatus{}, unavailable(err)
+	}
+	return st, nil
+}
+
+// historyReleases is how many of the newest releases a device's history looks at.
+const historyReleases = 100
+
+// deviceHistory returns d's part in the newest historyReleases releases, newest first
+// (13.4): the result the store holds, or pending where the release's key is wrapped at
+// the device's position and it has none; releases it has no part in are left out.
+func deviceHistory(ctx context.Context, store Store, d *Device) ([]protocol.DeviceRelease, error) {
+	rels, err := store.Releases(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var out []protocol.DeviceRelease
+	for i := len(rels) - 1; i >= max(0, len(rels)-historyReleases); i-- {
+		rel := rels[i]
+		res, err := store.Results(ctx, rel.ID, []string{d.Serial})
+		if err != nil {
+			return nil, err
+		}
+		h := protocol.DeviceRelease{Release: rel.ID, Version: rel.Version, Label: rel.Label, State: rel.State, Created: rel.Created}
+		code, failed := strings.CutPrefix(res[0], ResultFailed+":")
+		switch {
+		case res[0] == ResultInstalled:
+			h.Result = protocol.HistoryInstalled
+		case failed:
+			h.Result, h.Code = protocol.HistoryFailed, code
+		case slices.Contains(d.Assigned, rel.ID):
+			h.Result = protocol.HistoryPending
+		default:
+			continue
+		}
+		out = append(out, h)
+	}
+	return out, nil
 }
 
 // findDevice reads a device, with the admin error for a bad or unknown serial.

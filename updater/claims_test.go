@@ -646,3 +646,34 @@ func bySerial(files []protocol.DeviceFile) (map[string]protocol.DeviceFile, []st
 	}
 	return byS, serials
 }
+
+// TestInstallTimes: the release status's time-to-installed curve counts each device's
+// install, on the server's clock, in the bucket of the time since the release's start,
+// cumulatively (13.2).
+func TestInstallTimes(t *testing.T) {
+	clock := &testClock{t: time.Date(2026, 12, 24, 1, 0, 0, 0, time.UTC)}
+	e := startEnv(t, boltOpener, func(o *updater.Options) { o.Now = clock.Now })
+	files := e.provision(3)
+	byS, serials := bySerial(files)
+	img := randomImage(500)
+	res, err := e.op.Release(context.Background(), bytes.NewReader(img), int64(len(img)),
+		protocol.ReleaseCreateArgs{Version: 1, All: true, ChunkSize: 1024})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.installAll(byS, serials[:1]) // within 5 s
+	clock.Add(7 * time.Second)
+	e.installAll(byS, serials[1:2]) // within 10 s
+	clock.Add(2 * time.Hour)
+	e.installAll(byS, serials[2:]) // within 4 h
+	var st protocol.ReleaseStatus
+	eventually(t, "three installs counted", func() bool { st = e.releaseStatus(res.Release); return st.Installed == 3 })
+	var want []protocol.InstallTime
+	for _, p := range [][2]int{{5, 1}, {10, 2}, {20, 2}, {30, 2}, {60, 2}, {120, 2}, {300, 2}, {600, 2},
+		{1200, 2}, {1800, 2}, {3600, 2}, {7200, 2}, {14400, 3}} {
+		want = append(want, protocol.InstallTime{Within: int64(p[0]), Installed: p[1]})
+	}
+	if !slices.Equal(st.InstallTimes, want) {
+		t.Fatalf("install_times = %v, want %v", st.InstallTimes, want)
+	}
+}

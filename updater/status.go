@@ -191,6 +191,7 @@ func (s *statusPublisher) releaseStatus(ctx context.Context, rel *Release) proto
 		st.Targets = len(ts)
 	}
 	st.Pending = max(0, st.Targets-st.Installed-st.Failed)
+	st.InstallTimes = installCurve(rel.InstallTimes)
 	if rel.Prefetch {
 		st.Prefetch, st.Prefetched = true, s.prefetchedCount(rel.ID)
 	}
@@ -201,6 +202,24 @@ func (s *statusPublisher) releaseStatus(ctx context.Context, rel *Release) proto
 		st.PauseReason = rel.PauseReason
 	}
 	return st
+}
+
+// installCurve returns the time-to-installed curve of a release whose first installs
+// counted counts in each bucket (13.2): for each bound in turn, how many had installed
+// within it, up to the first bound by which all of them had.
+func installCurve(counts []int) []protocol.InstallTime {
+	total := 0
+	for _, n := range counts {
+		total += n
+	}
+	var out []protocol.InstallTime
+	for i, sum := 0, 0; i < len(protocol.InstallTimeBounds) && sum < total; i++ {
+		if i < len(counts) {
+			sum += counts[i]
+		}
+		out = append(out, protocol.InstallTime{Within: int64(protocol.InstallTimeBounds[i] / time.Second), Installed: sum})
+	}
+	return out
 }
 
 // rolloutStatus fills in the rollout fields of st, the status of rel (13.2): the plan's

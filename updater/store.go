@@ -1,10 +1,12 @@
 package updater
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/sealcast/sealcast/keychain"
@@ -147,6 +149,31 @@ const (
 type Result struct {
 	Serial string
 	Result string // ResultInstalled, or ResultFailed+":"+code
+	// Took is, for ResultInstalled, the time from the release's start (ReleaseStart) to
+	// the install being accepted; the store counts the device's first install in the
+	// bucket of Release.InstallTimes that Took falls in (InstallBucket). A negative Took
+	// counts in none (the time is not known).
+	Took time.Duration
+}
+
+// InstallBucket returns the index in Release.InstallTimes that an install d after its
+// release's start counts in: that of the first bound of protocol.InstallTimeBounds not
+// below d, or len(protocol.InstallTimeBounds) beyond the last; -1 for a negative d.
+func InstallBucket(d time.Duration) int {
+	if d < 0 {
+		return -1
+	}
+	i, _ := slices.BinarySearchFunc(protocol.InstallTimeBounds, d, func(b, d time.Duration) int { return cmp.Compare(b, d) })
+	return i
+}
+
+// ReleaseStart is the time an install's Took is counted from: the release's creation,
+// or its start time if that is later (12.6).
+func ReleaseStart(r *Release) time.Time {
+	if r.StartAt.After(r.Created) {
+		return r.StartAt
+	}
+	return r.Created
 }
 
 // Release is a release's metadata and counts.
@@ -207,9 +234,13 @@ type Release struct {
 	ChunkSize  uint32
 	ChunkCount uint32
 
-	// Counts maintained by RecordResults; read-only for PutRelease.
-	Installed int
-	Failed    int
+	// Counts maintained by RecordResults; read-only for PutRelease. InstallTimes counts
+	// first installs by the bucket of their Took (InstallBucket), one more entry than
+	// protocol.InstallTimeBounds at the most, nil while none was counted; it is not
+	// lowered when a target is removed.
+	Installed    int
+	Failed       int
+	InstallTimes []int
 }
 
 // WaveRecord is what a release keeps of one of its waves: when it opened (its first key

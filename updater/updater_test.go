@@ -6,6 +6,8 @@ import (
 	"crypto/rand"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -174,6 +176,33 @@ func TestFailureReport(t *testing.T) {
 	eventually(t, "failure counted", func() bool {
 		st, err := e.op.ReleaseStatus(context.Background(), rid)
 		return err == nil && st.Failed == 1 && st.Installed == 0
+	})
+
+	// The device's history (device.get, 13.4): newest first, with what it did.
+	history := func() []string {
+		t.Helper()
+		var st protocol.DeviceStatus
+		if err := e.op.Do(context.Background(), protocol.CmdDeviceGet, protocol.SerialArgs{Serial: f.Serial}, &st); err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, h := range st.History {
+			out = append(out, fmt.Sprintf("v%d %s %s", h.Version, h.Result, h.Code))
+		}
+		return out
+	}
+	if got, want := history(), []string{"v1 failed install_failed"}; !slices.Equal(got, want) {
+		t.Fatalf("history %q, want %q", got, want)
+	}
+	e.release(randomImage(3000), 2)
+	eventually(t, "release 2 pending", func() bool {
+		return slices.Equal(history(), []string{"v2 pending ", "v1 failed install_failed"})
+	})
+	ack, km2, _ := d.install()
+	d.publishAck(ack)
+	d.receipt(ack, keychain.Key(d.u, km2.Seq))
+	eventually(t, "release 2 installed", func() bool {
+		return slices.Equal(history(), []string{"v2 installed ", "v1 failed install_failed"})
 	})
 }
 

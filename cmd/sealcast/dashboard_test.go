@@ -191,12 +191,25 @@ func TestDashboard(t *testing.T) {
 	if _, err := chromedp.Run(admin, chromedp.Poll[bool](`(document.querySelector('tr[data-device="dash-000"] td:nth-child(3)') || {textContent: ''}).textContent === '1'`)); err != nil {
 		t.Fatalf("the device page never showed dash-000 at version 1: %v", err)
 	}
+	// The release's page: its time-to-installed curve reaches every target.
+	if err := chromedp.Do(admin, chromedp.Click(row), chromedp.WaitVisible("#release svg.curve")); err != nil {
+		t.Fatalf("the release's page shows no time-to-installed curve: %v", err)
+	}
+	if _, err := chromedp.Run(admin, chromedp.Poll[bool](fmt.Sprintf(`document.querySelector('#release-waves').textContent.includes('%d of %d within')`, n, n))); err != nil {
+		t.Fatalf("the curve never counted %d of %d: %v", n, n, err)
+	}
+	// A device's page: its history has the release, installed.
+	history := fmt.Sprintf(`#device-history tr[data-history="%s"] .result`, rel.Release)
+	if err := chromedp.Do(admin, chromedp.Click(`tr[data-device="dash-001"]`), chromedp.WaitVisible(history)); err != nil {
+		t.Fatalf("the device's page shows no history: %v", err)
+	}
+	if res, _ := chromedp.Run(admin, chromedp.Text(history)); res != "installed" {
+		t.Fatalf("the device's page shows %q for the release; want installed", res)
+	}
 	screenshot(t, admin, "dashboard-admin.png")
 	if shot := os.Getenv("SEALCAST_DASHBOARD_SCREENSHOT"); shot != "" {
-		if chromedp.Do(admin, chromedp.Click(row), chromedp.WaitVisible("#release")) == nil {
-			if png, err := chromedp.Run(admin, chromedp.FullScreenshot(100)); err == nil {
-				_ = os.WriteFile(shot, png, 0o644)
-			}
+		if png, err := chromedp.Run(admin, chromedp.FullScreenshot(100)); err == nil {
+			_ = os.WriteFile(shot, png, 0o644)
 		}
 	}
 

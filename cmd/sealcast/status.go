@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"strings"
 	"sync"
 	"text/tabwriter"
 	"time"
@@ -95,6 +96,9 @@ func showRelease(ctx context.Context, e *env, op *operator.Client, arg string, a
 	if st.Prefetch {
 		fmt.Fprintf(w, "prefetched\t%d of %d targets hold every chunk\n", st.Prefetched, st.Targets)
 	}
+	if len(st.InstallTimes) > 0 {
+		fmt.Fprintf(w, "installed within\t%s\n", installTimesText(*st))
+	}
 	if len(st.Waves) == 0 {
 		return w.Flush()
 	}
@@ -109,6 +113,22 @@ func showRelease(ctx context.Context, e *env, op *operator.Client, arg string, a
 		fmt.Fprintf(w, "%d\t%d\t%s\t%s\t%d\t%d\t%d\n", ws.Wave, ws.Size, timeText(ws.Opened), timeText(ws.Closed), ws.Installed, ws.Failed, ws.TimedOut)
 	}
 	return w.Flush()
+}
+
+// installTimesText summarises a release's time-to-installed curve (13.2): by when since
+// its start half, nine tenths and all of its targets had installed, as far as they have.
+func installTimesText(st protocol.ReleaseStatus) string {
+	var parts []string
+	for _, pct := range []int{50, 90, 100} {
+		need := (st.Targets*pct + 99) / 100
+		i := slices.IndexFunc(st.InstallTimes, func(p protocol.InstallTime) bool { return p.Installed >= need })
+		if i < 0 || need == 0 {
+			parts = append(parts, fmt.Sprintf("%d%%: not yet", pct))
+			continue
+		}
+		parts = append(parts, fmt.Sprintf("%d%% in %s", pct, time.Duration(st.InstallTimes[i].Within)*time.Second))
+	}
+	return strings.Join(parts, ", ") + " (of the targets, from the release's start)"
 }
 
 // timeText is t in local time, or "-" for none.
@@ -417,5 +437,26 @@ func printDevices(w io.Writer, devs []deviceJSON) error {
 		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n", d.Serial, d.State, d.Version, d.Epoch, d.Seq, rel,
 			cmp.Or(d.LastResult, "-"), online, seen, cmp.Or(protocol.FormatTags(d.Tags), "-"))
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	for _, d := range devs {
+		if len(d.History) == 0 {
+			continue
+		}
+		fmt.Fprintf(w, "\n%s in the newest releases:\n", d.Serial)
+		tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "RELEASE\tVERSION\tLABEL\tSTATE\tRESULT\tCREATED")
+		for _, h := range d.History {
+			res := h.Result
+			if h.Code != "" {
+				res += " (" + h.Code + ")"
+			}
+			fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\n", short(h.Release), h.Version, cmp.Or(h.Label, "-"), h.State, res, h.Created.Local().Format(time.DateTime))
+		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+	}
+	return nil
 }

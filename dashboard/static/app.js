@@ -15,7 +15,7 @@ const el = (tag, attrs = {}, ...children) => {
 
 const state = {
   client: null, clientId: '', admin: false, requests: new Map(), seq: 0,
-  fleet: null, releases: new Map(), selected: null, devices: [], nextDevices: '',
+  fleet: null, releases: new Map(), selected: null, devices: [], nextDevices: '', device: null,
 };
 
 function bar(done, failed, total) {
@@ -27,6 +27,55 @@ function bar(done, failed, total) {
   b.append(ok, bad);
   b.title = `${done} of ${total} installed, ${failed} failed`;
   return b;
+}
+
+// span formats a number of seconds as the bounds of the time-to-installed curve read:
+// 5s, 2m, 4h, 7d.
+function span(s) {
+  if (s < 60) return `${s}s`;
+  if (s < 3600) return `${s / 60}m`;
+  if (s < 86400) return `${s / 3600}h`;
+  return `${s / 86400}d`;
+}
+
+// curve draws a release's time-to-installed curve (PROTOCOL.md 13.2 install_times): the
+// share of its targets installed within each bound of time from its start, as an SVG
+// step line, one step a bound.
+// The bounds of the curve, in seconds (PROTOCOL.md 13.2).
+const installBounds = [5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800,
+  43200, 86400, 172800, 345600, 604800, 1209600, 2592000];
+
+function curve(r) {
+  const given = r.install_times || [];
+  if (!given.length || !r.targets) return [];
+  // A curve that ends early is drawn over six bounds at least, flat after its end.
+  const last = given[given.length - 1];
+  const pts = given.concat(installBounds.slice(given.length, 6).map((within) => ({ within, installed: last.installed })));
+  const ns = 'http://www.w3.org/2000/svg';
+  const svg = (tag, attrs, text) => {
+    const e = document.createElementNS(ns, tag);
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+    if (text !== undefined) e.textContent = text;
+    return e;
+  };
+  const W = 520, H = 170, L = 40, B = 22, T = 8;
+  const step = (W - L - 10) / pts.length;
+  const y = (n) => T + (H - T - B) * (1 - n / r.targets);
+  const g = svg('svg', { viewBox: `0 0 ${W} ${H}`, class: 'curve', 'data-curve': pts.length, role: 'img' });
+  g.append(svg('title', {}, 'Targets installed within each time of the release\'s start'));
+  for (const f of [0, 0.5, 1]) {
+    g.append(svg('line', { x1: L, x2: W - 10, y1: y(f * r.targets), y2: y(f * r.targets), class: 'grid' }));
+    g.append(svg('text', { x: L - 4, y: y(f * r.targets) + 4, 'text-anchor': 'end' }, `${f * 100}%`));
+  }
+  g.append(svg('text', { x: L, y: H - 6, 'text-anchor': 'middle' }, '0'));
+  let d = `M ${L} ${y(0)}`;
+  pts.forEach((p, i) => {
+    const x = L + step * (i + 1);
+    d += ` H ${x} V ${y(p.installed)}`;
+    if (pts.length <= 12 || i % 2 === pts.length % 2) g.append(svg('text', { x, y: H - 6, 'text-anchor': 'middle' }, span(p.within)));
+  });
+  g.append(svg('path', { d, class: 'line' }));
+  return [el('p', {}, `Installed within a time of the release's start: ${last.installed} of ${r.targets} within ${span(last.within)}`), g];
 }
 
 // request sends an admin request and resolves with its result (rejects with its error).
@@ -57,6 +106,7 @@ function onMessage(m) {
     renderReleases();
     if (state.selected === id) renderRelease();
     refreshDevicesSoon();
+    if (state.device) refreshDeviceSoon();
   } else if (topic.startsWith('sealcast/admin/replies/') && doc) {
     const r = state.requests.get(doc.id);
     if (!r) return;
@@ -122,7 +172,7 @@ function renderRelease() {
   const codes = Object.entries(r.failures || {}).map(([code, count]) => el('span', { class: 'chip', 'data-failure': code }, `${code}: ${count}`));
   const failures = codes.length ? [el('p', {}, 'Failures by code: ', ...codes)] : [];
   const next = r.next_wave ? [el('p', {}, `Next wave waits for ${r.next_wave}${r.next_wave_at ? ' until ' + new Date(r.next_wave_at).toLocaleString() : ''}`)] : [];
-  $('#release-waves').replaceChildren(...waves, ...failures, ...next);
+  $('#release-waves').replaceChildren(...curve(r), ...waves, ...failures, ...next);
   if (state.admin && (r.state === 'active' || r.state === 'paused')) {
     request('release.pending', { release: r.release, limit: 50 }).then((p) => {
       $('#release-pending').replaceChildren(el('p', {}, `${p.total} devices still pending${p.total ? ': ' : ''}`,
@@ -139,6 +189,14 @@ let devicesTimer = null;
 function refreshDevicesSoon() {
   if (!state.admin || devicesTimer || state.nextDevices && state.devices.length > 200) return;
   devicesTimer = setTimeout(() => { devicesTimer = null; loadDevices(false); }, 1000);
+}
+
+// refreshDeviceSoon reads the device shown again within a second of a release's status
+// changing (at most once a second).
+let deviceTimer = null;
+function refreshDeviceSoon() {
+  if (deviceTimer) return;
+  deviceTimer = setTimeout(() => { deviceTimer = null; loadDevice(); }, 1000);
 }
 
 // Devices come page by page from the service (device.list), never from the per-device
@@ -158,10 +216,35 @@ function renderDevices() {
   const [k, v] = q.includes('=') ? q.split('=', 2) : [null, null];
   const match = (d) => !q || (k !== null ? d.tags && d.tags[k] === v :
     d.serial.includes(q) || d.state === q || String(d.version) === q);
-  const rows = state.devices.filter(match).map((d) => el('tr', { 'data-device': d.serial },
-    el('td', {}, d.serial), el('td', {}, d.state), el('td', {}, d.version), el('td', {}, d.online ? 'yes' : 'no'),
-    el('td', {}, d.last_result || ''), el('td', {}, ...Object.entries(d.tags || {}).map(([tk, tv]) => el('span', { class: 'chip' }, `${tk}=${tv}`)))));
+  const rows = state.devices.filter(match).map((d) => {
+    const tr = el('tr', { 'data-device': d.serial },
+      el('td', {}, d.serial), el('td', {}, d.state), el('td', {}, d.version), el('td', {}, d.online ? 'yes' : 'no'),
+      el('td', {}, d.last_result || ''), el('td', {}, ...tagChips(d.tags)));
+    if (state.device === d.serial) tr.classList.add('selected');
+    tr.addEventListener('click', () => { state.device = d.serial; renderDevices(); loadDevice(); });
+    return tr;
+  });
   $('#devices tbody').replaceChildren(...rows);
+}
+
+const tagChips = (tags) => Object.entries(tags || {}).map(([k, v]) => el('span', { class: 'chip' }, `${k}=${v}`));
+
+// loadDevice shows one device as the service knows it (device.get): its last result
+// and its part in the newest releases.
+function loadDevice() {
+  const serial = state.device;
+  request('device.get', { serial }).then((d) => {
+    if (state.device !== serial) return;
+    $('#device').hidden = false;
+    $('#device-title').textContent = `Device ${d.serial}`;
+    const seen = d.last_seen ? new Date(d.last_seen).toLocaleString() : 'never';
+    const history = (d.history || []).map((h) => el('tr', { 'data-history': h.release },
+      el('td', {}, h.version), el('td', {}, h.label || ''), el('td', {}, h.state),
+      el('td', { class: 'result' }, h.result + (h.code ? ` (${h.code})` : '')), el('td', {}, new Date(h.created).toLocaleString())));
+    $('#device-summary').replaceChildren(
+      el('p', {}, `State ${d.state}, version ${d.version}, chain position ${d.epoch}/${d.seq}; last result ${d.last_result || 'none'}; last seen ${seen} `, ...tagChips(d.tags)));
+    $('#device-history tbody').replaceChildren(...(history.length ? history : [el('tr', {}, el('td', { colSpan: 5 }, 'no release yet'))]));
+  }).catch((e) => { $('#device-summary').replaceChildren(el('p', { class: 'error' }, e.message)); });
 }
 
 function connect(user, password) {

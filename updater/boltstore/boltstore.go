@@ -128,6 +128,8 @@ type releaseRecord struct {
 	Meta      json.RawMessage `json:"meta"` // updater.MarshalReleaseMeta
 	Installed int             `json:"installed"`
 	Failed    int             `json:"failed"`
+	// InstallTimes is updater.Release.InstallTimes.
+	InstallTimes []int `json:"install_times,omitempty"`
 }
 
 func getDevice(b *bolt.Bucket, serial string) (*deviceRecord, error) {
@@ -367,7 +369,7 @@ func (r *releaseRecord) release(id keychain.ReleaseID) (*updater.Release, error)
 	if err != nil {
 		return nil, err
 	}
-	rel.Installed, rel.Failed = r.Installed, r.Failed
+	rel.Installed, rel.Failed, rel.InstallTimes = r.Installed, r.Failed, r.InstallTimes
 	return rel, nil
 }
 
@@ -380,7 +382,7 @@ func (s *Store) PutRelease(ctx context.Context, rel *updater.Release) error {
 		}
 		r := &releaseRecord{Meta: meta}
 		if old, err := getRelease(tx, rel.ID); err == nil {
-			r.Installed, r.Failed = old.Installed, old.Failed
+			r.Installed, r.Failed, r.InstallTimes = old.Installed, old.Failed, old.InstallTimes
 		} else if !errors.Is(err, updater.ErrNotFound) {
 			return err
 		}
@@ -533,6 +535,12 @@ func (s *Store) RecordResults(ctx context.Context, id keychain.ReleaseID, rs []u
 			switch {
 			case r.Result == updater.ResultInstalled:
 				rel.Installed++
+				if b := updater.InstallBucket(r.Took); b >= 0 {
+					if len(rel.InstallTimes) <= b {
+						rel.InstallTimes = append(rel.InstallTimes, make([]int, b+1-len(rel.InstallTimes))...)
+					}
+					rel.InstallTimes[b]++
+				}
 				if old != updater.ResultNone {
 					rel.Failed--
 				}

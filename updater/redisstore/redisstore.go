@@ -487,8 +487,18 @@ func parseRelease(id keychain.ReleaseID, h map[string]string) (*updater.Release,
 	}
 	f := &fields{h: h, what: "release " + id.String()}
 	r.Installed, r.Failed = f.int("installed"), f.int("failed")
+	for b := range len(protocol.InstallTimeBounds) + 1 {
+		if _, ok := h[installField(b)]; ok {
+			r.InstallTimes = append(r.InstallTimes, make([]int, b+1-len(r.InstallTimes))...)
+			r.InstallTimes[b] = f.int(installField(b))
+		}
+	}
 	return r, f.err
 }
+
+// installField is the field of a release's hash that counts the installs of bucket b
+// (updater.InstallBucket).
+func installField(b int) string { return "t" + strconv.Itoa(b) }
 
 func notFound(op string, id keychain.ReleaseID) error {
 	return fmt.Errorf("redisstore: %s: release %v: %w", op, id, updater.ErrNotFound)
@@ -622,7 +632,11 @@ func (s *Store) RecordResults(ctx context.Context, id keychain.ReleaseID, rs []u
 		if !validResult(r.Result) {
 			return fmt.Errorf("redisstore: record results of release %v: device %q: result %q is neither %q nor %q followed by a code; nothing recorded", id, r.Serial, r.Result, updater.ResultInstalled, updater.ResultFailed+":")
 		}
-		calls[i] = call{keys: keys, args: []any{r.Serial, r.Result}}
+		field := ""
+		if b := updater.InstallBucket(r.Took); b >= 0 {
+			field = installField(b)
+		}
+		calls[i] = call{keys: keys, args: []any{r.Serial, r.Result, field}}
 	}
 	vs, err := runScript(ctx, s.rdb, recordScript, calls)
 	if err != nil {

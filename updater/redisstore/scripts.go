@@ -56,9 +56,10 @@ redis.call('HSET', KEYS[1], 'last_seen', ARGV[3])
 return 1
 `)
 
-// recordScript: KEYS[1] release, KEYS[2] its results; ARGV serial, result. Returns -1 if
-// the release does not exist, 0 if the device's result was already final, else 1.
-// Installed is final; failed -> installed moves the count; a repeated failure counts once.
+// recordScript: KEYS[1] release, KEYS[2] its results; ARGV serial, result, and the
+// install-time field to count an install in ("" for none). Returns -1 if the release
+// does not exist, 0 if the device's result was already final, else 1. Installed is
+// final; failed -> installed moves the count; a repeated failure counts once.
 var recordScript = redis.NewScript(`
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local old = redis.call('HGET', KEYS[2], ARGV[1])
@@ -66,6 +67,7 @@ if old == 'installed' then return 0 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 if ARGV[2] == 'installed' then
   redis.call('HINCRBY', KEYS[1], 'installed', 1)
+  if ARGV[3] ~= '' then redis.call('HINCRBY', KEYS[1], ARGV[3], 1) end
   if old then redis.call('HINCRBY', KEYS[1], 'failed', -1) end
 elseif not old then
   redis.call('HINCRBY', KEYS[1], 'failed', 1)

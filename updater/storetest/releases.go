@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/sealcast/sealcast/keychain"
+	"github.com/sealcast/sealcast/protocol"
 	"github.com/sealcast/sealcast/updater"
 )
 
@@ -116,6 +117,9 @@ func diffRelease(got, want *updater.Release) string {
 	if got.Installed != want.Installed || got.Failed != want.Failed {
 		add("Installed/Failed", [2]int{got.Installed, got.Failed}, [2]int{want.Installed, want.Failed})
 	}
+	if !slices.Equal(got.InstallTimes, want.InstallTimes) {
+		add("InstallTimes", got.InstallTimes, want.InstallTimes)
+	}
 	if len(d) == 0 {
 		return ""
 	}
@@ -151,11 +155,11 @@ func testRelease(t *testing.T, s updater.Store) {
 		t.Fatal(err)
 	}
 	r2 := NewRelease(r.ID, r.Created)
-	r2.State, r2.Label, r2.Manifest, r2.Installed, r2.Failed = "paused", "", nil, 50, 60
+	r2.State, r2.Label, r2.Manifest, r2.Installed, r2.Failed, r2.InstallTimes = "paused", "", nil, 50, 60, []int{7}
 	if err := s.PutRelease(ctx, r2); err != nil {
 		t.Fatal(err)
 	}
-	r2.Installed, r2.Failed = 1, 1
+	r2.Installed, r2.Failed, r2.InstallTimes = 1, 1, []int{1}
 	checkRelease(t, s, r2)
 	if got, err := s.Results(ctx, r.ID, []string{"a", "b"}); err != nil || !slices.Equal(got, []string{"installed", "failed:x"}) {
 		t.Errorf("Results after PutRelease = %q, %v", got, err)
@@ -259,6 +263,7 @@ func testRemoveTarget(t *testing.T, s updater.Store) {
 			t.Fatalf("RemoveTarget(%s) = %v, %v; want %v", c.serial, was, err, c.was)
 		}
 		r.Installed, r.Failed = c.installed, c.failed
+		r.InstallTimes = []int{1} // the curve keeps a removed target's install
 		checkRelease(t, s, r)
 		if got, err := s.Targets(ctx, id); err != nil || !slices.Equal(got, c.targets) {
 			t.Fatalf("Targets after removing %s = %q, %v; want %q", c.serial, got, err, c.targets)
@@ -267,6 +272,41 @@ func testRemoveTarget(t *testing.T, s updater.Store) {
 	if got, err := s.Results(ctx, id, []string{"a", "b"}); err != nil || !slices.Equal(got, []string{updater.ResultNone, updater.ResultNone}) {
 		t.Fatalf("Results of removed targets = %q, %v; want none", got, err)
 	}
+}
+
+// testInstallTimes: a first install counts in the bucket of its Took, once; a repeated
+// install, a failure and an unknown time (negative Took) count in none; a later
+// PutRelease keeps the counts.
+func testInstallTimes(t *testing.T, s updater.Store) {
+	ctx := t.Context()
+	id := rid(1)
+	r := NewRelease(id, t0)
+	if err := s.PutRelease(ctx, r); err != nil {
+		t.Fatal(err)
+	}
+	last := len(protocol.InstallTimeBounds)
+	rs := []updater.Result{
+		{Serial: "a", Result: updater.ResultInstalled, Took: 3 * time.Second},                        // bucket 0 (5 s)
+		{Serial: "b", Result: updater.ResultInstalled, Took: 5 * time.Second},                        // 0: bounds are inclusive
+		{Serial: "c", Result: updater.ResultInstalled, Took: 5*time.Second + 1},                      // 1 (10 s)
+		{Serial: "d", Result: updater.ResultInstalled, Took: 45 * 24 * time.Hour},                    // beyond the last bound
+		{Serial: "e", Result: updater.ResultInstalled, Took: -1},                                     // no time: no bucket
+		{Serial: "f", Result: "failed:hash_mismatch", Took: time.Second},                             // not an install
+		{Serial: "a", Result: updater.ResultInstalled, Took: time.Hour},                              // repeated: counted once
+		{Serial: "f", Result: updater.ResultInstalled, Took: protocol.InstallTimeBounds[last-1] - 1}, // failed -> installed
+	}
+	if err := s.RecordResults(ctx, id, rs); err != nil {
+		t.Fatal(err)
+	}
+	r.Installed = 6
+	r.InstallTimes = make([]int, last+1)
+	r.InstallTimes[0], r.InstallTimes[1], r.InstallTimes[last-1], r.InstallTimes[last] = 2, 1, 1, 1
+	checkRelease(t, s, r)
+	r.Label = "relabelled"
+	if err := s.PutRelease(ctx, r); err != nil {
+		t.Fatal(err)
+	}
+	checkRelease(t, s, r)
 }
 
 func testRecordResults(t *testing.T, s updater.Store) {
@@ -282,6 +322,7 @@ func testRecordResults(t *testing.T, s updater.Store) {
 			t.Fatalf("RecordResults(%v): %v", rs, err)
 		}
 		r.Installed, r.Failed = installed, failed
+		r.InstallTimes = []int{installed} // every Took is 0: the first bucket
 		checkRelease(t, s, r)
 	}
 	step([]updater.Result{{Serial: "a", Result: updater.ResultInstalled}}, 1, 0)

@@ -55,6 +55,7 @@ func Run(t *testing.T, open func(t *testing.T) updater.Store) {
 		{"RemoveTarget", testRemoveTarget},
 		{"RecordResults", testRecordResults},
 		{"RecordResultsConcurrent", testRecordResultsConcurrent},
+		{"InstallTimes", testInstallTimes},
 		{"UnknownRelease", testUnknownRelease},
 		{"EmptyBatches", testEmptyBatches},
 		{"LargeBatch", testLargeBatch},
