@@ -94,7 +94,7 @@ func (p *placer) fanout(ctx context.Context, r *run) (int, error) {
 		go func() {
 			defer wg.Done()
 			for b := range batches {
-				n, err := p.wrapBatch(ctx, r, b)
+				n, err := p.wrapBatchRetrying(ctx, r, b)
 				total.Add(int64(n))
 				if err != nil {
 					errOnce.Do(func() { ferr = err })
@@ -111,6 +111,33 @@ func (p *placer) fanout(ctx context.Context, r *run) (int, error) {
 	close(batches)
 	wg.Wait()
 	return int(total.Load()), ferr
+}
+
+// Fan-out retries: a batch whose store or broker call failed (a Redis failover, a broker
+// restart) is wrapped again after a pause that doubles from retryMin to retryMax, until
+// it succeeds or the fan-out ends. Wrapping a batch again is harmless: the assignments
+// are idempotent and the key messages the same.
+const (
+	retryMin = 100 * time.Millisecond
+	retryMax = 5 * time.Second
+)
+
+// wrapBatchRetrying is wrapBatch, tried again until it succeeds or ctx ends: a batch
+// given up would leave its devices without a key until the updater restarts.
+func (p *placer) wrapBatchRetrying(ctx context.Context, r *run, serials []string) (int, error) {
+	for pause := retryMin; ; pause = min(2*pause, retryMax) {
+		n, err := p.wrapBatch(ctx, r, serials)
+		if err == nil || ctx.Err() != nil {
+			return n, err
+		}
+		p.stats.fanoutRetries.Add(1)
+		p.log.Warn().Err(err).Str("release", r.release().ID.String()).Int("devices", len(serials)).Dur("retry_in", pause).Msg("wrapping a batch of keys failed; retrying")
+		select {
+		case <-ctx.Done():
+			return n, err
+		case <-time.After(pause):
+		}
+	}
 }
 
 // wrapBatch wraps the release for a batch of devices: one store read, one store write,

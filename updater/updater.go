@@ -390,12 +390,15 @@ type Stats struct {
 	// ChainSteps counts the hash-chain steps spent on wrapping keys and verifying acks
 	// (keychain.Traversal.Steps): a few per device and release, thanks to the pebbling.
 	ChainSteps int64
+	// FanoutRetries counts batches of a fan-out wrapped again after a store or broker
+	// error (a Redis failover, a broker restart).
+	FanoutRetries int64
 }
 
 type counters struct {
 	keys, rekeys, accepted, dup, reports, resyncs, acksShed atomic.Int64
 	receipts, chainSteps, reoffers, claims                  atomic.Int64
-	wavesOpened, rolloutStops                               atomic.Int64
+	wavesOpened, rolloutStops, fanoutRetries                atomic.Int64
 	rejected                                                sync.Map // reason -> *atomic.Int64
 }
 
@@ -415,7 +418,8 @@ func (u *Updater) Stats() Stats {
 		ReceiptsPublished: u.stats.receipts.Load(), ChainSteps: u.stats.chainSteps.Load(),
 		Claims:      u.stats.claims.Load(),
 		WavesOpened: u.stats.wavesOpened.Load(), RolloutStops: u.stats.rolloutStops.Load(),
-		AcksRejected: map[string]int64{},
+		FanoutRetries: u.stats.fanoutRetries.Load(),
+		AcksRejected:  map[string]int64{},
 	}
 	u.stats.rejected.Range(func(k, v any) bool {
 		s.AcksRejected[k.(string)] = v.(*atomic.Int64).Load()

@@ -68,6 +68,7 @@ func newCollector(s *stack) *collector {
 		"reoffers":  d("reoffers_total", "Key messages published again for a device that got an outdated one."),
 		"waves":     d("waves_opened_total", "Waves opened after a release's first (PROTOCOL.md 12.5)."),
 		"stops":     d("rollout_stops_total", "Releases paused or cancelled by their failure threshold."),
+		"retries":   d("fanout_retries_total", "Batches of a key fan-out wrapped again after a store or broker error."),
 		"claims":    d("claims_total", "Acks and stale_key reports whose version or device_seq differs from what the server recorded; a claim is never believed."),
 		"connected": d("broker_clients_connected", "MQTT clients connected to the embedded broker."),
 		"authfail":  d("broker_auth_failures_total", "Connections refused."),
@@ -106,6 +107,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter("reoffers", st.Reoffers)
 	counter("claims", st.Claims)
 	counter("waves", st.WavesOpened)
+	counter("retries", st.FanoutRetries)
 	counter("stops", st.RolloutStops)
 	gauge("online", float64(st.Online))
 	gauge("queue", float64(st.AckQueue), "acks")

@@ -46,6 +46,13 @@ func Open(rawURL string) (*Store, error) {
 	return s, nil
 }
 
+// ClusterStateReload is how old a Redis Cluster client's map of slots to masters may
+// grow before the next command has it read again. go-redis re-reads it at once on a
+// MOVED reply, but not when a master stops answering: with its default (60 s) a
+// failed-over master's slots would stay unreachable for up to a minute after its
+// replica took them over. Reading the map costs one CLUSTER SLOTS per interval.
+const ClusterStateReload = time.Second
+
 func client(rawURL string) (redis.UniversalClient, error) {
 	scheme, rest, ok := strings.Cut(rawURL, "://")
 	if !ok {
@@ -77,6 +84,7 @@ func client(rawURL string) (redis.UniversalClient, error) {
 		if err != nil {
 			return nil, err
 		}
+		o.ClusterStateReloadInterval = ClusterStateReload
 		return redis.NewClusterClient(o), nil
 	default:
 		return nil, fmt.Errorf("scheme %q: want redis, rediss, unix, redis+sentinel or redis+cluster", scheme)
