@@ -53,6 +53,46 @@ func TestContract(t *testing.T) {
 	storetest.Run(t, func(t *testing.T) updater.Store { return newStore(t, url) })
 }
 
+// TestContractCluster runs the contract suite against a real Redis Cluster (three
+// masters, a replica each): every script touches one slot, and batches spread over
+// every master.
+func TestContractCluster(t *testing.T) {
+	c := redistest.StartCluster(t, 3, 1)
+	storetest.Run(t, func(t *testing.T) updater.Store {
+		rdb := c.Client()
+		t.Cleanup(func() { rdb.Close() })
+		return redisstore.New(rdb, redisstore.Options{Prefix: fmt.Sprintf("sctest-%d", prefixes.Add(1))})
+	})
+	// Open takes the cluster's URL as a user gives it to serve -redis.
+	s, err := redisstore.Open(c.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if _, err := s.Serials(t.Context()); err != nil {
+		t.Fatalf("a store opened from %s: %v", c.URL, err)
+	}
+}
+
+// TestContractSentinel runs the contract suite against a master found through three
+// Redis Sentinels, and opens a store from the URL a user gives serve -redis.
+func TestContractSentinel(t *testing.T) {
+	st := redistest.StartSentinel(t)
+	storetest.Run(t, func(t *testing.T) updater.Store {
+		rdb := st.Client()
+		t.Cleanup(func() { rdb.Close() })
+		return redisstore.New(rdb, redisstore.Options{Prefix: fmt.Sprintf("sctest-%d", prefixes.Add(1))})
+	})
+	s, err := redisstore.Open(st.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if _, err := s.Serials(t.Context()); err != nil {
+		t.Fatalf("a store opened from %s: %v", st.URL, err)
+	}
+}
+
 // TestRestartAOF kills Redis (SIGKILL, like a crash) right after an Advance and a
 // RecordResults returned, restarts it from its append-only file, and finds both.
 func TestRestartAOF(t *testing.T) {
