@@ -2,7 +2,8 @@
 # The project's test command (README.md names it; .ci/run only calls it).
 #
 # Installs what the tests need when it is missing (redis-server, redis-tools, mosquitto,
-# mosquitto-clients and nodejs, with apt-get, through sudo when not root), checks
+# mosquitto-clients, nodejs and npm, with apt-get, through sudo when not root; then the
+# clustered broker's packages, with npm ci --prefix deploy/aedes), checks
 # formatting, runs go vet, then runs every test with the race detector against real
 # parts: a throwaway redis-server on a free loopback port (unless REDIS_URL is already
 # set), mosquitto and mosquitto_sub, and node for the JavaScript vectors check. Nothing
@@ -18,6 +19,7 @@ command -v redis-benchmark >/dev/null || need+=(redis-tools)
 command -v mosquitto >/dev/null || need+=(mosquitto)
 command -v mosquitto_sub >/dev/null || need+=(mosquitto-clients)
 command -v node >/dev/null || need+=(nodejs)
+command -v npm >/dev/null || need+=(npm) # deploy/aedes's packages (npm ci below)
 command -v promtool >/dev/null || need+=(prometheus) # promtool lints /metrics
 command -v chromium >/dev/null || need+=(chromium)   # the dashboard's browser test
 if [ ${#need[@]} -gt 0 ] && [ "${SEALCAST_NO_INSTALL:-}" != 1 ]; then
@@ -31,6 +33,17 @@ if [ ${#need[@]} -gt 0 ] && [ "${SEALCAST_NO_INSTALL:-}" != 1 ]; then
 	else
 		echo "test.sh: missing ${need[*]}, and no apt-get to install them: install them, or run with SEALCAST_NO_INSTALL=1 SEALCAST_REQUIRE_TOOLS=0 to skip the tests that need them" >&2
 		exit 1
+	fi
+fi
+# The clustered broker (deploy/aedes, internal/testkit/aedestest) needs its npm packages;
+# npm ci replaces node_modules whenever package-lock.json is newer.
+if [ ! -d deploy/aedes/node_modules ] || [ deploy/aedes/package-lock.json -nt deploy/aedes/node_modules ]; then
+	if [ "${SEALCAST_NO_INSTALL:-}" != 1 ] && command -v npm >/dev/null; then
+		echo "test.sh: npm ci --prefix deploy/aedes (set SEALCAST_NO_INSTALL=1 to stop this)"
+		npm ci --prefix deploy/aedes --no-audit --no-fund --silent
+		touch deploy/aedes/node_modules
+	else
+		echo "test.sh: deploy/aedes/node_modules is missing or older than package-lock.json: the aedes tests need npm ci --prefix deploy/aedes" >&2
 	fi
 fi
 export SEALCAST_REQUIRE_TOOLS="${SEALCAST_REQUIRE_TOOLS:-1}"
