@@ -205,7 +205,7 @@ type FleetStatus struct {
 	Online   int                  `json:"online"`
 	Releases map[ReleaseState]int `json:"releases"`
 	// Versions counts the devices by the version the server records as installed
-	// (decimal keys), counted at most once a minute.
+	// (decimal keys), counted at most once a minute (less often for a large fleet).
 	Versions map[string]int `json:"versions,omitempty"`
 	Updated  time.Time      `json:"updated"`
 }

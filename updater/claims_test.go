@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"encoding/json"
+	"maps"
 	"slices"
 	"sync"
 	"testing"
@@ -675,5 +676,36 @@ func TestInstallTimes(t *testing.T) {
 	}
 	if !slices.Equal(st.InstallTimes, want) {
 		t.Fatalf("install_times = %v, want %v", st.InstallTimes, want)
+	}
+}
+
+// TestFleetVersions: the fleet status counts devices by installed version (13.1); a
+// completed release is counted at once, and devices provisioned since the last count are
+// added at version 0 without waiting for the next count.
+func TestFleetVersions(t *testing.T) {
+	e := startEnv(t, boltOpener)
+	files := e.provision(3)
+	byS, _ := bySerial(files)
+	fleet := func() map[string]int {
+		var fs protocol.FleetStatus
+		if err := e.op.Do(context.Background(), protocol.CmdFleetGet, struct{}{}, &fs); err != nil {
+			t.Fatal(err)
+		}
+		return fs.Versions
+	}
+	if got := fleet(); !maps.Equal(got, map[string]int{"0": 3}) {
+		t.Fatalf("versions %v, want 3 at 0", got)
+	}
+	rid := e.release(randomImage(500), 1, files[0].Serial)
+	e.installAll(byS, []string{files[0].Serial})
+	eventually(t, "the release completed and counted", func() bool {
+		st := e.releaseStatus(rid)
+		return st.State == protocol.ReleaseCompleted && maps.Equal(fleet(), map[string]int{"0": 2, "1": 1})
+	})
+	if _, err := e.op.Provision(context.Background(), []string{"late-1", "late-2"}, 0); err != nil {
+		t.Fatal(err)
+	}
+	if got := fleet(); !maps.Equal(got, map[string]int{"0": 4, "1": 1}) {
+		t.Fatalf("after provisioning two more: versions %v, want 4 at 0 and 1 at 1", got)
 	}
 }

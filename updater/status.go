@@ -61,10 +61,12 @@ type statusPublisher struct {
 	fleet  bool                        // the fleet status changed
 	online map[string]bool
 	// versions counts the devices by installed version, as last counted at versionsAt
-	// (at most every versionsEvery, it reads every device; sooner when the number of
-	// devices changed or a release completed).
+	// (versionCounts: it reads every device, rarely; devices provisioned since are added
+	// at version 0; counted again sooner when devices were removed or a release completed).
 	versions   map[string]int
 	versionsAt time.Time
+	// versionsTook is how long the last count took.
+	versionsTook time.Duration
 	// prefetched is the release each device said it holds whole (12.7), and count how
 	// many devices hold each.
 	prefetched map[string]keychain.ReleaseID
@@ -450,23 +452,37 @@ func (s *statusPublisher) fleetStatus(ctx context.Context) (protocol.FleetStatus
 	return fs, nil
 }
 
-// versionsEvery is how often the fleet's devices are counted by installed version.
-const versionsEvery = time.Minute
+// versionsEvery is how often, at the most, the fleet's devices are counted by installed
+// version; a count that took d waits at least versionsSpacing × d before the next, so
+// that counting a fleet of a million (every device read) never takes more than a
+// twentieth of a core and of the store.
+const (
+	versionsEvery   = time.Minute
+	versionsSpacing = 20
+)
 
 // versionCounts counts the devices of serials by installed version, reading them in
-// batches, at most every versionsEvery (the counts of the last time otherwise).
+// batches, at most as often as versionsEvery and versionsSpacing allow (the counts of the
+// last time otherwise). Devices provisioned since, which are at version 0, are added to
+// the last counts without reading anything.
 func (s *statusPublisher) versionCounts(ctx context.Context, serials []string) map[string]int {
 	s.mu.Lock()
 	total := 0
 	for _, n := range s.versions {
 		total += n
 	}
-	fresh := s.versions != nil && time.Since(s.versionsAt) < versionsEvery && total == len(serials)
+	fresh := s.versions != nil && time.Since(s.versionsAt) < max(versionsEvery, versionsSpacing*s.versionsTook)
 	last := s.versions
+	if fresh && total < len(serials) {
+		last = maps.Clone(last)
+		last["0"] += len(serials) - total
+		s.versions = last
+	}
 	s.mu.Unlock()
-	if fresh {
+	if fresh && total <= len(serials) {
 		return last
 	}
+	start := time.Now()
 	counts := map[string]int{}
 	for i := 0; i < len(serials); i += batchSize {
 		devs, err := s.store.Devices(ctx, serials[i:min(i+batchSize, len(serials))])
@@ -480,7 +496,7 @@ func (s *statusPublisher) versionCounts(ctx context.Context, serials []string) m
 		}
 	}
 	s.mu.Lock()
-	s.versions, s.versionsAt = counts, time.Now()
+	s.versions, s.versionsAt, s.versionsTook = counts, time.Now(), time.Since(start)
 	s.mu.Unlock()
 	return counts
 }
