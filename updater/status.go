@@ -436,7 +436,7 @@ func (s *statusPublisher) settled(ctx context.Context, rel *Release, st protocol
 }
 
 func (s *statusPublisher) fleetStatus(ctx context.Context) (protocol.FleetStatus, error) {
-	serials, err := s.store.Serials(ctx)
+	n, err := s.store.DeviceCount(ctx)
 	if err != nil {
 		return protocol.FleetStatus{}, err
 	}
@@ -444,11 +444,11 @@ func (s *statusPublisher) fleetStatus(ctx context.Context) (protocol.FleetStatus
 	if err != nil {
 		return protocol.FleetStatus{}, err
 	}
-	fs := protocol.FleetStatus{Devices: len(serials), Releases: map[protocol.ReleaseState]int{}, Updated: s.now(), Online: s.onlineCount()}
+	fs := protocol.FleetStatus{Devices: n, Releases: map[protocol.ReleaseState]int{}, Updated: s.now(), Online: s.onlineCount()}
 	for _, r := range rels {
 		fs.Releases[r.State]++
 	}
-	fs.Versions = s.versionCounts(ctx, serials)
+	fs.Versions = s.versionCounts(ctx, n)
 	return fs, nil
 }
 
@@ -461,11 +461,11 @@ const (
 	versionsSpacing = 20
 )
 
-// versionCounts counts the devices of serials by installed version, reading them in
+// versionCounts counts the fleet's devices (devices of them) by installed version, reading them in
 // batches, at most as often as versionsEvery and versionsSpacing allow (the counts of the
 // last time otherwise). Devices provisioned since, which are at version 0, are added to
 // the last counts without reading anything.
-func (s *statusPublisher) versionCounts(ctx context.Context, serials []string) map[string]int {
+func (s *statusPublisher) versionCounts(ctx context.Context, devices int) map[string]int {
 	s.mu.Lock()
 	total := 0
 	for _, n := range s.versions {
@@ -473,16 +473,20 @@ func (s *statusPublisher) versionCounts(ctx context.Context, serials []string) m
 	}
 	fresh := s.versions != nil && time.Since(s.versionsAt) < max(versionsEvery, versionsSpacing*s.versionsTook)
 	last := s.versions
-	if fresh && total < len(serials) {
+	if fresh && total < devices {
 		last = maps.Clone(last)
-		last["0"] += len(serials) - total
+		last["0"] += devices - total
 		s.versions = last
 	}
 	s.mu.Unlock()
-	if fresh && total <= len(serials) {
+	if fresh && total <= devices {
 		return last
 	}
 	start := time.Now()
+	serials, err := s.store.Serials(ctx)
+	if err != nil {
+		return last
+	}
 	counts := map[string]int{}
 	for i := 0; i < len(serials); i += batchSize {
 		devs, err := s.store.Devices(ctx, serials[i:min(i+batchSize, len(serials))])

@@ -29,6 +29,9 @@ type Store interface {
 	Devices(ctx context.Context, serials []string) ([]*Device, error)
 	// Serials returns every provisioned serial, sorted.
 	Serials(ctx context.Context) ([]string, error)
+	// DeviceCount returns how many serials Serials would return, without reading them
+	// (the fleet status counts the fleet every time it changes).
+	DeviceCount(ctx context.Context) (int, error)
 	// PutTags replaces a device's tags; it reports whether the device exists. It changes
 	// nothing else of the device.
 	PutTags(ctx context.Context, serial string, tags map[string]string) (bool, error)

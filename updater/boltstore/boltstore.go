@@ -225,6 +225,15 @@ func (s *Store) Serials(ctx context.Context) ([]string, error) {
 	return out, err
 }
 
+// DeviceCount implements updater.Store.
+func (s *Store) DeviceCount(ctx context.Context) (n int, err error) {
+	err = s.view(ctx, "device count", func(tx *bolt.Tx) error {
+		n = tx.Bucket(bucketDevices).Stats().KeyN
+		return nil
+	})
+	return n, err
+}
+
 // DeleteDevice implements updater.Store.
 // PutTags implements updater.Store in one transaction.
 func (s *Store) PutTags(ctx context.Context, serial string, tags map[string]string) (existed bool, err error) {

@@ -401,6 +401,15 @@ func (s *Store) Serials(ctx context.Context) ([]string, error) {
 	return ss, nil
 }
 
+// DeviceCount implements updater.Store: the size of the set of serials (SCARD).
+func (s *Store) DeviceCount(ctx context.Context) (int, error) {
+	n, err := s.rdb.SCard(ctx, s.keys.serials()).Result()
+	if err != nil {
+		return 0, wrap("device count", err)
+	}
+	return int(n), nil
+}
+
 // DeleteDevice implements updater.Store. The device goes first, then its serial, so that
 // an interrupted delete leaves at worst a serial without a device, which a retry removes.
 func (s *Store) DeleteDevice(ctx context.Context, serial string) (bool, error) {

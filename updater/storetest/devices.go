@@ -174,15 +174,28 @@ func testDevices(t *testing.T, s updater.Store) {
 	}
 }
 
+// testSerials: Serials lists every device, sorted, and DeviceCount counts them, through
+// creations (a repeated one counts once) and a deletion.
 func testSerials(t *testing.T, s updater.Store) {
 	ss, err := s.Serials(t.Context())
 	if err != nil || len(ss) != 0 {
 		t.Fatalf("Serials on an empty store = %q, %v; want none", ss, err)
 	}
+	count := func(want int) {
+		t.Helper()
+		if n, err := s.DeviceCount(t.Context()); err != nil || n != want {
+			t.Fatalf("DeviceCount = %d, %v; want %d", n, err, want)
+		}
+	}
+	count(0)
 	in := []string{"m", "B", "a", "z-9", "a.1", "0"}
 	for _, serial := range in {
 		mustCreate(t, s, NewDevice(serial))
 	}
+	if _, err := s.CreateDevices(t.Context(), []*updater.Device{NewDevice("m")}); err != nil {
+		t.Fatal(err)
+	}
+	count(len(in))
 	ss, err = s.Serials(t.Context())
 	if err != nil {
 		t.Fatal(err)
@@ -192,6 +205,10 @@ func testSerials(t *testing.T, s updater.Store) {
 	if !slices.Equal(ss, want) {
 		t.Errorf("Serials = %q, want %q", ss, want)
 	}
+	if _, err := s.DeleteDevice(t.Context(), "m"); err != nil {
+		t.Fatal(err)
+	}
+	count(len(in) - 1)
 }
 
 func testDeleteDevice(t *testing.T, s updater.Store) {
