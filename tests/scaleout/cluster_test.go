@@ -14,9 +14,7 @@ import (
 	"time"
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
-	"github.com/rs/zerolog"
 
-	"github.com/sealcast/sealcast/device/simulate"
 	"github.com/sealcast/sealcast/internal/testkit/aedestest"
 	"github.com/sealcast/sealcast/internal/testkit/redistest"
 	"github.com/sealcast/sealcast/protocol"
@@ -77,19 +75,7 @@ func TestClusteredBroker(t *testing.T) {
 	b.SetUsers(t, all)
 
 	lb.count.Store(0)
-	simDone := make(chan error, 1)
-	var sum simulate.Summary
-	go func() {
-		var err error
-		sum, err = simulate.Run(ctx, simulate.Options{
-			Devices: files, TargetVersion: 1, Seed: 1, BrokerURL: lb.URL(),
-			ChunkTimeout: 10 * time.Second, AckResend: time.Second, AckResendMax: 4 * time.Second,
-			ReconnectMin: 100 * time.Millisecond, ReconnectMax: 2 * time.Second,
-			StartSpread: 500 * time.Millisecond,
-			Logger:      zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.ErrorLevel),
-		})
-		simDone <- err
-	}()
+	fleet := startAgents(t, ctx, files, lb.URL())
 	eventually(t, time.Minute, "every device connected through the balancer", func() bool { return lb.count.Load() >= int64(n) })
 
 	img := randomImage(2 << 10) // one chunk: aedes is slow to serve many (docs/BENCHMARKS.md)
@@ -112,27 +98,11 @@ func TestClusteredBroker(t *testing.T) {
 		t.Fatalf("the kill came after the release: %d of %d installed", st.Installed, n)
 	}
 
-	select {
-	case err := <-simDone:
-		if err != nil {
-			t.Fatalf("simulated devices: %v", err)
-		}
-	case <-ctx.Done():
-		t.Fatal("simulated devices did not finish")
-	}
-	eventually(t, 2*time.Minute, "the release completed", func() bool {
-		st, err = op.ReleaseStatus(ctx, rel.Release)
-		return err == nil && st.State == protocol.ReleaseCompleted
-	})
+	sum := fleet.wait(t, ctx)
+	completed(t, ctx, op, rel.Release, n)
 	reconnects := lb.count.Load() - connsBefore
 	t.Logf("release completed %v after the kill; %d connections through the balancer after it; devices: %v",
 		time.Since(killed).Round(time.Millisecond), reconnects, sum)
-	if st.Installed != n || st.Targets != n || st.Failed != 0 {
-		t.Errorf("release status: %d installed, %d failed of %d targets; want all %d installed", st.Installed, st.Failed, st.Targets, n)
-	}
-	if sum.Confirmed != n || sum.Failed != 0 {
-		t.Errorf("devices: %d of %d confirmed, %d failed (%v)", sum.Confirmed, n, sum.Failed, sum.Codes)
-	}
 	if reconnects == 0 {
 		t.Error("no device reconnected after node b died: the kill tested nothing")
 	}

@@ -11,8 +11,11 @@ import (
 	"time"
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
+	"github.com/rs/zerolog"
 
+	"github.com/sealcast/sealcast/device/simulate"
 	"github.com/sealcast/sealcast/keychain"
+	"github.com/sealcast/sealcast/operator"
 	"github.com/sealcast/sealcast/protocol"
 )
 
@@ -324,4 +327,69 @@ func (d *ackDriver) check(t *testing.T) {
 	if len(d.problems) > 0 {
 		t.Errorf("ack driver saw %d problems: %q", len(d.problems), d.problems[:min(10, len(d.problems))])
 	}
+}
+
+// agents runs device agents (device/simulate: each its own MQTT connection, downloading,
+// verifying, installing and acking) for a fleet, in the background, until every one has
+// confirmed version 1 or the context ends.
+type agents struct {
+	n    int
+	done chan error
+	sum  simulate.Summary // set before done is sent on
+}
+
+// startAgents starts agents for files; brokerURL, if set, replaces their device files'.
+// None start for no files.
+func startAgents(t *testing.T, ctx context.Context, files []protocol.DeviceFile, brokerURL string) *agents {
+	a := &agents{n: len(files), done: make(chan error, 1)}
+	if len(files) == 0 {
+		a.done <- nil
+		return a
+	}
+	go func() {
+		var err error
+		a.sum, err = simulate.Run(ctx, simulate.Options{
+			Devices: files, TargetVersion: 1, Seed: 1, BrokerURL: brokerURL,
+			ChunkTimeout: 10 * time.Second, AckResend: time.Second, AckResendMax: 4 * time.Second,
+			ReconnectMin: 100 * time.Millisecond, ReconnectMax: 2 * time.Second,
+			StartSpread: 500 * time.Millisecond,
+			Logger:      zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.ErrorLevel),
+		})
+		a.done <- err
+	}()
+	return a
+}
+
+// wait waits for the agents to end, checks that every one confirmed and none failed, and
+// returns their summary.
+func (a *agents) wait(t *testing.T, ctx context.Context) simulate.Summary {
+	t.Helper()
+	select {
+	case err := <-a.done:
+		if err != nil {
+			t.Fatalf("simulated devices: %v", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("simulated devices did not finish")
+	}
+	if a.n > 0 && (a.sum.Confirmed != a.n || a.sum.Failed != 0) {
+		t.Errorf("devices: %d of %d confirmed, %d failed (%v)", a.sum.Confirmed, a.n, a.sum.Failed, a.sum.Codes)
+	}
+	return a.sum
+}
+
+// completed waits until release id has completed and checks that each of its n targets
+// was counted installed, once.
+func completed(t *testing.T, ctx context.Context, op *operator.Client, id keychain.ReleaseID, n int) *protocol.ReleaseStatus {
+	t.Helper()
+	var st *protocol.ReleaseStatus
+	eventually(t, 2*time.Minute, "the release completed", func() bool {
+		var err error
+		st, err = op.ReleaseStatus(ctx, id)
+		return err == nil && st.State == protocol.ReleaseCompleted
+	})
+	if st.Installed != n || st.Targets != n || st.Failed != 0 {
+		t.Errorf("release status: %d installed, %d failed of %d targets; want all %d installed", st.Installed, st.Failed, st.Targets, n)
+	}
+	return st
 }

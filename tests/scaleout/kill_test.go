@@ -10,9 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rs/zerolog"
-
-	"github.com/sealcast/sealcast/device/simulate"
 	"github.com/sealcast/sealcast/internal/testkit/mosquittotest"
 	"github.com/sealcast/sealcast/internal/testkit/redistest"
 	"github.com/sealcast/sealcast/protocol"
@@ -87,23 +84,7 @@ func TestUpdaterKilledMidRelease(t *testing.T) {
 	t.Logf("provisioned %d devices in %v", n, time.Since(start).Round(time.Millisecond))
 	keys := watchKeys(t, m.URL)
 	driver := driveAcks(t, m.URL, files[agents:], 1, 1)
-	simDone := make(chan error, 1)
-	var sum simulate.Summary
-	if agents > 0 {
-		go func() {
-			var err error
-			sum, err = simulate.Run(ctx, simulate.Options{
-				Devices: files[:agents], TargetVersion: 1, Seed: 1,
-				ChunkTimeout: 10 * time.Second, AckResend: time.Second, AckResendMax: 4 * time.Second,
-				ReconnectMin: 100 * time.Millisecond, ReconnectMax: 2 * time.Second,
-				StartSpread: 500 * time.Millisecond,
-				Logger:      zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.ErrorLevel),
-			})
-			simDone <- err
-		}()
-	} else {
-		simDone <- nil
-	}
+	fleet := startAgents(t, ctx, files[:agents], "")
 
 	img := randomImage(8 << 10)
 	g.Pace(32 << 10)
@@ -128,31 +109,13 @@ func TestUpdaterKilledMidRelease(t *testing.T) {
 	up.restart()
 	restarted := time.Now()
 	eventually(t, 5*time.Minute, "every device confirmed by the ack driver", driver.done(rel.Release))
-	select {
-	case err := <-simDone:
-		if err != nil {
-			t.Fatalf("simulated devices: %v", err)
-		}
-	case <-ctx.Done():
-		t.Fatal("simulated devices did not finish")
-	}
-	var st *protocol.ReleaseStatus
-	eventually(t, 2*time.Minute, "the release completed", func() bool {
-		st, err = op.ReleaseStatus(ctx, rel.Release)
-		return err == nil && st.State == protocol.ReleaseCompleted
-	})
+	sum := fleet.wait(t, ctx)
+	completed(t, ctx, op, rel.Release, n)
 	t.Logf("release completed %v after the restart (%v in all); %v; agents: %v",
 		time.Since(restarted).Round(time.Millisecond), time.Since(t0).Round(time.Millisecond), driver, sum)
-
-	if st.Installed != n || st.Targets != n || st.Failed != 0 {
-		t.Errorf("release status: %d installed, %d failed of %d targets; want all %d installed", st.Installed, st.Failed, st.Targets, n)
-	}
 	again := keys.checkOneWrap(t, files, rel.Release)
 	t.Logf("%d devices got their (same) key message more than once", again)
 	driver.check(t)
-	if agents > 0 && (sum.Confirmed != agents || sum.Failed != 0) {
-		t.Errorf("agents: %d of %d confirmed, %d failed (%v)", sum.Confirmed, agents, sum.Failed, sum.Codes)
-	}
 	checkCounters(t, rds.URL(), files, 1)
 }
 

@@ -6,9 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rs/zerolog"
-
-	"github.com/sealcast/sealcast/device/simulate"
 	"github.com/sealcast/sealcast/internal/testkit/mosquittotest"
 	"github.com/sealcast/sealcast/internal/testkit/redistest"
 	"github.com/sealcast/sealcast/keychain"
@@ -84,19 +81,7 @@ func releaseAcrossStoreFailover(t *testing.T, storeURL string, mode failMode, fa
 		t.Fatal(err)
 	}
 	keys := watchKeys(t, m.URL)
-	simDone := make(chan error, 1)
-	var sum simulate.Summary
-	go func() {
-		var err error
-		sum, err = simulate.Run(ctx, simulate.Options{
-			Devices: files, TargetVersion: 1, Seed: 1,
-			ChunkTimeout: 10 * time.Second, AckResend: time.Second, AckResendMax: 4 * time.Second,
-			ReconnectMin: 100 * time.Millisecond, ReconnectMax: 2 * time.Second,
-			StartSpread: 500 * time.Millisecond,
-			Logger:      zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.ErrorLevel),
-		})
-		simDone <- err
-	}()
+	fleet := startAgents(t, ctx, files, "")
 
 	img := randomImage(8 << 10)
 	args := protocol.ReleaseCreateArgs{Version: 1, All: true, ChunkSize: 4096}
@@ -129,26 +114,9 @@ func releaseAcrossStoreFailover(t *testing.T, storeURL string, mode failMode, fa
 	g.Pace(0)
 	failed := time.Now()
 
-	select {
-	case err := <-simDone:
-		if err != nil {
-			t.Fatalf("simulated devices: %v", err)
-		}
-	case <-ctx.Done():
-		t.Fatal("simulated devices did not finish")
-	}
-	var st *protocol.ReleaseStatus
-	eventually(t, 2*time.Minute, "the release completed", func() bool {
-		st, err = op.ReleaseStatus(ctx, rel.Release)
-		return err == nil && st.State == protocol.ReleaseCompleted
-	})
+	sum := fleet.wait(t, ctx)
+	completed(t, ctx, op, rel.Release, n)
 	t.Logf("release completed %v after the failure (%v in all); devices: %v", time.Since(failed).Round(time.Millisecond), time.Since(t0).Round(time.Millisecond), sum)
-	if st.Installed != n || st.Targets != n || st.Failed != 0 {
-		t.Errorf("release status: %d installed, %d failed of %d targets; want all %d installed", st.Installed, st.Failed, st.Targets, n)
-	}
-	if sum.Confirmed != n || sum.Failed != 0 {
-		t.Errorf("devices: %d of %d confirmed, %d failed (%v)", sum.Confirmed, n, sum.Failed, sum.Codes)
-	}
 	keys.checkOneWrap(t, files, rel.Release)
 	checkCounters(t, storeURL, files, 1)
 	retries := up.metric("sealcast_fanout_retries_total")

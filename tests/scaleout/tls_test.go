@@ -13,10 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rs/zerolog"
-
 	"github.com/sealcast/sealcast/broker"
-	"github.com/sealcast/sealcast/device/simulate"
 	"github.com/sealcast/sealcast/internal/testkit/brokertest"
 	"github.com/sealcast/sealcast/internal/testkit/mosquittotest"
 	"github.com/sealcast/sealcast/internal/testkit/redistest"
@@ -93,29 +90,14 @@ func releaseOverTLS(t *testing.T, b tlsBroker, dir string) {
 	if got := files[0].Broker.URL; got != b.public {
 		t.Fatalf("device files name broker %s, want the -public-url %s", got, b.public)
 	}
-	simDone := make(chan error, 1)
-	var sum simulate.Summary
-	go func() {
-		var err error
-		sum, err = simulate.Run(ctx, simulate.Options{
-			Devices: files, TargetVersion: 1, AckResend: time.Second, AckResendMax: 4 * time.Second,
-			ReconnectMin: 100 * time.Millisecond, ReconnectMax: 2 * time.Second,
-			Logger: zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.ErrorLevel),
-		})
-		simDone <- err
-	}()
+	fleet := startAgents(t, ctx, files, "")
 	img := randomImage(20 << 10)
 	rel, err := op.Release(ctx, bytes.NewReader(img), int64(len(img)), protocol.ReleaseCreateArgs{Version: 1, All: true, ChunkSize: 4096})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := <-simDone; err != nil || sum.Confirmed != n {
-		t.Fatalf("devices: %v (%v)", sum, err)
-	}
-	eventually(t, time.Minute, "the release completed", func() bool {
-		st, err := op.ReleaseStatus(ctx, rel.Release)
-		return err == nil && st.State == protocol.ReleaseCompleted && st.Installed == n
-	})
+	fleet.wait(t, ctx)
+	completed(t, ctx, op, rel.Release, n)
 	checkCounters(t, rds.URL(), files, 1)
 }
 

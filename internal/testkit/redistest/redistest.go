@@ -204,10 +204,7 @@ func StartCluster(t testing.TB, masters, replicas int) *Cluster {
 	if out, err := exec.Command(cli, args...).CombinedOutput(); err != nil {
 		t.Fatalf("redis-cli %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
-	c.URL = "redis+cluster://" + addrs[0]
-	for i, a := range addrs[1:] {
-		c.URL += map[bool]string{true: "?", false: "&"}[i == 0] + "addr=" + a
-	}
+	c.URL = "redis+cluster://" + addrs[0] + "?addr=" + strings.Join(addrs[1:], "&addr=")
 	c.WaitOK(t, 30*time.Second)
 	// A replica that never finished its first sync is not eligible for a failover (its
 	// data is too old): wait for every replica to be in sync.
