@@ -40,6 +40,10 @@
 //
 // FILE is JSON: {"users": {"<name>": {"password_sha256": "<hex>", "role": "device|updater|
 // admin|monitor"}}}, the hash being of the password alone (printf %s "$PW" | sha256sum).
+// SHA-256 is fast and unsalted: right for device passwords (256 random bits, derived
+// from the root secret, PROTOCOL.md 3.5), whose check runs at every reconnect of a
+// fleet, and wrong for a password a person chose. Give every account a long random
+// password (openssl rand -base64 24), and keep FILE as secret as the passwords.
 // The rules are the embedded broker's (broker/acl.go, PROTOCOL.md 9.2)
 // and deploy/mosquitto/sealcast.acl's:
 //
