@@ -72,14 +72,25 @@ free_port() {
 
 if [ -z "${REDIS_URL:-}" ]; then
 	if command -v redis-server >/dev/null; then
-		port="$(free_port)"
-		redis-server --bind 127.0.0.1 --port "$port" --save '' --appendonly no \
-			--dir "$tmp" --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
-		redis_pid=$!
-		for _ in $(seq 1 50); do
-			if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then break; fi
-			sleep 0.1
+		# A port free when chosen can be taken before redis-server binds it (by another
+		# server's cluster bus, say): try another until one serves.
+		for attempt in 1 2 3 4 5; do
+			port="$(free_port)"
+			redis-server --bind 127.0.0.1 --port "$port" --save '' --appendonly no \
+				--dir "$tmp" --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
+			redis_pid=$!
+			for _ in $(seq 1 50); do
+				if ! kill -0 "$redis_pid" 2>/dev/null; then break; fi
+				if redis-cli -p "$port" ping 2>/dev/null | grep -q PONG; then break 2; fi
+				sleep 0.1
+			done
+			echo "test.sh: redis-server on port $port did not start (attempt $attempt):" >&2
+			cat "$tmp/redis.log" >&2
+			kill "$redis_pid" 2>/dev/null || true
+			wait "$redis_pid" 2>/dev/null || true
+			redis_pid=""
 		done
+		if [ -z "$redis_pid" ]; then echo "test.sh: could not start the shared redis-server" >&2; exit 1; fi
 		export REDIS_URL="redis://127.0.0.1:$port/0"
 		echo "test.sh: redis-server on $REDIS_URL"
 	elif [ "${SEALCAST_REQUIRE_TOOLS:-}" = 1 ]; then

@@ -65,12 +65,10 @@ func Start(t testing.TB, args ...string) *Server {
 // until it answers. The caller stops it.
 func Launch(bin, dir string, port int, args ...string) (*Server, error) {
 	if port == 0 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
+		var err error
+		if port, err = freePort(); err != nil {
 			return nil, err
 		}
-		port = l.Addr().(*net.TCPAddr).Port
-		l.Close()
 	}
 	s := &Server{Addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), Dir: dir, bin: bin, args: args}
 	return s, s.start()
@@ -190,7 +188,14 @@ func StartCluster(t testing.TB, masters, replicas int) *Cluster {
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			t.Fatal(err)
 		}
+		// The cluster bus port, by default the client port + 10,000, is chosen free too:
+		// the default one could belong to another test's server.
+		bus, err := freePort()
+		if err != nil {
+			t.Fatal(err)
+		}
 		s, err := Launch(bin, dir, 0, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+			"--cluster-port", strconv.Itoa(bus),
 			"--cluster-node-timeout", strconv.Itoa(int(ClusterNodeTimeout/time.Millisecond)), "--repl-diskless-sync-delay", "0")
 		if err != nil {
 			t.Fatal(err)
@@ -455,15 +460,23 @@ func (st *Sentinel) MasterAddr(t testing.TB) string {
 	return ""
 }
 
+// freePort returns a TCP port of 127.0.0.1 that was free a moment ago.
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
 // launchSentinel runs redis-server in sentinel mode with the configuration file conf
 // (which the sentinel rewrites as it learns) on a free port.
 func launchSentinel(bin, dir, conf string) (*Server, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	port, err := freePort()
 	if err != nil {
 		return nil, err
 	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
 	s := &Server{Addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), Dir: dir, bin: bin, confFirst: conf,
 		args: []string{"--sentinel"}}
 	return s, s.start()

@@ -275,6 +275,7 @@ func run(ctx context.Context, c config) error {
 		p, err := start(fmt.Sprintf("redis%d", i), filepath.Join(nd, "out.log"), "redis-server",
 			"--bind", "127.0.0.1", "--port", strconv.Itoa(port), "--dir", nd, "--save", "", "--appendonly", "no",
 			"--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000",
+			"--cluster-port", strconv.Itoa(freePort()),
 			"--repl-diskless-sync-delay", "0", "--logfile", filepath.Join(nd, "redis.log"))
 		if err != nil {
 			return err
