@@ -36,6 +36,7 @@ import (
 
 	"github.com/sealcast/sealcast/operator"
 	"github.com/sealcast/sealcast/protocol"
+	"github.com/sealcast/sealcast/scripts/bench/internal/procstat"
 )
 
 type config struct {
@@ -105,13 +106,13 @@ func stopAll() {
 	}
 }
 
+// freePort is procstat.FreePort for a tool that cannot go on without one.
 func freePort() int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	p, err := procstat.FreePort()
 	if err != nil {
 		log.Fatal(err)
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	return p
 }
 
 func waitPort(addr string, d time.Duration) error {
@@ -129,33 +130,9 @@ func waitPort(addr string, d time.Duration) error {
 	}
 }
 
-// usage is a process's CPU seconds and resident memory (KiB) from /proc.
-type usage struct {
-	cpu      float64
-	rss, hwm int64
-}
-
-func readUsage(pid int) usage {
-	var u usage
-	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
-		s := string(b)
-		f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
-		ut, _ := strconv.ParseInt(f[11], 10, 64)
-		st, _ := strconv.ParseInt(f[12], 10, 64)
-		u.cpu = float64(ut+st) / 100
-	}
-	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid)); err == nil {
-		for _, line := range strings.Split(string(b), "\n") {
-			k, v, _ := strings.Cut(line, ":")
-			kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-			switch k {
-			case "VmRSS":
-				u.rss = kb
-			case "VmHWM":
-				u.hwm = kb
-			}
-		}
-	}
+// readUsage is procstat.Read, zero for a process that is gone.
+func readUsage(pid int) procstat.Usage {
+	u, _ := procstat.Read(pid)
 	return u
 }
 
@@ -185,9 +162,9 @@ type node struct {
 // snapshot is what every process used at one moment.
 type snapshot struct {
 	at       time.Time
-	serve    usage
-	mosq     usage
-	redis    []usage
+	serve    procstat.Usage
+	mosq     procstat.Usage
+	redis    []procstat.Usage
 	redisMem []int64 // used_memory of each node, bytes
 	roles    []string
 	keys     []int64
@@ -214,7 +191,7 @@ func take(serve, mosq *proc, nodes []node) snapshot {
 func (s snapshot) redisTotals() (masterMem, allMem int64, cpu float64, masterKeys int64) {
 	for i := range s.redis {
 		allMem += s.redisMem[i]
-		cpu += s.redis[i].cpu
+		cpu += s.redis[i].CPU
 		if s.roles[i] == "master" {
 			masterMem += s.redisMem[i]
 			masterKeys += s.keys[i]
@@ -413,19 +390,19 @@ func report(w io.Writer, c config, base, prov, idle, fanned, after snapshot, pro
 	fmt.Fprintf(w, "| | provisioning | fan-out (release.create to every key published) |\n|---|---|---|\n")
 	fmt.Fprintf(w, "| wall time | %v (%.0f devices/s) | %v (%.0f keys/s; reply after %v) |\n", provTime.Round(time.Second), n/provTime.Seconds(),
 		fanTime.Round(time.Millisecond), n/fanTime.Seconds(), replied.Round(time.Millisecond))
-	fmt.Fprintf(w, "| serve CPU | %.1f s (%.0f µs/device) | %.1f s (%.1f µs/device) |\n", prov.serve.cpu-base.serve.cpu, (prov.serve.cpu-base.serve.cpu)/n*1e6,
-		fanned.serve.cpu-idle.serve.cpu, (fanned.serve.cpu-idle.serve.cpu)/n*1e6)
+	fmt.Fprintf(w, "| serve CPU | %.1f s (%.0f µs/device) | %.1f s (%.1f µs/device) |\n", prov.serve.CPU-base.serve.CPU, (prov.serve.CPU-base.serve.CPU)/n*1e6,
+		fanned.serve.CPU-idle.serve.CPU, (fanned.serve.CPU-idle.serve.CPU)/n*1e6)
 	fmt.Fprintf(w, "| Redis CPU (all nodes) | %.1f s (%.0f µs/device) | %.1f s (%.1f µs/device) |\n", pcpu-bcpu, (pcpu-bcpu)/n*1e6, fancpu-fcpu0, (fancpu-fcpu0)/n*1e6)
-	fmt.Fprintf(w, "| Mosquitto CPU | %.1f s | %.1f s (%.1f µs/key) |\n\n", prov.mosq.cpu-base.mosq.cpu, fanned.mosq.cpu-idle.mosq.cpu, (fanned.mosq.cpu-idle.mosq.cpu)/n*1e6)
+	fmt.Fprintf(w, "| Mosquitto CPU | %.1f s | %.1f s (%.1f µs/key) |\n\n", prov.mosq.CPU-base.mosq.CPU, fanned.mosq.CPU-idle.mosq.CPU, (fanned.mosq.CPU-idle.mosq.CPU)/n*1e6)
 	fmt.Fprintf(w, "| memory | empty | %d provisioned | after the fan-out | per device |\n|---|---|---|---|---|\n", c.devices)
 	fmt.Fprintf(w, "| Redis used_memory, masters | %s | %s | %s | %.0f B provisioned, +%.0f B with the release |\n", mibB(bm), mibB(pm), mibB(am),
 		float64(pm-bm)/n, float64(am-pm)/n)
 	fmt.Fprintf(w, "| Redis used_memory, all nodes | %s | %s | %s | |\n", mibB(ba), mibB(pa), mibB(aa))
 	fmt.Fprintf(w, "| Redis keys (masters) | | %d | %d | |\n", pkeys, akeys)
-	fmt.Fprintf(w, "| Mosquitto RSS (peak) | %s | %s | %s (%s) | %.0f B retained key message |\n", mib(base.mosq.rss), mib(prov.mosq.rss), mib(after.mosq.rss), mib(after.mosq.hwm),
-		float64((after.mosq.rss-prov.mosq.rss)*1024)/n)
-	fmt.Fprintf(w, "| serve RSS (peak) | %s | %s | %s (%s) | |\n", mib(base.serve.rss), mib(prov.serve.rss), mib(after.serve.rss), mib(after.serve.hwm))
-	fmt.Fprintf(w, "\nserve CPU while idle with %d devices (5 s after the fan-out): %.2f s\n", c.devices, after.serve.cpu-fanned.serve.cpu)
+	fmt.Fprintf(w, "| Mosquitto RSS (peak) | %s | %s | %s (%s) | %.0f B retained key message |\n", mib(base.mosq.RSS), mib(prov.mosq.RSS), mib(after.mosq.RSS), mib(after.mosq.PeakRSS),
+		float64((after.mosq.RSS-prov.mosq.RSS)*1024)/n)
+	fmt.Fprintf(w, "| serve RSS (peak) | %s | %s | %s (%s) | |\n", mib(base.serve.RSS), mib(prov.serve.RSS), mib(after.serve.RSS), mib(after.serve.PeakRSS))
+	fmt.Fprintf(w, "\nserve CPU while idle with %d devices (5 s after the fan-out): %.2f s\n", c.devices, after.serve.CPU-fanned.serve.CPU)
 }
 
 func numCPU() int {

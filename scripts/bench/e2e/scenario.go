@@ -20,6 +20,7 @@ import (
 	"github.com/sealcast/sealcast/keychain"
 	"github.com/sealcast/sealcast/operator"
 	"github.com/sealcast/sealcast/protocol"
+	"github.com/sealcast/sealcast/scripts/bench/internal/procstat"
 )
 
 // scenario is one end-to-end run.
@@ -157,18 +158,18 @@ type scenarioRun struct {
 	t0        time.Time // the first release.create
 	releases  []keychain.ReleaseID
 	bytesIn0  int64
-	before    map[string]usage
+	before    map[string]procstat.Usage
 	profiling *profiler
 }
 
 // startServers starts the broker (Mosquitto, or the one embedded in serve) and the
 // server, and connects the operator.
 func (r *scenarioRun) startServers(ctx context.Context) error {
-	brokerPort, err := freePort()
+	brokerPort, err := procstat.FreePort()
 	if err != nil {
 		return err
 	}
-	if r.pprofPort, err = freePort(); err != nil {
+	if r.pprofPort, err = procstat.FreePort(); err != nil {
 		return err
 	}
 	r.brokerURL = fmt.Sprintf("tcp://127.0.0.1:%d", brokerPort)
@@ -310,9 +311,9 @@ func (r *scenarioRun) measureRelease(ctx context.Context, pr *probe, uploads []s
 	if r.c.sysTicks {
 		r.bytesIn0 = pr.freshBytesIn(ctx, time.Now())
 	}
-	r.before = map[string]usage{}
+	r.before = map[string]procstat.Usage{}
 	for k, p := range r.procs() {
-		if r.before[k], err = readUsage(p.pid()); err != nil {
+		if r.before[k], err = procstat.Read(p.pid()); err != nil {
 			return err
 		}
 	}
@@ -361,7 +362,7 @@ func (r *scenarioRun) measureActivation(ctx context.Context, uploads []string) (
 	}
 	time.Sleep(time.Until(startAt))
 	for k, p := range r.procs() {
-		if r.before[k], err = readUsage(p.pid()); err != nil {
+		if r.before[k], err = procstat.Read(p.pid()); err != nil {
 			return err
 		}
 	}
@@ -375,7 +376,7 @@ func (r *scenarioRun) finishRelease(ctx context.Context) error {
 		return fmt.Errorf("waiting for every device to install: %w", err)
 	}
 	for k, p := range r.procs() {
-		after, err := readUsage(p.pid())
+		after, err := procstat.Read(p.pid())
 		if err != nil {
 			return err
 		}
