@@ -99,7 +99,7 @@ func TestClusteredBroker(t *testing.T) {
 	}
 
 	sum := fleet.wait(t, ctx)
-	completed(t, ctx, op, rel.Release, n)
+	completed(t, ctx, op, rel.Release, n, 2*time.Minute)
 	reconnects := lb.count.Load() - connsBefore
 	t.Logf("release completed %v after the kill; %d connections through the balancer after it; devices: %v",
 		time.Since(killed).Round(time.Millisecond), reconnects, sum)

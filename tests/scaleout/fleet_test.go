@@ -378,12 +378,12 @@ func (a *agents) wait(t *testing.T, ctx context.Context) simulate.Summary {
 	return a.sum
 }
 
-// completed waits until release id has completed and checks that each of its n targets
-// was counted installed, once.
-func completed(t *testing.T, ctx context.Context, op *operator.Client, id keychain.ReleaseID, n int) *protocol.ReleaseStatus {
+// completed waits up to timeout until release id has completed and checks that each of
+// its n targets was counted installed, once.
+func completed(t *testing.T, ctx context.Context, op *operator.Client, id keychain.ReleaseID, n int, timeout time.Duration) *protocol.ReleaseStatus {
 	t.Helper()
 	var st *protocol.ReleaseStatus
-	eventually(t, 2*time.Minute, "the release completed", func() bool {
+	eventually(t, timeout, "release "+id.String()+" completed", func() bool {
 		var err error
 		st, err = op.ReleaseStatus(ctx, id)
 		return err == nil && st.State == protocol.ReleaseCompleted

@@ -110,7 +110,7 @@ func TestUpdaterKilledMidRelease(t *testing.T) {
 	restarted := time.Now()
 	eventually(t, 5*time.Minute, "every device confirmed by the ack driver", driver.done(rel.Release))
 	sum := fleet.wait(t, ctx)
-	completed(t, ctx, op, rel.Release, n)
+	completed(t, ctx, op, rel.Release, n, 2*time.Minute)
 	t.Logf("release completed %v after the restart (%v in all); %v; agents: %v",
 		time.Since(restarted).Round(time.Millisecond), time.Since(t0).Round(time.Millisecond), driver, sum)
 	again := keys.checkOneWrap(t, files, rel.Release)

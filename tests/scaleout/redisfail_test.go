@@ -115,7 +115,7 @@ func releaseAcrossStoreFailover(t *testing.T, storeURL string, mode failMode, fa
 	failed := time.Now()
 
 	sum := fleet.wait(t, ctx)
-	completed(t, ctx, op, rel.Release, n)
+	completed(t, ctx, op, rel.Release, n, 2*time.Minute)
 	t.Logf("release completed %v after the failure (%v in all); devices: %v", time.Since(failed).Round(time.Millisecond), time.Since(t0).Round(time.Millisecond), sum)
 	keys.checkOneWrap(t, files, rel.Release)
 	checkCounters(t, storeURL, files, 1)

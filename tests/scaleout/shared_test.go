@@ -50,14 +50,7 @@ func TestSharedAckGroup(t *testing.T) {
 	}
 	eventually(t, 5*time.Minute, "every ack confirmed by a receipt", driver.done(rel.Release))
 	t.Logf("%d devices acked in %v; %v", n, time.Since(start).Round(time.Millisecond), driver)
-	var st *protocol.ReleaseStatus
-	eventually(t, time.Minute, "the release completed", func() bool {
-		st, err = op.ReleaseStatus(ctx, rel.Release)
-		return err == nil && st.State == protocol.ReleaseCompleted
-	})
-	if st.Installed != n || st.Targets != n {
-		t.Errorf("release status: %d installed of %d targets; want %d of %d", st.Installed, st.Targets, n, n)
-	}
+	completed(t, ctx, op, rel.Release, n, time.Minute)
 	driver.check(t)
 	checkCounters(t, rds.URL(), files, 1)
 
@@ -98,10 +91,7 @@ func TestSharedAckGroup(t *testing.T) {
 	eventually(t, time.Minute, "every ack published reached updater-a", func() bool {
 		return acksReceived(a)-before == float64(driver.published.Load()-sent)
 	})
-	eventually(t, time.Minute, "release 2 completed", func() bool {
-		st, err = op.ReleaseStatus(ctx, rel2.Release)
-		return err == nil && st.State == protocol.ReleaseCompleted && st.Installed == n
-	})
+	completed(t, ctx, op, rel2.Release, n, time.Minute)
 	t.Logf("with updater-b killed: %v acks reached updater-a; %v", acksReceived(a)-before, driver)
 	driver.check(t)
 	checkCounters(t, rds.URL(), files, 2)
@@ -156,11 +146,7 @@ func TestRolloutAcrossAckGroup(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, 5*time.Minute, "every ack confirmed by a receipt", driver.done(rel.Release))
-	var st *protocol.ReleaseStatus
-	eventually(t, time.Minute, "the release completed", func() bool {
-		st, err = op.ReleaseStatus(ctx, rel.Release)
-		return err == nil && st.State == protocol.ReleaseCompleted
-	})
+	st := completed(t, ctx, op, rel.Release, n, time.Minute)
 	if st.Installed != n || st.Wave != 3 || len(st.Waves) != 3 {
 		t.Fatalf("release status: %d installed, wave %d of %d; want %d, wave 3 of 3", st.Installed, st.Wave, len(st.Waves), n)
 	}

@@ -97,7 +97,7 @@ func releaseOverTLS(t *testing.T, b tlsBroker, dir string) {
 		t.Fatal(err)
 	}
 	fleet.wait(t, ctx)
-	completed(t, ctx, op, rel.Release, n)
+	completed(t, ctx, op, rel.Release, n, 2*time.Minute)
 	checkCounters(t, rds.URL(), files, 1)
 }
 
